@@ -1,0 +1,33 @@
+"""Run every notebook's own tests: one pytest test per notebook, through nbdev's runner.
+
+nbdev's `test_nb` runs each code cell in a fresh kernel-like shell with the notebook's folder as the
+working directory, skipping `#| eval: false` cells and cells flagged with a `tst_flags` flag (`slow`)
+unless pytest runs with `--slow`.
+"""
+from configparser import ConfigParser
+from pathlib import Path
+
+import pytest
+from nbdev.test import test_nb as run_notebook  # renamed so that pytest does not collect it
+
+ROOT = Path(__file__).resolve().parent.parent
+NBS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith(("_", ".")))
+
+
+def _tst_flags():
+    cfg = ConfigParser(delimiters=["="])
+    cfg.read(ROOT / "settings.ini")
+    return cfg["DEFAULT"].get("tst_flags", "").split()
+
+
+@pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
+def test_notebook(nb, request, monkeypatch):
+    flags = _tst_flags()
+    slow = request.config.getoption("--slow")
+    monkeypatch.setenv("KDNB_TEST", "1")
+    ok, secs = run_notebook(nb, skip_flags=[] if slow else flags, force_flags=flags if slow else [], showerr=True)
+    assert ok, f"{nb.name} failed (see the traceback above, {secs:.1f}s)"
+
+
+def test_every_notebook_is_collected():
+    assert {"00_targets", "01_models", "02_layer_decay"} <= {p.stem for p in NBS}

@@ -1,0 +1,58 @@
+"""Project-level checks: the README's commands, CI, nbdev settings that must not regress."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_commands():
+    return re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())
+
+
+def test_readme_has_exactly_two_setup_commands():
+    cmds = _readme_commands()
+    assert len(cmds) == 2, cmds
+    assert all('pip install -e ".[dev]"' in c for c in cmds)
+    assert "papermill nbs/run_pipeline.ipynb" in cmds[0]
+    assert "pytest" in cmds[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_cmd = _readme_commands()[1]
+    assert test_cmd in ci, "'.ci/run' must run exactly the README's test command"
+    assert "git diff --exit-code" in ci and "nbdev_export" in ci
+
+
+def test_parameters_tag_survives_nbdev_clean(tmp_path):
+    "nbdev_clean strips cell metadata; settings.ini must allow papermill's `parameters` tag."
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("epochs = 1", metadata={"tags": ["parameters"], "foo": 1})])
+    (tmp_path / "nbs").mkdir()
+    path = tmp_path / "nbs" / "x.ipynb"
+    nbformat.write(nb, path)
+    (tmp_path / "settings.ini").write_text((ROOT / "settings.ini").read_text())
+    subprocess.run([str(Path(sys.executable).parent / "nbdev_clean"), "--fname", str(path)], cwd=tmp_path, check=True)
+    cell = json.loads(path.read_text())["cells"][0]
+    assert cell["metadata"] == {"tags": ["parameters"]}
+
+
+def test_run_notebooks_keep_their_parameters_cell():
+    import nbformat
+    for path in sorted((ROOT / "nbs").glob("run_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+
+
+def test_notebooks_are_clean():
+    "No outputs or execution counts in the source notebooks (nbdev_clean, small diffs)."
+    import nbformat
+    for path in sorted((ROOT / "nbs").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for c in nb.cells:
+            if c.cell_type == "code":
+                assert not c.outputs and c.execution_count is None, f"{path.name} has outputs: run nbdev_clean"
