@@ -82,7 +82,7 @@ class PostLNBlock(nn.Module):
 
     def forward(self, x): return self.forward_with_ffn(x)[0]
 
-# %% ../nbs/01_models.ipynb #004513aa
+# %% ../nbs/01_models.ipynb #545ee7db
 LAYER_KINDS = ("ffn", "block")
 
 class Data2Vec2Encoder(nn.Module):
@@ -100,6 +100,8 @@ class Data2Vec2Encoder(nn.Module):
                  fused_attn: bool = True, # use scaled_dot_product_attention
                 ):
         super().__init__()
+        self.arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                         mlp_ratio=mlp_ratio, prenet_depth=prenet_depth, in_chans=in_chans, norm_eps=norm_eps)  # to rebuild it
         self.embed_dim, self.num_heads, self.patch_size, self.img_size = embed_dim, num_heads, patch_size, img_size
         self.num_prefix_tokens = 1
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=True)
@@ -146,7 +148,11 @@ class Data2Vec2Encoder(nn.Module):
         for blk in self.all_blocks: x = blk(x)
         return x
 
-    def forward(self, x): return self.forward_features(x)
+    def forward(self, x, # [B, C, H, W]
+                layers: str | None = None, # None: the final tokens; "ffn"/"block": the list of layer activations
+               ):
+        "Final tokens [B, 1+N, D], or with `layers` the per-block activations (so that DDP sees the call)."
+        return self.forward_features(x) if layers is None else self.forward_layers(x, layers)
 
     # timm's model contract, used by layer decay and optimisers
     def no_weight_decay(self): return {"cls_token", "pos_embed"}
@@ -338,7 +344,7 @@ def fairseq_cfg(model: Data2Vec2Encoder) -> dict:
                       "modalities": {"image": {"input_size": model.img_size, "patch_size": model.patch_size,
                                                "prenet_depth": len(model.prenet), "in_chans": 3}}}}
 
-# %% ../nbs/01_models.ipynb #93e643a6
+# %% ../nbs/01_models.ipynb #570fbb17
 class FrozenTeacher(nn.Module):
     "A frozen, always-eval teacher that returns its per-layer activations."
     def __init__(self, model: nn.Module, # a timm ViT-family model or a Data2Vec2Encoder
@@ -364,15 +370,21 @@ class FrozenTeacher(nn.Module):
     @property
     def num_layers(self) -> int: return len(self.model.blocks)
 
-    def forward_layers(self, x, # [B, C, H, W] images in the data pipeline's normalisation
-                       ) -> list[torch.Tensor]: # num_layers x [B, T, D]
-        "Per-layer activations, computed under inference_mode."
-        with torch.inference_mode():
-            if self.renormalise: x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
-            if hasattr(self.model, "iter_layers"): return list(self.model.iter_layers(x, self.kind))
-            feats = self.model.forward_intermediates(x, indices=self.num_layers, return_prefix_tokens=True, norm=False,
-                                                     output_fmt="NLC", intermediates_only=True)
-            return [torch.cat([prefix, spatial], dim=1) for spatial, prefix in feats]  # [B, prefix + N, D]
+    @torch.inference_mode()  # on a generator, torch enters the mode around each step only, never across a yield
+    def iter_layers(self, x, # [B, C, H, W] images in the data pipeline's normalisation
+                   ) -> Iterator[torch.Tensor]: # num_layers x [B, T, D], inference tensors
+        "Per-layer activations, computed under inference_mode, yielded one at a time where the model allows."
+        if self.renormalise: x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        if hasattr(self.model, "iter_layers"):
+            yield from self.model.iter_layers(x, self.kind)
+            return
+        feats = self.model.forward_intermediates(x, indices=self.num_layers, return_prefix_tokens=True, norm=False,
+                                                 output_fmt="NLC", intermediates_only=True)
+        for spatial, prefix in feats: yield torch.cat([prefix, spatial], dim=1)  # [B, prefix + N, D]
+
+    def forward_layers(self, x) -> list[torch.Tensor]:
+        "All per-layer activations as a list (see `iter_layers`)."
+        return list(self.iter_layers(x))
 
     def forward(self, x): return self.forward_layers(x)
 
