@@ -231,7 +231,7 @@ class FinetuneConfig(BaseConfig):
     @property
     def uses_mixup(self) -> bool: return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
 
-# %% ../nbs/03_config.ipynb #a3c6ba7c
+# %% ../nbs/03_config.ipynb #3508c4c3
 def _distill():
     "Seed 000, Table 1: distilling BEiTv2 ViT-B/16 into the first 6 blocks of Data2Vec2 (ImageNet-1K)."
     return DistillConfig(preset="distill", dataset="imagenet", img_size=224, epochs=10, batch_size=256, lr=1e-4,
@@ -253,24 +253,32 @@ def _finetune_seed003():
                                mixup=0.7, cutmix=1.0, mixup_prob=0.9, mixup_switch_prob=0.5, mixup_mode="batch",
                                label_smoothing=0.1, out_dir="runs/finetune_seed003")
 
-_CPU = dict(dataset="digits", img_size=32, patch_size=8, epochs=2, batch_size=32, num_workers=0, precision="fp32",
+_CPU = dict(dataset="digits", img_size=16, patch_size=4, batch_size=32, num_workers=0, precision="fp32",
             val_size=0.2, log_every=5)
 
 def _distill_cpu():
-    "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, seconds per epoch."
-    return _distill().replace(preset="distill_cpu", **_CPU, lr=1e-3, teacher="tiny", teacher_checkpoint=None,
-                              teacher_layer_kind="block", student="tiny", student_checkpoint=None, student_depth=2,
-                              embed_dim=64, mlp_dim=256, num_heads=4, out_dir="runs/distill_cpu")
+    "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."
+    return _distill().replace(preset="distill_cpu", **_CPU, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny",
+                              teacher_checkpoint=None, teacher_layer_kind="block", student="tiny", student_checkpoint=None,
+                              student_depth=2, embed_dim=64, mlp_dim=256, num_heads=4, out_dir="runs/distill_cpu")
 
 def _finetune_cpu(mode="finetune"):
-    "A CPU-sized finetuning / linear probe of a tiny student on digits."
-    return _finetune(mode).replace(preset=f"{mode}_cpu", **_CPU, model="tiny", checkpoint=None, depth=2,
-                                   embed_dim=64, num_heads=4, crop_pct=1.0, crop_scale=(0.35, 1.0),
-                                   rand_augment="rand-m5-mstd0.5-inc1-n1", out_dir=f"runs/{mode}_cpu")
+    "A CPU-sized finetuning / linear probe of a tiny student on digits (augmentation softened for 8x8 digits)."
+    return _finetune(mode).replace(preset=f"{mode}_cpu", **_CPU, epochs=10, lr=3e-3, warmup_frac=0.05, model="tiny",
+                                   checkpoint=None, depth=2, embed_dim=64, num_heads=4, crop_pct=1.0, crop_scale=(0.8, 1.0),
+                                   rand_augment=None, mixup_prob=0.0, reprob=0.0, out_dir=f"runs/{mode}_cpu")
 
-PRESETS = {"distill": _distill, "finetune": _finetune, "linear_probe": lambda: _finetune("linear_probe"),
+def _linear_probe():
+    "Seed 000, Table 2: linear probing (frozen backbone, only the head trains) with the finetuning table's values."
+    return _finetune("linear_probe")
+
+def _linear_probe_cpu():
+    "The CPU-sized linear probe of a tiny student on digits."
+    return _finetune_cpu("linear_probe")
+
+PRESETS = {"distill": _distill, "finetune": _finetune, "linear_probe": _linear_probe,
            "finetune_seed003": _finetune_seed003, "distill_cpu": _distill_cpu, "finetune_cpu": _finetune_cpu,
-           "linear_probe_cpu": lambda: _finetune_cpu("linear_probe")}
+           "linear_probe_cpu": _linear_probe_cpu}
 
 # %% ../nbs/03_config.ipynb #fbe64a8f
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)

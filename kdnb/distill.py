@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'DistillTask', 'build_teacher', 'build_student', 'distill']
 
-# %% ../nbs/06_distill.ipynb #42f7c709
+# %% ../nbs/06_distill.ipynb #5f446098
 class DistillTask(Task):
     "Regress the teacher's layer-averaged target with the student's (seed 004, eq. 6)."
     trainable = "student"
@@ -31,6 +31,7 @@ class DistillTask(Task):
                  eps: float = 1e-5):
         super().__init__()
         self.student, self.teacher, self.student_kind, self.eps = student, teacher, student_kind, eps
+        self.ddp_find_unused = student_kind == "ffn"  # the last block's norm2 is not part of an FFN-output target
     def loss(self, x): # [B, C, H, W] -> scalar
         return d2v_loss(self.student(x, layers=self.student_kind), self.teacher.iter_layers(x), self.eps)
     def forward(self, batch):

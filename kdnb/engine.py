@@ -69,11 +69,12 @@ def warmup_steps_of(cfg, total_steps: int) -> int:
     "Warmup in steps: `warmup_steps` when set, else `warmup_frac` of all steps."
     return cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_frac * total_steps))
 
-# %% ../nbs/05_engine.ipynb #fd1fe3b2
+# %% ../nbs/05_engine.ipynb #07aefe88
 class Task(nn.Module):
     "What a run trains. Subclasses implement forward, eval_step and param_groups."
     trainable = "model"            # attribute holding the module that gets gradients (wrapped by DDP)
     best_metric = ("val_loss", "min")  # metric that decides the `best` checkpoint
+    ddp_find_unused = False        # True when some trained parameters get no gradient (DDP must be told)
     def forward(self, batch) -> dict: raise NotImplementedError  # {"loss": scalar, **scalar metrics}
     def eval_step(self, batch) -> dict: raise NotImplementedError  # sums over the batch, incl. "n"
     def param_groups(self, cfg) -> list[dict]: raise NotImplementedError
@@ -97,7 +98,7 @@ EVENTS = ("before_fit", "before_epoch", "before_batch", "after_loss", "after_ste
 class NonFiniteLoss(RuntimeError):
     "The loss became NaN or Inf; the last good checkpoint is kept."
 
-# %% ../nbs/05_engine.ipynb #eeb9fa15
+# %% ../nbs/05_engine.ipynb #c7ef1fee
 class Trainer:
     "The one training loop: a Task, a config, loaders, and callbacks."
     def __init__(self, task: Task, cfg, train_dl, val_dl=None, callbacks: Iterable[Callback] = (), out_dir=None):
@@ -111,7 +112,8 @@ class Trainer:
         if cfg.compile: trained = torch.compile(trained)
         if self.dist.enabled and any(p.requires_grad for p in trained.parameters()):
             ids = [self.device.index] if self.device.type == "cuda" else None
-            trained = nn.parallel.DistributedDataParallel(trained, device_ids=ids)
+            trained = nn.parallel.DistributedDataParallel(trained, device_ids=ids,
+                                                          find_unused_parameters=task.ddp_find_unused)
         setattr(task, task.trainable, trained)
         self.opt = torch.optim.AdamW(task.param_groups(cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                                      weight_decay=cfg.weight_decay, **({"fused": True} if self.device.type == "cuda" else {}))
@@ -246,7 +248,7 @@ def _reconstructible(e):
     try: type(e)("x"); return True
     except Exception: return False
 
-# %% ../nbs/05_engine.ipynb #1d02a5b0
+# %% ../nbs/05_engine.ipynb #48e69647
 class Progress(Callback):
     order = 50
     def before_fit(self, t):
@@ -264,7 +266,8 @@ class MetricsLogger(Callback):
         self.main = t.dist.main
         self.path = t.out_dir / "metrics.jsonl"
         self.tb = self.wandb = None
-        if not self.main: return
+        self._t, self._imgs = time.perf_counter(), t.images_seen
+        if not self.main: return  # other ranks still join the loss all-reduce in after_step
         t.out_dir.mkdir(parents=True, exist_ok=True)
         if t.cfg.tensorboard:
             try:
@@ -275,7 +278,6 @@ class MetricsLogger(Callback):
             try: import wandb
             except ImportError as e: raise RuntimeError("wandb=True but wandb is not installed: pip install wandb, or set wandb=False") from e
             self.wandb = wandb.init(project="kdnb", name=t.out_dir.name, config=t.cfg.to_dict(), resume="allow")
-        self._t, self._imgs = time.perf_counter(), t.images_seen
     def write(self, t, rec):
         t.history.append(rec)
         if not self.main: return
