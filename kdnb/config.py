@@ -10,8 +10,8 @@ from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'PRESETS', 'RUN_ONLY_PARAMS', 'ConfigError', 'BaseConfig', 'DistillConfig',
-           'FinetuneConfig', 'get_config', 'load_config', 'params_from_namespace']
+__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'PRESETS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase', 'BaseConfig',
+           'DistillConfig', 'FinetuneConfig', 'get_config', 'load_config', 'params_from_namespace']
 
 # %% ../nbs/03_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -39,14 +39,50 @@ def _check_type(name, value, tp):
         raise ConfigError(f"{name}={value!r} has type {type(value).__name__}, expected {tp.__name__}")
     return value
 
-# %% ../nbs/03_config.ipynb #7dc9fa8e
+# %% ../nbs/03_config.ipynb #3a2ff8c8
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder")
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
 # training-set sizes, used to state steps per epoch in the report (ImageNet-1K train: 1,281,167 images)
 TRAIN_SIZES = {"imagenet": 1_281_167, "cifar10": 50_000, "cifar100": 50_000}
 
+class ConfigBase:
+    "Typed fields checked on construction, `validate()` for ranges, YAML/JSON round trips. Subclasses are dataclasses."
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, _check_type(f.name, getattr(self, f.name), _resolve(type(self), f)))
+        self.validate()
+    def validate(self): pass
+    def to_dict(self) -> dict: return asdict(self)
+    def save(self, path):
+        "Write the config as YAML (.yaml/.yml) or JSON (.json)."
+        path = Path(path); d = self.to_dict(); d["_class"] = type(self).__name__
+        text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
+        path.parent.mkdir(parents=True, exist_ok=True); path.write_text(text)
+        return path
+    @classmethod
+    def from_dict(cls, d: dict):
+        "Build a config from a dict, rejecting unknown keys with a suggestion."
+        d = {k: v for k, v in d.items() if k != "_class"}
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
+            raise ConfigError("unknown config keys for " + cls.__name__ + ": " +
+                              ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
+        return cls(**d)
+    @classmethod
+    def load(cls, path):
+        "Read a config saved by `save` (YAML or JSON)."
+        text = Path(path).read_text()
+        d = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+        return cls.from_dict(d)
+    def replace(self, **changes):
+        "A copy with some fields changed, validated again; unknown names are an error."
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
 @dataclass
-class BaseConfig:
+class BaseConfig(ConfigBase):
     "Fields shared by every training run. Subclasses add their task's fields."
     preset: str = "custom" # the preset these values came from (informational)
     # --- data
@@ -83,11 +119,6 @@ class BaseConfig:
     tensorboard: bool = True # write TensorBoard events to out_dir/tb
     wandb: bool = False # log to Weights & Biases (when installed)
 
-    def __post_init__(self):
-        for f in fields(self):
-            setattr(self, f.name, _check_type(f.name, getattr(self, f.name), _resolve(type(self), f)))
-        self.validate()
-
     def validate(self):
         "Raise ConfigError for values outside their allowed range."
         _choice("dataset", self.dataset, DATASETS)
@@ -103,35 +134,6 @@ class BaseConfig:
         if not all(0 <= b < 1 for b in self.betas): raise ConfigError(f"betas={self.betas} must lie in [0, 1)")
         if self.grad_clip is not None and self.grad_clip <= 0: raise ConfigError(f"grad_clip={self.grad_clip} must be > 0 or None (off)")
         if self.val_size <= 0: raise ConfigError(f"val_size={self.val_size} must be a fraction in (0, 1) or a count > 1")
-
-    # --- (de)serialisation
-    def to_dict(self) -> dict: return asdict(self)
-    def save(self, path):
-        "Write the config as YAML (.yaml/.yml) or JSON (.json)."
-        path = Path(path); d = self.to_dict(); d["_class"] = type(self).__name__
-        text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
-        path.parent.mkdir(parents=True, exist_ok=True); path.write_text(text)
-        return path
-    @classmethod
-    def from_dict(cls, d: dict):
-        "Build a config from a dict, rejecting unknown keys with a suggestion."
-        d = {k: v for k, v in d.items() if k != "_class"}
-        names = [f.name for f in fields(cls)]
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            hints = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
-            raise ConfigError("unknown config keys for " + cls.__name__ + ": " +
-                              ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
-        return cls(**d)
-    @classmethod
-    def load(cls, path):
-        "Read a config saved by `save` (YAML or JSON)."
-        text = Path(path).read_text()
-        d = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
-        return cls.from_dict(d)
-    def replace(self, **changes):
-        "A copy with some fields changed, validated again; unknown names are an error."
-        return type(self).from_dict({**self.to_dict(), **changes})
 
 def _resolve(cls, f):
     return typing.get_type_hints(cls)[f.name]
@@ -280,7 +282,7 @@ PRESETS = {"distill": _distill, "finetune": _finetune, "linear_probe": _linear_p
            "finetune_seed003": _finetune_seed003, "distill_cpu": _distill_cpu, "finetune_cpu": _finetune_cpu,
            "linear_probe_cpu": _linear_probe_cpu}
 
-# %% ../nbs/03_config.ipynb #fbe64a8f
+# %% ../nbs/03_config.ipynb #7a9c01e2
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)
                task: str | None = None, # "distill", "finetune" or "linear_probe": checks the preset fits the run
                **overrides, # fields to change
@@ -303,7 +305,8 @@ def load_config(path) -> BaseConfig:
     "Load a saved config of either class (the class is recorded in the file)."
     text = Path(path).read_text()
     d = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
-    cls = {"DistillConfig": DistillConfig, "FinetuneConfig": FinetuneConfig}.get(d.get("_class"))
+    def subclasses(c): return [c] + [s for sub in c.__subclasses__() for s in subclasses(sub)]
+    cls = {c.__name__: c for c in subclasses(ConfigBase)}.get(d.get("_class"))
     if cls is None: raise ConfigError(f"{path} does not say which config it holds (no valid '_class' key)")
     return cls.from_dict(d)
 

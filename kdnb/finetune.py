@@ -41,7 +41,7 @@ class Classifier(nn.Module):
     def forward_head(self, pooled): return self.head(self.fc_norm(pooled))  # [B, D] -> [B, classes]
     def forward(self, x): return self.forward_head(self.pool(x))
 
-# %% ../nbs/07_finetune.ipynb #9001e350
+# %% ../nbs/07_finetune.ipynb #166b561c
 def _read_kdnb_weights(path: Path):
     with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
     if "kdnb_class" not in meta:
@@ -49,7 +49,7 @@ def _read_kdnb_weights(path: Path):
     return meta["kdnb_class"], json.loads(meta["arch"]), load_file(str(path))
 
 def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 2.0 checkpoint
-                  depth: int | None = None, # data2vec 2.0 only: main blocks to keep
+                  depth: int | None = None, # keep the first `depth` main blocks (None: all)
                   **overrides) -> Data2Vec2Encoder:
     "A Data2Vec2Encoder from a kdnb run folder or weights file, or from a fairseq data2vec 2.0 checkpoint."
     p = Path(str(src))
@@ -62,7 +62,12 @@ def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 
         cls, arch, sd = _read_kdnb_weights(p)
         if cls == "Classifier":
             arch, sd = arch["backbone"], {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        if depth is not None:
+            if not 0 < depth <= arch["depth"]: raise ValueError(f"depth={depth}, but {src} has {arch['depth']} blocks")
+            arch = {**arch, "depth": depth}
+            sd = {k: v for k, v in sd.items() if not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth)}
         model = Data2Vec2Encoder(**{**arch, **overrides})
+        if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape: sd["pos_embed"] = model.pos_embed
         model.load_state_dict(sd)
         return model
     return load_data2vec2(str(src), depth=depth, **overrides)
