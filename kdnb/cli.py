@@ -13,7 +13,7 @@ from .config import (DistillConfig, FinetuneConfig, ConfigError, PRESETS, get_co
 # %% auto #0
 __all__ = ['default_out_dir', 'config_from_args', 'main']
 
-# %% ../nbs/08_cli.ipynb #74bfcfad
+# %% ../nbs/08_cli.ipynb #07adad2e
 def default_out_dir(cfg) -> str:
     "A fresh run folder: runs/<preset>-<dataset>-<YYYYmmdd-HHMMSS>."
     return f"runs/{cfg.preset}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdnb", description="Feature-based knowledge distillation of ViTs (kdnb)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="list the presets and their sources")
+    sub.add_parser("report", help="render the report to static HTML (see kdnb.site)", add_help=False)
     for name, cls, help_ in (("distill", DistillConfig, "distil a teacher into a student"),
                              ("finetune", FinetuneConfig, "finetune a (distilled) student"),
                              ("probe", FinetuneConfig, "linear-probe a (distilled) student")):
@@ -52,6 +53,10 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv=None):
     "Entry point of the `kdnb` console script."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        from kdnb.site import report_main
+        return report_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "presets":

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'EVENTS', 'resolve_device', 'autocast_dtype', 'DistInfo', 'setup_distributed', 'lr_factor', 'warmup_steps_of',
-           'Task', 'Callback', 'NonFiniteLoss', 'Trainer', 'Progress', 'MetricsLogger', 'save_weights', 'Checkpointer',
-           'git_commit', 'Summary', 'default_callbacks', 'fit_task']
+__all__ = ['log', 'EVENTS', 'CODE_COMMIT', 'resolve_device', 'autocast_dtype', 'DistInfo', 'setup_distributed', 'lr_factor',
+           'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Trainer', 'Progress', 'MetricsLogger',
+           'save_weights', 'Checkpointer', 'git_commit', 'Summary', 'default_callbacks', 'fit_task']
 
 # %% ../nbs/05_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -378,9 +378,9 @@ class Checkpointer(Callback):
             t.best = v; self.save(t, "best")
         if t.dist.enabled: dist.barrier()
 
-# %% ../nbs/05_engine.ipynb #e5657372
+# %% ../nbs/05_engine.ipynb #ffeb4790
 def git_commit(path=None) -> str | None:
-    "The current git commit (with '-dirty' when the work tree has changes), or None outside a repository."
+    "The current git commit (with '-dirty' when tracked files have changes), or None outside a repository."
     here = Path(globals()["__file__"]).parent if "__file__" in globals() else Path.cwd()
     cwd = Path(path or here)
     try:
@@ -388,6 +388,8 @@ def git_commit(path=None) -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError): return None
+
+CODE_COMMIT = git_commit()  # read when kdnb is imported: the code a run executes, whatever is committed later
 
 class Summary(Callback):
     order = 30
@@ -402,7 +404,7 @@ class Summary(Callback):
                      "wall_time_s": round(time.perf_counter() - self._t0, 3),
                      "images_per_s": round(t.images_seen / t.train_time_s, 2) if t.train_time_s else None,
                      "world_size": t.dist.world_size, "device": str(t.device), "precision": t.cfg.precision,
-                     "preset": t.cfg.preset, "git_commit": git_commit()}
+                     "preset": t.cfg.preset, "git_commit": CODE_COMMIT}
         if t.dist.main:
             t.out_dir.mkdir(parents=True, exist_ok=True)
             (t.out_dir / "summary.json").write_text(json.dumps(t.summary, indent=2))

@@ -22,18 +22,22 @@ from .config import FinetuneConfig, get_config
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Classifier', 'load_backbone', 'FinetuneTask', 'FeatureSet', 'extract_features', 'build_classifier', 'finetune']
+__all__ = ['log', 'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'Classifier', 'load_backbone', 'FinetuneTask', 'FeatureSet',
+           'extract_features', 'build_classifier', 'finetune']
 
-# %% ../nbs/07_finetune.ipynb #24e0f3fb
+# %% ../nbs/07_finetune.ipynb #9fb05c22
+HEAD_NORM_EPS = 1e-6   # seed 003: LayerNorm eps of the head
+HEAD_INIT_STD = 0.02   # seed 003: trunc_normal std of the linear head
+
 class Classifier(nn.Module):
     "Backbone -> mean of the patch tokens (CLS excluded) -> LayerNorm(eps 1e-6) -> Linear (seeds 003/004)."
-    def __init__(self, backbone: nn.Module, num_classes: int, norm_eps: float = 1e-6):
+    def __init__(self, backbone: nn.Module, num_classes: int, norm_eps: float = HEAD_NORM_EPS):
         super().__init__()
         self.backbone, self.num_classes = backbone, num_classes
         D = backbone.embed_dim
         self.fc_norm = nn.LayerNorm(D, eps=norm_eps)  # weight 1, bias 0 (torch's defaults)
         self.head = nn.Linear(D, num_classes)
-        trunc_normal_(self.head.weight, std=0.02); nn.init.zeros_(self.head.bias)
+        trunc_normal_(self.head.weight, std=HEAD_INIT_STD); nn.init.zeros_(self.head.bias)
         self.arch = {"backbone": getattr(backbone, "arch", {}), "num_classes": num_classes}
     def pool(self, x): # [B, C, H, W] -> [B, D]
         tokens = self.backbone(x)  # [B, 1+N, D]

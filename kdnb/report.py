@@ -12,7 +12,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 
 # %% auto #0
-__all__ = ['field_docs', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics']
+__all__ = ['field_docs', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics', 'fmt', 'rand_augment_parts',
+           'distill_table', 'finetune_table', 'seed_comparison_table', 'head_table', 'layer_decay_table']
 
 # %% ../nbs/09_report.ipynb #51903a4a
 _FIELD = re.compile(r"^\s+(\w+):[^=#]+=[^#]*#\s*(.+)$")
@@ -59,3 +60,93 @@ def plot_metrics(run_dir, keys=("loss", "val_loss"), ax=None, label: str | None 
         a.set_xlabel("step"); a.set_title(k); a.legend(fontsize=7)
     plt.tight_layout()
     return axes
+
+# %% ../nbs/09_report.ipynb #66d5f0dd
+from .config import get_config, TRAIN_SIZES
+from .layer_decay import lr_table
+
+def fmt(v) -> str:
+    "A value as the seeds write it: 1e-4, (0.9, 0.98), 0.81."
+    if isinstance(v, bool): return str(v)
+    if isinstance(v, float):
+        if v != 0 and abs(v) < 1e-2: return f"{v:.0e}".replace("e-0", "e-")
+        return f"{v:g}" if v != int(v) or abs(v) < 1e4 else f"{int(v)}"
+    if isinstance(v, tuple): return "(" + ", ".join(fmt(x) for x in v) + ")"
+    return str(v)
+
+def rand_augment_parts(s: str | None) -> dict:
+    "Magnitude, its std, increasing flag and number of ops of a timm RandAugment string."
+    if not s: return {"Magnitude": "-", "Magnitude std.": "-", "Magnitude inc.": "-", "# ops": "-"}
+    parts = dict(re.findall(r"-(m|mstd|inc|n)([\d.]+)", s))
+    return {"Magnitude": parts.get("m", "10"), "Magnitude std.": parts.get("mstd", "0"),
+            "Magnitude inc.": parts.get("inc", "0"), "# ops": parts.get("n", "2")}
+
+def _warmup(cfg) -> str:
+    return f"{cfg.warmup_steps} steps" if cfg.warmup_steps is not None else f"{cfg.warmup_frac:.0%} of total steps"
+
+def distill_table(cfg=None) -> pd.DataFrame:
+    "Seed 000, Table 1, from the `distill` preset."
+    c = cfg or get_config("distill")
+    total = c.epochs * (TRAIN_SIZES[c.dataset] // c.batch_size)
+    rows = [("Model", "Layers", c.student_depth), ("Model", "Hidden size", c.embed_dim),
+            ("Model", "FFN inner hidden size", c.mlp_dim), ("Model", "Attention heads", c.num_heads),
+            ("Model", "Patch size", f"{c.patch_size}×{c.patch_size}"), ("Model", "Input resolution", f"{c.img_size}×{c.img_size}"),
+            ("Training", "Epochs", c.epochs), ("Training", "Total steps", total), ("Training", "Batch size", c.batch_size),
+            ("Training", "Optimizer", "AdamW"), ("Training", "AdamW ε", c.adam_eps), ("Training", "AdamW β", c.betas),
+            ("Training", "Weight decay", c.weight_decay), ("Training", "Base learning rate", c.lr),
+            ("Training", "Learning rate schedule", c.schedule.capitalize()),
+            ("Training", "Warmup steps", f"{round(c.warmup_frac * total)} ({c.warmup_frac:.0%} of total steps)"),
+            ("Augmentations", "Horizontal flipping prob.", c.hflip), ("Augmentations", "RandomResizeCrop range", list(c.crop_scale))]
+    return pd.DataFrame([(s, h, fmt(v)) for s, h, v in rows], columns=["type", "hyperparameter", "value"]).set_index(["type", "hyperparameter"])
+
+def _finetune_rows(c) -> list:
+    ra = rand_augment_parts(c.rand_augment)
+    return [("Training", "Epochs", c.epochs), ("Training", "Batch size", c.batch_size), ("Training", "Optimizer", "AdamW"),
+            ("Training", "AdamW ε", c.adam_eps), ("Training", "AdamW β", c.betas), ("Training", "Weight decay", c.weight_decay),
+            ("Training", "Base learning rate", c.lr), ("Training", "Layer decay", c.layer_decay),
+            ("Training", "Learning rate schedule", c.schedule.capitalize()), ("Training", "Warmup steps", _warmup(c)),
+            ("Mixup/CutMix", "Mixup alpha", c.mixup), ("Mixup/CutMix", "CutMix alpha", c.cutmix),
+            ("Mixup/CutMix", "Prob.", c.mixup_prob), ("Mixup/CutMix", "Switch prob.", c.mixup_switch_prob),
+            ("Mixup/CutMix", "Mode", c.mixup_mode), ("Mixup/CutMix", "Label smoothing", c.label_smoothing),
+            *(("RandAugment", k, v) for k, v in ra.items()),
+            ("RandomErase", "Prob.", c.reprob), ("RandomErase", "Mode", c.remode), ("RandomErase", "# erase", c.recount)]
+
+def finetune_table() -> pd.DataFrame:
+    "Seed 000, Table 2: finetuning and linear probing on ImageNet-1K, CIFAR-10, CIFAR-100, from the presets."
+    cols = {}
+    for ds, name in (("imagenet", "ImageNet"), ("cifar10", "CIFAR10"), ("cifar100", "CIFAR100")):
+        for preset, mode in (("finetune", "Finetune"), ("linear_probe", "Linear probe")):
+            rows = _finetune_rows(get_config(preset, dataset=ds))
+            cols[(name, mode)] = {(s, h): fmt(v) for s, h, v in rows}
+    df = pd.DataFrame(cols)
+    df.index.names = ["type", "hyperparameter"]
+    return df
+
+def seed_comparison_table() -> pd.DataFrame:
+    "The two seeds that describe finetuning, side by side (`finetune` = seed 000 T2, `finetune_seed003` = seed 003 T1)."
+    a, b = get_config("finetune"), get_config("finetune_seed003")
+    ra, rb = _finetune_rows(a), _finetune_rows(b)
+    df = pd.DataFrame({"seed 000, Table 2 (preset finetune)": {(s, h): fmt(v) for s, h, v in ra},
+                       "seed 003, Table 1 (preset finetune_seed003)": {(s, h): fmt(v) for s, h, v in rb}})
+    df["differs"] = df.iloc[:, 0] != df.iloc[:, 1]
+    df.index.names = ["type", "hyperparameter"]
+    return df
+
+def head_table() -> pd.DataFrame:
+    "Seed 003, Table 1 (model rows): the classification head as `kdnb.finetune.Classifier` builds it."
+    from kdnb.finetune import Classifier, HEAD_NORM_EPS, HEAD_INIT_STD
+    from kdnb.models import tiny_data2vec2
+    import torch
+    clf = Classifier(tiny_data2vec2(), 10)
+    const = lambda t: f"constant({t.unique().item():.1f})" if t.unique().numel() == 1 else "varies"
+    rows = [("LayerNorm weight init", const(clf.fc_norm.weight)), ("LayerNorm bias init", const(clf.fc_norm.bias)),
+            ("LayerNorm ε", fmt(clf.fc_norm.eps)), ("Linear head weight init", f"trunc_normal(std={HEAD_INIT_STD})"),
+            ("Linear head bias init", const(clf.head.bias)), ("Timestep aggregation", "Mean without CLS")]
+    assert clf.fc_norm.eps == HEAD_NORM_EPS
+    return pd.DataFrame(rows, columns=["hyperparameter", "value"]).set_index("hyperparameter")
+
+def layer_decay_table(base_lr=None, layer_decay=None, num_layers=6) -> pd.DataFrame:
+    "Seed 004, Table 1: per-layer learning rates of the `finetune` preset's lr and layer decay."
+    c = get_config("finetune")
+    t = lr_table(base_lr or c.lr, layer_decay or c.layer_decay, num_layers)
+    return pd.DataFrame({"Layer no.": t.layer.astype(str), "part": t.part, "Learning rate": [f"{v:.2g}" for v in t.lr]}).set_index("Layer no.").T

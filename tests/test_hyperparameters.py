@@ -1,0 +1,87 @@
+"""The hyperparameter tables of the report, generated from kdnb.config's presets, against the seed files.
+
+Every number in a seed's row must appear, in order, in the generated row with the same label."""
+import re
+from pathlib import Path
+
+import pytest
+
+SEEDS = Path(__file__).resolve().parent.parent.parent / "shared" / "seeds"
+pytestmark = pytest.mark.skipif(not SEEDS.is_dir(), reason="../shared/seeds is not beside the repository")
+
+# the seeds' labels (typos included) -> the report's labels
+LABELS = {"Attention Heads": "Attention heads", "AdamW ϵ": "AdamW ε", "Label smooting": "Label smoothing",
+          "Magintude": "Magnitude", "Layer Decay": "Layer decay", "Mixup prob.": "Mixup alpha", "Cutmix prob.": "CutMix alpha",
+          "mixup alpha": "Mixup alpha", "cutmix alpha": "CutMix alpha", "prob": "Prob.", "switch prob": "Switch prob.",
+          "mode": "Mode", "label smooting": "Label smoothing", "Peak learning rate": "Base learning rate",
+          "AdamW $\\epsilon$": "AdamW ε", "AdamW $\\beta$": "AdamW β", "LayerNorm $\\epsilon$": "LayerNorm ε",
+          "LayerNorm Weight Init": "LayerNorm weight init", "LayerNorm Bias Init": "LayerNorm bias init",
+          "Linear Head Weight Init": "Linear head weight init", "Linear Head Bias Init": "Linear head bias init"}
+SECTIONS = {"Mixup [1]/Cutmix [2]": "Mixup/CutMix", "RandAugment [3]": "RandAugment", "RandomErase [4]": "RandomErase",
+            "<b>Model</b>": "Model", "<b>Training</b>": "Training", "<b>Mixup</b>": "Mixup/CutMix"}
+NOT_CONFIG = {"Hardware", "cutmix minmax", "num_classes"}  # not hyperparameters of the code (or of another data set)
+
+
+def numbers(s: str) -> list[float]:
+    return [float(m.group(1)) * (1000 if m.group(2) else 1) for m in re.finditer(r"(\d+(?:\.\d+)?(?:e-?\d+)?)(k?)", str(s))]
+
+
+def seed_rows(name: str, table_caption: str) -> list[tuple[str, str, str]]:
+    "(section, label, value) of the table that ends with `table_caption` in seed file `name`."
+    text = next(SEEDS.glob(f"{name}_*.txt")).read_text()
+    block = text[:text.index(table_caption)]
+    block = block[block.rindex("\n\n", 0, len(block) - 2):]
+    rows, section = [], None
+    for line in block.strip().splitlines():
+        cells = line.split("\t")
+        if len(cells) < 3 or cells[1] in ("Hyperparameters", ""): continue
+        section = SECTIONS.get(cells[0], cells[0]) or section if cells[0] else section
+        rows.append((section, cells[1], cells[2]))
+    return rows
+
+
+def check(rows, generated, column):
+    checked = 0
+    for section, label, value in rows:
+        if label in NOT_CONFIG: continue
+        ours = LABELS.get(label, label)
+        keys = [k for k in generated.index if (k[1] if isinstance(k, tuple) else k) == ours
+                and (not isinstance(k, tuple) or section is None or k[0] == section or k[0] == "Training")]
+        assert keys, f"no row {ours!r} ({section}) in the generated table"
+        got = generated.loc[keys[0], column]
+        want = numbers(value)
+        if want:
+            assert numbers(got) == want, f"{label}: seed {value!r}, generated {got!r}"
+        else:
+            assert str(got).strip().lower() == value.replace("$\\times$", "").strip().lower(), f"{label}: seed {value!r}, generated {got!r}"
+        checked += 1
+    return checked
+
+
+def test_distill_table_matches_seed_000_table_1():
+    from kdnb.report import distill_table
+    assert check(seed_rows("000", "Table 1: Hyperparameters used for distilling"), distill_table(), "value") >= 17
+
+
+def test_finetune_table_matches_seed_000_table_2():
+    from kdnb.report import finetune_table
+    rows = [(s, l, v) for s, l, v in seed_rows("000", "Table 2: Hyperparameters used for the ImageNet-1K")]
+    t = finetune_table()
+    for col in t.columns:  # the seed gives one value for all six columns
+        assert check(rows, t, col) >= 19
+
+
+def test_seed003_table_matches_preset_and_head():
+    from kdnb.report import seed_comparison_table, head_table
+    rows = seed_rows("003", "Table 1: Hyperparameters used for the imagenet finetuning")
+    model = [r for r in rows if r[0] == "Model"]
+    train = [r for r in rows if r[0] != "Model" and r[1] != "Timestep aggregation"]
+    assert check(model, head_table(), "value") == 6
+    assert check(train, seed_comparison_table(), "seed 003, Table 1 (preset finetune_seed003)") >= 12
+
+
+def test_layer_decay_table_matches_seed_004():
+    from kdnb.report import layer_decay_table
+    text = next(SEEDS.glob("004_*.txt")).read_text()
+    line = next(l for l in text.splitlines() if l.startswith("Learning rate\t"))
+    assert numbers(" ".join(layer_decay_table().loc["Learning rate"])) == numbers(line)
