@@ -151,7 +151,7 @@ def _non_negative(cfg, *names):
     for n in names:
         if getattr(cfg, n) < 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be >= 0")
 
-# %% ../nbs/03_config.ipynb #d31609be
+# %% ../nbs/03_config.ipynb #75f8dbe7
 @dataclass
 class DistillConfig(BaseConfig):
     "Feature distillation of a frozen teacher into a half-depth student (seed 000, Table 1)."
@@ -169,6 +169,13 @@ class DistillConfig(BaseConfig):
     hflip: float = 0.5 # horizontal flip probability
     crop_scale: tuple[float, float] = (0.08, 1.0) # RandomResizedCrop scale range
     target_eps: float = 1e-5 # epsilon of the target's instance and layer norms
+    objective: str = "d2v" # "d2v" (layer-averaged target), "tinymim" (attention relations), "contrastive", "d2v+contrastive"
+    relation_block: int = -1 # TinyMIM: block whose Q/K/V relations are distilled (teacher and student; -1 = last)
+    student_color_jitter: float = 0.0 # TinyMIM: colour jitter of the student's view only (0.4 in seed 001)
+    drop_path: float = 0.0 # stochastic depth of the student
+    contrastive_weight: float = 1.0 # weight of the InfoNCE term when added to d2v_loss
+    bank_size: int = 65536 # contrastive: memory bank of teacher CLS vectors
+    temperature: float = 0.07 # contrastive: initial temperature (a learnable logit scale starts at 1/temperature)
 
     def validate(self):
         super().validate()
@@ -182,6 +189,11 @@ class DistillConfig(BaseConfig):
         if self.img_size % self.patch_size: raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
         if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1: raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
+        _choice("objective", self.objective, ("d2v", "tinymim", "contrastive", "d2v+contrastive"))
+        for n in ("student_color_jitter", "drop_path"):
+            if not 0 <= getattr(self, n) < 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1)")
+        _positive(self, "bank_size", "temperature")
+        _non_negative(self, "contrastive_weight")
 
 # %% ../nbs/03_config.ipynb #fa797a86
 @dataclass
@@ -233,7 +245,7 @@ class FinetuneConfig(BaseConfig):
     @property
     def uses_mixup(self) -> bool: return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
 
-# %% ../nbs/03_config.ipynb #3508c4c3
+# %% ../nbs/03_config.ipynb #16220631
 def _distill():
     "Seed 000, Table 1: distilling BEiTv2 ViT-B/16 into the first 6 blocks of Data2Vec2 (ImageNet-1K)."
     return DistillConfig(preset="distill", dataset="imagenet", img_size=224, epochs=10, batch_size=256, lr=1e-4,
@@ -258,6 +270,21 @@ def _finetune_seed003():
 _CPU = dict(dataset="digits", img_size=16, patch_size=4, batch_size=32, num_workers=0, precision="fp32",
             val_size=0.2, log_every=5)
 
+def _tinymim(size: str):
+    """Seed 001 (TinyMIM), Table 1: relation distillation of a MIM teacher into a ViT-T/S/B-sized student
+    (300-epoch schedule: warmup 15 epochs; peak lr 2.4e-3 = 1.5e-4 x 4096/256, min lr 1e-5)."""
+    D, H = {"t": (192, 3), "s": (384, 6), "b": (768, 12)}[size]
+    return _distill().replace(preset=f"tinymim_vit_{size}", objective="tinymim", epochs=300, batch_size=4096, lr=2.4e-3,
+                              min_lr_ratio=1e-5 / 2.4e-3, adam_eps=1e-8, betas=(0.9, 0.95), weight_decay=0.05,
+                              warmup_frac=15 / 300, schedule="cosine", student_checkpoint=None, student_depth=12,
+                              embed_dim=D, mlp_dim=4 * D, num_heads=H, student_color_jitter=0.4, drop_path=0.1,
+                              out_dir=f"runs/tinymim_vit_{size}")
+
+def _tinymim_vit_t(): return _tinymim("t")
+def _tinymim_vit_s(): return _tinymim("s")
+def _tinymim_vit_b(): return _tinymim("b")
+_tinymim_vit_t.__doc__ = _tinymim_vit_s.__doc__ = _tinymim_vit_b.__doc__ = _tinymim.__doc__.replace("\n   ", "")
+
 def _distill_cpu():
     "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."
     return _distill().replace(preset="distill_cpu", **_CPU, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny",
@@ -280,7 +307,8 @@ def _linear_probe_cpu():
 
 PRESETS = {"distill": _distill, "finetune": _finetune, "linear_probe": _linear_probe,
            "finetune_seed003": _finetune_seed003, "distill_cpu": _distill_cpu, "finetune_cpu": _finetune_cpu,
-           "linear_probe_cpu": _linear_probe_cpu}
+           "linear_probe_cpu": _linear_probe_cpu, "tinymim_vit_t": _tinymim_vit_t, "tinymim_vit_s": _tinymim_vit_s,
+           "tinymim_vit_b": _tinymim_vit_b}
 
 # %% ../nbs/03_config.ipynb #7a9c01e2
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)

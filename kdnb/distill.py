@@ -18,7 +18,7 @@ from .config import DistillConfig, get_config
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DistillTask', 'build_teacher', 'build_student', 'distill']
+__all__ = ['log', 'DistillTask', 'build_teacher', 'build_student', 'build_task', 'distill']
 
 # %% ../nbs/06_distill.ipynb #5f446098
 class DistillTask(Task):
@@ -46,7 +46,7 @@ class DistillTask(Task):
         super().train(mode); self.teacher.train(False)  # the teacher never leaves eval mode
         return self
 
-# %% ../nbs/06_distill.ipynb #c22340bd
+# %% ../nbs/06_distill.ipynb #c41ac091
 def build_teacher(cfg: DistillConfig) -> FrozenTeacher:
     "The frozen teacher a config names."
     name, ckpt = cfg.teacher, cfg.teacher_checkpoint
@@ -69,9 +69,24 @@ def build_student(cfg: DistillConfig) -> Data2Vec2Encoder:
         from kdnb.finetune import load_backbone
         return load_backbone(cfg.student_checkpoint, depth=cfg.student_depth, img_size=cfg.img_size)
     return Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.student_depth, cfg.num_heads,
-                            cfg.mlp_dim / cfg.embed_dim)
+                            cfg.mlp_dim / cfg.embed_dim, drop_path_rate=cfg.drop_path)
 
-# %% ../nbs/06_distill.ipynb #74bd3835
+# %% ../nbs/06_distill.ipynb #05551850
+def build_task(cfg: DistillConfig, student, teacher, data=None) -> Task:
+    "The distillation task of `cfg.objective` (and the TinyMIM student's colour-jittered view)."
+    if cfg.objective == "tinymim":
+        from kdnb.tinymim import TinyMIMTask, PairedViews
+        if data is not None and cfg.student_color_jitter > 0:
+            data.train.transform = PairedViews(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.student_color_jitter)
+        return TinyMIMTask(student, teacher, cfg.relation_block)
+    if "contrastive" in cfg.objective:
+        from kdnb.contrastive import ContrastiveTask
+        return ContrastiveTask(student, teacher, cfg.bank_size, cfg.temperature,
+                               d2v_weight=1.0 if cfg.objective == "d2v+contrastive" else 0.0,
+                               contrastive_weight=cfg.contrastive_weight, student_kind=cfg.student_layer_kind, eps=cfg.target_eps)
+    return DistillTask(student, teacher, cfg.student_layer_kind, cfg.target_eps)
+
+# %% ../nbs/06_distill.ipynb #c970c591
 def distill(cfg: DistillConfig | None = None, # a config; None = get_config("auto", task="distill", **overrides)
             **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
     "Distil the config's teacher into its student; writes a run folder."
@@ -79,8 +94,8 @@ def distill(cfg: DistillConfig | None = None, # a config; None = get_config("aut
     torch.manual_seed(cfg.seed)
     teacher, student = build_teacher(cfg), build_student(cfg)
     data = build_data(cfg, kind="distill")
-    task = DistillTask(student, teacher, cfg.student_layer_kind, cfg.target_eps)
+    task = build_task(cfg, student, teacher, data)
     n_s = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    info = dict(task="distill", dataset=cfg.dataset, teacher=cfg.teacher, student=f"{cfg.student} depth {cfg.student_depth}",
+    info = dict(task="distill", objective=cfg.objective, dataset=cfg.dataset, teacher=cfg.teacher, student=f"{cfg.student} depth {cfg.student_depth}",
                 student_params=n_s, teacher_layers=teacher.num_layers, val_source=data.val_source)
     return fit_task(task, cfg, data.train, data.val, info=info).summary

@@ -45,7 +45,7 @@ class Classifier(nn.Module):
     def forward_head(self, pooled): return self.head(self.fc_norm(pooled))  # [B, D] -> [B, classes]
     def forward(self, x): return self.forward_head(self.pool(x))
 
-# %% ../nbs/07_finetune.ipynb #166b561c
+# %% ../nbs/07_finetune.ipynb #c778104b
 def _read_kdnb_weights(path: Path):
     with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
     if "kdnb_class" not in meta:
@@ -66,6 +66,8 @@ def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 
         cls, arch, sd = _read_kdnb_weights(p)
         if cls == "Classifier":
             arch, sd = arch["backbone"], {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        elif cls == "ContrastiveStudent":  # a student distilled with the contrastive objective
+            sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
         if depth is not None:
             if not 0 < depth <= arch["depth"]: raise ValueError(f"depth={depth}, but {src} has {arch['depth']} blocks")
             arch = {**arch, "depth": depth}

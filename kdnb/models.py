@@ -82,7 +82,7 @@ class PostLNBlock(nn.Module):
 
     def forward(self, x): return self.forward_with_ffn(x)[0]
 
-# %% ../nbs/01_models.ipynb #545ee7db
+# %% ../nbs/01_models.ipynb #f8c406c8
 LAYER_KINDS = ("ffn", "block")
 
 class Data2Vec2Encoder(nn.Module):
@@ -128,16 +128,28 @@ class Data2Vec2Encoder(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # CLS after positions
         return self.norm_pre(x)
 
+    def _blocks(self, x): # [B, C, H, W] -> yields (block index, block output, FFN output), prenet blocks first
+        x = self.embed(x)
+        for i, blk in enumerate(self.all_blocks):
+            x, m = blk.forward_with_ffn(x)
+            yield i, x, m
+
     def iter_layers(self, x, # [B, C, H, W] images
                     kind: str = "ffn", # "ffn": FFN output before the residual (data2vec); "block": block output
                     include_prenet: bool = False, # also yield the prenet blocks' activations
                    ) -> Iterator[torch.Tensor]: # one [B, 1+N, D] per block
         "Yield each block's activation as it is computed."
         if kind not in LAYER_KINDS: raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
-        x = self.embed(x)
-        for i, blk in enumerate(self.all_blocks):
-            x, m = blk.forward_with_ffn(x)
-            if include_prenet or i >= len(self.prenet): yield m if kind == "ffn" else x
+        for i, out, m in self._blocks(x):
+            if include_prenet or i >= len(self.prenet): yield m if kind == "ffn" else out
+
+    def forward_all(self, x, kind: str | None = "ffn") -> tuple[torch.Tensor, list | None]:
+        "The final tokens [B, 1+N, D] and, unless `kind` is None, the main blocks' activations, in one pass."
+        if kind is not None and kind not in LAYER_KINDS: raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
+        layers = [] if kind is not None else None
+        for i, out, m in self._blocks(x):
+            if layers is not None and i >= len(self.prenet): layers.append(m if kind == "ffn" else out)
+        return out, layers
 
     def forward_layers(self, x, kind: str = "ffn", include_prenet: bool = False) -> list[torch.Tensor]:
         "All blocks' activations as a list of [B, 1+N, D] (see `iter_layers`)."
@@ -344,7 +356,7 @@ def fairseq_cfg(model: Data2Vec2Encoder) -> dict:
                       "modalities": {"image": {"input_size": model.img_size, "patch_size": model.patch_size,
                                                "prenet_depth": len(model.prenet), "in_chans": 3}}}}
 
-# %% ../nbs/01_models.ipynb #570fbb17
+# %% ../nbs/01_models.ipynb #d75e365e
 class FrozenTeacher(nn.Module):
     "A frozen, always-eval teacher that returns its per-layer activations."
     def __init__(self, model: nn.Module, # a timm ViT-family model or a Data2Vec2Encoder
@@ -372,14 +384,19 @@ class FrozenTeacher(nn.Module):
 
     @torch.inference_mode()  # on a generator, torch enters the mode around each step only, never across a yield
     def iter_layers(self, x, # [B, C, H, W] images in the data pipeline's normalisation
+                    num_layers: int | None = None, # only the first `num_layers` layers: the forward stops there
                    ) -> Iterator[torch.Tensor]: # num_layers x [B, T, D], inference tensors
         "Per-layer activations, computed under inference_mode, yielded one at a time where the model allows."
+        n = self.num_layers if num_layers is None else num_layers
+        if not 0 < n <= self.num_layers: raise ValueError(f"num_layers={n}, but the teacher has {self.num_layers} layers")
         if self.renormalise: x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
         if hasattr(self.model, "iter_layers"):
-            yield from self.model.iter_layers(x, self.kind)
+            for i, h in enumerate(self.model.iter_layers(x, self.kind)):
+                yield h
+                if i + 1 == n: return  # the generator is not resumed: later blocks never run
             return
-        feats = self.model.forward_intermediates(x, indices=self.num_layers, return_prefix_tokens=True, norm=False,
-                                                 output_fmt="NLC", intermediates_only=True)
+        feats = self.model.forward_intermediates(x, indices=list(range(n)), return_prefix_tokens=True, norm=False,
+                                                 stop_early=True, output_fmt="NLC", intermediates_only=True)
         for spatial, prefix in feats: yield torch.cat([prefix, spatial], dim=1)  # [B, prefix + N, D]
 
     def forward_layers(self, x) -> list[torch.Tensor]:

@@ -19,7 +19,8 @@ from .engine import CODE_COMMIT
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MODEL_LABELS', 'PipelineConfig', 'stage_configs', 'run_pipeline', 'results_table', 'plot_pipeline']
+__all__ = ['log', 'MODEL_LABELS', 'KEEP', 'PipelineConfig', 'stage_configs', 'run_pipeline', 'results_table', 'plot_pipeline',
+           'export_results']
 
 # %% ../nbs/10_pipeline.ipynb #e7f250e8
 @dataclass
@@ -173,3 +174,19 @@ def plot_pipeline(out_dir, path=None):
     fig.tight_layout()
     if path: fig.savefig(path, dpi=110)
     return fig
+
+# %% ../nbs/10_pipeline.ipynb #0d8a19e2
+KEEP = ("config.yaml", "metrics.jsonl", "summary.json")
+
+def export_results(run_dir, dst) -> list[Path]:
+    "Copy a pipeline's configs, metrics, summaries and tables (not its checkpoints) to `dst`."
+    import shutil
+    run, dst, out = Path(run_dir), Path(dst), []
+    if not (run / "results.json").exists(): raise FileNotFoundError(f"{run} is not a finished pipeline (no results.json)")
+    for p in sorted(run.rglob("*")):
+        rel = p.relative_to(run)
+        if p.is_file() and (p.parent == run and p.suffix in (".yaml", ".json", ".csv", ".png") or
+                            len(rel.parts) == 2 and p.name in KEEP):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dst / rel); out.append(dst / rel)
+    return out

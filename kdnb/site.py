@@ -18,7 +18,7 @@ from execnb.nbio import dict2nb, nb2dict
 
 # %% auto #0
 __all__ = ['SKIP_FLAGS', 'MATHJAX_DIR', 'CSS', 'site_pages', 'execute_page', 'docs_view', 'render_page', 'build_site',
-           'report_main']
+           'execute_in_place', 'report_main']
 
 # %% ../nbs/11_site.ipynb #5067f612
 def site_pages(nbs_path) -> list[tuple[str, str]]:
@@ -32,7 +32,7 @@ def site_pages(nbs_path) -> list[tuple[str, str]]:
     if missing: raise FileNotFoundError(f"sidebar.yml names notebooks that do not exist: {missing}")
     return pages
 
-# %% ../nbs/11_site.ipynb #a61fa0da
+# %% ../nbs/11_site.ipynb #9b63ad0f
 SKIP_FLAGS = {"slow"}
 
 def _to_nbformat(nb):
@@ -42,17 +42,19 @@ def _to_nbformat(nb):
         for k in [k for k in c if k.endswith("_") or k == "has_sd"]: c.pop(k)
     return nbformat.reads(json.dumps(d), as_version=4)
 
-def execute_page(path: Path, timeout: int = 1200, run: bool = True) -> nbformat.NotebookNode:
-    "Add show_doc cells, then execute the notebook in its folder (skipping eval: false / slow cells)."
-    proc = NBProcessor(path, procs=[populate_language, add_show_docs], rm_directives=False)
-    proc.process()
-    nb = _to_nbformat(proc.nb)
-    nb.cells.insert(0, nbformat.v4.new_code_cell("#| hide\nfrom nbdev.showdoc import show_doc"))
+def execute_page(path: Path, timeout: int = 1200, run: bool = True, add_docs: bool = True) -> nbformat.NotebookNode:
+    "Add show_doc cells (when `add_docs`), then execute the notebook in its folder (skipping eval: false / slow cells)."
+    if add_docs:
+        proc = NBProcessor(path, procs=[populate_language, add_show_docs], rm_directives=False)
+        proc.process()
+        nb = _to_nbformat(proc.nb)
+        nb.cells.insert(0, nbformat.v4.new_code_cell("#| hide\nfrom nbdev.showdoc import show_doc"))
+    else: nb = nbformat.read(path, as_version=4)
     for c in nb.cells:
         if c.cell_type != "code": continue
         c.pop("idx_", None); c.pop("directives_", None); c.pop("has_sd", None)
         d = {m.group(1): m.group(2).strip() for m in re.finditer(r"^#\|\s*([\w-]+):?\s*(.*)$", c.source, re.M)}
-        if d.get("eval") == "false" or SKIP_FLAGS & d.keys() or not run:
+        if (d.get("eval") == "false" or SKIP_FLAGS & d.keys() or not run) and "skip-execution" not in c.metadata.get("tags", []):
             c.metadata.setdefault("tags", []).append("skip-execution")
     if run:
         env_before = os.environ.get("KDNB_SITE")
@@ -143,6 +145,19 @@ def build_site(out_dir="_site", # where the HTML pages go
         written.append(page)
         log(f"{page} ({time.time() - t0:.0f} s)")
     return written
+
+# %% ../nbs/11_site.ipynb #b03119d1
+def execute_in_place(nbs_path="nbs", timeout: int = 1800):
+    "Execute the site's notebooks in place (run_* notebooks excluded), for nbdev_docs to render with outputs."
+    nbs = Path(nbs_path)
+    for _, p in site_pages(nbs):
+        if Path(p).stem.startswith("run_"): continue
+        nb = execute_page(nbs / p, timeout, add_docs=False)
+        for c in nb.cells:
+            tags = c.metadata.get("tags", [])
+            if "skip-execution" in tags: tags.remove("skip-execution")
+            if not tags: c.metadata.pop("tags", None)
+        nbformat.write(nb, nbs / p)
 
 # %% ../nbs/11_site.ipynb #fb755066
 def report_main(argv=None):

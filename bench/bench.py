@@ -1,0 +1,235 @@
+"""kdnb benchmarks: speed and memory of the distillation step, the data pipeline and the linear probe.
+
+Run by hand, not in CI (minutes on a laptop CPU):
+
+    .venv/bin/python bench/bench.py                 # everything, writes results/bench/
+    .venv/bin/python bench/bench.py --quick         # small sizes only (about a minute)
+    .venv/bin/python bench/bench.py --only step     # one section: peak, step, scaling, data, probe
+
+Every ratio is measured in one run on one machine: "ours" and "plain" alternate in the same process.
+Each configuration runs in a fresh subprocess so that its peak memory (max RSS on CPU,
+torch.cuda.max_memory_allocated on CUDA) is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "results" / "bench"
+
+
+# ----------------------------------------------------------------------------- models and steps
+def make_models(img: int, depth_t: int = 12, depth_s: int = 6, width: int = 768, heads: int = 12, patch: int = 16):
+    "A BEiTv2-shaped timm teacher (shared relative position bias, layer scale) and a Data2Vec2 student."
+    import timm
+    from kdnb.models import Data2Vec2Encoder, FrozenTeacher
+    torch.manual_seed(0)
+    beit = timm.create_model("beitv2_base_patch16_224", num_classes=0, global_pool="token", img_size=img, patch_size=patch,
+                             embed_dim=width, depth=depth_t, num_heads=heads, use_shared_rel_pos_bias=True,
+                             use_rel_pos_bias=False)
+    student = Data2Vec2Encoder(img, patch, width, depth_s, heads)
+    return FrozenTeacher(beit), student
+
+
+def plain_target(layers, eps=1e-5):
+    "The straightforward target: every layer stacked, instance norm and layer norm written out, fp32."
+    h = torch.stack([l.float() for l in layers])                      # [L, B, T, D]
+    h = (h - h.mean(2, keepdim=True)) / torch.sqrt(h.var(2, unbiased=False, keepdim=True) + eps)
+    y = h.mean(0)                                                     # [B, T, D]
+    return (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + eps)
+
+
+def set_fused(teacher, student, on: bool):
+    for m in teacher.model.modules():
+        if hasattr(m, "fused_attn"): m.fused_attn = on
+    student.set_fused_attn(on)
+
+
+def make_step(kind: str, teacher, student, opt, device):
+    "One distillation step: teacher forward, student forward/backward, loss, optimizer step."
+    from kdnb.distill import DistillTask
+    if kind == "plain":
+        set_fused(teacher, student, False)
+        def step(x):
+            with torch.no_grad():
+                t = [l.clone() for l in teacher.forward_layers(x)]
+            loss = F.mse_loss(plain_target(student.forward_layers(x, "ffn")), plain_target(t))
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            return loss
+        return step
+    set_fused(teacher, student, True)
+    task = DistillTask(student, teacher, "ffn")
+    amp = torch.bfloat16 if kind.endswith("bf16") else None
+    def step(x):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = task((x, None))["loss"]
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def peak_mem_mb(device) -> float:
+    if device.type == "cuda": return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def count_flops(fn, *args) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn(*args)
+    return fc.get_total_flops()
+
+
+def one_config(kind, img, batch, depth_t, depth_s, width, heads, patch, steps, device) -> dict:
+    "Measure one (kind, size) in this process."
+    device = torch.device(device)
+    teacher, student = make_models(img, depth_t, depth_s, width, heads, patch)
+    teacher.to(device); student.to(device)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    step = make_step(kind, teacher, student, opt, device)
+    x = torch.randn(batch, 3, img, img, device=device)
+    step(x)  # warm-up (allocations, oneDNN kernels)
+    flops = count_flops(step, x)
+    if device.type == "cuda": torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps): loss = step(x)
+    loss.item()  # one sync at the end
+    if device.type == "cuda": torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    return dict(kind=kind, img=img, tokens=(img // patch) ** 2 + 1, batch=batch, depth_t=depth_t, depth_s=depth_s,
+                width=width, step_s=round(dt, 4), images_per_s=round(batch / dt, 2), gflop_per_step=round(flops / 1e9, 2),
+                achieved_gflop_s=round(flops / dt / 1e9, 1), peak_mem_mb=round(peak_mem_mb(device), 1), device=str(device))
+
+
+def run_sub(**kw) -> dict:
+    "one_config in a fresh process (its own peak memory); None when it fails (e.g. out of memory)."
+    code = f"import json,sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); from bench import one_config; print('RESULT', json.dumps(one_config(**{kw!r})))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(f"  failed {kw}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}", flush=True)
+        return None
+    return json.loads(line[7:])
+
+
+# ----------------------------------------------------------------------------- sections
+def matmul_peak(device, dtype=torch.float32, n=4096, reps=10) -> float:
+    "Measured matrix-multiply peak in GFLOP/s (a large square matmul)."
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda": torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps): a @ b
+    if device.type == "cuda": torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def section_step(device, quick):
+    "Ours (fp32 and bf16 autocast) against the plain baseline, ViT-B/16 teacher and 6-block student."
+    rows = []
+    sizes = [(64, 8), (64, 32)] if quick else [(224, 8), (224, 16), (224, 32), (64, 32), (64, 128)]
+    if device.type == "cuda" and not quick: sizes += [(224, 64), (224, 128), (224, 256)]
+    for img, batch in sizes:
+        for kind in ("plain", "ours_fp32", "ours_bf16"):
+            r = run_sub(kind=kind, img=img, batch=batch, depth_t=12, depth_s=6, width=768, heads=12, patch=16,
+                        steps=2 if img == 224 and device.type == "cpu" else 5, device=str(device))
+            if r: rows.append(r); print(f"  {kind:10s} img {img} batch {batch}: {r['images_per_s']} img/s, {r['peak_mem_mb']} MB", flush=True)
+    return rows
+
+
+def section_scaling(device, quick):
+    "How images/s and memory grow with batch size, image size (tokens) and depth (ours, bf16)."
+    rows, kind = [], "ours_bf16"
+    base = dict(img=64, batch=32, depth_t=12, depth_s=6, width=768, heads=12, patch=16, steps=3, device=str(device))
+    grid = ([("batch", b) for b in (8, 32)] if quick else
+            [("batch", b) for b in (8, 16, 32, 64, 128)] + [("img", s) for s in (32, 64, 96, 128, 160)] +
+            [("depth_t", d) for d in (4, 8, 12)])
+    for key, v in grid:
+        kw = {**base, key: v}
+        if key == "depth_t": kw["depth_s"] = v // 2
+        r = run_sub(kind=kind, **kw)
+        if r: r["varied"] = key; rows.append(r); print(f"  {key}={v}: {r['images_per_s']} img/s, {r['peak_mem_mb']} MB", flush=True)
+    return rows
+
+
+def section_data(quick):
+    "Decoded + augmented images/s of the loader (real CIFAR-10 JPEGs) with the presets' transforms."
+    from kdnb.config import get_config
+    from kdnb.data import build_data, make_loader
+    root = ROOT.parent / "shared" / "data" / "cifar10"
+    if not (root / "train").is_dir(): print("  ../shared/data/cifar10 missing: data section skipped"); return []
+    rows = []
+    for preset, kind in (("distill", "distill"), ("finetune", "finetune")):
+        for workers in ((0, 1) if quick else (0, 1, 2)):
+            cfg = get_config(preset, dataset="cifar10", data_root=str(root), train_subset=2000, val_size=0.1, num_workers=workers)
+            d = build_data(cfg, kind)
+            dl = make_loader(d.train, 64, True, num_workers=workers)
+            n, t0 = 0, time.perf_counter()
+            for x, _ in dl:
+                n += len(x)
+                if n >= (512 if quick else 1536): break
+            rate = n / (time.perf_counter() - t0)
+            rows.append(dict(transform=preset, img=cfg.img_size, workers=workers, images_per_s=round(rate, 1)))
+            print(f"  {preset} transform at {cfg.img_size}px, {workers} workers: {rate:.0f} img/s", flush=True)
+    return rows
+
+
+def section_probe(quick):
+    "Linear probe: cached features (backbone once) against recomputing the frozen backbone every epoch."
+    import tempfile
+    from kdnb.config import get_config
+    from kdnb.finetune import finetune
+    rows = []
+    epochs = 2 if quick else 5
+    for cached in (False, True):
+        cfg = get_config("linear_probe_cpu", epochs=epochs, img_size=32, patch_size=4, embed_dim=192, num_heads=3, depth=6,
+                         cache_features=cached, out_dir=tempfile.mkdtemp(), tensorboard=False, device="cpu")
+        t0 = time.perf_counter(); s = finetune(cfg); dt = time.perf_counter() - t0
+        rows.append(dict(cached=cached, epochs=epochs, total_s=round(dt, 2), acc1=round(s["metrics"]["acc1"], 2)))
+        print(f"  cached={cached}: {dt:.1f} s for {epochs} epochs, top-1 {s['metrics']['acc1']:.1f}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", nargs="*", default=None, choices=["peak", "step", "scaling", "data", "probe"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(OUT))
+    a = ap.parse_args(argv)
+    device, out = torch.device(a.device), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    want = lambda s: a.only is None or s in a.only
+    res = {"device": str(device), "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "quick": a.quick, "date": time.strftime("%Y-%m-%d %H:%M")}
+    if want("peak"):
+        res["matmul_peak_gflop_s"] = {str(dt).split(".")[-1]: round(matmul_peak(device, dt), 1) for dt in (torch.float32, torch.bfloat16)}
+        print("matmul peak GFLOP/s:", res["matmul_peak_gflop_s"], flush=True)
+    for name, fn in (("step", lambda: section_step(device, a.quick)), ("scaling", lambda: section_scaling(device, a.quick)),
+                     ("data", lambda: section_data(a.quick)), ("probe", lambda: section_probe(a.quick))):
+        if want(name):
+            print(f"[{name}]", flush=True)
+            res[name] = fn()
+    path = out / f"bench_{device.type}{'_quick' if a.quick else ''}.json"
+    old = json.loads(path.read_text()) if path.exists() and a.only else {}
+    path.write_text(json.dumps({**old, **res}, indent=1))
+    print(f"wrote {path}")
+
+
+def _cpu_name():
+    try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration): return "unknown"
+
+
+if __name__ == "__main__":
+    main()
