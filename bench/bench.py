@@ -70,6 +70,7 @@ def make_step(kind: str, teacher, student, opt, device):
     set_fused(teacher, student, True)
     task = DistillTask(student, teacher, "ffn")
     amp = torch.bfloat16 if kind.endswith("bf16") else None
+    if amp is not None: teacher.cast(amp)  # as kdnb.distill.distill does under autocast
     def step(x):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = task((x, None))["loss"]
@@ -137,7 +138,7 @@ def matmul_peak(device, dtype=torch.float32, n=4096, reps=10) -> float:
 def section_step(device, quick):
     "Ours (fp32 and bf16 autocast) against the plain baseline, ViT-B/16 teacher and 6-block student."
     rows = []
-    sizes = [(64, 8), (64, 32)] if quick else [(224, 8), (224, 16), (224, 32), (64, 32), (64, 128)]
+    sizes = [(64, 8), (64, 32)] if quick else [(224, 8), (224, 32), (64, 32), (64, 128)]
     if device.type == "cuda" and not quick: sizes += [(224, 64), (224, 128), (224, 256)]
     for img, batch in sizes:
         for kind in ("plain", "ours_fp32", "ours_bf16"):
@@ -215,14 +216,16 @@ def main(argv=None):
     if want("peak"):
         res["matmul_peak_gflop_s"] = {str(dt).split(".")[-1]: round(matmul_peak(device, dt), 1) for dt in (torch.float32, torch.bfloat16)}
         print("matmul peak GFLOP/s:", res["matmul_peak_gflop_s"], flush=True)
+    path = out / f"bench_{device.type}{'_quick' if a.quick else ''}.json"
+    old = json.loads(path.read_text()) if path.exists() and a.only else {}
+    save = lambda: path.write_text(json.dumps({**old, **res}, indent=1))
+    save()
     for name, fn in (("step", lambda: section_step(device, a.quick)), ("scaling", lambda: section_scaling(device, a.quick)),
                      ("data", lambda: section_data(a.quick)), ("probe", lambda: section_probe(a.quick))):
         if want(name):
             print(f"[{name}]", flush=True)
             res[name] = fn()
-    path = out / f"bench_{device.type}{'_quick' if a.quick else ''}.json"
-    old = json.loads(path.read_text()) if path.exists() and a.only else {}
-    path.write_text(json.dumps({**old, **res}, indent=1))
+            save()  # after every section: a failure later loses nothing measured
     print(f"wrote {path}")
 
 

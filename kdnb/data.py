@@ -163,7 +163,7 @@ class ResumableSampler(Sampler):
         for i in mine[self.skip:]:
             yield (i, derive_seed(self.seed, self.epoch, i))
 
-# %% ../nbs/04_data.ipynb #a3dd0980
+# %% ../nbs/04_data.ipynb #0752acd3
 def eval_transform(img_size: int, crop_pct: float = 0.875):
     "Resize to img_size / crop_pct (bicubic), center-crop img_size, normalise."
     return create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation="bicubic",
@@ -174,12 +174,22 @@ def distill_transform(img_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5)
     return T.Compose([T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(hflip), T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
+def _posterize_at_least_1_bit(img, bits, **_):
+    "timm's posterize, with 0 bits (a black image) raised to 1: Pillow >= 12 refuses 0."
+    from PIL import ImageOps
+    return img if bits >= 8 else ImageOps.posterize(img, max(1, int(bits)))
+
 def finetune_transform(cfg):
     "timm's training transform with the preset's RandAugment and random erasing (seed 000, Table 2)."
-    return create_transform(cfg.img_size, is_training=True, scale=tuple(cfg.crop_scale), hflip=0.5,
-                            auto_augment=cfg.rand_augment, interpolation="bicubic", re_prob=cfg.reprob,
-                            re_mode=cfg.remode, re_count=cfg.recount, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    tf = create_transform(cfg.img_size, is_training=True, scale=tuple(cfg.crop_scale), hflip=0.5,
+                          auto_augment=cfg.rand_augment, interpolation="bicubic", re_prob=cfg.reprob,
+                          re_mode=cfg.remode, re_count=cfg.recount, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    for t in getattr(tf, "transforms", []):  # RandAugment's posterize reaches 0 bits at magnitude 10 (m9, std 0.5)
+        for op in getattr(t, "ops", []):
+            if "Posterize" in op.name: op.aug_fn = _posterize_at_least_1_bit
+    return tf
 
+# %% ../nbs/04_data.ipynb #6c28ae14
 def mixup_fn(cfg, num_classes: int) -> Mixup | None:
     "timm Mixup/CutMix with label smoothing as the preset sets them; None when both are off."
     if not cfg.uses_mixup: return None

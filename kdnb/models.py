@@ -356,7 +356,7 @@ def fairseq_cfg(model: Data2Vec2Encoder) -> dict:
                       "modalities": {"image": {"input_size": model.img_size, "patch_size": model.patch_size,
                                                "prenet_depth": len(model.prenet), "in_chans": 3}}}}
 
-# %% ../nbs/01_models.ipynb #d75e365e
+# %% ../nbs/01_models.ipynb #718007ab
 class FrozenTeacher(nn.Module):
     "A frozen, always-eval teacher that returns its per-layer activations."
     def __init__(self, model: nn.Module, # a timm ViT-family model or a Data2Vec2Encoder
@@ -381,6 +381,13 @@ class FrozenTeacher(nn.Module):
 
     @property
     def num_layers(self) -> int: return len(self.model.blocks)
+    @property
+    def dtype(self) -> torch.dtype: return next(self.model.parameters()).dtype
+
+    def cast(self, dtype: torch.dtype):
+        "Store the teacher's weights in `dtype` (bf16 on the fast path): no per-step weight casts under autocast."
+        self.model.to(dtype)
+        return self
 
     @torch.inference_mode()  # on a generator, torch enters the mode around each step only, never across a yield
     def iter_layers(self, x, # [B, C, H, W] images in the data pipeline's normalisation
@@ -390,6 +397,7 @@ class FrozenTeacher(nn.Module):
         n = self.num_layers if num_layers is None else num_layers
         if not 0 < n <= self.num_layers: raise ValueError(f"num_layers={n}, but the teacher has {self.num_layers} layers")
         if self.renormalise: x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        x = x.to(self.dtype)
         if hasattr(self.model, "iter_layers"):
             for i, h in enumerate(self.model.iter_layers(x, self.kind)):
                 yield h
