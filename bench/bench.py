@@ -207,7 +207,11 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", default=None, choices=["peak", "step", "scaling", "data", "probe"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--show", action="store_true", help="only print the tables of the saved results")
     a = ap.parse_args(argv)
+    if a.show:
+        path = Path(a.out) / f"bench_{torch.device(a.device).type}.json"
+        return print_tables(json.loads(path.read_text()))
     device, out = torch.device(a.device), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     want = lambda s: a.only is None or s in a.only
@@ -227,6 +231,25 @@ def main(argv=None):
             res[name] = fn()
             save()  # after every section: a failure later loses nothing measured
     print(f"wrote {path}")
+    print_tables({**old, **res})
+
+
+def print_tables(res: dict):
+    "The results as tables: the step with ratios and utilisation, then each other section."
+    import pandas as pd
+    pd.set_option("display.width", 160)
+    if res.get("step"):
+        d = pd.DataFrame(res["step"])
+        peak = res.get("matmul_peak_gflop_s", {})
+        d["util_%"] = [round(100 * r.achieved_gflop_s / peak.get("bfloat16" if r.kind.endswith("bf16") else "float32", float("nan")), 1)
+                       for r in d.itertuples()]
+        base = d[d.kind == "plain"].set_index(["img", "batch"])
+        d["x_plain_speed"] = [round(r.images_per_s / base.loc[(r.img, r.batch), "images_per_s"], 2) for r in d.itertuples()]
+        d["x_plain_mem"] = [round(r.peak_mem_mb / base.loc[(r.img, r.batch), "peak_mem_mb"], 2) for r in d.itertuples()]
+        print("\ndistillation step (matmul peak GFLOP/s: %s)" % peak)
+        print(d[["kind", "img", "batch", "images_per_s", "x_plain_speed", "peak_mem_mb", "x_plain_mem", "achieved_gflop_s", "util_%"]].to_string(index=False))
+    for name in ("scaling", "data", "probe"):
+        if res.get(name): print(f"\n{name}"); print(pd.DataFrame(res[name]).to_string(index=False))
 
 
 def _cpu_name():
