@@ -195,7 +195,7 @@ class DistillConfig(BaseConfig):
         _positive(self, "bank_size", "temperature")
         _non_negative(self, "contrastive_weight")
 
-# %% ../nbs/03_config.ipynb #fa797a86
+# %% ../nbs/03_config.ipynb #2da98f1f
 @dataclass
 class FinetuneConfig(BaseConfig):
     "Full finetuning or linear probing of the (distilled) student (seed 000 Table 2, seed 003 Table 1)."
@@ -236,7 +236,6 @@ class FinetuneConfig(BaseConfig):
         if self.uses_mixup and self.batch_size % 2:
             raise ConfigError(f"batch_size={self.batch_size} is odd, but Mixup/CutMix (timm) needs an even batch: "
                               "use an even batch_size or set mixup=0 and cutmix=0")
-        if self.num_classes is None and self.dataset == "imagefolder": pass  # read from the folder at build time
         if self.num_classes is not None and self.num_classes <= 1: raise ConfigError(f"num_classes={self.num_classes} must be > 1")
         if not 0 < self.crop_pct <= 1: raise ConfigError(f"crop_pct={self.crop_pct} must be in (0, 1]")
         if self.cache_features and self.mode != "linear_probe":
