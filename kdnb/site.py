@@ -32,7 +32,7 @@ def site_pages(nbs_path) -> list[tuple[str, str]]:
     if missing: raise FileNotFoundError(f"sidebar.yml names notebooks that do not exist: {missing}")
     return pages
 
-# %% ../nbs/11_site.ipynb #9b63ad0f
+# %% ../nbs/11_site.ipynb #cd51a037
 SKIP_FLAGS = {"slow"}
 
 def _to_nbformat(nb):
@@ -56,12 +56,14 @@ def execute_page(path: Path, timeout: int = 1200, run: bool = True, add_docs: bo
         d = {m.group(1): m.group(2).strip() for m in re.finditer(r"^#\|\s*([\w-]+):?\s*(.*)$", c.source, re.M)}
         if (d.get("eval") == "false" or SKIP_FLAGS & d.keys() or not run) and "skip-execution" not in c.metadata.get("tags", []):
             c.metadata.setdefault("tags", []).append("skip-execution")
-    if run:
-        env_before = os.environ.get("KDNB_SITE")
-        os.environ["KDNB_SITE"] = "1"
+    if run:  # figures must come out inline whatever MPLBACKEND says (CI sets Agg, which would drop them)
+        saved = {k: os.environ.get(k) for k in ("KDNB_SITE", "MPLBACKEND")}
+        os.environ["KDNB_SITE"] = "1"; os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
         try: NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
         finally:
-            if env_before is None: os.environ.pop("KDNB_SITE", None)
+            for k, v in saved.items():
+                if v is None: os.environ.pop(k, None)
+                else: os.environ[k] = v
     return nb
 
 def docs_view(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
