@@ -10,8 +10,9 @@ from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'PRESETS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase', 'BaseConfig',
-           'DistillConfig', 'FinetuneConfig', 'get_config', 'load_config', 'params_from_namespace']
+__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase',
+           'BaseConfig', 'DistillConfig', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig',
+           'get_config', 'load_config', 'params_from_namespace']
 
 # %% ../nbs/03_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -39,7 +40,7 @@ def _check_type(name, value, tp):
         raise ConfigError(f"{name}={value!r} has type {type(value).__name__}, expected {tp.__name__}")
     return value
 
-# %% ../nbs/03_config.ipynb #3a2ff8c8
+# %% ../nbs/03_config.ipynb #b9db5cd9
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder")
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
 # training-set sizes, used to state steps per epoch in the report (ImageNet-1K train: 1,281,167 images)
@@ -121,7 +122,7 @@ class BaseConfig(ConfigBase):
 
     def validate(self):
         "Raise ConfigError for values outside their allowed range."
-        _choice("dataset", self.dataset, DATASETS)
+        _choice("dataset", self.dataset, getattr(type(self), "datasets", DATASETS))
         _choice("schedule", self.schedule, ("cosine", "constant"))
         _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -151,7 +152,7 @@ def _non_negative(cfg, *names):
     for n in names:
         if getattr(cfg, n) < 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be >= 0")
 
-# %% ../nbs/03_config.ipynb #75f8dbe7
+# %% ../nbs/03_config.ipynb #fb0539ff
 @dataclass
 class DistillConfig(BaseConfig):
     "Feature distillation of a frozen teacher into a half-depth student (seed 000, Table 1)."
@@ -176,6 +177,21 @@ class DistillConfig(BaseConfig):
     contrastive_weight: float = 1.0 # weight of the InfoNCE term when added to d2v_loss
     bank_size: int = 65536 # contrastive: memory bank of teacher CLS vectors
     temperature: float = 0.07 # contrastive: initial temperature (a learnable logit scale starts at 1/temperature)
+    # FKD / FerKD (seed 002): crop-level soft labels of a classifier teacher, generated once and replayed
+    label_mode: str = "replay" # FKD: "replay" (stored soft labels, no teacher in training) or "online" (teacher per step)
+    label_store: typing.Optional[str] = None # FKD: folder of the soft-label store; None = <out_dir>/soft_labels
+    label_crops: int = 500 # FKD: RandomResizedCrops per image in the label-generation pass (FKD's default)
+    label_top_k: int = 5 # FKD: teacher probabilities kept per crop (FKD's marginal_smoothing_k5)
+    label_temperature: float = 1.0 # FKD: softmax temperature of the teacher's logits (FKD's default)
+    label_img_size: typing.Optional[int] = None # FKD: the teacher's input size for the crops; None = img_size
+    label_shard_images: int = 1000 # FKD: images per store shard (the unit a re-run skips)
+    replay_crops: int = 4 # FKD: stored crops trained per decoded image (seed 002, Table 1: num crops 4)
+    ferkd_hard_fraction: float = 0.2 # FerKD: share of each image's crops, least confident first, given the softened GT label
+    ferkd_easy_fraction: float = 0.0 # FerKD: share of each image's most confident crops that are never replayed
+    ferkd_smoothing: float = 0.1 # FerKD: label smoothing of the ground truth given to the hard crops
+    mixup: float = 0.0 # FKD: Mixup alpha across images, soft labels mixed alike (0 = off; 0.8 in seed 002 for ViT-S)
+    cutmix: float = 0.0 # FKD: CutMix alpha across images (1.0 in seed 002 for ViT-S)
+    selfmix: float = 0.0 # FerKD: SelfMix alpha, CutMix between two crops of the same image (1.0 in seed 002 for ResNet-50)
 
     def validate(self):
         super().validate()
@@ -189,7 +205,20 @@ class DistillConfig(BaseConfig):
         if self.img_size % self.patch_size: raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
         if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1: raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
-        _choice("objective", self.objective, ("d2v", "tinymim", "contrastive", "d2v+contrastive"))
+        _choice("objective", self.objective, ("d2v", "tinymim", "contrastive", "d2v+contrastive", "fkd", "ferkd"))
+        _choice("label_mode", self.label_mode, ("replay", "online"))
+        _positive(self, "label_crops", "label_top_k", "label_temperature", "label_shard_images", "replay_crops")
+        if self.objective in ("fkd", "ferkd") and self.label_mode == "replay" and self.replay_crops > self.label_crops:
+            raise ConfigError(f"replay_crops={self.replay_crops} exceeds label_crops={self.label_crops}: "
+                              "a replayed image draws distinct stored crops")
+        for n in ("ferkd_hard_fraction", "ferkd_easy_fraction", "ferkd_smoothing"):
+            if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1]")
+        if self.ferkd_hard_fraction + self.ferkd_easy_fraction >= 1:
+            raise ConfigError(f"ferkd_hard_fraction + ferkd_easy_fraction = {self.ferkd_hard_fraction + self.ferkd_easy_fraction} "
+                              "leaves no crop with the teacher's label: keep their sum below 1")
+        _non_negative(self, "mixup", "cutmix", "selfmix")
+        if self.selfmix > 0 and self.replay_crops < 2:
+            raise ConfigError(f"selfmix={self.selfmix} mixes two crops of one image: set replay_crops >= 2")
         for n in ("student_color_jitter", "drop_path"):
             if not 0 <= getattr(self, n) < 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1)")
         _positive(self, "bank_size", "temperature")
@@ -244,7 +273,53 @@ class FinetuneConfig(BaseConfig):
     @property
     def uses_mixup(self) -> bool: return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
 
-# %% ../nbs/03_config.ipynb #16220631
+# %% ../nbs/03_config.ipynb #4d0e9533
+GLUE_TASKS = ("mnli", "qnli", "rte", "mrpc", "qqp", "stsb", "cola", "sst2", "wnli")
+
+@dataclass
+class TextConfig(BaseConfig):
+    "Fields shared by the text runs."
+    datasets = GLUE_TASKS + ("glue",)  # a class attribute, not a field: the allowed `dataset` values
+    dataset: str = "rte" # a GLUE task (lower case: mnli, qnli, rte, mrpc, qqp, stsb, cola, sst2, wnli), or "glue" for distillation
+    data_root: str = "data/glue" # the glue_data folder: <data_root>/<Task>/{train,dev}.tsv
+    max_len: int = 128 # tokens per sequence after tokenisation (pairs truncated longest first)
+
+    def validate(self):
+        super().validate()
+        _positive(self, "max_len")
+
+@dataclass
+class TextDistillConfig(TextConfig):
+    "Distilling a BERT-family teacher into its first layers with the layer-averaged target (padding masked)."
+    dataset: str = "glue"
+    teacher: str = "bert-base-uncased" # Hugging Face name or folder; "minilm" = the offline all-MiniLM-L6-v2
+    student_layers: int = 6 # the student: the teacher's embeddings and its first `student_layers` layers
+    include_embeddings: bool = False # whether the embedding output (hidden_states[0]) enters both targets
+    target_eps: float = 1e-5 # epsilon of the target's instance and layer norms
+    sentence_tasks: str = "all" # GLUE tasks whose training sentences are used: "all" found, or e.g. "rte,mrpc"
+    max_sentences: typing.Optional[int] = None # use at most this many sentences (a seeded sample); None = all
+
+    def validate(self):
+        super().validate()
+        _positive(self, "student_layers", "target_eps")
+        if self.dataset != "glue": raise ConfigError(f"dataset={self.dataset!r}: text distillation reads sentences from 'glue'")
+
+@dataclass
+class GlueConfig(TextConfig):
+    "Finetuning a (distilled) text encoder on a GLUE task (seed 000, Table 3)."
+    checkpoint: str = "bert-base-uncased" # a kdnb text run folder, a Hugging Face name or folder, or "minilm"
+    layers: typing.Optional[int] = None # keep only the first `layers` layers (None: all)
+    pooling: str = "cls" # sentence representation: "cls" (first token) or "mean" (over real tokens)
+    layer_decay: float = 0.81 # lr_l = lr * layer_decay ** (L + 1 - l); 1 = off
+
+    def validate(self):
+        super().validate()
+        if self.dataset == "glue": raise ConfigError("dataset='glue' is for distillation: name one GLUE task, e.g. dataset='rte'")
+        _choice("pooling", self.pooling, ("cls", "mean"))
+        if not 0 < self.layer_decay <= 1: raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]")
+        if self.layers is not None and self.layers <= 0: raise ConfigError(f"layers={self.layers} must be > 0 or None")
+
+# %% ../nbs/03_config.ipynb #15516bc2
 def _distill():
     "Seed 000, Table 1: distilling BEiTv2 ViT-B/16 into the first 6 blocks of Data2Vec2 (ImageNet-1K)."
     return DistillConfig(preset="distill", dataset="imagenet", img_size=224, epochs=10, batch_size=256, lr=1e-4,
@@ -284,6 +359,21 @@ def _tinymim_vit_s(): return _tinymim("s")
 def _tinymim_vit_b(): return _tinymim("b")
 _tinymim_vit_t.__doc__ = _tinymim_vit_s.__doc__ = _tinymim_vit_b.__doc__ = _tinymim.__doc__.replace("\n   ", "")
 
+def _ferkd(arch: str):
+    """Seed 002 (FerKD), Table 1: ImageNet-1K training from scratch on stored crop soft labels (300 epochs,
+    1,024 crops per step = 256 images x 4 crops, AdamW lr 2e-3, wd 0.05, cosine, 5 warmup epochs); ViT-S/16
+    with Mixup 0.8 / CutMix 1.0 and drop path 0.1, or SelfMix 1.0 (the table's ResNet-50 column) on the same student."""
+    mix = dict(mixup=0.8, cutmix=1.0, selfmix=0.0, drop_path=0.1) if arch == "vit_s" else dict(mixup=0.0, cutmix=0.0, selfmix=1.0, drop_path=0.0)
+    return _distill().replace(preset=f"ferkd_{arch}", objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k",
+                              teacher_checkpoint=None, label_img_size=384, epochs=300, batch_size=256, replay_crops=4,
+                              lr=2e-3, weight_decay=0.05, adam_eps=1e-8, betas=(0.9, 0.999), warmup_frac=5 / 300,
+                              schedule="cosine", student_checkpoint=None, student_depth=12, embed_dim=384, mlp_dim=1536,
+                              num_heads=6, **mix, out_dir=f"runs/ferkd_{arch}")
+
+def _ferkd_vit_s(): return _ferkd("vit_s")
+def _ferkd_selfmix(): return _ferkd("selfmix")
+_ferkd_vit_s.__doc__ = _ferkd_selfmix.__doc__ = _ferkd.__doc__.replace("\n   ", "")
+
 def _distill_cpu():
     "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."
     return _distill().replace(preset="distill_cpu", **_CPU, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny",
@@ -296,6 +386,37 @@ def _finetune_cpu(mode="finetune"):
                                    checkpoint=None, depth=2, embed_dim=64, num_heads=4, crop_pct=1.0, crop_scale=(0.8, 1.0),
                                    rand_augment=None, mixup_prob=0.0, reprob=0.0, out_dir=f"runs/{mode}_cpu")
 
+def _ferkd_cpu():
+    """A CPU-sized FerKD: soft labels of a classifier teacher (a finetuned kdnb run, `teacher="run:<folder>"`;
+    "tiny" = random, for mechanics) on digits, 16 stored crops per image, 4 replayed, SelfMix."""
+    return _distill_cpu().replace(preset="ferkd_cpu", objective="ferkd", label_crops=16, label_shard_images=256,
+                                  replay_crops=4, batch_size=16, lr=2e-3, weight_decay=0.05, selfmix=1.0,
+                                  out_dir="runs/ferkd_cpu")
+
+def _glue():
+    """Seed 000, Table 3: GLUE finetuning of the distilled text student (15 epochs, batch 256, AdamW 1e-3,
+    eps 1e-8, betas (0.9, 0.999), wd 0.01, layer decay 0.81, cosine, 10 % warmup)."""
+    return GlueConfig(preset="glue", dataset="rte", epochs=15, batch_size=256, lr=1e-3, adam_eps=1e-8, betas=(0.9, 0.999),
+                      weight_decay=0.01, layer_decay=0.81, schedule="cosine", warmup_frac=0.1, out_dir="runs/glue")
+
+def _glue_cpu():
+    """The CPU-sized GLUE finetuning: the offline MiniLM (all 6 layers), 64 tokens, batch 32, 3 epochs,
+    otherwise Table 3's optimiser and schedule."""
+    return _glue().replace(preset="glue_cpu", checkpoint="minilm", max_len=64, batch_size=32, epochs=3, num_workers=0,
+                           precision="fp32", log_every=5, out_dir="runs/glue_cpu")
+
+def _text_distill():
+    """Distilling bert-base-uncased into its first 6 layers on GLUE's training sentences. The seeds give no
+    text-distillation table: the optimiser and schedule are seed 000 Table 1's (image distillation)."""
+    return TextDistillConfig(preset="text_distill", epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6,
+                             betas=(0.9, 0.98), schedule="cosine", warmup_frac=0.1, val_size=2000, out_dir="runs/text_distill")
+
+def _text_distill_cpu():
+    "The CPU-sized text distillation: the offline MiniLM teacher (6 layers) into its first 3, 64 tokens, 4,000 sentences."
+    return _text_distill().replace(preset="text_distill_cpu", teacher="minilm", student_layers=3, max_len=64, batch_size=32,
+                                   epochs=2, lr=5e-4, max_sentences=4000, val_size=500, num_workers=0, precision="fp32",
+                                   log_every=5, out_dir="runs/text_distill_cpu")
+
 def _linear_probe():
     "Seed 000, Table 2: linear probing (frozen backbone, only the head trains) with the finetuning table's values."
     return _finetune("linear_probe")
@@ -307,11 +428,13 @@ def _linear_probe_cpu():
 PRESETS = {"distill": _distill, "finetune": _finetune, "linear_probe": _linear_probe,
            "finetune_seed003": _finetune_seed003, "distill_cpu": _distill_cpu, "finetune_cpu": _finetune_cpu,
            "linear_probe_cpu": _linear_probe_cpu, "tinymim_vit_t": _tinymim_vit_t, "tinymim_vit_s": _tinymim_vit_s,
-           "tinymim_vit_b": _tinymim_vit_b}
+           "tinymim_vit_b": _tinymim_vit_b, "ferkd_vit_s": _ferkd_vit_s, "ferkd_selfmix": _ferkd_selfmix,
+           "ferkd_cpu": _ferkd_cpu, "text_distill": _text_distill, "text_distill_cpu": _text_distill_cpu,
+           "glue": _glue, "glue_cpu": _glue_cpu}
 
-# %% ../nbs/03_config.ipynb #7a9c01e2
+# %% ../nbs/03_config.ipynb #b8646970
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)
-               task: str | None = None, # "distill", "finetune" or "linear_probe": checks the preset fits the run
+               task: str | None = None, # "distill", "finetune", "linear_probe", "text_distill" or "glue": checks the preset fits the run
                **overrides, # fields to change
               ) -> BaseConfig:
     "The config of a preset with `overrides` applied and validated."
@@ -323,7 +446,7 @@ def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     cfg = PRESETS[preset]()
     if task is not None:
-        want = DistillConfig if task == "distill" else FinetuneConfig
+        want = {"distill": DistillConfig, "text_distill": TextDistillConfig, "glue": GlueConfig}.get(task, FinetuneConfig)
         if not isinstance(cfg, want): raise ConfigError(f"preset {preset!r} is a {type(cfg).__name__}, not for a {task} run")
         if task in ("finetune", "linear_probe") and "mode" not in overrides: overrides["mode"] = task
     return cfg.replace(**overrides) if overrides else cfg

@@ -227,7 +227,7 @@ def build_data(cfg, kind: str = "finetune") -> RunData:
     return RunData(SplitDataset(train_src, tr_idx, train_tf), SplitDataset(val_src, va_idx, ev),
                    len(classes), list(classes), val_source)
 
-# %% ../nbs/04_data.ipynb #378a4fb5
+# %% ../nbs/04_data.ipynb #8c5ac700
 def loader_settings(device: torch.device | str, dataset: Dataset, num_workers: int = -1) -> dict:
     "DataLoader keyword arguments for a device: workers, pinned memory, persistent workers."
     cuda = torch.device(device).type == "cuda"
@@ -241,8 +241,9 @@ def loader_settings(device: torch.device | str, dataset: Dataset, num_workers: i
 def make_loader(dataset: Dataset, batch_size: int, # per process
                 train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
                 device="cpu", num_workers: int = -1) -> DataLoader:
-    "A loader over `dataset` with a `ResumableSampler` (shuffled and seeded for training, in order for evaluation)."
+    """A loader over `dataset` with a `ResumableSampler` (shuffled and seeded for training, in order for evaluation).
+    A data set with a `collate_fn` method batches its own samples (text: tokenise and pad per batch)."""
     sampler = ResumableSampler(len(dataset), seed, shuffle=train, rank=rank, world_size=world_size)
     # a private generator: creating an iterator must not draw from the global RNG (resume would diverge)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=getattr(dataset, "collate_fn", None),
                       generator=torch.Generator().manual_seed(seed), **loader_settings(device, dataset, num_workers))

@@ -23,15 +23,15 @@ def lr_table(base_lr: float = 1e-3, # learning rate of the top layer (the head)
     return pd.DataFrame({"layer": range(num_layers + 2), "part": parts,
                          "lr": [base_lr * layer_decay ** (num_layers + 1 - l) for l in range(num_layers + 2)]})
 
-# %% ../nbs/02_layer_decay.ipynb #73d992e1
-_STEM = re.compile(r"(?:^|\.)(patch_embed|cls_token|pos_embed|norm_pre|rel_pos_bias|reg_token|mask_token)(?:\.|$)")
-_BLOCK = re.compile(r"(?:^|\.)(prenet|blocks)\.(\d+)\.")
+# %% ../nbs/02_layer_decay.ipynb #b6f73e1b
+_STEM = re.compile(r"(?:^|\.)(patch_embed|cls_token|pos_embed|norm_pre|rel_pos_bias|reg_token|mask_token|embeddings)(?:\.|$)")
+_BLOCK = re.compile(r"(?:^|\.)(prenet|blocks|encoder\.layer)\.(\d+)\.")  # encoder.layer.N: BERT-family text models
 
 def _block_layout(names):
     "Number of prenet and main blocks seen in parameter names."
     idx = {"prenet": set(), "blocks": set()}
     for n in names:
-        if m := _BLOCK.search(n): idx[m.group(1)].add(int(m.group(2)))
+        if m := _BLOCK.search(n): idx["prenet" if m.group(1) == "prenet" else "blocks"].add(int(m.group(2)))
     return len(idx["prenet"]), len(idx["blocks"])
 
 def layer_id(name: str, # parameter name

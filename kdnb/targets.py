@@ -11,25 +11,34 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['instance_norm_tokens', 'layer_averaged_target', 'd2v_loss']
 
-# %% ../nbs/00_targets.ipynb #60a18255
+# %% ../nbs/00_targets.ipynb #bf7a9532
 def instance_norm_tokens(h: torch.Tensor, # [B, T, D] activations of one layer, T includes CLS
                          eps: float = 1e-5, # added to the variance
+                         mask: torch.Tensor | None = None, # [B, T], 1 for real tokens (text with padding); None = all
                         ) -> torch.Tensor: # [B, T, D] float32, zero mean and unit variance over T
     "Instance-normalise `h` over its tokens, per sample and channel, without affine parameters (eq. 1)."
     if h.ndim != 3:
         raise ValueError(f"expected a layer activation of shape [B, T, D], got {tuple(h.shape)}; "
                          "pass one tensor per layer (tokens on dim 1, channels on dim 2)")
-    return F.instance_norm(h.float().transpose(1, 2), eps=eps).transpose(1, 2)  # [B, D, T] -> [B, T, D]
+    if mask is None:
+        return F.instance_norm(h.float().transpose(1, 2), eps=eps).transpose(1, 2)  # [B, D, T] -> [B, T, D]
+    m = mask.to(device=h.device, dtype=torch.float32)[..., None]  # [B, T, 1]
+    n = m.sum(1, keepdim=True).clamp(min=1)
+    hf = h.float()
+    mu = (hf * m).sum(1, keepdim=True) / n  # statistics over real tokens only
+    var = ((hf - mu) ** 2 * m).sum(1, keepdim=True) / n
+    return (hf - mu) * torch.rsqrt(var + eps) * m  # padding positions are set to 0
 
-# %% ../nbs/00_targets.ipynb #aa207148
+# %% ../nbs/00_targets.ipynb #537e86e7
 def layer_averaged_target(layers: Iterable[torch.Tensor], # L tensors [B, T, D], T includes CLS
                           eps: float = 1e-5, # epsilon of the instance norm and the final layer norm
                           final_layer_norm: bool = True, # apply the parameter-free LayerNorm of eq. 5
+                          mask: torch.Tensor | None = None, # [B, T] real tokens (text); None = all tokens
                          ) -> torch.Tensor: # [B, T, D] float32
     "Instance-norm each layer over tokens, average over layers, then LayerNorm over channels (eq. 1-5)."
     acc, n = None, 0
     for h in layers:
-        y = instance_norm_tokens(h, eps)  # [B, T, D] fp32
+        y = instance_norm_tokens(h, eps, mask)  # [B, T, D] fp32
         if acc is not None and y.shape != acc.shape:
             raise ValueError(f"layer {n} has shape {tuple(y.shape)} but layer 0 had {tuple(acc.shape)}; "
                              "all layers of one model must share [B, T, D]")
@@ -40,17 +49,20 @@ def layer_averaged_target(layers: Iterable[torch.Tensor], # L tensors [B, T, D],
     acc = acc / n  # [B, T, D]
     return F.layer_norm(acc, acc.shape[-1:], eps=eps) if final_layer_norm else acc
 
-# %% ../nbs/00_targets.ipynb #e29febc3
+# %% ../nbs/00_targets.ipynb #9ea851b2
 def d2v_loss(student_layers: Iterable[torch.Tensor], # L_s tensors [B, T, D] with gradients
              teacher_layers: Iterable[torch.Tensor], # L_t tensors [B, T, D], no gradient needed
              eps: float = 1e-5, # epsilon of the instance and layer norms
+             mask: torch.Tensor | None = None, # [B, T] real tokens (text): statistics and the mean use only them
             ) -> torch.Tensor: # scalar float32
     "MSE between the student's and the teacher's layer-averaged targets over all tokens incl. CLS (eq. 6)."
     with torch.no_grad():
-        y = layer_averaged_target(teacher_layers, eps)  # [B, T, D]
+        y = layer_averaged_target(teacher_layers, eps, mask=mask)  # [B, T, D]
     if y.is_inference(): y = y.clone()  # inference tensors cannot be saved for backward
-    y_hat = layer_averaged_target(student_layers, eps)  # [B, T, D]
+    y_hat = layer_averaged_target(student_layers, eps, mask=mask)  # [B, T, D]
     if y_hat.shape != y.shape:
         raise ValueError(f"student target {tuple(y_hat.shape)} and teacher target {tuple(y.shape)} differ; "
                          "student and teacher must see the same image size and patch size, and share the width D")
-    return F.mse_loss(y_hat, y)
+    if mask is None: return F.mse_loss(y_hat, y)
+    m = mask.to(device=y.device, dtype=torch.float32)[..., None]  # [B, T, 1]
+    return ((y_hat - y) ** 2 * m).sum() / (m.sum() * y.shape[-1]).clamp(min=1)

@@ -85,3 +85,37 @@ def test_layer_decay_table_matches_seed_004():
     text = next(SEEDS.glob("004_*.txt")).read_text()
     line = next(l for l in text.splitlines() if l.startswith("Learning rate\t"))
     assert numbers(" ".join(layer_decay_table().loc["Learning rate"])) == numbers(line)
+
+
+def test_glue_table_matches_seed_000_table_3():
+    from kdnb.report import glue_table
+    t = glue_table()
+    rows = seed_rows("000", "Table 3: Hyperparameters for the GLUE")
+    for col in t.columns:  # one value for all tasks, except the metric row
+        assert check([r for r in rows if r[1] != "Metric"], t, col) >= 10
+    text = next(SEEDS.glob("000_*.txt")).read_text()
+    header = next(l for l in text.splitlines() if l.startswith("Type\tHyperparameters\tMNLI"))
+    metric = next(l for l in text.splitlines() if l.strip().startswith("Metric\t"))
+    tasks, metrics = header.split("\t")[2:], metric.strip().split("\t")[1:]
+    assert len(tasks) == len(metrics) == 8
+    for task, m in zip(tasks, metrics):
+        assert t.loc[("Training", "Metric"), task] == m, (task, m)
+
+
+def test_ferkd_table_matches_seed_002_table_1():
+    from kdnb.report import ferkd_table
+    t = ferkd_table()
+    text = next(SEEDS.glob("002_*.txt")).read_text()
+    block = text[text.index("Backbone\tResNet-50"):text.index("Table 1: Pre-training setting")]
+    checked = 0
+    for line in block.strip().splitlines():
+        cells = line.split("\t")
+        label, values = cells[0], cells[1:]
+        if label in ("Backbone", "Dropout", "Repeated Aug", "Rand Augment", "Random erasing"): continue  # not kdnb settings
+        if len(values) == 1: values = values * 2  # one value for both columns
+        for col, want in zip(t.columns, values):
+            got = t.loc[label, col]
+            if want.strip() == "\\times": assert got == "×", (label, col, got)
+            else: assert numbers(got) == numbers(want) or got.lower() == want.lower(), (label, col, got, want)
+            checked += 1
+    assert checked >= 24
