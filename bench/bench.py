@@ -4,7 +4,7 @@ Run by hand, not in CI (minutes on a laptop CPU):
 
     .venv/bin/python bench/bench.py                 # everything, writes results/bench/
     .venv/bin/python bench/bench.py --quick         # small sizes only (about a minute)
-    .venv/bin/python bench/bench.py --only step     # one section: peak, step, scaling, data, probe
+    .venv/bin/python bench/bench.py --only step     # one section: peak, step, scaling, data, probe, fkd
 
 Every ratio is measured in one run on one machine: "ours" and "plain" alternate in the same process.
 Each configuration runs in a fresh subprocess so that its peak memory (max RSS on CPU,
@@ -201,10 +201,69 @@ def section_probe(quick):
     return rows
 
 
+def section_fkd(device, quick):
+    """FKD: a training step on stored soft labels (replay) against the same step with the teacher labelling the
+    crops online; the label-generation pass's throughput; the store's size per image at FKD's settings."""
+    import copy, tempfile
+    import timm
+    from kdnb.config import get_config
+    from kdnb.data import build_data, make_loader
+    from kdnb.finetune import Classifier
+    from kdnb.fkd import ClassifierTeacher, FKDTask, ReplayCrops, generate_soft_labels
+    from kdnb.models import Data2Vec2Encoder
+    root = ROOT.parent / "shared" / "data" / "cifar10"
+    src = dict(dataset="cifar10", data_root=str(root), val_size=0.1) if (root / "train").is_dir() else {}
+    img, batch, steps = (64, 8, 3) if quick else (224, 8, 4)  # batch: images per step, 4 crops each
+    tmp = Path(tempfile.mkdtemp())
+    cfg = get_config("ferkd_cpu", **src, img_size=img, patch_size=16, train_subset=batch * (steps + 1), label_crops=8,
+                     label_shard_images=batch * (steps + 1), device=str(device), out_dir=str(tmp / "run"))
+    data = build_data(cfg, "distill"); data.train.transform = None
+    torch.manual_seed(0)
+    teacher = ClassifierTeacher(timm.create_model("vit_base_patch16_224", num_classes=data.num_classes, img_size=img), img)
+    student0 = Classifier(Data2Vec2Encoder(img, 16, 768, 6, 12), data.num_classes)
+    t0 = time.perf_counter()
+    store = generate_soft_labels(cfg, teacher, data.train, data.num_classes)
+    gen_s = time.perf_counter() - t0
+    rows = []
+    for mode in ("online", "replay"):
+        ds = ReplayCrops(data.train, store if mode == "replay" else None, 4, img, data.num_classes)
+        task = FKDTask(copy.deepcopy(student0), None, 0, teacher if mode == "online" else None).to(device)
+        opt = torch.optim.AdamW(task.model.parameters(), lr=1e-4)
+        it = iter(make_loader(ds, batch, True, num_workers=0))
+        def step():
+            x, soft, y = next(it)
+            loss = task((x.to(device), soft.to(device), y))["loss"]
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            if device.type == "cuda": torch.cuda.synchronize()
+        step()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps): step()
+        dt = (time.perf_counter() - t0) / steps
+        rows.append(dict(mode=mode, img=img, images_per_step=batch, crops_per_step=4 * batch, s_per_step=round(dt, 3),
+                         crops_per_s=round(4 * batch / dt, 2)))
+        print(f"  {mode}: {dt:.2f} s/step ({4 * batch / dt:.1f} crops/s)", flush=True)
+    rows[1]["speedup_vs_online"] = round(rows[0]["s_per_step"] / rows[1]["s_per_step"], 2)
+    print(f"  replay / online speed-up: {rows[1]['speedup_vs_online']}x", flush=True)
+    # the store at FKD's settings (500 crops, top-5): bytes per image, and what generating it costs with this teacher
+    big = cfg.replace(label_crops=500, label_top_k=5, train_subset=10, label_shard_images=10, img_size=32, patch_size=8,
+                      out_dir=str(tmp / "size"))
+    d2 = build_data(big, "distill"); d2.train.transform = None
+    tiny = ClassifierTeacher(Classifier(Data2Vec2Encoder(32, 8, 64, 2, 4), d2.num_classes), 32)
+    s2 = generate_soft_labels(big, tiny, d2.train, d2.num_classes)
+    per_image = s2.nbytes() / s2.num_images
+    gen_crops_s = cfg.label_crops * store.num_images / gen_s
+    rows.append(dict(mode="store", crops_per_image=500, top_k=5, bytes_per_image=round(per_image),
+                     imagenet_gb=round(per_image * 1281167 / 1e9, 1), label_gen_crops_per_s=round(gen_crops_s, 2),
+                     label_gen_s_per_image_500=round(500 / gen_crops_s, 1)))
+    print(f"  store: {per_image:.0f} bytes/image at 500 crops, top-5 ({per_image * 1281167 / 1e9:.1f} GB for ImageNet-1K); "
+          f"label generation {gen_crops_s:.1f} crops/s with the {img}px ViT-B teacher", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", nargs="*", default=None, choices=["peak", "step", "scaling", "data", "probe"])
+    ap.add_argument("--only", nargs="*", default=None, choices=["peak", "step", "scaling", "data", "probe", "fkd"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--show", action="store_true", help="only print the tables of the saved results")
@@ -225,7 +284,8 @@ def main(argv=None):
     save = lambda: path.write_text(json.dumps({**old, **res}, indent=1))
     save()
     for name, fn in (("step", lambda: section_step(device, a.quick)), ("scaling", lambda: section_scaling(device, a.quick)),
-                     ("data", lambda: section_data(a.quick)), ("probe", lambda: section_probe(a.quick))):
+                     ("data", lambda: section_data(a.quick)), ("probe", lambda: section_probe(a.quick)),
+                     ("fkd", lambda: section_fkd(device, a.quick))):
         if want(name):
             print(f"[{name}]", flush=True)
             res[name] = fn()
@@ -248,7 +308,7 @@ def print_tables(res: dict):
         d["x_plain_mem"] = [round(r.peak_mem_mb / base.loc[(r.img, r.batch), "peak_mem_mb"], 2) for r in d.itertuples()]
         print("\ndistillation step (matmul peak GFLOP/s: %s)" % peak)
         print(d[["kind", "img", "batch", "images_per_s", "x_plain_speed", "peak_mem_mb", "x_plain_mem", "achieved_gflop_s", "util_%"]].to_string(index=False))
-    for name in ("scaling", "data", "probe"):
+    for name in ("scaling", "data", "probe", "fkd"):
         if res.get(name): print(f"\n{name}"); print(pd.DataFrame(res[name]).to_string(index=False))
 
 

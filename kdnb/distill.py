@@ -71,7 +71,7 @@ def build_student(cfg: DistillConfig) -> Data2Vec2Encoder:
     return Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.student_depth, cfg.num_heads,
                             cfg.mlp_dim / cfg.embed_dim, drop_path_rate=cfg.drop_path)
 
-# %% ../nbs/06_distill.ipynb #05551850
+# %% ../nbs/06_distill.ipynb #e955f8c4
 def build_task(cfg: DistillConfig, student, teacher, data=None) -> Task:
     "The distillation task of `cfg.objective` (and the TinyMIM student's colour-jittered view)."
     if cfg.objective == "tinymim":
@@ -84,13 +84,18 @@ def build_task(cfg: DistillConfig, student, teacher, data=None) -> Task:
         return ContrastiveTask(student, teacher, cfg.bank_size, cfg.temperature,
                                d2v_weight=1.0 if cfg.objective == "d2v+contrastive" else 0.0,
                                contrastive_weight=cfg.contrastive_weight, student_kind=cfg.student_layer_kind, eps=cfg.target_eps)
+    if cfg.objective in ("fkd", "ferkd"):
+        raise ValueError(f"objective={cfg.objective!r} trains a classifier on stored crop labels: run it with kdnb.distill.distill")
     return DistillTask(student, teacher, cfg.student_layer_kind, cfg.target_eps)
 
-# %% ../nbs/06_distill.ipynb #83bce470
+# %% ../nbs/06_distill.ipynb #a87607c7
 def distill(cfg: DistillConfig | None = None, # a config; None = get_config("auto", task="distill", **overrides)
             **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
     "Distil the config's teacher into its student; writes a run folder."
     cfg = get_config("auto", task="distill", **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    if cfg.objective in ("fkd", "ferkd"):  # a classifier teacher's stored crop labels: its own page
+        from kdnb.fkd import distill_fkd
+        return distill_fkd(cfg)
     torch.manual_seed(cfg.seed)
     teacher, student = build_teacher(cfg), build_student(cfg)
     amp = autocast_dtype(cfg.precision, resolve_device(cfg.device))
