@@ -12,8 +12,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 
 # %% auto #0
-__all__ = ['field_docs', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics', 'fmt', 'rand_augment_parts',
-           'distill_table', 'finetune_table', 'seed_comparison_table', 'head_table', 'layer_decay_table']
+__all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'field_docs', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics', 'fmt',
+           'rand_augment_parts', 'distill_table', 'finetune_table', 'seed_comparison_table', 'head_table',
+           'layer_decay_table', 'glue_table', 'ferkd_table']
 
 # %% ../nbs/09_report.ipynb #51903a4a
 _FIELD = re.compile(r"^\s+(\w+):[^=#]+=[^#]*#\s*(.+)$")
@@ -61,7 +62,7 @@ def plot_metrics(run_dir, keys=("loss", "val_loss"), ax=None, label: str | None 
     plt.tight_layout()
     return axes
 
-# %% ../nbs/09_report.ipynb #66d5f0dd
+# %% ../nbs/09_report.ipynb #287b26b3
 from .config import get_config, TRAIN_SIZES
 from .layer_decay import lr_table
 
@@ -150,3 +151,40 @@ def layer_decay_table(base_lr=None, layer_decay=None, num_layers=6) -> pd.DataFr
     c = get_config("finetune")
     t = lr_table(base_lr or c.lr, layer_decay or c.layer_decay, num_layers)
     return pd.DataFrame({"Layer no.": t.layer.astype(str), "part": t.part, "Learning rate": [f"{v:.2g}" for v in t.lr]}).set_index("Layer no.").T
+
+GLUE_COLUMNS = {"mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "cola": "CoLA", "sst2": "SST"}
+METRIC_NAMES = {"acc": "Accuracy", "f1": "F1", "spearman": "Spearman", "mcc": "Matthews corr.", "pearson": "Pearson"}
+
+def glue_table() -> pd.DataFrame:
+    "Seed 000, Table 3: GLUE finetuning of the text student, one column per task, from the `glue` preset."
+    from kdnb.text import GLUE
+    cols = {}
+    for task, name in GLUE_COLUMNS.items():
+        c = get_config("glue", dataset=task)
+        rows = [("Training", "Epochs", c.epochs), ("Training", "Batch size", c.batch_size), ("Training", "Optimizer", "AdamW"),
+                ("Training", "AdamW ε", c.adam_eps), ("Training", "AdamW β", c.betas), ("Training", "Weight decay", c.weight_decay),
+                ("Training", "Base learning rate", c.lr), ("Training", "Layer decay", c.layer_decay),
+                ("Training", "Learning rate schedule", c.schedule.capitalize()), ("Training", "Warmup steps", _warmup(c)),
+                ("Training", "Metric", METRIC_NAMES[GLUE[task].seed_metric]),
+                ("Model", "Pooling", c.pooling.upper() if c.pooling == "cls" else "mean"), ("Model", "Max. tokens", c.max_len)]
+        cols[name] = {(s_, h): fmt(v) for s_, h, v in rows}
+    df = pd.DataFrame(cols)
+    df.index.names = ["type", "hyperparameter"]
+    return df
+
+def ferkd_table() -> pd.DataFrame:
+    "Seed 002 (FerKD), Table 1: the presets `ferkd_selfmix` (the ResNet-50 column's recipe) and `ferkd_vit_s`."
+    x = lambda v: "×" if not v else v
+    cols = {}
+    for preset, name in (("ferkd_selfmix", "ResNet-50 column (preset ferkd_selfmix)"), ("ferkd_vit_s", "ViT-S/16 (preset ferkd_vit_s)")):
+        c = get_config(preset)
+        rows = [("Epoch", c.epochs), ("Batch size", f"{c.batch_size * c.replay_crops:,}"), ("Optimizer", "AdamW"), ("Init. lr", c.lr),
+                ("lr scheduler", c.schedule), ("Weight decay", c.weight_decay), ("Warmup epochs", round(c.warmup_frac * c.epochs)),
+                ("Num crops", c.replay_crops), ("Label smoothing", "×"), ("Stoch. Depth", x(c.drop_path)),
+                ("Gradient Clip.", x(c.grad_clip)), ("Mixup prob.", x(c.mixup)), ("Cutmix prob.", x(c.cutmix)),
+                ("SelfMix prob.", x(c.selfmix)), ("Images per step", c.batch_size), ("Stored crops per image", c.label_crops),
+                ("Top-k kept", c.label_top_k), ("Teacher", c.teacher)]
+        cols[name] = {h: fmt(v) for h, v in rows}
+    df = pd.DataFrame(cols)
+    df.index.name = "hyperparameter"
+    return df
