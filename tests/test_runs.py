@@ -109,3 +109,33 @@ def test_papermill_cifar10_imagefolder():
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp / "run" / "summary.json").read_text())
     assert s["dataset"] == "cifar10" and s["val_source"].startswith("carved") and s["metrics"]["acc1"] > 10
+
+
+def test_papermill_run_glue(tmp_path):
+    "The GLUE run notebook as the issue writes it (-p task rte), on the real RTE files beside the repository."
+    root = ROOT.parent / "shared" / "data" / "glue"
+    if not (root / "RTE").is_dir(): pytest.skip("../shared/data/glue is not here")
+    r = _papermill(tmp_path, "run_glue.ipynb", "task", "rte", "data_root", root, "layers", 2, "train_subset", 96,
+                   "epochs", 1, "max_steps", 3, "max_len", 48, "out_dir", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (s["task"], s["glue_task"], s["steps"], s["layers"], s["dev_examples"]) == ("glue", "rte", 3, 2, 277)
+    assert 0 <= s["metrics"]["acc"] <= 100
+
+
+def test_cli_ferkd_and_text(tmp_path):
+    "FerKD and text distillation from the shell: `kdnb distill --objective ferkd`, `kdnb distill-text`."
+    r = subprocess.run(KDNB + ["distill", "--preset", "ferkd_cpu", "--teacher", "tiny", "--train_subset", "64", "--label_crops", "8",
+                               "--max_steps", "3", "--tensorboard", "false", "--out_dir", str(tmp_path / "ferkd")],
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "ferkd" / "summary.json").read_text())
+    assert s["objective"] == "ferkd" and s["steps"] == 3 and (tmp_path / "ferkd" / "soft_labels" / "index.json").exists()
+    root = ROOT.parent / "shared" / "data" / "glue"
+    if not (root / "RTE").is_dir(): pytest.skip("../shared/data/glue is not here")
+    r = subprocess.run(KDNB + ["distill-text", "--preset", "text_distill_cpu", "--data_root", str(root), "--sentence_tasks", "rte",
+                               "--max_sentences", "200", "--val_size", "40", "--max_steps", "3", "--tensorboard", "false",
+                               "--out_dir", str(tmp_path / "text")], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "text" / "summary.json").read_text())
+    assert (s["task"], s["steps"], s["train_sentences"]) == ("text_distill", 3, 160)
