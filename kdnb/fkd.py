@@ -236,7 +236,7 @@ def calibrate(gt_prob: torch.Tensor, # [N] the teacher's probability of the true
     if n_easy: keep[order[N - n_easy:]] = False
     return keep, hard
 
-# %% ../nbs/14_fkd.ipynb #17063f0f
+# %% ../nbs/14_fkd.ipynb #1fb3f368
 class ReplayCrops(Dataset):
     "Training set of stored crops: (crops [m, 3, S, S], soft labels [m, C], class) per image."
     def __init__(self, split, # a SplitDataset without transform (PIL images)
@@ -257,14 +257,13 @@ class ReplayCrops(Dataset):
             soft = torch.zeros(self.crops, self.num_classes)
         else:
             r = self.store.row(i)
-            keep, hard = (calibrate(r["gt_prob"], self.ferkd["hard_fraction"], self.ferkd["easy_fraction"])
-                          if self.ferkd else (torch.ones(len(r["flips"]), dtype=torch.bool),) * 2)
-            if not self.ferkd: hard = ~keep
+            f = self.ferkd or dict(hard_fraction=0.0, easy_fraction=0.0)  # plain FKD: every crop, the teacher's labels
+            keep, hard = calibrate(r["gt_prob"], f["hard_fraction"], f["easy_fraction"])
             pool = keep.nonzero().flatten()
             pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(s))[:self.crops]]
             boxes, flips = r["boxes"][pick], r["flips"][pick].bool()
             soft = soft_targets(r["topk_idx"][pick], r["topk_prob"][pick], self.num_classes)
-            if self.ferkd and hard[pick].any():
+            if hard[pick].any():
                 soft[hard[pick]] = smoothed_onehot(torch.tensor(y), self.num_classes, self.ferkd["smoothing"])
         x = torch.stack([render_crop(img, b, f, self.img_size, self.mean, self.std) for b, f in zip(boxes, flips)])
         return x, soft, y
