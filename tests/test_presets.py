@@ -5,26 +5,51 @@ import math
 
 import pytest
 
-from kdnb.config import PRESETS, DistillConfig, get_config, load_config
+from pathlib import Path
+
+from kdnb.config import PRESETS, DistillConfig, GlueConfig, TextDistillConfig, get_config, load_config
 from kdnb.distill import distill
 from kdnb.finetune import finetune
+
+GLUE_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
 
 SMALL = dict(dataset="digits", img_size=16, patch_size=4, embed_dim=32, num_heads=2, batch_size=8, max_steps=2,
              train_subset=64, device="cpu", precision="fp32", num_workers=0, tensorboard=False, log_every=1)
 
 
+TEXT = dict(batch_size=8, max_steps=2, max_len=16, device="cpu", precision="fp32", num_workers=0, tensorboard=False,
+            log_every=1, data_root=str(GLUE_ROOT))
+
+
 def shrink(name, out):
     cfg = get_config(name)
-    if isinstance(cfg, DistillConfig):
+    if isinstance(cfg, TextDistillConfig):  # the offline MiniLM instead of bert-base-uncased
+        return cfg.replace(**TEXT, teacher="minilm", student_layers=1, sentence_tasks="rte", max_sentences=64, val_size=16,
+                           out_dir=str(out))
+    if isinstance(cfg, GlueConfig):
+        return cfg.replace(**TEXT, checkpoint="minilm", layers=1, dataset="rte", train_subset=64, out_dir=str(out))
+    if isinstance(cfg, DistillConfig):  # FKD presets: a few stored crops at the student's size
         return cfg.replace(**SMALL, mlp_dim=64, student_depth=1, teacher="tiny", teacher_checkpoint=None,
-                           student_checkpoint=None, out_dir=str(out))
+                           student_checkpoint=None, label_crops=8, label_img_size=None, out_dir=str(out))
     return cfg.replace(**SMALL, model="tiny", checkpoint=None, depth=1, out_dir=str(out))
+
+
+def runner(cfg):
+    if isinstance(cfg, TextDistillConfig):
+        from kdnb.text import distill_text
+        return distill_text
+    if isinstance(cfg, GlueConfig):
+        from kdnb.glue import finetune_glue
+        return finetune_glue
+    return distill if isinstance(cfg, DistillConfig) else finetune
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_runs_end_to_end(name, tmp_path):
     cfg = shrink(name, tmp_path / name)
-    summary = (distill if isinstance(cfg, DistillConfig) else finetune)(cfg)
+    if isinstance(cfg, (TextDistillConfig, GlueConfig)) and not (GLUE_ROOT / "RTE").is_dir():
+        pytest.skip("../shared/data/glue is not here")
+    summary = runner(cfg)(cfg)
     assert summary["steps"] == 2 and summary["finished"]
     saved = load_config(tmp_path / name / "config.yaml")
     seed = get_config(name)
