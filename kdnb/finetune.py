@@ -22,7 +22,7 @@ from .config import FinetuneConfig, get_config
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'Classifier', 'load_backbone', 'FinetuneTask', 'FeatureSet',
+__all__ = ['log', 'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'Classifier', 'run_weights', 'load_backbone', 'FinetuneTask', 'FeatureSet',
            'extract_features', 'build_classifier', 'finetune']
 
 # %% ../nbs/07_finetune.ipynb #9fb05c22
@@ -45,12 +45,17 @@ class Classifier(nn.Module):
     def forward_head(self, pooled): return self.head(self.fc_norm(pooled))  # [B, D] -> [B, classes]
     def forward(self, x): return self.forward_head(self.pool(x))
 
-# %% ../nbs/07_finetune.ipynb #c778104b
+# %% ../nbs/07_finetune.ipynb #19ba0160
 def _read_kdnb_weights(path: Path):
     with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
     if "kdnb_class" not in meta:
         raise ValueError(f"{path} has no kdnb metadata: pass a kdnb run folder / weights file, or a data2vec 2.0 checkpoint")
     return meta["kdnb_class"], json.loads(meta["arch"]), load_file(str(path))
+
+def run_weights(run: str | Path) -> Path | None:
+    "The weights file of a kdnb run folder: checkpoints/best, else checkpoints/last; None when it has neither."
+    return next((Path(run) / "checkpoints" / t / "model.safetensors" for t in ("best", "last")
+                 if (Path(run) / "checkpoints" / t / "model.safetensors").exists()), None)
 
 def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 2.0 checkpoint
                   depth: int | None = None, # keep the first `depth` main blocks (None: all)
@@ -58,10 +63,8 @@ def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 
     "A Data2Vec2Encoder from a kdnb run folder or weights file, or from a fairseq data2vec 2.0 checkpoint."
     p = Path(str(src))
     if p.is_dir():
-        ck = next((p / "checkpoints" / t / "model.safetensors" for t in ("best", "last")
-                   if (p / "checkpoints" / t / "model.safetensors").exists()), None)
-        if ck is None: raise FileNotFoundError(f"{p} is not a finished kdnb run: no checkpoints/best or checkpoints/last")
-        p = ck
+        p = run_weights(p)
+        if p is None: raise FileNotFoundError(f"{src} is not a finished kdnb run: no checkpoints/best or checkpoints/last")
     if p.suffix == ".safetensors":
         cls, arch, sd = _read_kdnb_weights(p)
         if cls == "Classifier":
