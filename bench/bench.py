@@ -208,7 +208,7 @@ def section_fkd(device, quick):
     import timm
     from kdnb.config import get_config
     from kdnb.data import build_data, make_loader
-    from kdnb.finetune import Classifier
+    from kdnb.models import Classifier
     from kdnb.fkd import ClassifierTeacher, FKDTask, ReplayCrops, generate_soft_labels
     from kdnb.models import Data2Vec2Encoder
     root = ROOT.parent / "shared" / "data" / "cifar10"

@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'LAYER_KINDS', 'D2V2_PREFIX', 'D2V2_KEY_MAP', 'D2V2_IGNORED', 'CHECKPOINT_URLS', 'BEIT_MIM_ONLY',
-           'sincos_pos_embed_2d', 'Attention', 'PostLNBlock', 'Data2Vec2Encoder', 'tiny_data2vec2',
-           'd2v2_checkpoint_filter_fn', 'd2v2_arch', 'download_checkpoint', 'load_checkpoint_file',
-           'convert_checkpoint', 'load_data2vec2', 'to_fairseq_state_dict', 'fairseq_cfg', 'FrozenTeacher',
-           'beitv2_teacher', 'timm_teacher', 'make_student']
+           'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'sincos_pos_embed_2d', 'Attention', 'PostLNBlock', 'Data2Vec2Encoder',
+           'tiny_data2vec2', 'd2v2_split_wrapper', 'd2v2_checkpoint_filter_fn', 'd2v2_arch', 'download_checkpoint',
+           'load_checkpoint_file', 'convert_checkpoint', 'load_data2vec2', 'to_fairseq_state_dict', 'fairseq_cfg',
+           'FrozenTeacher', 'offline_hint', 'warn_timm_weights', 'beitv2_teacher', 'timm_teacher', 'Classifier']
 
 # %% ../nbs/01_models.ipynb #059a1d4f
 def sincos_pos_embed_2d(embed_dim: int, # D, a multiple of 4
@@ -202,13 +202,21 @@ D2V2_KEY_MAP = ((D2V2_PREFIX + "local_encoder.proj.", "patch_embed.proj."),
 D2V2_IGNORED = re.compile(r"^(_ema|ema\.|decoder\.|shared_decoder\.|recon_proj\.|cls_proj\.|fc_norm\.|head\.|"
                           r"modality_encoders\.IMAGE\.decoder\.|modality_encoders\.(?!IMAGE\.))")
 
+def d2v2_split_wrapper(state_dict: dict, # a fairseq `model` state dict
+                      ) -> tuple[dict, dict]: # (the encoder's keys, the wrapper's own keys)
+    "Split off what a wrapper adds: fairseq's finetuned image classifier keeps the encoder under `model.`."
+    nested = not any(k.startswith(D2V2_PREFIX) for k in state_dict) and any(
+        k.startswith("model." + D2V2_PREFIX) for k in state_dict)
+    if not nested: return state_dict, {}
+    encoder = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+    return encoder, {k: v for k, v in state_dict.items() if not k.startswith("model.")}  # fc_norm.*, head.*
+
 def d2v2_checkpoint_filter_fn(state_dict: dict, # the fairseq `model` state dict
                               depth: int | None = None, # keep the first `depth` main blocks (None: all)
                              ) -> tuple[dict, list[str], list[str]]: # (kdnb state dict, ignored keys, unknown keys)
     "Map fairseq data2vec 2.0 keys to `Data2Vec2Encoder` keys."
-    if not any(k.startswith(D2V2_PREFIX) for k in state_dict) and any(k.startswith("model." + D2V2_PREFIX) for k in state_dict):
-        state_dict = {k[len("model."):]: v for k, v in state_dict.items()}  # finetuned checkpoints nest the encoder
-    out, ignored, unknown = {}, [], []
+    state_dict, wrapper = d2v2_split_wrapper(state_dict)
+    out, ignored, unknown = {}, [k for k in wrapper if D2V2_IGNORED.match(k)], [k for k in wrapper if not D2V2_IGNORED.match(k)]
     for k, v in state_dict.items():
         if D2V2_IGNORED.match(k): ignored.append(k); continue
         new = next((dst + k[len(src):] for src, dst in D2V2_KEY_MAP if k.startswith(src)), None)
@@ -225,12 +233,11 @@ def _count_blocks(keys, prefix):
 def d2v2_arch(ckpt: dict, # a fairseq checkpoint: {'cfg': ..., 'model': state dict}
              ) -> dict: # keyword arguments of Data2Vec2Encoder
     "Read the encoder's architecture from a checkpoint's `cfg`, else from its tensor shapes."
-    sd = ckpt["model"]
-    sd = {k[6:]: v for k, v in sd.items()} if not any(k.startswith(D2V2_PREFIX) for k in sd) else sd
+    sd, _ = d2v2_split_wrapper(ckpt["model"])
     proj = sd.get(D2V2_PREFIX + "local_encoder.proj.weight")
     if proj is None:
         raise KeyError(f"no '{D2V2_PREFIX}local_encoder.proj.weight' in the checkpoint: this is not a data2vec 2.0 image "
-                       f"checkpoint (first keys: {list(sd)[:5]})")
+                       f"checkpoint (its first keys: {', '.join(list(ckpt['model'])[:6])})")
     D, C, p, _ = proj.shape
     arch = dict(embed_dim=D, in_chans=C, patch_size=p, num_heads=max(1, D // 64),
                 depth=_count_blocks(sd, "blocks."), prenet_depth=_count_blocks(sd, D2V2_PREFIX + "context_encoder.blocks."))
@@ -252,7 +259,8 @@ def d2v2_arch(ckpt: dict, # a fairseq checkpoint: {'cfg': ..., 'model': state di
 # %% ../nbs/01_models.ipynb #0820367b
 CHECKPOINT_URLS = {
     "data2vec2_base": "https://dl.fbaipublicfiles.com/fairseq/data2vec2/base_imagenet.pt",
-    "beitv2_base_pt1k": "https://conversationhub.blob.core.windows.net/beit-share-public/beitv2/beitv2_base_patch16_224_pt1k.pth",
+    # unilm retired its blob-storage links in 2024; the BEiT-v2 release files moved to GitHub
+    "beitv2_base_pt1k": "https://github.com/addf400/files/releases/download/BEiT-v2/beitv2_base_patch16_224_pt1k.pth",
 }
 
 def download_checkpoint(url: str, # http(s):// or file:// address
@@ -309,6 +317,9 @@ def convert_checkpoint(src: str | Path, # a trusted checkpoint that weights_only
     return Path(dst)
 
 # %% ../nbs/01_models.ipynb #46c814b5
+def _describe(src) -> str:
+    return "the checkpoint dict" if isinstance(src, dict) else f"checkpoint {src}"
+
 def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL, named default, or a loaded fairseq dict
                    depth: int | None = None, # keep the first `depth` main blocks; None keeps all
                    **overrides, # Data2Vec2Encoder arguments that win over the checkpoint's (img_size, drop_path_rate, ...)
@@ -316,8 +327,12 @@ def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL
     "Build a `Data2Vec2Encoder` from a fairseq data2vec 2.0 checkpoint."
     ckpt = load_checkpoint_file(checkpoint)
     if "model" not in ckpt:
-        raise KeyError(f"expected a fairseq checkpoint with a 'model' state dict, got keys {list(ckpt)[:8]}")
+        raise KeyError(f"{_describe(checkpoint)}: expected a fairseq checkpoint with a 'model' state dict, "
+                       f"got keys {list(ckpt)[:8]}")
     arch = d2v2_arch(ckpt)
+    if "num_heads" not in overrides and ((ckpt.get("cfg") or {}).get("model") or {}).get("num_heads") is None:
+        log.warning(f"{_describe(checkpoint)} has no cfg.model.num_heads: assumed num_heads={arch['num_heads']} "
+                    f"(embed_dim {arch['embed_dim']} / 64); pass num_heads=... if the model has another head count")
     n_main = arch["depth"]
     if depth is not None:
         if not 0 < depth <= n_main:
@@ -416,9 +431,19 @@ class FrozenTeacher(nn.Module):
 # %% ../nbs/01_models.ipynb #8714644f
 BEIT_MIM_ONLY = re.compile(r"^(mask_token|lm_head\.|cls_pt_layers\.|cls_pt_norm\.|head\.|fc_norm\.)")
 
-def _offline_hint(name, e):
+def offline_hint(name: str, e: Exception) -> RuntimeError:
+    "The error for timm weights that cannot be fetched: what failed, and the local-file way out."
     return RuntimeError(f"could not fetch timm weights for {name} ({type(e).__name__}: {e}). Offline, pass a local "
                         "checkpoint instead: checkpoint='/path/to/weights.pth' (or .safetensors)")
+
+def warn_timm_weights(name: str):
+    "Log which weights timm gives for `name`: for BEiT(v2) they are finetuned with ImageNet labels."
+    msg = f"teacher {name}: no checkpoint given, so timm's default weights for {name} are used"
+    if "beit" in name:
+        msg += (". timm's BEiTv2 weights are finetuned on ImageNet labels (supervised), not the self-supervised "
+                "pt1k weights the seeds distil; pass the unilm checkpoint (teacher_checkpoint='beitv2_base_pt1k' "
+                "or a local .pth) for the seeds' teacher")
+    log.warning(msg)
 
 def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoint: path, URL, "beitv2_base_pt1k", or dict
                    name: str = "beitv2_base_patch16_224", # timm architecture
@@ -430,10 +455,11 @@ def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoi
     shared = checkpoint is not None  # unilm pretraining checkpoints share the relative position bias
     kw = dict(num_classes=0, global_pool="token", **(dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False) if shared else {}))
     kw.update(model_kwargs)
+    if pretrained and checkpoint is None: warn_timm_weights(name)
     try:
         model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kw)
     except (OSError, RuntimeError) as e:
-        if pretrained: raise _offline_hint(name, e) from e
+        if pretrained: raise offline_hint(name, e) from e
         raise
     if checkpoint is not None:
         sd = load_checkpoint_file(checkpoint)
@@ -452,21 +478,36 @@ def timm_teacher(name: str, # any timm ViT-family model with forward_intermediat
                  **model_kwargs) -> FrozenTeacher:
     "Any timm ViT as a frozen teacher."
     kw = dict(num_classes=0, **model_kwargs)
+    if pretrained and checkpoint is None: warn_timm_weights(name)
     if checkpoint is not None: kw["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
     try:
         model = timm.create_model(name, pretrained=pretrained or checkpoint is not None, **kw)
     except (OSError, RuntimeError) as e:
-        if pretrained and checkpoint is None: raise _offline_hint(name, e) from e
+        if pretrained and checkpoint is None: raise offline_hint(name, e) from e
         raise
     if not hasattr(model, "forward_intermediates"):
         raise TypeError(f"timm model {name} has no forward_intermediates; choose a ViT-family model")
     cfg = model.pretrained_cfg
     return FrozenTeacher(model, "block", cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
 
-# %% ../nbs/01_models.ipynb #a55cc8b6
-def make_student(checkpoint: str | Path | dict | None = None, # data2vec 2.0 checkpoint, or None for random weights
-                 depth: int = 6, # main blocks kept
-                 **kwargs) -> Data2Vec2Encoder:
-    "The seeds' student: the first `depth` blocks of a (pretrained) Data2Vec2 image encoder."
-    if checkpoint is None: return Data2Vec2Encoder(depth=depth, **kwargs)
-    return load_data2vec2(checkpoint, depth=depth, **kwargs)
+# %% ../nbs/01_models.ipynb #d226a21d
+HEAD_NORM_EPS = 1e-6   # seed 003: LayerNorm eps of the head
+HEAD_INIT_STD = 0.02   # seed 003: trunc_normal std of the linear head
+
+class Classifier(nn.Module):
+    "Backbone -> mean of the patch tokens (CLS excluded) -> LayerNorm(eps 1e-6) -> Linear (seeds 003/004)."
+    backbone_attr = "backbone"  # recorded in weight files: where the encoder's weights sit
+    def __init__(self, backbone: nn.Module, num_classes: int, norm_eps: float = HEAD_NORM_EPS):
+        super().__init__()
+        self.backbone, self.num_classes = backbone, num_classes
+        D = backbone.embed_dim
+        self.fc_norm = nn.LayerNorm(D, eps=norm_eps)  # weight 1, bias 0 (torch's defaults)
+        self.head = nn.Linear(D, num_classes)
+        trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
+        nn.init.zeros_(self.head.bias)
+        self.arch = {"backbone": getattr(backbone, "arch", {}), "num_classes": num_classes}
+    def pool(self, x): # [B, C, H, W] -> [B, D]
+        tokens = self.backbone(x)  # [B, 1+N, D]
+        return tokens[:, getattr(self.backbone, "num_prefix_tokens", 1):].mean(dim=1)  # patches only
+    def forward_head(self, pooled): return self.head(self.fc_norm(pooled))  # [B, D] -> [B, classes]
+    def forward(self, x): return self.forward_head(self.pool(x))

@@ -8,8 +8,7 @@ import pytest
 from pathlib import Path
 
 from kdnb.config import PRESETS, DistillConfig, GlueConfig, TextDistillConfig, get_config, load_config
-from kdnb.distill import distill
-from kdnb.finetune import finetune
+from kdnb.runs import distill, run
 
 GLUE_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
 
@@ -34,22 +33,12 @@ def shrink(name, out):
     return cfg.replace(**SMALL, model="tiny", checkpoint=None, depth=1, out_dir=str(out))
 
 
-def runner(cfg):
-    if isinstance(cfg, TextDistillConfig):
-        from kdnb.text import distill_text
-        return distill_text
-    if isinstance(cfg, GlueConfig):
-        from kdnb.glue import finetune_glue
-        return finetune_glue
-    return distill if isinstance(cfg, DistillConfig) else finetune
-
-
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_runs_end_to_end(name, tmp_path):
     cfg = shrink(name, tmp_path / name)
     if isinstance(cfg, (TextDistillConfig, GlueConfig)) and not (GLUE_ROOT / "RTE").is_dir():
         pytest.skip("../shared/data/glue is not here")
-    summary = runner(cfg)(cfg)
+    summary = run(cfg)  # the task's runner, as the CLI and the run notebooks pick it
     assert summary["steps"] == 2 and summary["finished"]
     saved = load_config(tmp_path / name / "config.yaml")
     seed = get_config(name)
