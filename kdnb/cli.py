@@ -13,7 +13,7 @@ from .runs import run, setup_run
 from .site import report_main
 
 # %% auto #0
-__all__ = ['TASKS', 'config_from_args', 'main']
+__all__ = ['TASKS', 'USER_ERRORS', 'config_from_args', 'error_message', 'main']
 
 # %% ../nbs/18_cli.ipynb #13fc0ef9
 def _parse_value(s: str):
@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--preset", default="auto", help=f"one of {sorted(PRESETS)} or 'auto'")
         sp.add_argument("--config", default=None, help="a saved config (YAML/JSON) to start from instead of a preset")
+        sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         if name == "glue": sp.add_argument("--task", dest="dataset", type=str, default=argparse.SUPPRESS, help="the GLUE task (= --dataset)")
         for f in fields(cls):
             if f.name == "preset" or (name == "glue" and f.name == "dataset"): continue
@@ -43,11 +44,21 @@ TASKS = {"distill": "distill", "finetune": "finetune", "probe": "linear_probe", 
 
 def config_from_args(args: argparse.Namespace):
     "The validated config of a parsed command line (through kdnb.runs.setup_run, as the run notebooks)."
-    params = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    params = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
     return setup_run(TASKS[args.command], params, config=args.config)
 
+# errors that say what the user has to change; anything else is a bug of kdnb's and keeps its traceback hint
+USER_ERRORS = (ConfigError, OSError, ValueError, KeyError, RuntimeError)
+
+def error_message(e: BaseException) -> str:
+    "One line for an error: its message (a KeyError's without the quotes)."
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if "Original Traceback" in msg:  # re-raised from a DataLoader worker: its last line holds the message
+        msg = [l for l in msg.splitlines() if l.strip()][-1].split(": ", 1)[-1]
+    return msg.split("\n  (raised in callback")[0]
+
 def main(argv=None):
-    "Entry point of the `kdnb` console script."
+    "Entry point of the `kdnb` console script: one line per error (exit 2 for a config, 1 otherwise); --debug: traceback."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
@@ -56,13 +67,23 @@ def main(argv=None):
     if args.command == "presets":
         for name, fn in PRESETS.items(): print(f"{name:18s} {fn.__doc__}")
         return 0
+    cfg = None
     try:
         cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"kdnb {args.command}: {e}", file=sys.stderr)
-        return 2
-    try:
         summary = run(cfg)
+    except KeyboardInterrupt:
+        where = f" --out_dir {cfg.out_dir} --resume true" if cfg is not None else ""
+        print(f"kdnb {args.command}: interrupted; continue it with the same command and{where}", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.debug: raise
+        print(f"kdnb {args.command}: {error_message(e)}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except Exception as e:
+        if args.debug: raise
+        print(f"kdnb {args.command}: {type(e).__name__}: {error_message(e)} (an error kdnb does not explain: rerun "
+              "with --debug and report the traceback)", file=sys.stderr)
+        return 1
     finally:
         if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
     print(json.dumps(summary, indent=2))

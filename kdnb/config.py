@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_config.ipynb #985d76e1
 from __future__ import annotations
-import dataclasses, difflib, json, typing
+import dataclasses, difflib, json, math, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import yaml
@@ -32,12 +32,13 @@ def _check_type(name, value, tp):
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{name}={value!r} must be a pair/tuple of {len(args)} values like {tuple(a.__name__ for a in args)}")
         return tuple(_check_type(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool): return float(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool): value = float(value)
     if tp is float and isinstance(value, str):
-        try: return float(value)  # '1e-3' from a command line or YAML 1.1
+        try: value = float(value)  # '1e-3' from a command line or YAML 1.1
         except ValueError: pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{name}={value!r} has type {type(value).__name__}, expected {tp.__name__}")
+    if tp is float and not math.isfinite(value): raise ConfigError(f"{name}={value!r} must be a finite number")
     return value
 
 # %% ../nbs/04_config.ipynb #b9db5cd9
@@ -93,6 +94,7 @@ class BaseConfig(ConfigBase):
     val_size: float = 0.1 # held-out split carved from train when no test split exists (fraction, or count if > 1)
     train_subset: typing.Optional[int] = None # use only this many training images (stratified); None = all
     download: bool = True # download CIFAR through torchvision when missing
+    skip_bad_images: bool = False # replace an unreadable image by the next one (listed in out_dir/skipped_images.txt and counted in summary.json) instead of stopping
     num_workers: int = -1 # data loader workers; -1 = automatic (0 on CPU for small sets, min(8, cores) on CUDA)
     # --- optimisation
     epochs: int = 10 # passes over the training set
@@ -113,7 +115,8 @@ class BaseConfig(ConfigBase):
     precision: str = "auto" # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
     compile: bool = False # torch.compile the trained model
     out_dir: str = "runs/run" # run folder: config, metrics, summary, checkpoints
-    resume: bool = False # continue from out_dir's last checkpoint
+    resume: bool = False # continue from out_dir's last checkpoint (the saved config must match, see resume_changes)
+    resume_changes: typing.Optional[str] = None # on resume, fields allowed to differ from the saved config, e.g. "lr,seed"
     log_every: int = 10 # steps between logged metrics (each log syncs the device once)
     ckpt_every: int = 0 # steps between checkpoints inside an epoch; 0 = at the end of each epoch only
     eval_every: int = 1 # epochs between evaluations
@@ -134,6 +137,8 @@ class BaseConfig(ConfigBase):
         if not 0 <= self.warmup_frac < 1: raise ConfigError(f"warmup_frac={self.warmup_frac} must be in [0, 1)")
         if not all(0 <= b < 1 for b in self.betas): raise ConfigError(f"betas={self.betas} must lie in [0, 1)")
         if self.grad_clip is not None and self.grad_clip <= 0: raise ConfigError(f"grad_clip={self.grad_clip} must be > 0 or None (off)")
+        if self.train_subset is not None and self.train_subset <= 0:
+            raise ConfigError(f"train_subset={self.train_subset} must be > 0 (a number of training images) or None (all)")
         if self.val_size <= 0: raise ConfigError(f"val_size={self.val_size} must be a fraction in (0, 1) or a count > 1")
 
 def _resolve(cls, f):
@@ -454,12 +459,21 @@ def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on
     return cfg.replace(**overrides) if overrides else cfg
 
 def load_config(path) -> BaseConfig:
-    "Load a saved config of either class (the class is recorded in the file)."
-    text = Path(path).read_text()
-    d = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+    "Load a saved config of any class (the class is recorded in the file)."
+    path = Path(path)
+    if not path.is_file(): raise ConfigError(f"no config file at {path}: pass a config.yaml that a kdnb run wrote")
+    try:
+        text = path.read_text()
+        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path} is not a YAML/JSON config ({type(e).__name__}); pass a config.yaml that a kdnb "
+                          "run wrote") from e
+    if not isinstance(d, dict): raise ConfigError(f"{path} holds no key: value config; pass a kdnb run's config.yaml")
     def subclasses(c): return [c] + [s for sub in c.__subclasses__() for s in subclasses(sub)]
     cls = {c.__name__: c for c in subclasses(ConfigBase)}.get(d.get("_class"))
-    if cls is None: raise ConfigError(f"{path} does not say which config it holds (no valid '_class' key)")
+    if cls is None:
+        raise ConfigError(f"{path} does not say which config it holds (no valid '_class' key): it was not written "
+                          "by kdnb; start from a preset (--preset) instead")
     return cls.from_dict(d)
 
 # %% ../nbs/04_config.ipynb #c4a8bf7e
@@ -470,7 +484,7 @@ def params_from_namespace(ns: dict, # the notebook's globals() after the paramet
                           cls: type, # DistillConfig or FinetuneConfig
                          ) -> dict: # name -> value of every parameter
     "The run notebook's parameters, refusing names that are not fields of `cls`."
-    known = {f.name for f in fields(cls)} | RUN_ONLY_PARAMS
+    known = {f.name for f in fields(cls)} | (RUN_ONLY_PARAMS if issubclass(cls, BaseConfig) else set())  # presets: runs only
     new = {k: v for k, v in ns.items() if k not in before and not k.startswith("_")}
     unknown = sorted(k for k in new if k not in known)
     if unknown:

@@ -18,10 +18,10 @@ from sklearn.model_selection import train_test_split
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ArrayImages', 'load_digits_images', 'load_cifar', 'load_imagefolder', 'load_source', 'targets_of',
-           'stratified_split', 'derive_seed', 'seeded', 'SplitDataset', 'ResumableSampler', 'eval_transform',
-           'distill_transform', 'finetune_transform', 'mixup_fn', 'RunData', 'build_data', 'loader_settings',
-           'make_loader']
+__all__ = ['log', 'ArrayImages', 'load_digits_images', 'load_cifar', 'image_folder', 'load_imagefolder', 'load_source',
+           'targets_of', 'stratified_split', 'derive_seed', 'seeded', 'UnreadableImage', 'source_path', 'SplitDataset',
+           'ResumableSampler', 'eval_transform', 'distill_transform', 'finetune_transform', 'mixup_fn', 'RunData',
+           'build_data', 'skipped_images_file', 'loader_settings', 'make_loader']
 
 # %% ../nbs/05_data.ipynb #c5d3ccd4
 class ArrayImages(Dataset):
@@ -58,7 +58,7 @@ def load_cifar(name: str, # "cifar10" or "cifar100"
     root = Path(root)
     if (root / "train").is_dir():
         split = root / ("train" if train else "test")
-        return torchvision.datasets.ImageFolder(str(split)) if split.is_dir() else None
+        return image_folder(split) if split.is_dir() else None
     cls = _CIFAR[name]
     files = root / cls.base_folder
     if files.is_dir():
@@ -80,10 +80,18 @@ class _Probe:
     def __init__(self, cls, root): self.root, self.base_folder, self.train_list, self.test_list = str(root), cls.base_folder, cls.train_list, cls.test_list
 
 # %% ../nbs/05_data.ipynb #1e6f1220
+def image_folder(path: str | Path) -> torchvision.datasets.ImageFolder:
+    "torchvision's ImageFolder of `path`, with an error that names the folder when it holds no usable class folder."
+    try:
+        return torchvision.datasets.ImageFolder(str(path))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path} is not a usable ImageFolder ({e}): it needs {path}/<class>/<image> with at "
+                                "least one image (.jpg, .png, ...) in every class folder; remove empty class folders") from e
+
 def load_imagefolder(root: str | Path, split: str) -> Dataset | None:
     "ImageFolder `root/split`, or None when that split does not exist (an error when train/ is missing)."
     path = Path(root) / split
-    if path.is_dir(): return torchvision.datasets.ImageFolder(str(path))
+    if path.is_dir(): return image_folder(path)
     if split == "train":
         raise FileNotFoundError(f"no training images at {path}: an ImageFolder data set needs {root}/train/<class>/<image> "
                                 f"(and optionally {root}/val/); for ImageNet-1K use the usual train/ and val/ class folders")
@@ -108,7 +116,11 @@ def stratified_split(targets, # labels of the data set
     "A seeded split that keeps every class's share in both parts."
     idx = np.arange(len(targets))
     n_val = int(val_size) if val_size > 1 else val_size
-    tr, va = train_test_split(idx, test_size=n_val, stratify=np.asarray(targets), random_state=seed)
+    try:
+        tr, va = train_test_split(idx, test_size=n_val, stratify=np.asarray(targets), random_state=seed)
+    except ValueError as e:  # too few images for the split, or a class with a single image
+        raise ValueError(f"cannot carve a stratified split of {val_size} from {len(idx)} images of "
+                         f"{len(set(targets))} classes ({e}); change val_size or train_subset") from e
     return np.sort(tr), np.sort(va)
 
 # %% ../nbs/05_data.ipynb #3aca827e
@@ -127,17 +139,39 @@ def seeded(seed: int):
     try: yield
     finally: gen.set_state(t_state); random.setstate(r_state)
 
+class UnreadableImage(OSError):
+    "An image file that cannot be decoded; the message names it."
+
+def source_path(source, j: int) -> str:
+    "The file behind item `j` of a source data set (ImageFolder), or its index."
+    samples = getattr(source, "samples", None)
+    return samples[j][0] if samples is not None else f"item {j} of {type(source).__name__}"
+
 class SplitDataset(Dataset):
     "A subset of a source data set with a transform; keys are indices or (index, seed) pairs from `ResumableSampler`."
-    def __init__(self, source, indices=None, transform=None):
-        self.source, self.transform = source, transform
+    def __init__(self, source, indices=None, transform=None,
+                 skipped_log: Path | None = None): # set: an unreadable image is replaced by the next and listed here
+        self.source, self.transform, self.skipped_log = source, transform, skipped_log
         self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)
         self.targets = [targets_of(source)[i] for i in self.indices]
         self.classes = getattr(source, "classes", None)
     def __len__(self): return len(self.indices)
+    def read(self, i: int, tries: int = 100):
+        "Item `i` of the source; an unreadable file stops the run with its path, or is skipped when asked."
+        for k in range(tries):
+            j = int(self.indices[(i + k) % len(self.indices)])
+            try: return self.source[j]
+            except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated or corrupt files
+                path = source_path(self.source, j)
+                if self.skipped_log is None:
+                    raise UnreadableImage(f"{path} cannot be read ({type(e).__name__}: {e}): replace or delete it, "
+                                          "or set skip_bad_images=True to skip unreadable images") from e
+                log.warning(f"skipped unreadable image {path} ({e})")
+                with open(self.skipped_log, "a") as f: f.write(path + "\n")  # appends from workers stay whole lines
+        raise UnreadableImage(f"{tries} images in a row from item {i} cannot be read: is the data set corrupt?")
     def __getitem__(self, key):
         i, s = key if isinstance(key, tuple) else (key, None)
-        img, y = self.source[int(self.indices[i])]
+        img, y = self.read(i)
         if self.transform is not None:
             if s is None: img = self.transform(img)
             else:
@@ -224,8 +258,14 @@ def build_data(cfg, kind: str = "finetune") -> RunData:
     train_tf = {"distill": lambda: distill_transform(cfg.img_size, cfg.crop_scale, cfg.hflip),
                 "finetune": lambda: finetune_transform(cfg), "features": lambda: ev}[kind]()
     classes = getattr(train_src, "classes", None) or sorted(set(targets))
-    return RunData(SplitDataset(train_src, tr_idx, train_tf), SplitDataset(val_src, va_idx, ev),
+    skipped = skipped_images_file(cfg) if getattr(cfg, "skip_bad_images", False) else None
+    return RunData(SplitDataset(train_src, tr_idx, train_tf, skipped), SplitDataset(val_src, va_idx, ev, skipped),
                    len(classes), list(classes), val_source)
+
+def skipped_images_file(cfg) -> Path:
+    "Where a run lists the images it skipped as unreadable (one path per line)."
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    return Path(cfg.out_dir) / "skipped_images.txt"
 
 # %% ../nbs/05_data.ipynb #8c5ac700
 def loader_settings(device: torch.device | str, dataset: Dataset, num_workers: int = -1) -> dict:

@@ -16,15 +16,16 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from .weights import save_weights
 from .layer_decay import param_groups
-from .config import ConfigError
+from .config import ConfigError, load_config
 from .data import make_loader
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'EVENTS', 'CODE_COMMIT', 'resolve_device', 'autocast_dtype', 'DistInfo', 'setup_distributed', 'lr_factor',
-           'warmup_steps_of', 'Task', 'optimizer_groups', 'Callback', 'NonFiniteLoss', 'Trainer', 'Progress',
-           'MetricsLogger', 'Checkpointer', 'git_commit', 'Summary', 'default_callbacks', 'fit_task']
+__all__ = ['log', 'EVENTS', 'RESUME_MAY_CHANGE', 'CODE_COMMIT', 'resolve_device', 'autocast_dtype', 'DistInfo',
+           'setup_distributed', 'lr_factor', 'warmup_steps_of', 'Task', 'optimizer_groups', 'Callback', 'NonFiniteLoss',
+           'Trainer', 'Progress', 'dumps', 'MetricsLogger', 'check_resume_config', 'Checkpointer', 'git_commit',
+           'Summary', 'default_callbacks', 'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -148,6 +149,7 @@ class Trainer:
         self.step = self.epoch = self.step_in_epoch = 0
         self.metrics, self.history, self.best = {}, [], None
         self._loss_sum = None  # device-side sum of losses since the last sync
+        self._bad_input = torch.zeros((), dtype=torch.bool, device=self.device)  # a non-finite value in a batch
         self.callbacks = sorted(list(callbacks), key=lambda c: c.order)
         self.images_seen, self.train_time_s = 0, 0.0
 
@@ -173,6 +175,7 @@ class Trainer:
         return batch.to(self.device, non_blocking=nb) if torch.is_tensor(batch) else batch
     def train_step(self):
         self.task.step = self.step  # tasks seed per-step randomness (Mixup) with it, so that resume repeats it
+        self._bad_input = self._bad_input | _non_finite_input(self.batch)  # no host sync: read with the loss
         with self.autocast():
             self.out = self.task(self.batch)  # {"loss": [], ...}
         self.loss = self.out["loss"]
@@ -195,6 +198,10 @@ class Trainer:
         if self.dist.enabled: dist.all_reduce(total); total /= self.dist.world_size
         v = total.item() / self._n_loss
         if not math.isfinite(v):
+            if self._bad_input.item():
+                raise NonFiniteLoss(f"a training batch before step {self.step} holds NaN or Inf values: the data, not the "
+                                    f"optimisation, made the loss {v}. Check the data set (or its transform) for "
+                                    "non-finite values; no checkpoint was written after it")
             ck = self.cb(Checkpointer)
             kept = (f"the last good checkpoint (step {ck.last_step}) is kept in {ck.dir}" if ck and ck.last_step is not None
                     else "no checkpoint was written yet")
@@ -206,6 +213,7 @@ class Trainer:
         "Mean training loss since the last call; raises NonFiniteLoss when it is not finite."
         v = self._mean_loss()
         self._loss_sum, self._n_loss = None, 0
+        self._bad_input.zero_()
         return v
 
     def check_finite(self):
@@ -229,12 +237,18 @@ class Trainer:
             for v in sums.values(): dist.all_reduce(v)
         self.task.train()
         res = self.task.summarize({k: v.item() for k, v in sums.items()})
+        bad = {k: v for k, v in res.items() if not math.isfinite(v)}
+        if bad:
+            raise NonFiniteLoss(f"validation metrics {bad} after epoch {self.epoch}: the model or the validation "
+                                "data give non-finite values. Check the validation data for NaN/Inf; if the training "
+                                "loss also grew, lower lr. The last checkpoint is kept; the run is not finished")
         self.metrics.update(res)
         self("after_eval")
         return res
 
     # --- the loop
     def fit(self):
+        self.completed, self.error = False, None  # `finished` in summary.json: only a loop that ran to its end
         self.task.train()
         self("before_fit")
         try:
@@ -258,9 +272,20 @@ class Trainer:
                                                 or self.epoch == self.cfg.epochs):
                     self.evaluate()
                 self("after_epoch")
+            self.completed = True
+        except BaseException as e:
+            self.error = f"{type(e).__name__}: {e}".strip()
+            raise
         finally:
             self("after_fit")
         return self
+
+def _non_finite_input(batch) -> torch.Tensor:
+    "A device-side flag: does any floating-point tensor of the batch hold NaN or Inf?"
+    tensors = [b for b in (batch if isinstance(batch, (list, tuple)) else [batch])
+               if torch.is_tensor(b) and b.is_floating_point()]
+    flags = [~torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)
 
 def _reconstructible(e):
     try: type(e)("x"); return True
@@ -276,6 +301,16 @@ class Progress(Callback):
     def after_epoch(self, t):
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in t.metrics.items() if isinstance(v, float)}, refresh=False)
     def after_fit(self, t): self.bar.close()
+
+def _finite_or_none(v):
+    if isinstance(v, float) and not math.isfinite(v): return None
+    if isinstance(v, dict): return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)): return [_finite_or_none(x) for x in v]
+    return v
+
+def dumps(obj, **kw) -> str:
+    "JSON that stays valid: NaN and Inf become null (json.dumps would write bare NaN, which no JSON reader accepts)."
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kw)
 
 class MetricsLogger(Callback):
     "JSONL (+ TensorBoard, + W&B) metrics: a 'step' record every log_every steps, an 'epoch' record per epoch."
@@ -299,7 +334,7 @@ class MetricsLogger(Callback):
     def write(self, t, rec):
         t.history.append(rec)
         if not self.main: return
-        with open(self.path, "a") as f: f.write(json.dumps(rec) + "\n")
+        with open(self.path, "a") as f: f.write(dumps(rec) + "\n")
         for k, v in rec.items():
             if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                 if self.tb: self.tb.add_scalar(f"{rec['kind']}/{k}", v, rec["step"])
@@ -337,6 +372,25 @@ def _set_rng_state(s):
     n = s["numpy"]; np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
 
+# fields that may differ when a run is resumed: how long it trains and how it is watched, never what it computes
+RESUME_MAY_CHANGE = {"epochs", "max_steps", "resume", "resume_changes", "out_dir", "preset", "device", "num_workers",
+                     "log_every", "ckpt_every", "eval_every", "tensorboard", "wandb", "compile"}
+
+def check_resume_config(saved, cfg, where):
+    "Refuse to resume with a config that computes something else than the saved one; name each changed field."
+    if type(saved) is not type(cfg):
+        raise ConfigError(f"{where} was written by a {type(saved).__name__} run, not a {type(cfg).__name__} run")
+    allowed = RESUME_MAY_CHANGE | {n.strip() for n in (cfg.resume_changes or "").split(",") if n.strip()}
+    old, new = saved.to_dict(), cfg.to_dict()
+    changed = [k for k in new if old.get(k) != new[k] and k not in allowed]
+    shrunk = [k for k in ("epochs", "max_steps") if "epochs" not in (cfg.resume_changes or "")
+              and old.get(k) is not None and new[k] is not None and new[k] < old[k]]
+    if changed or shrunk:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed + shrunk)
+        raise ConfigError(f"resume=True with a config that differs from the one saved in {where}: {diff}. "
+                          "Resume with the saved values (only epochs/max_steps may grow), start a new run in another "
+                          f"out_dir, or allow the change explicitly: resume_changes=\"{','.join(changed + shrunk)}\"")
+
 class Checkpointer(Callback):
     order = 20
     def __init__(self): self.last_step = None
@@ -346,9 +400,16 @@ class Checkpointer(Callback):
         if last is not None and not t.cfg.resume:
             raise FileExistsError(f"{t.out_dir} already holds a run (checkpoint {last}); pass resume=True to continue it, "
                                   "or choose another out_dir")
+        if last is None and not t.cfg.resume and (t.out_dir / "metrics.jsonl").exists():  # never append to it
+            raise FileExistsError(f"{t.out_dir} holds the metrics of an earlier run that stopped before its first "
+                                  "checkpoint; delete that folder or choose another out_dir")
         if t.cfg.resume:
-            if last is None: log.info(f"resume=True but {self.dir} has no checkpoint: starting from scratch")
-            else: self.load(t, last)
+            if last is None:
+                what = "does not exist" if not t.out_dir.exists() else "holds no checkpoint"
+                raise FileNotFoundError(f"resume=True, but {t.out_dir} {what}: nothing to continue. Pass the out_dir "
+                                        "of the run to continue, or start a new run without resume")
+            check_resume_config(load_config(last / "config.yaml"), t.cfg, last)
+            self.load(t, last)
     @staticmethod
     def find(d: Path, tag="last") -> Path | None:
         "The complete checkpoint `tag` in d (also one left as '.old' by a crash between two renames)."
@@ -364,7 +425,7 @@ class Checkpointer(Callback):
         torch.save({"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
                     "rng": _rng_state(), "step": t.step, "epoch": t.epoch, "step_in_epoch": t.step_in_epoch,
                     "best": t.best, "images_seen": t.images_seen, "train_time_s": t.train_time_s,
-                    "history": json.dumps(t.history)}, tmp / "state.pt")
+                    "history": dumps(t.history), "metrics": dumps(t.metrics)}, tmp / "state.pt")
         t.cfg.save(tmp / "config.yaml")
         if final.exists(): final.replace(old) if not old.exists() else shutil.rmtree(final)
         tmp.replace(final); shutil.rmtree(old, ignore_errors=True)
@@ -375,6 +436,7 @@ class Checkpointer(Callback):
         t.opt.load_state_dict(s["optimizer"]); t.sched.load_state_dict(s["scheduler"]); t.scaler.load_state_dict(s["scaler"])
         t.step, t.epoch, t.step_in_epoch, t.best = s["step"], s["epoch"], s["step_in_epoch"], s["best"]
         t.images_seen, t.train_time_s, t.history = s["images_seen"], s["train_time_s"], json.loads(s["history"])
+        t.metrics = json.loads(s.get("metrics", "{}"))  # a finished run resumed again reports what it measured
         _set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in s["rng"].items()})
         self.last_step = t.step
         log.info(f"resumed from {path} at step {t.step} (epoch {t.epoch}, step {t.step_in_epoch} of the epoch)")
@@ -382,11 +444,12 @@ class Checkpointer(Callback):
         if t.cfg.ckpt_every and t.step % t.cfg.ckpt_every == 0 and t.step_in_epoch < t.steps_per_epoch:
             self.save(t, "last")
     def after_epoch(self, t):
-        self.save(t, "last")
         name, mode = t.task.best_metric
         v = t.metrics.get(name)
         if v is not None and (t.best is None or (v > t.best if mode == "max" else v < t.best)):
-            t.best = v; self.save(t, "best")
+            t.best = v
+            self.save(t, "best")  # before `last`: a resumed run never believes an older, worse best
+        self.save(t, "last")
         if t.dist.enabled: dist.barrier()
 
 # %% ../nbs/06_engine.ipynb #ffeb4790
@@ -411,26 +474,42 @@ class Summary(Callback):
     def after_fit(self, t):
         t.summary = {**self.info, "metrics": {k: v for k, v in t.metrics.items() if k not in ("epoch", "step")},
                      "best": {t.task.best_metric[0]: t.best}, "steps": t.step, "epochs": t.epoch,
-                     "finished": t.step >= t.total_steps, "train_time_s": round(t.train_time_s, 3),
+                     "finished": bool(getattr(t, "completed", False)) and t.step >= t.total_steps, "train_time_s": round(t.train_time_s, 3),
                      "wall_time_s": round(time.perf_counter() - self._t0, 3),
                      "images_per_s": round(t.images_seen / t.train_time_s, 2) if t.train_time_s else None,
                      "world_size": t.dist.world_size, "device": str(t.device), "precision": t.cfg.precision,
                      "preset": t.cfg.preset, "git_commit": CODE_COMMIT}
+        if getattr(t, "error", None): t.summary["error"] = t.error
+        skipped = t.out_dir / "skipped_images.txt"
+        if skipped.exists(): t.summary["skipped_images"] = len(set(skipped.read_text().splitlines()))
         if t.dist.main:
             t.out_dir.mkdir(parents=True, exist_ok=True)
-            (t.out_dir / "summary.json").write_text(json.dumps(t.summary, indent=2))
+            tmp = t.out_dir / "summary.json.tmp"
+            tmp.write_text(dumps(t.summary, indent=2))
+            tmp.replace(t.out_dir / "summary.json")
 
 def default_callbacks(**summary_info) -> list[Callback]:
     "The callbacks every run has: metrics, checkpoints, summary (and the resolved config), progress."
     return [MetricsLogger(), Checkpointer(), Summary(**summary_info), Progress()]
 
 # %% ../nbs/06_engine.ipynb #ba6e5c52
+def ensure_writable(folder: Path):
+    "Create the run folder and check that files can be written there, before any work is done."
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".kdnb-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write the run folder {folder} ({e.strerror or e}): choose a writable out_dir") from e
+
 def fit_task(task: Task, cfg, train_ds, val_ds=None, callbacks: Iterable[Callback] = (), info: dict | None = None) -> Trainer:
     "Fit `task` on `train_ds` (evaluating on `val_ds`) with the default callbacks; `info` goes into summary.json."
     di = setup_distributed(cfg.device)
     if cfg.batch_size % di.world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} (global) does not split evenly over {di.world_size} processes")
     per_rank = cfg.batch_size // di.world_size
+    if di.main: ensure_writable(Path(cfg.out_dir))
     device = resolve_device(cfg.device, di.local_rank)
     kw = dict(seed=cfg.seed, rank=di.rank, world_size=di.world_size, device=device, num_workers=cfg.num_workers)
     train_dl = make_loader(train_ds, per_rank, train=True, **kw)

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'STORE_FORMAT', 'sample_crops', 'render_crop', 'soft_targets', 'smoothed_onehot', 'LabelStore',
-           'ClassifierTeacher', 'build_classifier_teacher', 'store_meta', 'generate_soft_labels', 'calibrate',
-           'ReplayCrops', 'SoftMix', 'FKDTask', 'distill_fkd']
+           'ClassifierTeacher', 'build_classifier_teacher', 'weights_fingerprint', 'store_meta', 'generate_soft_labels',
+           'calibrate', 'ReplayCrops', 'SoftMix', 'FKDTask', 'distill_fkd']
 
 # %% ../nbs/11_fkd.ipynb #75e4e8f3
 def sample_crops(width: int, height: int, n: int, seed: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -157,10 +157,18 @@ def build_classifier_teacher(cfg, num_classes: int) -> ClassifierTeacher:
     raise ValueError(f"teacher={name!r} is not a classifier: FKD/FerKD need 'timm:<classifier>', 'run:<finetuning run>' or 'tiny'")
 
 # %% ../nbs/11_fkd.ipynb #fba6bde8
+def weights_fingerprint(module: nn.Module) -> str:
+    "A hash of a module's weights: a retrained teacher of the same name gets another fingerprint."
+    h = hashlib.sha1()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
 def store_meta(cfg, teacher: ClassifierTeacher, dataset, num_classes: int) -> dict:
-    "The settings a store's labels depend on (a store made with others is refused)."
+    "What a store's labels depend on: the teacher's weights, the crop settings, the data (another store is refused)."
     targets = targets_of(dataset)
-    return dict(teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint, crops=cfg.label_crops, top_k=cfg.label_top_k,
+    return dict(teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint, teacher_weights=weights_fingerprint(teacher), crops=cfg.label_crops, top_k=cfg.label_top_k,
                 temperature=cfg.label_temperature, teacher_img_size=teacher.img_size, scale=list(cfg.crop_scale),
                 hflip=cfg.hflip, seed=cfg.seed, num_classes=num_classes, num_images=len(dataset),
                 shard_images=cfg.label_shard_images,

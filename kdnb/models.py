@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #7bc9a641
 from __future__ import annotations
-import logging, math, pickle, re, urllib.error
+import difflib, logging, math, pickle, re, urllib.error, zipfile
 from pathlib import Path
 from typing import Iterator, Sequence
 import torch
@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import timm
 from timm.layers import PatchEmbed, Mlp, DropPath, trunc_normal_
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,8 @@ __all__ = ['log', 'LAYER_KINDS', 'D2V2_PREFIX', 'D2V2_KEY_MAP', 'D2V2_IGNORED', 
            'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'sincos_pos_embed_2d', 'Attention', 'PostLNBlock', 'Data2Vec2Encoder',
            'tiny_data2vec2', 'd2v2_split_wrapper', 'd2v2_checkpoint_filter_fn', 'd2v2_arch', 'download_checkpoint',
            'load_checkpoint_file', 'convert_checkpoint', 'load_data2vec2', 'to_fairseq_state_dict', 'fairseq_cfg',
-           'FrozenTeacher', 'offline_hint', 'warn_timm_weights', 'beitv2_teacher', 'timm_teacher', 'Classifier']
+           'FrozenTeacher', 'check_timm_name', 'offline_hint', 'warn_timm_weights', 'beitv2_teacher', 'timm_teacher',
+           'Classifier']
 
 # %% ../nbs/01_models.ipynb #059a1d4f
 def sincos_pos_embed_2d(embed_dim: int, # D, a multiple of 4
@@ -292,14 +295,27 @@ def load_checkpoint_file(src: str | Path | dict, # path, URL, a name in CHECKPOI
         raise FileNotFoundError(f"no checkpoint file at {path}; pass an existing path, a URL, or one of "
                                 f"{sorted(CHECKPOINT_URLS)}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return {"model": load_file(str(path))}
+        try: return {"model": load_file(str(path))}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}): it may be truncated or corrupt; "
+                             "download or write it again") from e
+    if path.stat().st_size == 0: raise _unreadable(path, "the file is empty")
+    if not (zipfile.is_zipfile(path) or path.read_bytes()[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        raise _unreadable(path, "neither torch's zip format nor a pickle")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "unsupported global" not in str(e).lower(): raise _unreadable(path, e) from e
         raise RuntimeError(
             f"{path} holds Python objects besides tensors, which weights_only=True refuses to unpickle ({e}). "
             "If you trust its source, convert it once with kdnb.models.convert_checkpoint(src, dst) and load dst") from e
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise _unreadable(path, e) from e
+
+def _unreadable(path, e) -> ValueError:
+    why = e if isinstance(e, str) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    return ValueError(f"{path} is not a readable PyTorch checkpoint ({why}): "
+                      "it may be truncated, empty or not a checkpoint at all; download or write it again")
 
 def convert_checkpoint(src: str | Path, # a trusted checkpoint that weights_only=True refuses
                        dst: str | Path, # where to write the converted file
@@ -348,7 +364,7 @@ def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL
     missing, unexpected = model.load_state_dict(sd, strict=False)
     unexpected = list(unexpected) + unknown
     if missing or unexpected:
-        raise KeyError(f"data2vec 2.0 checkpoint does not fit Data2Vec2Encoder({arch}): missing keys {list(missing)}, "
+        raise KeyError(f"{_describe(checkpoint)} does not fit Data2Vec2Encoder({arch}): missing keys {list(missing)}, "
                        f"unexpected keys {unexpected}. Is it an image model? Pass overrides for the architecture if "
                        f"its cfg is wrong.")
     log.info(f"data2vec2 checkpoint: {arch['prenet_depth']} prenet + {n_main} main blocks, D={arch['embed_dim']}, "
@@ -431,6 +447,13 @@ class FrozenTeacher(nn.Module):
 # %% ../nbs/01_models.ipynb #8714644f
 BEIT_MIM_ONLY = re.compile(r"^(mask_token|lm_head\.|cls_pt_layers\.|cls_pt_norm\.|head\.|fc_norm\.)")
 
+def check_timm_name(name: str):
+    "Refuse a model name timm does not know, with the closest names, before any download is tried."
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), 3)
+        raise ValueError(f"timm has no model {name!r}" + (f"; did you mean {', '.join(map(repr, close))}?" if close else
+                         "; list them with timm.list_models('*vit*')"))
+
 def offline_hint(name: str, e: Exception) -> RuntimeError:
     "The error for timm weights that cannot be fetched: what failed, and the local-file way out."
     return RuntimeError(f"could not fetch timm weights for {name} ({type(e).__name__}: {e}). Offline, pass a local "
@@ -455,6 +478,7 @@ def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoi
     shared = checkpoint is not None  # unilm pretraining checkpoints share the relative position bias
     kw = dict(num_classes=0, global_pool="token", **(dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False) if shared else {}))
     kw.update(model_kwargs)
+    check_timm_name(name)
     if pretrained and checkpoint is None: warn_timm_weights(name)
     try:
         model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kw)
@@ -468,7 +492,8 @@ def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoi
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith("norm.")]  # the final norm is not used by the layers
         if missing or unexpected:
-            raise KeyError(f"BEiT checkpoint does not fit timm '{name}' ({kw}): missing {missing}, unexpected {list(unexpected)}")
+            what = "the BEiT checkpoint dict" if isinstance(checkpoint, dict) else f"BEiT checkpoint {checkpoint}"
+            raise KeyError(f"{what} does not fit timm '{name}' ({kw}): missing {missing}, unexpected {list(unexpected)}")
     cfg = model.pretrained_cfg
     return FrozenTeacher(model, "block", cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
 
@@ -478,6 +503,7 @@ def timm_teacher(name: str, # any timm ViT-family model with forward_intermediat
                  **model_kwargs) -> FrozenTeacher:
     "Any timm ViT as a frozen teacher."
     kw = dict(num_classes=0, **model_kwargs)
+    check_timm_name(name)
     if pretrained and checkpoint is None: warn_timm_weights(name)
     if checkpoint is not None: kw["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
     try:

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 from .config import ConfigBase, ConfigError, get_config, check_choice, check_positive, DATASETS
 from .runs import run
 from .report import read_metrics, read_summary
-from .engine import CODE_COMMIT
+from .engine import CODE_COMMIT, Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,12 @@ def run_pipeline(p: PipelineConfig | None = None, **overrides) -> pd.DataFrame:
         folder = Path(cfg.out_dir)
         if _finished(folder): log.info(f"{name}: finished before, skipped"); continue
         log.info(f"stage {name}")
+        last = Checkpointer.find(folder / "checkpoints")
+        if folder.exists() and last is None:  # the stage stopped before its first checkpoint: nothing to continue
+            log.info(f"{name}: stopped before its first checkpoint, started again")
+            shutil.rmtree(folder)
         try:
-            run(cfg.replace(resume=folder.exists()))
+            run(cfg.replace(resume=last is not None))
         except (RuntimeError, FileNotFoundError) as e:
             if p.teacher != "train" and ("download" in str(e) or "no checkpoint" in str(e) or "is not in" in str(e)):
                 raise RuntimeError(f"{e}\n\nThe pipeline with teacher={p.teacher!r}, student={p.student!r} needs the seeds' "

@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_site.ipynb #25273e31
 from __future__ import annotations
-import copy, html, json, os, re, shutil, time
+import argparse, copy, html, json, os, re, shutil, sys, time
 from pathlib import Path
 import nbformat
 import yaml
@@ -134,6 +134,10 @@ def build_site(out_dir="_site", # where the HTML pages go
     if not nbs.is_dir(): raise FileNotFoundError(f"no notebook folder at {nbs}: pass nbs_path (the repository's nbs/)")
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     pages = site_pages(nbs)
+    unknown = sorted(set(only or ()) - {Path(p).stem for _, p in pages})
+    if unknown:
+        raise FileNotFoundError(f"no report page {', '.join(unknown)} in {nbs}/sidebar.yml; choose from "
+                                f"{', '.join(Path(p).stem for _, p in pages)}")
     mathjax = MATHJAX_DIR.is_dir()
     if mathjax and not (out / "mathjax").exists(): (out / "mathjax").symlink_to(MATHJAX_DIR, target_is_directory=True)
     written = []
@@ -165,11 +169,16 @@ def execute_in_place(nbs_path="nbs", timeout: int = 1800):
 # %% ../nbs/17_site.ipynb #fb755066
 def report_main(argv=None):
     "Entry point of `kdnb report`."
-    import argparse
     p = argparse.ArgumentParser(prog="kdnb report", description="render the report to static HTML (no Quarto needed)")
     p.add_argument("--out", default="_site"); p.add_argument("--nbs", default=None)
     p.add_argument("--no-execute", action="store_true"); p.add_argument("--only", nargs="*", default=None)
     a = p.parse_args(argv)
-    build_site(a.out, a.nbs or ("nbs" if Path("nbs/sidebar.yml").exists() else None), not a.no_execute, a.only)
-    print(f"open {Path(a.out).resolve() / 'index.html'}")
+    try:
+        written = build_site(a.out, a.nbs or ("nbs" if Path("nbs/sidebar.yml").exists() else None), not a.no_execute,
+                             a.only)
+    except FileNotFoundError as e:
+        print(f"kdnb report: {e}", file=sys.stderr)
+        return 2
+    index = Path(a.out).resolve() / "index.html"
+    print(f"open {index if any(p.name == 'index.html' for p in written) else written[0].resolve()}")
     return 0

@@ -189,6 +189,10 @@ def read_glue(root: str | Path, # the glue_data folder
         except (IndexError, ValueError):
             bad += 1; continue
         texts.append(t); labels.append(y)
+    if bad and not texts:
+        raise ValueError(f"{path}: none of its {bad} rows is a valid {spec.folder} row (tab-separated, "
+                         f"{max(spec.text + (spec.label,)) + 1}+ columns, labels {spec.labels or 'numbers'}): "
+                         "is it the GLUE file, saved with tabs?")
     if bad: log.warning(f"{path}: skipped {bad} malformed rows")
     return texts, labels
 
