@@ -65,6 +65,37 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert json.loads((killed / "summary.json").read_text())["steps"] == 16
 
 
+DIE_IN_CHECKPOINT_WRITE = """
+import os, signal, sys
+import kdnb.engine as E
+from kdnb.cli import main
+orig, saves = E.save_weights, []
+def dying(module, path):  # the weights of the 3rd checkpoint are written, its state.pt never is
+    saves.append(path)
+    orig(module, path)
+    if len(saves) == 3: os.kill(os.getpid(), signal.SIGKILL)
+E.save_weights = dying
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_inside_a_checkpoint_write_then_resume_matches_uninterrupted(tmp_path):
+    "Killed between writing a checkpoint's weights and its state: the previous checkpoint stays whole; resume is exact."
+    extra = ["--epochs", "2", "--ckpt_every", "3"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(KDNB + _distill_args(full, *extra), check=True, env=ENV, capture_output=True)
+    r = subprocess.run([sys.executable, "-c", DIE_IN_CHECKPOINT_WRITE] + _distill_args(killed, *extra), env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert list((killed / "checkpoints").glob(".*.tmp/model.safetensors"))  # the half-written one (here: best at step 8)
+    assert torch.load(killed / "checkpoints" / "last" / "state.pt", weights_only=True)["step"] == 6
+    r = subprocess.run(KDNB + _distill_args(killed, *extra, "--resume", "true"), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(str(full / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(killed / "checkpoints" / "last" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     subprocess.run(KDNB + _distill_args(out, "--max_steps", "1"), check=True, env=ENV, capture_output=True)
