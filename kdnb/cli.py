@@ -8,7 +8,7 @@ import argparse, json, logging, sys
 from dataclasses import fields
 import yaml
 import torch
-from .config import DistillConfig, FinetuneConfig, TextDistillConfig, GlueConfig, ConfigError, PRESETS
+from .config import DistillConfig, FinetuneConfig, TextDistillConfig, GlueConfig, ConfigError, PRESETS, field_docs
 from .runs import run, setup_run
 from .site import report_main
 
@@ -35,9 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", default=None, help="a saved config (YAML/JSON) to start from instead of a preset")
         sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         if name == "glue": sp.add_argument("--task", dest="dataset", type=str, default=argparse.SUPPRESS, help="the GLUE task (= --dataset)")
+        docs = field_docs(cls)  # the field comments of the config class: one text for --help and the report
         for f in fields(cls):
             if f.name == "preset" or (name == "glue" and f.name == "dataset"): continue
-            sp.add_argument(f"--{f.name}", type=_parse_value, default=argparse.SUPPRESS, metavar="VALUE")
+            sp.add_argument(f"--{f.name}", type=_parse_value, default=argparse.SUPPRESS, metavar="VALUE",
+                            help=docs.get(f.name, "").replace("%", "%%"))
     return p
 
 TASKS = {"distill": "distill", "finetune": "finetune", "probe": "linear_probe", "distill-text": "text_distill", "glue": "glue"}
@@ -65,7 +67,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "presets":
-        for name, fn in PRESETS.items(): print(f"{name:18s} {fn.__doc__}")
+        for name, p in PRESETS.items(): print(f"{name:18s} {p.source}")
         return 0
     cfg = None
     try:

@@ -4,15 +4,16 @@
 
 # %% ../nbs/04_config.ipynb #985d76e1
 from __future__ import annotations
-import dataclasses, difflib, json, math, typing
+import dataclasses, difflib, inspect, json, math, re, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import yaml
 
 # %% auto #0
 __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase',
-           'BaseConfig', 'check_choice', 'check_positive', 'DistillConfig', 'FinetuneConfig', 'TextConfig',
-           'TextDistillConfig', 'GlueConfig', 'get_config', 'load_config', 'params_from_namespace']
+           'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'DistillConfig', 'FinetuneConfig',
+           'TextConfig', 'TextDistillConfig', 'GlueConfig', 'Preset', 'get_config', 'load_config',
+           'params_from_namespace']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -143,6 +144,19 @@ class BaseConfig(ConfigBase):
 
 def _resolve(cls, f):
     return typing.get_type_hints(cls)[f.name]
+
+_FIELD = re.compile(r"^\s+(\w+):[^=#]+=[^#]*#\s*(.+)$")
+
+def field_docs(cls) -> dict[str, str]:
+    "The trailing comment of every dataclass field of `cls` and its bases: the one text of the CLI's --help and the tables."
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass): continue
+        try: src = inspect.getsource(klass)
+        except (OSError, TypeError): continue
+        for line in src.splitlines():
+            if m := _FIELD.match(line): docs[m.group(1)] = m.group(2).strip()
+    return docs
 
 def check_choice(name, value, allowed):
     "Raise a ConfigError naming the field when `value` is not in `allowed` (with a did-you-mean)."
@@ -327,117 +341,104 @@ class GlueConfig(TextConfig):
         if self.layers is not None and self.layers <= 0: raise ConfigError(f"layers={self.layers} must be > 0 or None")
 
 # %% ../nbs/04_config.ipynb #15516bc2
-def _distill():
-    "Seed 000, Table 1: distilling BEiTv2 ViT-B/16 into the first 6 blocks of Data2Vec2 (ImageNet-1K)."
-    return DistillConfig(preset="distill", dataset="imagenet", img_size=224, epochs=10, batch_size=256, lr=1e-4,
-                         weight_decay=0.01, adam_eps=1e-6, betas=(0.9, 0.98), schedule="cosine", warmup_frac=0.1,
-                         hflip=0.5, crop_scale=(0.08, 1.0), student_depth=6, embed_dim=768, mlp_dim=3072,
-                         num_heads=12, patch_size=16, out_dir="runs/distill")
+@dataclass(frozen=True)
+class Preset:
+    "A preset as data: the config it starts from (a class or another preset), the values it sets, their source."
+    name: str
+    base: typing.Union[str, type] # a config class, or the name of the preset it extends
+    values: dict # the fields it sets
+    source: str # the seed table its values come from (or why they differ): `kdnb presets` and the report show it
 
-def _finetune(mode="finetune"):
-    "Seed 000, Table 2: finetuning / linear probing of the distilled student on ImageNet-1K, CIFAR-10, CIFAR-100."
-    return FinetuneConfig(preset=mode, mode=mode, dataset="imagenet", img_size=224, epochs=15, batch_size=256, lr=1e-3,
-                          weight_decay=0.01, adam_eps=1e-8, betas=(0.9, 0.999), layer_decay=0.81, schedule="cosine",
-                          warmup_frac=0.1, mixup=0.8, cutmix=1.0, mixup_prob=0.9, mixup_switch_prob=0.5,
-                          label_smoothing=0.1, rand_augment="rand-m9-mstd0.5-inc1-n2", reprob=0.25, remode="pixel",
-                          recount=1, out_dir=f"runs/{mode}")
+    def build(self) -> BaseConfig:
+        "The preset's config, validated."
+        start = self.base() if isinstance(self.base, type) else PRESETS[self.base].build()
+        return start.replace(preset=self.name, **self.values)
+    def __call__(self) -> BaseConfig: return self.build()
 
-def _finetune_seed003():
-    "Seed 003, Table 1: the thesis notes' ImageNet finetuning (AdamW eps 1e-6, betas (0.9, 0.95), 5k warmup steps, Mixup alpha 0.7)."
-    return _finetune().replace(preset="finetune_seed003", adam_eps=1e-6, betas=(0.9, 0.95), warmup_steps=5000,
-                               mixup=0.7, cutmix=1.0, mixup_prob=0.9, mixup_switch_prob=0.5, mixup_mode="batch",
-                               label_smoothing=0.1, out_dir="runs/finetune_seed003")
-
+# the shared size of the CPU presets: 16x16 digits, small batches, no workers, fp32
 _CPU = dict(dataset="digits", img_size=16, patch_size=4, batch_size=32, num_workers=0, precision="fp32",
             val_size=0.2, log_every=5)
+_SEED001 = ("Seed 001 (TinyMIM), Table 1: relation distillation of a MIM teacher into a ViT-{}-sized student "
+            "(300-epoch schedule: warmup 15 epochs; peak lr 2.4e-3 = 1.5e-4 x 4096/256, min lr 1e-5).")
+_SEED002 = ("Seed 002 (FerKD), Table 1: ImageNet-1K training from scratch on stored crop soft labels (300 epochs, "
+            "1,024 crops per step = 256 images x 4 crops, AdamW lr 2e-3, wd 0.05, cosine, 5 warmup epochs); {}.")
 
-def _tinymim(size: str):
-    """Seed 001 (TinyMIM), Table 1: relation distillation of a MIM teacher into a ViT-T/S/B-sized student
-    (300-epoch schedule: warmup 15 epochs; peak lr 2.4e-3 = 1.5e-4 x 4096/256, min lr 1e-5)."""
-    D, H = {"t": (192, 3), "s": (384, 6), "b": (768, 12)}[size]
-    return _distill().replace(preset=f"tinymim_vit_{size}", objective="tinymim", epochs=300, batch_size=4096, lr=2.4e-3,
-                              min_lr_ratio=1e-5 / 2.4e-3, adam_eps=1e-8, betas=(0.9, 0.95), weight_decay=0.05,
-                              warmup_frac=15 / 300, schedule="cosine", student_checkpoint=None, student_depth=12,
-                              embed_dim=D, mlp_dim=4 * D, num_heads=H, student_color_jitter=0.4, drop_path=0.1,
-                              out_dir=f"runs/tinymim_vit_{size}")
+def _tinymim(size: str, D: int, H: int) -> Preset:
+    return Preset(f"tinymim_vit_{size}", "distill", dict(
+        objective="tinymim", epochs=300, batch_size=4096, lr=2.4e-3, min_lr_ratio=1e-5 / 2.4e-3, adam_eps=1e-8,
+        betas=(0.9, 0.95), weight_decay=0.05, warmup_frac=15 / 300, schedule="cosine", student_checkpoint=None,
+        student_depth=12, embed_dim=D, mlp_dim=4 * D, num_heads=H, student_color_jitter=0.4, drop_path=0.1,
+        out_dir=f"runs/tinymim_vit_{size}"), _SEED001.format(size.upper()))
 
-def _tinymim_vit_t(): return _tinymim("t")
-def _tinymim_vit_s(): return _tinymim("s")
-def _tinymim_vit_b(): return _tinymim("b")
-_tinymim_vit_t.__doc__ = _tinymim_vit_s.__doc__ = _tinymim_vit_b.__doc__ = _tinymim.__doc__.replace("\n   ", "")
+def _ferkd(arch: str, mix: dict, what: str) -> Preset:
+    return Preset(f"ferkd_{arch}", "distill", dict(
+        objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k", teacher_checkpoint=None, label_img_size=384,
+        epochs=300, batch_size=256, replay_crops=4, lr=2e-3, weight_decay=0.05, adam_eps=1e-8, betas=(0.9, 0.999),
+        warmup_frac=5 / 300, schedule="cosine", student_checkpoint=None, student_depth=12, embed_dim=384,
+        mlp_dim=1536, num_heads=6, **mix, out_dir=f"runs/ferkd_{arch}"), _SEED002.format(what))
 
-def _ferkd(arch: str):
-    """Seed 002 (FerKD), Table 1: ImageNet-1K training from scratch on stored crop soft labels (300 epochs,
-    1,024 crops per step = 256 images x 4 crops, AdamW lr 2e-3, wd 0.05, cosine, 5 warmup epochs); ViT-S/16
-    with Mixup 0.8 / CutMix 1.0 and drop path 0.1, or SelfMix 1.0 (the table's ResNet-50 column) on the same student."""
-    mix = dict(mixup=0.8, cutmix=1.0, selfmix=0.0, drop_path=0.1) if arch == "vit_s" else dict(mixup=0.0, cutmix=0.0, selfmix=1.0, drop_path=0.0)
-    return _distill().replace(preset=f"ferkd_{arch}", objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k",
-                              teacher_checkpoint=None, label_img_size=384, epochs=300, batch_size=256, replay_crops=4,
-                              lr=2e-3, weight_decay=0.05, adam_eps=1e-8, betas=(0.9, 0.999), warmup_frac=5 / 300,
-                              schedule="cosine", student_checkpoint=None, student_depth=12, embed_dim=384, mlp_dim=1536,
-                              num_heads=6, **mix, out_dir=f"runs/ferkd_{arch}")
-
-def _ferkd_vit_s(): return _ferkd("vit_s")
-def _ferkd_selfmix(): return _ferkd("selfmix")
-_ferkd_vit_s.__doc__ = _ferkd_selfmix.__doc__ = _ferkd.__doc__.replace("\n   ", "")
-
-def _distill_cpu():
-    "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."
-    return _distill().replace(preset="distill_cpu", **_CPU, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny",
-                              teacher_checkpoint=None, teacher_layer_kind="block", student="tiny", student_checkpoint=None,
-                              student_depth=2, embed_dim=64, mlp_dim=256, num_heads=4, out_dir="runs/distill_cpu")
-
-def _finetune_cpu(mode="finetune"):
-    "A CPU-sized finetuning / linear probe of a tiny student on digits (augmentation softened for 8x8 digits)."
-    return _finetune(mode).replace(preset=f"{mode}_cpu", **_CPU, epochs=10, lr=3e-3, warmup_frac=0.05, model="tiny",
-                                   checkpoint=None, depth=2, embed_dim=64, num_heads=4, crop_pct=1.0, crop_scale=(0.8, 1.0),
-                                   rand_augment=None, mixup_prob=0.0, reprob=0.0, out_dir=f"runs/{mode}_cpu")
-
-def _ferkd_cpu():
-    """A CPU-sized FerKD: soft labels of a classifier teacher (a finetuned kdnb run, `teacher="run:<folder>"`;
-    "tiny" = random, for mechanics) on digits, 16 stored crops per image, 4 replayed, SelfMix."""
-    return _distill_cpu().replace(preset="ferkd_cpu", objective="ferkd", label_crops=16, label_shard_images=256,
-                                  replay_crops=4, batch_size=16, lr=2e-3, weight_decay=0.05, selfmix=1.0,
-                                  out_dir="runs/ferkd_cpu")
-
-def _glue():
-    """Seed 000, Table 3: GLUE finetuning of the distilled text student (15 epochs, batch 256, AdamW 1e-3,
-    eps 1e-8, betas (0.9, 0.999), wd 0.01, layer decay 0.81, cosine, 10 % warmup)."""
-    return GlueConfig(preset="glue", dataset="rte", epochs=15, batch_size=256, lr=1e-3, adam_eps=1e-8, betas=(0.9, 0.999),
-                      weight_decay=0.01, layer_decay=0.81, schedule="cosine", warmup_frac=0.1, out_dir="runs/glue")
-
-def _glue_cpu():
-    """The CPU-sized GLUE finetuning: the offline MiniLM (all 6 layers), 64 tokens, batch 32, 3 epochs,
-    otherwise Table 3's optimiser and schedule."""
-    return _glue().replace(preset="glue_cpu", checkpoint="minilm", max_len=64, batch_size=32, epochs=3, num_workers=0,
-                           precision="fp32", log_every=5, out_dir="runs/glue_cpu")
-
-def _text_distill():
-    """Distilling bert-base-uncased into its first 6 layers on GLUE's training sentences. The seeds give no
-    text-distillation table: the optimiser and schedule are seed 000 Table 1's (image distillation)."""
-    return TextDistillConfig(preset="text_distill", epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6,
-                             betas=(0.9, 0.98), schedule="cosine", warmup_frac=0.1, val_size=2000, out_dir="runs/text_distill")
-
-def _text_distill_cpu():
-    "The CPU-sized text distillation: the offline MiniLM teacher (6 layers) into its first 3, 64 tokens, 4,000 sentences."
-    return _text_distill().replace(preset="text_distill_cpu", teacher="minilm", student_layers=3, max_len=64, batch_size=32,
-                                   epochs=2, lr=5e-4, max_sentences=4000, val_size=500, num_workers=0, precision="fp32",
-                                   log_every=5, out_dir="runs/text_distill_cpu")
-
-def _linear_probe():
-    "Seed 000, Table 2: linear probing (frozen backbone, only the head trains) with the finetuning table's values."
-    return _finetune("linear_probe")
-
-def _linear_probe_cpu():
-    "The CPU-sized linear probe of a tiny student on digits."
-    return _finetune_cpu("linear_probe")
-
-PRESETS = {"distill": _distill, "finetune": _finetune, "linear_probe": _linear_probe,
-           "finetune_seed003": _finetune_seed003, "distill_cpu": _distill_cpu, "finetune_cpu": _finetune_cpu,
-           "linear_probe_cpu": _linear_probe_cpu, "tinymim_vit_t": _tinymim_vit_t, "tinymim_vit_s": _tinymim_vit_s,
-           "tinymim_vit_b": _tinymim_vit_b, "ferkd_vit_s": _ferkd_vit_s, "ferkd_selfmix": _ferkd_selfmix,
-           "ferkd_cpu": _ferkd_cpu, "text_distill": _text_distill, "text_distill_cpu": _text_distill_cpu,
-           "glue": _glue, "glue_cpu": _glue_cpu}
+PRESETS = {p.name: p for p in (
+    Preset("distill", DistillConfig, dict(
+        dataset="imagenet", img_size=224, epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6,
+        betas=(0.9, 0.98), schedule="cosine", warmup_frac=0.1, hflip=0.5, crop_scale=(0.08, 1.0), student_depth=6,
+        embed_dim=768, mlp_dim=3072, num_heads=12, patch_size=16, out_dir="runs/distill"),
+        "Seed 000, Table 1: distilling BEiTv2 ViT-B/16 into the first 6 blocks of Data2Vec2 (ImageNet-1K)."),
+    Preset("finetune", FinetuneConfig, dict(
+        mode="finetune", dataset="imagenet", img_size=224, epochs=15, batch_size=256, lr=1e-3, weight_decay=0.01,
+        adam_eps=1e-8, betas=(0.9, 0.999), layer_decay=0.81, schedule="cosine", warmup_frac=0.1, mixup=0.8,
+        cutmix=1.0, mixup_prob=0.9, mixup_switch_prob=0.5, label_smoothing=0.1,
+        rand_augment="rand-m9-mstd0.5-inc1-n2", reprob=0.25, remode="pixel", recount=1, out_dir="runs/finetune"),
+        "Seed 000, Table 2: finetuning / linear probing of the distilled student on ImageNet-1K, CIFAR-10, CIFAR-100."),
+    Preset("linear_probe", "finetune", dict(mode="linear_probe", out_dir="runs/linear_probe"),
+        "Seed 000, Table 2: linear probing (frozen backbone, only the head trains) with the finetuning table's values."),
+    Preset("finetune_seed003", "finetune", dict(
+        adam_eps=1e-6, betas=(0.9, 0.95), warmup_steps=5000, mixup=0.7, cutmix=1.0, mixup_prob=0.9,
+        mixup_switch_prob=0.5, mixup_mode="batch", label_smoothing=0.1, out_dir="runs/finetune_seed003"),
+        "Seed 003, Table 1: the thesis notes' ImageNet finetuning (AdamW eps 1e-6, betas (0.9, 0.95), 5k warmup "
+        "steps, Mixup alpha 0.7)."),
+    Preset("distill_cpu", "distill", dict(
+        **_CPU, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny", teacher_checkpoint=None,
+        teacher_layer_kind="block", student="tiny", student_checkpoint=None, student_depth=2, embed_dim=64,
+        mlp_dim=256, num_heads=4, out_dir="runs/distill_cpu"),
+        "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."),
+    Preset("finetune_cpu", "finetune", dict(
+        **_CPU, epochs=10, lr=3e-3, warmup_frac=0.05, model="tiny", checkpoint=None, depth=2, embed_dim=64,
+        num_heads=4, crop_pct=1.0, crop_scale=(0.8, 1.0), rand_augment=None, mixup_prob=0.0, reprob=0.0,
+        out_dir="runs/finetune_cpu"),
+        "A CPU-sized finetuning / linear probe of a tiny student on digits (augmentation softened for 8x8 digits)."),
+    Preset("linear_probe_cpu", "finetune_cpu", dict(mode="linear_probe", out_dir="runs/linear_probe_cpu"),
+        "The CPU-sized linear probe of a tiny student on digits."),
+    _tinymim("t", 192, 3), _tinymim("s", 384, 6), _tinymim("b", 768, 12),
+    _ferkd("vit_s", dict(mixup=0.8, cutmix=1.0, selfmix=0.0, drop_path=0.1), "ViT-S/16 with Mixup 0.8 / CutMix 1.0 "
+           "and drop path 0.1"),
+    _ferkd("selfmix", dict(mixup=0.0, cutmix=0.0, selfmix=1.0, drop_path=0.0), "SelfMix 1.0 (the table's ResNet-50 "
+           "column) on the ViT-S student"),
+    Preset("ferkd_cpu", "distill_cpu", dict(
+        objective="ferkd", label_crops=16, label_shard_images=256, replay_crops=4, batch_size=16, lr=2e-3,
+        weight_decay=0.05, selfmix=1.0, out_dir="runs/ferkd_cpu"),
+        "A CPU-sized FerKD: soft labels of a classifier teacher (a finetuned kdnb run, `teacher=\"run:<folder>\"`; "
+        "\"tiny\" = random, for mechanics) on digits, 16 stored crops per image, 4 replayed, SelfMix."),
+    Preset("text_distill", TextDistillConfig, dict(
+        epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6, betas=(0.9, 0.98), schedule="cosine",
+        warmup_frac=0.1, val_size=2000, out_dir="runs/text_distill"),
+        "Distilling bert-base-uncased into its first 6 layers on GLUE's training sentences. The seeds give no "
+        "text-distillation table: the optimiser and schedule are seed 000 Table 1's (image distillation)."),
+    Preset("text_distill_cpu", "text_distill", dict(
+        teacher="minilm", student_layers=3, max_len=64, batch_size=32, epochs=2, lr=5e-4, max_sentences=4000,
+        val_size=500, num_workers=0, precision="fp32", log_every=5, out_dir="runs/text_distill_cpu"),
+        "The CPU-sized text distillation: the offline MiniLM teacher (6 layers) into its first 3, 64 tokens, "
+        "4,000 sentences."),
+    Preset("glue", GlueConfig, dict(
+        dataset="rte", epochs=15, batch_size=256, lr=1e-3, adam_eps=1e-8, betas=(0.9, 0.999), weight_decay=0.01,
+        layer_decay=0.81, schedule="cosine", warmup_frac=0.1, out_dir="runs/glue"),
+        "Seed 000, Table 3: GLUE finetuning of the distilled text student (15 epochs, batch 256, AdamW 1e-3, eps "
+        "1e-8, betas (0.9, 0.999), wd 0.01, layer decay 0.81, cosine, 10 % warmup)."),
+    Preset("glue_cpu", "glue", dict(
+        checkpoint="minilm", max_len=64, batch_size=32, epochs=3, num_workers=0, precision="fp32", log_every=5,
+        out_dir="runs/glue_cpu"),
+        "The CPU-sized GLUE finetuning: the offline MiniLM (all 6 layers), 64 tokens, batch 32, 3 epochs, otherwise "
+        "Table 3's optimiser and schedule."),
+)}
 
 # %% ../nbs/04_config.ipynb #b8646970
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)
@@ -451,7 +452,7 @@ def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on
     if preset not in PRESETS:
         hint = difflib.get_close_matches(preset, list(PRESETS), 1)
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-    cfg = PRESETS[preset]()
+    cfg = PRESETS[preset].build()
     if task is not None:
         want = {"distill": DistillConfig, "text_distill": TextDistillConfig, "glue": GlueConfig}.get(task, FinetuneConfig)
         if not isinstance(cfg, want): raise ConfigError(f"preset {preset!r} is a {type(cfg).__name__}, not for a {task} run")

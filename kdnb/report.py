@@ -4,32 +4,21 @@
 
 # %% ../nbs/15_report.ipynb #3a204f62
 from __future__ import annotations
-import inspect, json, re
-from dataclasses import fields, is_dataclass
+import json, re
+from dataclasses import fields
 from pathlib import Path
 import pandas as pd
 import matplotlib
 import matplotlib.pyplot as plt
+from .config import field_docs
+
 
 # %% auto #0
-__all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'field_docs', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics', 'fmt',
+__all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics', 'fmt',
            'rand_augment_parts', 'distill_table', 'finetune_table', 'seed_comparison_table', 'head_table',
            'layer_decay_table', 'glue_table', 'ferkd_table']
 
 # %% ../nbs/15_report.ipynb #51903a4a
-_FIELD = re.compile(r"^\s+(\w+):[^=#]+=[^#]*#\s*(.+)$")
-
-def field_docs(cls) -> dict[str, str]:
-    "The trailing comment of every dataclass field of `cls` and its bases."
-    docs = {}
-    for klass in reversed(cls.__mro__):
-        if not is_dataclass(klass): continue
-        try: src = inspect.getsource(klass)
-        except (OSError, TypeError): continue
-        for line in src.splitlines():
-            if m := _FIELD.match(line): docs[m.group(1)] = m.group(2).strip()
-    return docs
-
 def config_table(cfg, only: list[str] | None = None) -> pd.DataFrame:
     "A config as a table: field, value, comment."
     docs = field_docs(type(cfg))

@@ -14,8 +14,8 @@ from .engine import Task
 from .config import DistillConfig
 
 # %% auto #0
-__all__ = ['qkv_from_input', 'attention_input', 'blocks_of', 'relations', 'relation_loss', 'PairedViews', 'tinymim_task',
-           'TinyMIMTask']
+__all__ = ['qkv_from_input', 'attention_input', 'blocks_of', 'relations', 'relation_loss', 'PairedViews', 'TinyMIMTask',
+           'tinymim_task']
 
 # %% ../nbs/09_tinymim.ipynb #1785354c
 def qkv_from_input(attn: nn.Module, # an attention module with a packed `qkv` Linear (timm ViT, Beit, Data2Vec2Encoder)
@@ -69,13 +69,6 @@ class PairedViews:
         c = self.crop(img)
         return self.norm(c), self.norm(self.jitter(c) if self.jitter else c)
 
-# %% ../nbs/09_tinymim.ipynb #48b77411
-def tinymim_task(cfg: DistillConfig, student, teacher, data=None) -> TinyMIMTask:
-    "The `tinymim` objective: relations at `cfg.relation_block`; the student sees a jittered view when asked."
-    if data is not None and cfg.student_color_jitter > 0:
-        data.train.transform = PairedViews(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.student_color_jitter)
-    return TinyMIMTask(student, teacher, cfg.relation_block)
-
 # %% ../nbs/09_tinymim.ipynb #2baf6640
 class TinyMIMTask(Task):
     "Relation distillation at one block: the teacher runs only up to it."
@@ -104,3 +97,10 @@ class TinyMIMTask(Task):
     def eval_step(self, batch):
         xt, xs = self._views(batch)
         return {"val_loss": self.loss(xt, xs).float() * len(xt), "n": len(xt)}
+
+# %% ../nbs/09_tinymim.ipynb #48b77411
+def tinymim_task(cfg: DistillConfig, student, teacher, data=None) -> TinyMIMTask:
+    "The `tinymim` objective: relations at `cfg.relation_block`; the student sees a jittered view when asked."
+    if data is not None and cfg.student_color_jitter > 0:
+        data.train.transform = PairedViews(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.student_color_jitter)
+    return TinyMIMTask(student, teacher, cfg.relation_block)
