@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="list the presets and their sources")
     sub.add_parser("report", help="render the report to static HTML (see kdnb.site)", add_help=False)
-    for name, cls, help_ in (("distill", DistillConfig, "distil a teacher into a student (objectives: d2v, tinymim, contrastive, fkd, ferkd)"),
+    for name, cls, help_ in (("distill", DistillConfig, "distil a teacher into a student (objectives: d2v, "
+                                                        "tinymim, contrastive, fkd, ferkd)"),
                              ("finetune", FinetuneConfig, "finetune a (distilled) student"),
                              ("probe", FinetuneConfig, "linear-probe a (distilled) student"),
                              ("distill-text", TextDistillConfig, "distil a BERT-family teacher into its first layers"),
@@ -34,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--preset", default="auto", help=f"one of {sorted(PRESETS)} or 'auto'")
         sp.add_argument("--config", default=None, help="a saved config (YAML/JSON) to start from instead of a preset")
         sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-        if name == "glue": sp.add_argument("--task", dest="dataset", type=str, default=argparse.SUPPRESS, help="the GLUE task (= --dataset)")
+        if name == "glue":
+            sp.add_argument("--task", dest="dataset", type=str, default=argparse.SUPPRESS, help=
+                                                                                                "the GLUE task (= "
+                                                                                                "--dataset)")
         docs = field_docs(cls)  # the field comments of the config class: one text for --help and the report
         for f in fields(cls):
             if f.name == "preset" or (name == "glue" and f.name == "dataset"): continue
@@ -42,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                             help=docs.get(f.name, "").replace("%", "%%"))
     return p
 
-TASKS = {"distill": "distill", "finetune": "finetune", "probe": "linear_probe", "distill-text": "text_distill", "glue": "glue"}
+TASKS = {"distill": "distill", "finetune": "finetune", "probe": "linear_probe", "distill-text": "text_distill",
+         "glue": "glue"}
 
 def config_from_args(args: argparse.Namespace):
     "The validated config of a parsed command line (through kdnb.runs.setup_run, as the run notebooks)."

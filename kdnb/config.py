@@ -31,7 +31,8 @@ def _check_type(name, value, tp):
         raise ConfigError(f"{name}={value!r} ({type(value).__name__}) is not a valid {tp}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{name}={value!r} must be a pair/tuple of {len(args)} values like {tuple(a.__name__ for a in args)}")
+            raise ConfigError(f"{name}={value!r} must be a pair/tuple of {len(args)} values like "
+                              f"{tuple(a.__name__ for a in args)}")
         return tuple(_check_type(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if tp is float and isinstance(value, int) and not isinstance(value, bool): value = float(value)
     if tp is float and isinstance(value, str):
@@ -58,9 +59,12 @@ class ConfigBase:
     def to_dict(self) -> dict: return asdict(self)
     def save(self, path):
         "Write the config as YAML (.yaml/.yml) or JSON (.json)."
-        path = Path(path); d = self.to_dict(); d["_class"] = type(self).__name__
+        path = Path(path)
+        d = self.to_dict()
+        d["_class"] = type(self).__name__
         text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
-        path.parent.mkdir(parents=True, exist_ok=True); path.write_text(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
         return path
     @classmethod
     def from_dict(cls, d: dict):
@@ -71,7 +75,8 @@ class ConfigBase:
         if unknown:
             hints = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
             raise ConfigError("unknown config keys for " + cls.__name__ + ": " +
-                              ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
+                              ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k,
+                                        h in hints.items()))
         return cls(**d)
     @classmethod
     def load(cls, path):
@@ -133,14 +138,19 @@ class BaseConfig(ConfigBase):
             raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         check_positive(self, "lr", "epochs", "batch_size", "img_size", "log_every", "eval_every")
         _non_negative(self, "weight_decay", "adam_eps", "min_lr_ratio", "ckpt_every")
-        if self.max_steps is not None and self.max_steps <= 0: raise ConfigError(f"max_steps={self.max_steps} must be > 0 or None")
-        if self.warmup_steps is not None and self.warmup_steps < 0: raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"max_steps={self.max_steps} must be > 0 or None")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
         if not 0 <= self.warmup_frac < 1: raise ConfigError(f"warmup_frac={self.warmup_frac} must be in [0, 1)")
         if not all(0 <= b < 1 for b in self.betas): raise ConfigError(f"betas={self.betas} must lie in [0, 1)")
-        if self.grad_clip is not None and self.grad_clip <= 0: raise ConfigError(f"grad_clip={self.grad_clip} must be > 0 or None (off)")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip={self.grad_clip} must be > 0 or None (off)")
         if self.train_subset is not None and self.train_subset <= 0:
-            raise ConfigError(f"train_subset={self.train_subset} must be > 0 (a number of training images) or None (all)")
-        if self.val_size <= 0: raise ConfigError(f"val_size={self.val_size} must be a fraction in (0, 1) or a count > 1")
+            raise ConfigError(f"train_subset={self.train_subset} must be > 0 (a number of training images) or None "
+                              "(all)")
+        if self.val_size <= 0:
+            raise ConfigError(f"val_size={self.val_size} must be a fraction in (0, 1) or a count > 1")
 
 def _resolve(cls, f):
     return typing.get_type_hints(cls)[f.name]
@@ -219,13 +229,17 @@ class DistillConfig(BaseConfig):
         check_choice("teacher_layer_kind", self.teacher_layer_kind, ("auto", "block", "ffn"))
         check_choice("student_layer_kind", self.student_layer_kind, ("block", "ffn"))
         if not (self.teacher in ("beitv2", "data2vec2", "tiny") or self.teacher.startswith(("timm:", "run:"))):
-            raise ConfigError(f"teacher={self.teacher!r}: use 'beitv2', 'data2vec2', 'timm:<model name>', 'run:<run folder>' or 'tiny'")
+            raise ConfigError(f"teacher={self.teacher!r}: use 'beitv2', 'data2vec2', 'timm:<model name>', "
+                              "'run:<run folder>' or 'tiny'")
         check_choice("student", self.student, ("data2vec2", "tiny"))
         check_positive(self, "student_depth", "embed_dim", "mlp_dim", "num_heads", "patch_size")
-        if self.embed_dim % self.num_heads: raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
-        if self.img_size % self.patch_size: raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
         if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1: raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
         check_choice("objective", self.objective, ("d2v", "tinymim", "contrastive", "d2v+contrastive", "fkd", "ferkd"))
         check_choice("label_mode", self.label_mode, ("replay", "online"))
         check_positive(self, "label_crops", "label_top_k", "label_temperature", "label_shard_images", "replay_crops")
@@ -235,7 +249,8 @@ class DistillConfig(BaseConfig):
         for n in ("ferkd_hard_fraction", "ferkd_easy_fraction", "ferkd_smoothing"):
             if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1]")
         if self.ferkd_hard_fraction + self.ferkd_easy_fraction >= 1:
-            raise ConfigError(f"ferkd_hard_fraction + ferkd_easy_fraction = {self.ferkd_hard_fraction + self.ferkd_easy_fraction} "
+            raise ConfigError("ferkd_hard_fraction + ferkd_easy_fraction = "
+                              f"{self.ferkd_hard_fraction + self.ferkd_easy_fraction} "
                               "leaves no crop with the teacher's label: keep their sum below 1")
         _non_negative(self, "mixup", "cutmix", "selfmix")
         if self.selfmix > 0 and self.replay_crops < 2:
@@ -279,14 +294,16 @@ class FinetuneConfig(BaseConfig):
         check_choice("model", self.model, ("data2vec2", "tiny"))
         check_choice("mixup_mode", self.mixup_mode, ("batch", "pair", "elem"))
         check_choice("remode", self.remode, ("pixel", "rand", "const"))
-        if not 0 < self.layer_decay <= 1: raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
         for n in ("mixup_prob", "mixup_switch_prob", "reprob", "drop_path"):
             if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} is a probability in [0, 1]")
         _non_negative(self, "mixup", "cutmix", "label_smoothing")
         if self.uses_mixup and self.batch_size % 2:
             raise ConfigError(f"batch_size={self.batch_size} is odd, but Mixup/CutMix (timm) needs an even batch: "
                               "use an even batch_size or set mixup=0 and cutmix=0")
-        if self.num_classes is not None and self.num_classes <= 1: raise ConfigError(f"num_classes={self.num_classes} must be > 1")
+        if self.num_classes is not None and self.num_classes <= 1:
+            raise ConfigError(f"num_classes={self.num_classes} must be > 1")
         if not 0 < self.crop_pct <= 1: raise ConfigError(f"crop_pct={self.crop_pct} must be in (0, 1]")
         if self.cache_features and self.mode != "linear_probe":
             raise ConfigError("cache_features=True needs mode='linear_probe' (a finetuned backbone changes every step)")
@@ -323,7 +340,8 @@ class TextDistillConfig(TextConfig):
     def validate(self):
         super().validate()
         check_positive(self, "student_layers", "target_eps")
-        if self.dataset != "glue": raise ConfigError(f"dataset={self.dataset!r}: text distillation reads sentences from 'glue'")
+        if self.dataset != "glue":
+            raise ConfigError(f"dataset={self.dataset!r}: text distillation reads sentences from 'glue'")
 
 @dataclass
 class GlueConfig(TextConfig):
@@ -335,7 +353,8 @@ class GlueConfig(TextConfig):
 
     def validate(self):
         super().validate()
-        if self.dataset == "glue": raise ConfigError("dataset='glue' is for distillation: name one GLUE task, e.g. dataset='rte'")
+        if self.dataset == "glue":
+            raise ConfigError("dataset='glue' is for distillation: name one GLUE task, e.g. dataset='rte'")
         check_choice("pooling", self.pooling, ("cls", "mean"))
         if not 0 < self.layer_decay <= 1: raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]")
         if self.layers is not None and self.layers <= 0: raise ConfigError(f"layers={self.layers} must be > 0 or None")
@@ -390,7 +409,8 @@ PRESETS = {p.name: p for p in (
         rand_augment="rand-m9-mstd0.5-inc1-n2", reprob=0.25, remode="pixel", recount=1, out_dir="runs/finetune"),
         "Seed 000, Table 2: finetuning / linear probing of the distilled student on ImageNet-1K, CIFAR-10, CIFAR-100."),
     Preset("linear_probe", "finetune", dict(mode="linear_probe", out_dir="runs/linear_probe"),
-        "Seed 000, Table 2: linear probing (frozen backbone, only the head trains) with the finetuning table's values."),
+        "Seed 000, Table 2: linear probing (frozen backbone, only the head trains) with the finetuning table's "
+        "values."),
     Preset("finetune_seed003", "finetune", dict(
         adam_eps=1e-6, betas=(0.9, 0.95), warmup_steps=5000, mixup=0.7, cutmix=1.0, mixup_prob=0.9,
         mixup_switch_prob=0.5, mixup_mode="batch", label_smoothing=0.1, out_dir="runs/finetune_seed003"),
@@ -451,11 +471,14 @@ def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on
         preset = task + ("" if torch.cuda.is_available() else "_cpu")
     if preset not in PRESETS:
         hint = difflib.get_close_matches(preset, list(PRESETS), 1)
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}" + (
+                                                                                           f" (did you mean {hint[0]!r}?)" if hint else ""))
     cfg = PRESETS[preset].build()
     if task is not None:
-        want = {"distill": DistillConfig, "text_distill": TextDistillConfig, "glue": GlueConfig}.get(task, FinetuneConfig)
-        if not isinstance(cfg, want): raise ConfigError(f"preset {preset!r} is a {type(cfg).__name__}, not for a {task} run")
+        want = {"distill": DistillConfig, "text_distill": TextDistillConfig, "glue": GlueConfig}.get(task,
+                                                                                                     FinetuneConfig)
+        if not isinstance(cfg, want):
+            raise ConfigError(f"preset {preset!r} is a {type(cfg).__name__}, not for a {task} run")
         if task in ("finetune", "linear_probe") and "mode" not in overrides: overrides["mode"] = task
     return cfg.replace(**overrides) if overrides else cfg
 
@@ -485,7 +508,8 @@ def params_from_namespace(ns: dict, # the notebook's globals() after the paramet
                           cls: type, # DistillConfig or FinetuneConfig
                          ) -> dict: # name -> value of every parameter
     "The run notebook's parameters, refusing names that are not fields of `cls`."
-    known = {f.name for f in fields(cls)} | (RUN_ONLY_PARAMS if issubclass(cls, BaseConfig) else set())  # presets: runs only
+    known = {f.name for f in fields(cls)} | (RUN_ONLY_PARAMS if issubclass(cls,
+                                                                           BaseConfig) else set())  # presets: runs only
     new = {k: v for k, v in ns.items() if k not in before and not k.startswith("_")}
     unknown = sorted(k for k in new if k not in known)
     if unknown:

@@ -83,7 +83,8 @@ class ContrastiveTask(Task):
         return {k_: v.detach() if k_ != "loss" else v for k_, v in out.items()}
     def eval_step(self, batch):
         out, _ = self.losses(batch[0])
-        return {"val_loss": out["loss"].float() * len(batch[0]), "val_nce": out["nce"].float() * len(batch[0]), "n": len(batch[0])}
+        return {"val_loss": out["loss"].float() * len(batch[0]), "val_nce": out["nce"].float() * len(batch[0]),
+                "n": len(batch[0])}
 
 def contrastive_task(cfg: DistillConfig, student, teacher, data=None) -> ContrastiveTask:
     "The `contrastive` and `d2v+contrastive` objectives."

@@ -45,9 +45,9 @@ _CIFAR = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datas
 def _cifar_help(name, root, err=""):
     folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
     return RuntimeError(
-        f"{name} is not in {root}{' and could not be downloaded (' + err + ')' if err else ''}. Either put torchvision's "
-        f"extracted '{folder}/' folder (or its .tar.gz) in {root}, or an ImageFolder tree {root}/train/<class>/*.jpg "
-        f"(optionally {root}/test/), or run once with network access and download=True.")
+        f"{name} is not in {root}{' and could not be downloaded (' + err + ')' if err else ''}. Either put "
+        f"torchvision's extracted '{folder}/' folder (or its .tar.gz) in {root}, or an ImageFolder tree "
+        f"{root}/train/<class>/*.jpg (optionally {root}/test/), or run once with network access and download=True.")
 
 def load_cifar(name: str, # "cifar10" or "cifar100"
                root: str | Path, # torchvision's files, or an ImageFolder tree with train/ (and test/)
@@ -77,7 +77,8 @@ def load_cifar(name: str, # "cifar10" or "cifar100"
 
 class _Probe:
     "Just enough of a torchvision CIFAR object for its md5 check."
-    def __init__(self, cls, root): self.root, self.base_folder, self.train_list, self.test_list = str(root), cls.base_folder, cls.train_list, cls.test_list
+    def __init__(self, cls, root):
+        self.root, self.base_folder, self.train_list, self.test_list = str(root), cls.base_folder, cls.train_list, cls.test_list
 
 # %% ../nbs/05_data.ipynb #1e6f1220
 def image_folder(path: str | Path) -> torchvision.datasets.ImageFolder:
@@ -93,8 +94,10 @@ def load_imagefolder(root: str | Path, split: str) -> Dataset | None:
     path = Path(root) / split
     if path.is_dir(): return image_folder(path)
     if split == "train":
-        raise FileNotFoundError(f"no training images at {path}: an ImageFolder data set needs {root}/train/<class>/<image> "
-                                f"(and optionally {root}/val/); for ImageNet-1K use the usual train/ and val/ class folders")
+        raise FileNotFoundError(f"no training images at {path}: an ImageFolder data set needs "
+                                f"{root}/train/<class>/<image> "
+                                f"(and optionally {root}/val/); for ImageNet-1K use the usual train/ and val/ "
+                                "class folders")
     return None
 
 def load_source(name: str, root: str | Path, train: bool = True, download: bool = True) -> Dataset | None:
@@ -135,7 +138,9 @@ def seeded(seed: int):
     and nothing in kdnb draws from it outside a `seeded` block."""
     gen = torch.random.default_generator  # torch.manual_seed would also seed CUDA: ~100x slower
     t_state, r_state = gen.get_state(), random.getstate()
-    gen.manual_seed(seed); np.random.seed(seed % 2**32); random.seed(seed)
+    gen.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
     try: yield
     finally: gen.set_state(t_state); random.setstate(r_state)
 
@@ -206,7 +211,8 @@ def eval_transform(img_size: int, crop_pct: float = 0.875):
 def distill_transform(img_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5):
     "The distillation augmentation of seed 000, Table 1."
     return T.Compose([T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(hflip), T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+                      T.RandomHorizontalFlip(hflip), T.ToTensor(),
+                      T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 def _posterize_at_least_1_bit(img, bits, **_):
     "timm's posterize, with 0 bits (a black image) raised to 1: Pillow >= 12 refuses 0."
@@ -217,7 +223,8 @@ def finetune_transform(cfg):
     "timm's training transform with the preset's RandAugment and random erasing (seed 000, Table 2)."
     tf = create_transform(cfg.img_size, is_training=True, scale=tuple(cfg.crop_scale), hflip=0.5,
                           auto_augment=cfg.rand_augment, interpolation="bicubic", re_prob=cfg.reprob,
-                          re_mode=cfg.remode, re_count=cfg.recount, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+                          re_mode=cfg.remode, re_count=cfg.recount, mean=IMAGENET_DEFAULT_MEAN,
+                          std=IMAGENET_DEFAULT_STD)
     for t in getattr(tf, "transforms", []):  # RandAugment's posterize reaches 0 bits at magnitude 10 (m9, std 0.5)
         for op in getattr(t, "ops", []):
             if "Posterize" in op.name: op.aug_fn = _posterize_at_least_1_bit
@@ -285,5 +292,6 @@ def make_loader(dataset: Dataset, batch_size: int, # per process
     A data set with a `collate_fn` method batches its own samples (text: tokenise and pad per batch)."""
     sampler = ResumableSampler(len(dataset), seed, shuffle=train, rank=rank, world_size=world_size)
     # a private generator: creating an iterator must not draw from the global RNG (resume would diverge)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=getattr(dataset, "collate_fn", None),
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+                      collate_fn=getattr(dataset, "collate_fn", None),
                       generator=torch.Generator().manual_seed(seed), **loader_settings(device, dataset, num_workers))

@@ -82,7 +82,8 @@ def distill(cfg: DistillConfig | None = None, # a config; None = get_config("aut
             callbacks=(), # extra engine callbacks
             **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
     "Distil the config's teacher into its student; writes a run folder."
-    cfg = get_config("auto", task="distill", **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cfg = get_config("auto", task="distill",
+                     **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     if make_task is d2v_task and cfg.objective != "d2v":
         raise ConfigError(f"objective={cfg.objective!r}: kdnb.distill.distill runs the d2v objective; "
                           "run the others with kdnb.runs.distill (or `kdnb distill --objective ...`)")
@@ -93,6 +94,7 @@ def distill(cfg: DistillConfig | None = None, # a config; None = get_config("aut
     data = build_data(cfg, kind="distill")
     task = make_task(cfg, student, teacher, data)
     n_s = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    info = dict(task="distill", objective=cfg.objective, dataset=cfg.dataset, teacher=cfg.teacher, student=f"{cfg.student} depth {cfg.student_depth}",
+    info = dict(task="distill", objective=cfg.objective, dataset=cfg.dataset, teacher=cfg.teacher,
+                student=f"{cfg.student} depth {cfg.student_depth}",
                 student_params=n_s, teacher_layers=teacher.num_layers, val_source=data.val_source)
     return fit_task(task, cfg, data.train, data.val, callbacks, info=info).summary

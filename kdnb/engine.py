@@ -39,7 +39,8 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     "The autocast dtype for a precision setting: bf16 on CUDA by default, none (fp32) on CPU unless asked."
     if precision == "auto": precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda": raise RuntimeError("precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
+    if precision == "fp16" and device.type != "cuda":
+        raise RuntimeError("precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 class DistInfo:
@@ -135,7 +136,8 @@ class Trainer:
                                                           find_unused_parameters=task.ddp_find_unused)
         setattr(task, task.trainable, trained)
         self.opt = torch.optim.AdamW(optimizer_groups(task, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                                     weight_decay=cfg.weight_decay, **({"fused": True} if self.device.type == "cuda" else {}))
+                                     weight_decay=cfg.weight_decay,
+                                     **({"fused": True} if self.device.type == "cuda" else {}))
         self.steps_per_epoch = len(train_dl)
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training loader yields no full batch: {len(train_dl.dataset)} images for a batch of "
@@ -195,18 +197,21 @@ class Trainer:
         "Mean training loss since the last pop, over all processes (one device sync)."
         if self._loss_sum is None: return None
         total = self._loss_sum.clone()
-        if self.dist.enabled: dist.all_reduce(total); total /= self.dist.world_size
+        if self.dist.enabled:
+            dist.all_reduce(total)
+            total /= self.dist.world_size
         v = total.item() / self._n_loss
         if not math.isfinite(v):
             if self._bad_input.item():
-                raise NonFiniteLoss(f"a training batch before step {self.step} holds NaN or Inf values: the data, not the "
-                                    f"optimisation, made the loss {v}. Check the data set (or its transform) for "
-                                    "non-finite values; no checkpoint was written after it")
+                raise NonFiniteLoss(f"a training batch before step {self.step} holds NaN or Inf values: the data, "
+                                    f"not the optimisation, made the loss {v}. Check the data set (or its "
+                                    "transform) for non-finite values; no checkpoint was written after it")
             ck = self.cb(Checkpointer)
             kept = (f"the last good checkpoint (step {ck.last_step}) is kept in {ck.dir}" if ck and ck.last_step is not None
                     else "no checkpoint was written yet")
             raise NonFiniteLoss(f"the training loss became {v} before step {self.step}; the run stops and {kept}. "
-                                "Lower lr, turn on grad_clip (e.g. 2.0) or use precision='fp32', then rerun with resume=True.")
+                                "Lower lr, turn on grad_clip (e.g. 2.0) or use precision='fp32', then rerun with "
+                                "resume=True.")
         return v
 
     def pop_train_loss(self) -> float | None:
@@ -326,10 +331,12 @@ class MetricsLogger(Callback):
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(t.out_dir / "tb"))
-            except ImportError: log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+            except ImportError:
+                log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
         if t.cfg.wandb:
             try: import wandb
-            except ImportError as e: raise RuntimeError("wandb=True but wandb is not installed: pip install wandb, or set wandb=False") from e
+            except ImportError as e:
+                raise RuntimeError("wandb=True but wandb is not installed: pip install wandb, or set wandb=False") from e
             self.wandb = wandb.init(project="kdnb", name=t.out_dir.name, config=t.cfg.to_dict(), resume="allow")
     def write(self, t, rec):
         t.history.append(rec)
@@ -338,7 +345,9 @@ class MetricsLogger(Callback):
         for k, v in rec.items():
             if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                 if self.tb: self.tb.add_scalar(f"{rec['kind']}/{k}", v, rec["step"])
-        if self.wandb: self.wandb.log({f"{rec['kind']}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
+        if self.wandb:
+            self.wandb.log({f"{rec['kind']}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))},
+                           step=rec["step"])
     def after_step(self, t):
         if t.step % t.cfg.log_every: return
         now = time.perf_counter()
@@ -369,7 +378,8 @@ def _rng_state():
 def _set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]; np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
 
 # fields that may differ when a run is resumed: how long it trains and how it is watched, never what it computes
@@ -398,8 +408,8 @@ class Checkpointer(Callback):
         self.dir = t.out_dir / "checkpoints"
         last = self.find(self.dir)
         if last is not None and not t.cfg.resume:
-            raise FileExistsError(f"{t.out_dir} already holds a run (checkpoint {last}); pass resume=True to continue it, "
-                                  "or choose another out_dir")
+            raise FileExistsError(f"{t.out_dir} already holds a run (checkpoint {last}); pass resume=True to "
+                                  "continue it, or choose another out_dir")
         if last is None and not t.cfg.resume and (t.out_dir / "metrics.jsonl").exists():  # never append to it
             raise FileExistsError(f"{t.out_dir} holds the metrics of an earlier run that stopped before its first "
                                   "checkpoint; delete that folder or choose another out_dir")
@@ -420,7 +430,8 @@ class Checkpointer(Callback):
         t.check_finite()  # never save weights that a NaN has touched
         if not t.dist.main: return
         tmp, final, old = self.dir / f".{tag}.tmp", self.dir / tag, self.dir / f".{tag}.old"
-        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         save_weights(t.task.trained_module(), tmp / "model.safetensors")
         torch.save({"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
                     "rng": _rng_state(), "step": t.step, "epoch": t.epoch, "step_in_epoch": t.step_in_epoch,
@@ -433,7 +444,9 @@ class Checkpointer(Callback):
     def load(self, t, path: Path):
         t.task.trained_module().load_state_dict(load_file(str(path / "model.safetensors"), device=str(t.device)))
         s = torch.load(path / "state.pt", map_location=t.device, weights_only=True)
-        t.opt.load_state_dict(s["optimizer"]); t.sched.load_state_dict(s["scheduler"]); t.scaler.load_state_dict(s["scaler"])
+        t.opt.load_state_dict(s["optimizer"])
+        t.sched.load_state_dict(s["scheduler"])
+        t.scaler.load_state_dict(s["scaler"])
         t.step, t.epoch, t.step_in_epoch, t.best = s["step"], s["epoch"], s["step_in_epoch"], s["best"]
         t.images_seen, t.train_time_s, t.history = s["images_seen"], s["train_time_s"], json.loads(s["history"])
         t.metrics = json.loads(s.get("metrics", "{}"))  # a finished run resumed again reports what it measured
@@ -458,8 +471,10 @@ def git_commit(path=None) -> str | None:
     here = Path(globals()["__file__"]).parent if "__file__" in globals() else Path.cwd()
     cwd = Path(path or here)
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError): return None
 
@@ -474,7 +489,8 @@ class Summary(Callback):
     def after_fit(self, t):
         t.summary = {**self.info, "metrics": {k: v for k, v in t.metrics.items() if k not in ("epoch", "step")},
                      "best": {t.task.best_metric[0]: t.best}, "steps": t.step, "epochs": t.epoch,
-                     "finished": bool(getattr(t, "completed", False)) and t.step >= t.total_steps, "train_time_s": round(t.train_time_s, 3),
+                     "finished": bool(getattr(t, "completed", False)) and t.step >= t.total_steps,
+                     "train_time_s": round(t.train_time_s, 3),
                      "wall_time_s": round(time.perf_counter() - self._t0, 3),
                      "images_per_s": round(t.images_seen / t.train_time_s, 2) if t.train_time_s else None,
                      "world_size": t.dist.world_size, "device": str(t.device), "precision": t.cfg.precision,
@@ -503,7 +519,8 @@ def ensure_writable(folder: Path):
     except OSError as e:
         raise PermissionError(f"cannot write the run folder {folder} ({e.strerror or e}): choose a writable out_dir") from e
 
-def fit_task(task: Task, cfg, train_ds, val_ds=None, callbacks: Iterable[Callback] = (), info: dict | None = None) -> Trainer:
+def fit_task(task: Task, cfg, train_ds, val_ds=None, callbacks: Iterable[Callback] = (),
+             info: dict | None = None) -> Trainer:
     "Fit `task` on `train_ds` (evaluating on `val_ds`) with the default callbacks; `info` goes into summary.json."
     di = setup_distributed(cfg.device)
     if cfg.batch_size % di.world_size:

@@ -65,7 +65,8 @@ class FeatureSet(torch.utils.data.Dataset):
 @torch.inference_mode()
 def extract_features(model: Classifier, dataset, batch_size: int = 256, device="cpu", precision="auto") -> FeatureSet:
     "Pooled backbone features of every image in `dataset` (evaluation transform), computed once."
-    device = torch.device(device); amp = autocast_dtype(precision, device)
+    device = torch.device(device)
+    amp = autocast_dtype(precision, device)
     model.eval().to(device)
     dl = make_loader(dataset, batch_size, train=False, device=device)
     out = []
@@ -90,7 +91,8 @@ def finetune(cfg: FinetuneConfig | None = None, # a config; None = get_config("a
              callbacks=(), # extra engine callbacks
              **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
     "Finetune or linear-probe the config's backbone on its data set; writes a run folder."
-    cfg = get_config("auto", task="finetune", **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cfg = get_config("auto", task="finetune",
+                     **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     torch.manual_seed(cfg.seed)
     cached = cfg.mode == "linear_probe" and cfg.cache_features
     data = build_data(cfg, kind="features" if cached else "finetune")
@@ -99,7 +101,8 @@ def finetune(cfg: FinetuneConfig | None = None, # a config; None = get_config("a
     train_ds, val_ds = data.train, data.val
     if cached:
         dev = resolve_device(cfg.device)
-        train_ds, val_ds = (extract_features(model, d, cfg.batch_size, dev, cfg.precision) for d in (data.train, data.val))
+        train_ds, val_ds = (extract_features(model, d, cfg.batch_size, dev, cfg.precision) for d in (data.train,
+                                                                                                     data.val))
     mix = None if cached else mixup_fn(cfg, num_classes)
     task = FinetuneTask(model, cfg.mode, mix, cfg.label_smoothing, cfg.seed, on_features=cached)
     info = dict(task=cfg.mode, dataset=cfg.dataset, model=cfg.model, checkpoint=cfg.checkpoint, num_classes=num_classes,

@@ -76,7 +76,8 @@ class LabelStore:
         idx = self.root / "index.json"
         if idx.exists():
             old = json.loads(idx.read_text())
-            if old.get("format") != STORE_FORMAT: raise ValueError(f"{idx} is not a kdnb soft-label store ({old.get('format')!r})")
+            if old.get("format") != STORE_FORMAT:
+                raise ValueError(f"{idx} is not a kdnb soft-label store ({old.get('format')!r})")
             diff = {k: (old["meta"].get(k), v) for k, v in self.meta.items() if old["meta"].get(k) != v}
             if diff:
                 raise ValueError(f"{self.root} holds soft labels made with other settings: "
@@ -102,10 +103,12 @@ class LabelStore:
     @property
     def num_shards(self) -> int: return -(-self.num_images // self.shard_images)
     def shard_name(self, k: int) -> str: return f"shard_{k:05d}.safetensors"
-    def done(self, k: int) -> bool: return (self.root / self.shard_name(k)).exists()  # only complete shards are renamed into place
+    def done(self, k: int) -> bool:
+        return (self.root / self.shard_name(k)).exists()  # only complete shards are renamed into place
     @property
     def complete(self) -> bool: return all(self.done(k) for k in range(self.num_shards))
-    def nbytes(self) -> int: return sum((self.root / self.shard_name(k)).stat().st_size for k in range(self.num_shards) if self.done(k))
+    def nbytes(self) -> int:
+        return sum((self.root / self.shard_name(k)).stat().st_size for k in range(self.num_shards) if self.done(k))
 
     def write_shard(self, k: int, tensors: dict, seconds: float = 0.0):
         "Write shard `k` atomically (a temporary file renamed into place); its making time goes into its metadata."
@@ -118,10 +121,12 @@ class LabelStore:
     def __getstate__(self):  # data-loader workers open their own file handles
         return {**self.__dict__, "_handles": {}}
 
-    def row(self, i: int) -> dict: # one image's records: boxes [N, 4], flips [N], topk_idx/topk_prob [N, k], gt_prob [N], label
+    def row(self,
+            i: int) -> dict: # one image's records: boxes [N, 4], flips [N], topk_idx/topk_prob [N, k], gt_prob [N], label
         "The stored records of image `i` (position in the training split)."
         k, r = divmod(int(i), self.shard_images)
-        if not self.done(k): raise RuntimeError(f"shard {k} of {self.root} is missing: rerun the label generation (it resumes)")
+        if not self.done(k):
+            raise RuntimeError(f"shard {k} of {self.root} is missing: rerun the label generation (it resumes)")
         h = self._handles.get(k)
         if h is None: h = self._handles[k] = safe_open(str(self.root / self.shard_name(k)), "pt")
         return {n: h.get_slice(n)[r] for n in ("boxes", "flips", "topk_idx", "topk_prob", "gt_prob", "labels")}
@@ -152,9 +157,11 @@ def build_classifier_teacher(cfg, num_classes: int) -> ClassifierTeacher:
         model = load_classifier(name[4:])
         return ClassifierTeacher(model, cfg.label_img_size or model.backbone.arch.get("img_size", size))
     if name == "tiny":
-        enc = Data2Vec2Encoder(size, cfg.patch_size, cfg.embed_dim, 2 * cfg.student_depth, cfg.num_heads, cfg.mlp_dim / cfg.embed_dim)
+        enc = Data2Vec2Encoder(size, cfg.patch_size, cfg.embed_dim, 2 * cfg.student_depth, cfg.num_heads,
+                               cfg.mlp_dim / cfg.embed_dim)
         return ClassifierTeacher(Classifier(enc, num_classes), size)
-    raise ValueError(f"teacher={name!r} is not a classifier: FKD/FerKD need 'timm:<classifier>', 'run:<finetuning run>' or 'tiny'")
+    raise ValueError(f"teacher={name!r} is not a classifier: FKD/FerKD need 'timm:<classifier>', 'run:<finetuning "
+                     "run>' or 'tiny'")
 
 # %% ../nbs/11_fkd.ipynb #fba6bde8
 def weights_fingerprint(module: nn.Module) -> str:
@@ -168,7 +175,8 @@ def weights_fingerprint(module: nn.Module) -> str:
 def store_meta(cfg, teacher: ClassifierTeacher, dataset, num_classes: int) -> dict:
     "What a store's labels depend on: the teacher's weights, the crop settings, the data (another store is refused)."
     targets = targets_of(dataset)
-    return dict(teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint, teacher_weights=weights_fingerprint(teacher), crops=cfg.label_crops, top_k=cfg.label_top_k,
+    return dict(teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint,
+                teacher_weights=weights_fingerprint(teacher), crops=cfg.label_crops, top_k=cfg.label_top_k,
                 temperature=cfg.label_temperature, teacher_img_size=teacher.img_size, scale=list(cfg.crop_scale),
                 hflip=cfg.hflip, seed=cfg.seed, num_classes=num_classes, num_images=len(dataset),
                 shard_images=cfg.label_shard_images,
@@ -199,8 +207,10 @@ def generate_soft_labels(cfg, # a DistillConfig (label_* fields, crop_scale, hfl
         out = {n: [] for n in ("boxes", "flips", "topk_idx", "topk_prob", "gt_prob", "labels")}
         for i in range(lo, hi):
             img, y = dataset[i]
-            if max(img.size) >= 2 ** 15: raise ValueError(f"image {i} is {img.size}: boxes are stored as int16 (< 32768 px)")
-            boxes, flips = sample_crops(*img.size, N, derive_seed(cfg.seed, "fkd-crops", i), cfg.crop_scale, hflip=cfg.hflip)
+            if max(img.size) >= 2 ** 15:
+                raise ValueError(f"image {i} is {img.size}: boxes are stored as int16 (< 32768 px)")
+            boxes, flips = sample_crops(*img.size, N, derive_seed(cfg.seed, "fkd-crops", i), cfg.crop_scale,
+                                        hflip=cfg.hflip)
             probs = []
             for c in range(0, N, chunk):
                 x = torch.stack([render_crop(img, b, f, teacher.img_size, teacher.mean, teacher.std)
@@ -210,9 +220,12 @@ def generate_soft_labels(cfg, # a DistillConfig (label_* fields, crop_scale, hfl
                 probs.append(torch.softmax(logits / cfg.label_temperature, -1).cpu())
             p = torch.cat(probs)
             v, ix = p.topk(k, -1)
-            out["boxes"].append(boxes.to(torch.int16)); out["flips"].append(flips.to(torch.uint8))
-            out["topk_idx"].append(ix.to(torch.int16)); out["topk_prob"].append(v.half())
-            out["gt_prob"].append(p[:, y].half()); out["labels"].append(torch.tensor(y))
+            out["boxes"].append(boxes.to(torch.int16))
+            out["flips"].append(flips.to(torch.uint8))
+            out["topk_idx"].append(ix.to(torch.int16))
+            out["topk_prob"].append(v.half())
+            out["gt_prob"].append(p[:, y].half())
+            out["labels"].append(torch.tensor(y))
         store.write_shard(s, {n: torch.stack(v) for n, v in out.items()}, time.perf_counter() - t0)
     while not store.complete:  # torchrun: the other processes' shards (no collective: no timeout on long passes)
         time.sleep(poll_s)
@@ -220,12 +233,14 @@ def generate_soft_labels(cfg, # a DistillConfig (label_* fields, crop_scale, hfl
 
 # %% ../nbs/11_fkd.ipynb #c0bb857a
 def calibrate(gt_prob: torch.Tensor, # [N] the teacher's probability of the true class per crop
-              hard_fraction: float, easy_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]: # keep [N], hard [N]
+              hard_fraction: float, easy_fraction: float = 0.0) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]: # keep [N], hard [N]
     "FerKD's hard-region mining: which crops stay in the pool, and which of them get the softened ground truth."
     N = len(gt_prob)
     order = torch.argsort(gt_prob.float(), stable=True)  # least confident first
     n_hard, n_easy = int(round(hard_fraction * N)), int(round(easy_fraction * N))
-    hard = torch.zeros(N, dtype=torch.bool); hard[order[:n_hard]] = True
+    hard = torch.zeros(N, dtype=torch.bool)
+    hard[order[:n_hard]] = True
     keep = torch.ones(N, dtype=torch.bool)
     if n_easy: keep[order[N - n_easy:]] = False
     return keep, hard
@@ -235,10 +250,13 @@ class ReplayCrops(Dataset):
     "Training set of stored crops: (crops [m, 3, S, S], soft labels [m, C], class) per image."
     def __init__(self, split, # a SplitDataset without transform (PIL images)
                  store: LabelStore | None, # None: online labels (fresh crops, labels from the teacher)
-                 crops: int, img_size: int, num_classes: int, ferkd: dict | None = None, # calibrate()'s arguments + smoothing
-                 crop_scale=(0.08, 1.0), hflip: float = 0.5, seed: int = 0, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+                 crops: int, img_size: int, num_classes: int,
+                 ferkd: dict | None = None, # calibrate()'s arguments + smoothing
+                 crop_scale=(0.08, 1.0), hflip: float = 0.5, seed: int = 0, mean=IMAGENET_DEFAULT_MEAN,
+                 std=IMAGENET_DEFAULT_STD):
         if store is not None and len(split) != store.num_images:
-            raise ValueError(f"the store holds {store.num_images} images, the training split {len(split)}: same train_subset and seed?")
+            raise ValueError(f"the store holds {store.num_images} images, the training split {len(split)}: same "
+                             "train_subset and seed?")
         self.split, self.store, self.crops, self.img_size, self.num_classes = split, store, crops, img_size, num_classes
         self.ferkd, self.crop_scale, self.hflip, self.seed, self.mean, self.std = ferkd, crop_scale, hflip, seed, mean, std
         self.targets = split.targets
@@ -295,7 +313,8 @@ class FKDTask(FinetuneTask):
         t = self.teacher
         xt = x.flatten(0, 1)
         if t.img_size != xt.shape[-1]: xt = F.interpolate(xt, size=t.img_size, mode="bilinear", antialias=True)
-        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN,
+                                                                                 IMAGENET_DEFAULT_STD))
         tm, ts = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (t.mean, t.std))
         p = torch.softmax(t((xt * std + mean - tm) / ts).float() / self.temperature, -1)
         v, i = p.topk(min(self.top_k, p.shape[-1]), -1)
@@ -323,16 +342,21 @@ def distill_fkd(cfg, # a DistillConfig with objective fkd or ferkd
     if cfg.label_mode == "replay":
         t0 = time.perf_counter()
         store = generate_soft_labels(cfg, teacher, data.train, data.num_classes)
-        log.info(f"soft labels ready in {time.perf_counter() - t0:.1f} s: {store.nbytes() / store.num_images:.0f} bytes/image")
-    ferkd = (dict(hard_fraction=cfg.ferkd_hard_fraction, easy_fraction=cfg.ferkd_easy_fraction, smoothing=cfg.ferkd_smoothing)
+        log.info(f"soft labels ready in {time.perf_counter() - t0:.1f} s: {store.nbytes() / store.num_images:.0f} "
+                 "bytes/image")
+    ferkd = (dict(hard_fraction=cfg.ferkd_hard_fraction, easy_fraction=cfg.ferkd_easy_fraction,
+                  smoothing=cfg.ferkd_smoothing)
              if cfg.objective == "ferkd" else None)
     train = ReplayCrops(data.train, store, cfg.replay_crops, cfg.img_size, data.num_classes, ferkd,
                         cfg.crop_scale, cfg.hflip, cfg.seed)
     student = Classifier(build_student(cfg), data.num_classes)
     task = FKDTask(student, SoftMix(cfg.mixup, cfg.cutmix, cfg.selfmix), cfg.seed,
                    teacher if cfg.label_mode == "online" else None, cfg.label_top_k, cfg.label_temperature)
-    info = dict(task="distill", objective=cfg.objective, label_mode=cfg.label_mode, dataset=cfg.dataset, teacher=cfg.teacher,
-                student=f"{cfg.student} depth {cfg.student_depth}", num_classes=data.num_classes, val_source=data.val_source,
+    info = dict(task="distill", objective=cfg.objective, label_mode=cfg.label_mode, dataset=cfg.dataset,
+                teacher=cfg.teacher,
+                student=f"{cfg.student} depth {cfg.student_depth}", num_classes=data.num_classes,
+                val_source=data.val_source,
                 crops_per_step=cfg.batch_size * cfg.replay_crops,
-                **({"label_store": str(store.root), "label_bytes_per_image": round(store.nbytes() / store.num_images, 1)} if store else {}))
+                **({"label_store": str(store.root),
+                    "label_bytes_per_image": round(store.nbytes() / store.num_images, 1)} if store else {}))
     return fit_task(task, cfg, train, data.val, callbacks, info=info).summary

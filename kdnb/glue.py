@@ -46,7 +46,8 @@ class TextClassifier(nn.Module):
         self.encoder, self.pooling = encoder, pooling
         self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=norm_eps)
         self.head = nn.Linear(encoder.embed_dim, num_outputs)
-        trunc_normal_(self.head.weight, std=HEAD_INIT_STD); nn.init.zeros_(self.head.bias)
+        trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
+        nn.init.zeros_(self.head.bias)
         self.arch = {"encoder": encoder.arch, "num_outputs": num_outputs, "pooling": pooling}
     def pool(self, ids, mask, tt=None): # -> [B, D]
         h = self.encoder(ids, mask, tt)  # [B, T, D]
@@ -68,18 +69,21 @@ class GlueTask(Task):
         out = self.model(*batch[:3]).float()
         return out.squeeze(-1) if self.regression else out
     def loss_of(self, out, y, reduction="mean"):
-        return F.mse_loss(out, y.float(), reduction=reduction) if self.regression else F.cross_entropy(out, y, reduction=reduction)
+        return F.mse_loss(out, y.float(), reduction=reduction) if self.regression else F.cross_entropy(out, y,
+                                                                                                       reduction=reduction)
     def forward(self, batch): return {"loss": self.loss_of(self.outputs(batch), batch[3])}
     def eval_step(self, batch):
         out, y = self.outputs(batch), batch[3]
-        self._preds.append((out if self.regression else out.argmax(-1)).cpu()); self._labels.append(y.cpu())
+        self._preds.append((out if self.regression else out.argmax(-1)).cpu())
+        self._labels.append(y.cpu())
         return {"val_loss": self.loss_of(out, y, "sum"), "n": len(y)}
     def summarize(self, sums):
         res = super().summarize(sums)
         p, y = torch.cat(self._preds).tolist(), torch.cat(self._labels).tolist()
         self._preds, self._labels = [], []
         if dist.is_available() and dist.is_initialized():  # every process scored its shard of the dev set
-            parts = [None] * dist.get_world_size(); dist.all_gather_object(parts, (p, y))
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (p, y))
             p, y = [v for a, _ in parts for v in a], [v for _, b in parts for v in b]
         return {**res, **glue_metrics(self.task, p, y)}
 
@@ -88,7 +92,8 @@ def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("
                   callbacks=(), # extra engine callbacks
                   **overrides) -> dict: # the run's summary
     "Finetune a text encoder on one GLUE task (cfg.dataset) and score it on the dev set; writes a run folder."
-    cfg = get_config("auto", task="glue", **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cfg = get_config("auto", task="glue",
+                     **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     torch.manual_seed(cfg.seed)
     spec = GLUE[cfg.dataset]
     tr_x, tr_y = read_glue(cfg.data_root, cfg.dataset, "train", cfg.download)
@@ -102,8 +107,10 @@ def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("
     train_ds, dev_ds = TextSet(tr_x, tr_y, tok, cfg.max_len, reg), TextSet(dev_x, dev_y, tok, cfg.max_len, reg)
     model = TextClassifier(enc, spec.num_outputs, cfg.pooling)
     task = GlueTask(model, cfg.dataset)
-    info = dict(task="glue", glue_task=cfg.dataset, checkpoint=cfg.checkpoint, layers=enc.num_layers, pooling=cfg.pooling,
-                train_examples=len(tr_x), dev_examples=len(dev_x), seed_metric=spec.seed_metric, glue_metric=spec.glue_metric,
+    info = dict(task="glue", glue_task=cfg.dataset, checkpoint=cfg.checkpoint, layers=enc.num_layers,
+                pooling=cfg.pooling,
+                train_examples=len(tr_x), dev_examples=len(dev_x), seed_metric=spec.seed_metric,
+                glue_metric=spec.glue_metric,
                 trainable_params=sum(p.numel() for p in model.parameters()), val_source="GLUE dev set")
     return fit_task(task, cfg, train_ds, dev_ds, callbacks, info=info).summary
 
@@ -111,13 +118,15 @@ def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("
 def glue_demo(out: str | Path, # results folder
               data_root: str | Path, # glue_data folder
               tasks=("cola", "sst2", "mrpc", "stsb", "rte", "wnli"), # tasks with a training file
-              train_subset: int | None = 2000, epochs: int = 3, distill_epochs: int = 2, max_sentences: int | None = 20000,
+              train_subset: int | None = 2000, epochs: int = 3, distill_epochs: int = 2,
+              max_sentences: int | None = 20000,
               **glue_overrides) -> pd.DataFrame:
     "Distil MiniLM into its first 3 layers, then finetune teacher, distilled and undistilled student on each task."
     out = Path(out)
     student_dir = out / "text_distill"
     if not (student_dir / "summary.json").exists():
-        distill_text(get_config("text_distill_cpu", data_root=str(data_root), epochs=distill_epochs, max_sentences=max_sentences,
+        distill_text(get_config("text_distill_cpu", data_root=str(data_root), epochs=distill_epochs,
+                                max_sentences=max_sentences,
                                 out_dir=str(student_dir), tensorboard=False, resume=student_dir.exists()))
     models = {"teacher (MiniLM, 6 layers)": dict(checkpoint="minilm", layers=None),
               "distilled student (3 layers)": dict(checkpoint=str(student_dir), layers=None),
@@ -127,11 +136,14 @@ def glue_demo(out: str | Path, # results folder
         for name, kw in models.items():
             d = out / t / name.split(" (")[0].replace(" ", "_")
             if not (d / "summary.json").exists():
-                finetune_glue(get_config("glue_cpu", dataset=t, data_root=str(data_root), train_subset=train_subset, epochs=epochs,
+                finetune_glue(get_config("glue_cpu", dataset=t, data_root=str(data_root), train_subset=train_subset,
+                                         epochs=epochs,
                                          out_dir=str(d), tensorboard=False, resume=d.exists(), **kw, **glue_overrides))
             s = json.loads((d / "summary.json").read_text())
-            rows.append({"task": t, "model": name, **{k: round(v, 1) for k, v in s["metrics"].items() if k != "val_loss"},
-                         "seed_metric": GLUE[t].seed_metric, "train_examples": s["train_examples"], "dev_examples": s["dev_examples"],
+            rows.append({"task": t, "model": name,
+                         **{k: round(v, 1) for k, v in s["metrics"].items() if k != "val_loss"},
+                         "seed_metric": GLUE[t].seed_metric, "train_examples": s["train_examples"],
+                         "dev_examples": s["dev_examples"],
                          "minutes": round(s["wall_time_s"] / 60, 1), "git_commit": s["git_commit"]})
     df = pd.DataFrame(rows)
     df.to_csv(out / "results.csv", index=False)

@@ -103,8 +103,10 @@ class Data2Vec2Encoder(nn.Module):
                  fused_attn: bool = True, # use scaled_dot_product_attention
                 ):
         super().__init__()
-        self.arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                         mlp_ratio=mlp_ratio, prenet_depth=prenet_depth, in_chans=in_chans, norm_eps=norm_eps)  # to rebuild it
+        self.arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads,
+                         mlp_ratio=mlp_ratio, prenet_depth=prenet_depth, in_chans=in_chans,
+                         norm_eps=norm_eps)  # to rebuild it
         self.embed_dim, self.num_heads, self.patch_size, self.img_size = embed_dim, num_heads, patch_size, img_size
         self.num_prefix_tokens = 1
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=True)
@@ -148,7 +150,8 @@ class Data2Vec2Encoder(nn.Module):
 
     def forward_all(self, x, kind: str | None = "ffn") -> tuple[torch.Tensor, list | None]:
         "The final tokens [B, 1+N, D] and, unless `kind` is None, the main blocks' activations, in one pass."
-        if kind is not None and kind not in LAYER_KINDS: raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
+        if kind is not None and kind not in LAYER_KINDS:
+            raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
         layers = [] if kind is not None else None
         for i, out, m in self._blocks(x):
             if layers is not None and i >= len(self.prenet): layers.append(m if kind == "ffn" else out)
@@ -225,7 +228,9 @@ def d2v2_checkpoint_filter_fn(state_dict: dict, # the fairseq `model` state dict
         new = next((dst + k[len(src):] for src, dst in D2V2_KEY_MAP if k.startswith(src)), None)
         if new is None: unknown.append(k); continue
         m = re.match(r"blocks\.(\d+)\.", new)
-        if m and depth is not None and int(m.group(1)) >= depth: ignored.append(k); continue
+        if m and depth is not None and int(m.group(1)) >= depth:
+            ignored.append(k)
+            continue
         out[new] = v
     return out, ignored, unknown
 
@@ -239,11 +244,12 @@ def d2v2_arch(ckpt: dict, # a fairseq checkpoint: {'cfg': ..., 'model': state di
     sd, _ = d2v2_split_wrapper(ckpt["model"])
     proj = sd.get(D2V2_PREFIX + "local_encoder.proj.weight")
     if proj is None:
-        raise KeyError(f"no '{D2V2_PREFIX}local_encoder.proj.weight' in the checkpoint: this is not a data2vec 2.0 image "
-                       f"checkpoint (its first keys: {', '.join(list(ckpt['model'])[:6])})")
+        raise KeyError(f"no '{D2V2_PREFIX}local_encoder.proj.weight' in the checkpoint: this is not a data2vec 2.0 "
+                       f"image checkpoint (its first keys: {', '.join(list(ckpt['model'])[:6])})")
     D, C, p, _ = proj.shape
     arch = dict(embed_dim=D, in_chans=C, patch_size=p, num_heads=max(1, D // 64),
-                depth=_count_blocks(sd, "blocks."), prenet_depth=_count_blocks(sd, D2V2_PREFIX + "context_encoder.blocks."))
+                depth=_count_blocks(sd, "blocks."),
+                prenet_depth=_count_blocks(sd, D2V2_PREFIX + "context_encoder.blocks."))
     fc1 = sd.get("blocks.0.mlp.fc1.weight", sd.get(D2V2_PREFIX + "context_encoder.blocks.0.mlp.fc1.weight"))
     if fc1 is not None: arch["mlp_ratio"] = fc1.shape[0] / D
     pos = sd.get(D2V2_PREFIX + "fixed_positional_encoder.positions")
@@ -324,7 +330,8 @@ def convert_checkpoint(src: str | Path, # a trusted checkpoint that weights_only
     ckpt = torch.load(src, map_location="cpu", weights_only=False)  # the caller vouches for `src`
     try:
         from omegaconf import OmegaConf
-        cfg = OmegaConf.to_container(ckpt.get("cfg"), resolve=True) if OmegaConf.is_config(ckpt.get("cfg")) else ckpt.get("cfg")
+        cfg = OmegaConf.to_container(ckpt.get("cfg"),
+                                     resolve=True) if OmegaConf.is_config(ckpt.get("cfg")) else ckpt.get("cfg")
     except ImportError:
         cfg = ckpt.get("cfg")
     out = {"cfg": cfg, "model": {k: v for k, v in ckpt.get("model", ckpt).items() if torch.is_tensor(v)}}
@@ -352,8 +359,8 @@ def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL
     n_main = arch["depth"]
     if depth is not None:
         if not 0 < depth <= n_main:
-            raise ValueError(f"depth={depth} but the checkpoint has {n_main} main blocks (+{arch['prenet_depth']} prenet); "
-                             f"choose 1..{n_main}")
+            raise ValueError(f"depth={depth} but the checkpoint has {n_main} main blocks (+{arch['prenet_depth']} "
+                             f"prenet); choose 1..{n_main}")
         arch["depth"] = depth
     arch.update(overrides)
     sd, ignored, unknown = d2v2_checkpoint_filter_fn(ckpt["model"], arch["depth"])
@@ -368,8 +375,9 @@ def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL
                        f"unexpected keys {unexpected}. Is it an image model? Pass overrides for the architecture if "
                        f"its cfg is wrong.")
     log.info(f"data2vec2 checkpoint: {arch['prenet_depth']} prenet + {n_main} main blocks, D={arch['embed_dim']}, "
-             f"heads={arch['num_heads']}, patch={arch['patch_size']}; kept {arch['prenet_depth']} prenet + {arch['depth']} main "
-             f"blocks; ignored {len(ignored)} keys ({', '.join(sorted({k.split('.')[0] for k in ignored})) or 'none'})")
+             f"heads={arch['num_heads']}, patch={arch['patch_size']}; kept {arch['prenet_depth']} prenet + "
+             f"{arch['depth']} main blocks; ignored {len(ignored)} keys "
+             f"({', '.join(sorted({k.split('.')[0] for k in ignored})) or 'none'})")
     return model
 
 # %% ../nbs/01_models.ipynb #f8fbfcf2
@@ -406,7 +414,8 @@ class FrozenTeacher(nn.Module):
         # x_teacher = (x * data_std + data_mean - mean) / std = x * scale + shift
         self.register_buffer("scale", t(data_std) / t(std), persistent=False)
         self.register_buffer("shift", (t(data_mean) - t(mean)) / t(std), persistent=False)
-        self.renormalise = not (torch.allclose(self.scale, torch.ones(1)) and torch.allclose(self.shift, torch.zeros(1)))
+        self.renormalise = not (torch.allclose(self.scale, torch.ones(1)) and torch.allclose(self.shift,
+                                                                                             torch.zeros(1)))
 
     def train(self, mode: bool = True): return super().train(False)  # a teacher never leaves eval mode
 
@@ -426,7 +435,8 @@ class FrozenTeacher(nn.Module):
                    ) -> Iterator[torch.Tensor]: # num_layers x [B, T, D], inference tensors
         "Per-layer activations, computed under inference_mode, yielded one at a time where the model allows."
         n = self.num_layers if num_layers is None else num_layers
-        if not 0 < n <= self.num_layers: raise ValueError(f"num_layers={n}, but the teacher has {self.num_layers} layers")
+        if not 0 < n <= self.num_layers:
+            raise ValueError(f"num_layers={n}, but the teacher has {self.num_layers} layers")
         if self.renormalise: x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
         x = x.to(self.dtype)
         if hasattr(self.model, "iter_layers"):
@@ -476,7 +486,8 @@ def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoi
     "A frozen timm `Beit` teacher, from a self-supervised unilm BEiTv2 checkpoint or timm's weights."
     from timm.models.beit import checkpoint_filter_fn
     shared = checkpoint is not None  # unilm pretraining checkpoints share the relative position bias
-    kw = dict(num_classes=0, global_pool="token", **(dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False) if shared else {}))
+    kw = dict(num_classes=0, global_pool="token",
+              **(dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False) if shared else {}))
     kw.update(model_kwargs)
     check_timm_name(name)
     if pretrained and checkpoint is None: warn_timm_weights(name)
@@ -493,7 +504,8 @@ def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoi
         missing = [k for k in missing if not k.startswith("norm.")]  # the final norm is not used by the layers
         if missing or unexpected:
             what = "the BEiT checkpoint dict" if isinstance(checkpoint, dict) else f"BEiT checkpoint {checkpoint}"
-            raise KeyError(f"{what} does not fit timm '{name}' ({kw}): missing {missing}, unexpected {list(unexpected)}")
+            raise KeyError(f"{what} does not fit timm '{name}' ({kw}): missing {missing}, unexpected "
+                           f"{list(unexpected)}")
     cfg = model.pretrained_cfg
     return FrozenTeacher(model, "block", cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
 

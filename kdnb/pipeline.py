@@ -61,7 +61,8 @@ class PipelineConfig(ConfigBase):
             raise ConfigError("a trained teacher pairs with student='half' (the first half of its blocks)")
         check_positive(self, "img_size", "patch_size", "embed_dim", "num_heads", "teacher_depth", "teacher_epochs",
                   "distill_epochs", "probe_epochs", "finetune_epochs", "batch_size")
-        if self.teacher_depth < 2: raise ConfigError(f"teacher_depth={self.teacher_depth}: needs >= 2 blocks to keep half")
+        if self.teacher_depth < 2:
+            raise ConfigError(f"teacher_depth={self.teacher_depth}: needs >= 2 blocks to keep half")
 
 # %% ../nbs/16_pipeline.ipynb #63aaa266
 def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
@@ -70,11 +71,13 @@ def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
     common = dict(dataset=p.dataset, data_root=p.data_root, val_size=p.val_size, train_subset=p.train_subset,
                   seed=p.seed, device=p.device, num_workers=p.num_workers, batch_size=p.batch_size, resume=p.resume)
     cpu = p.teacher == "train"
-    size = dict(img_size=p.img_size, patch_size=p.patch_size, embed_dim=p.embed_dim, num_heads=p.num_heads) if cpu else {}
+    size = dict(img_size=p.img_size, patch_size=p.patch_size, embed_dim=p.embed_dim,
+                num_heads=p.num_heads) if cpu else {}
     sfx = "_cpu" if cpu else ""
     st = {}
     if cpu:
-        st["teacher"] = get_config("finetune" + sfx, **common, **size, model="tiny", checkpoint=None, depth=p.teacher_depth,
+        st["teacher"] = get_config("finetune" + sfx, **common, **size, model="tiny", checkpoint=None,
+                                   depth=p.teacher_depth,
                                    epochs=p.teacher_epochs, lr=p.teacher_lr, out_dir=str(out / "teacher"))
         teacher, t_ckpt, t_kind = f"run:{out / 'teacher'}", None, "ffn"
         s_ckpt, s_depth = str(out / "teacher"), p.teacher_depth // 2
@@ -84,12 +87,15 @@ def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
         s_ckpt, s_depth = p.student_checkpoint or "data2vec2_base", 6
         t_model = None
     st["distill"] = get_config("distill" + sfx, **common, **size, **({"mlp_dim": 4 * p.embed_dim} if cpu else {}),
-                               teacher=teacher, teacher_checkpoint=t_ckpt, teacher_layer_kind=t_kind, student="data2vec2",
+                               teacher=teacher, teacher_checkpoint=t_ckpt, teacher_layer_kind=t_kind,
+                               student="data2vec2",
                                student_checkpoint=s_ckpt, student_depth=s_depth, student_layer_kind="ffn",
-                               epochs=p.distill_epochs, **({"lr": p.distill_lr} if cpu else {}), out_dir=str(out / "distill"))
+                               epochs=p.distill_epochs, **({"lr": p.distill_lr} if cpu else {}),
+                               out_dir=str(out / "distill"))
     models = {"distilled": str(out / "distill"), "baseline": s_ckpt}
     if t_model: models["teacher"] = t_model
-    for mode, epochs, lr in (("linear_probe", p.probe_epochs, p.probe_lr), ("finetune", p.finetune_epochs, p.finetune_lr)):
+    for mode, epochs, lr in (("linear_probe", p.probe_epochs, p.probe_lr),
+                             ("finetune", p.finetune_epochs, p.finetune_lr)):
         for name, ckpt in models.items():
             depth = p.teacher_depth if name == "teacher" else s_depth
             st[f"{mode}_{name}"] = get_config(mode + sfx, **common, **size, model="data2vec2", checkpoint=ckpt,
@@ -108,13 +114,16 @@ def run_pipeline(p: PipelineConfig | None = None, **overrides) -> pd.DataFrame:
     p = PipelineConfig(**overrides) if p is None else (p.replace(**overrides) if overrides else p)
     out = Path(p.out_dir)
     if out.exists() and any(out.iterdir()) and not p.resume:
-        raise FileExistsError(f"{out} already holds a pipeline run; pass resume=True to continue it, or another out_dir")
+        raise FileExistsError(f"{out} already holds a pipeline run; pass resume=True to continue it, or another "
+                              "out_dir")
     out.mkdir(parents=True, exist_ok=True)
     p.save(out / "pipeline.yaml")
     t0 = time.perf_counter()
     for name, cfg in stage_configs(p).items():
         folder = Path(cfg.out_dir)
-        if _finished(folder): log.info(f"{name}: finished before, skipped"); continue
+        if _finished(folder):
+            log.info(f"{name}: finished before, skipped")
+            continue
         log.info(f"stage {name}")
         last = Checkpointer.find(folder / "checkpoints")
         if folder.exists() and last is None:  # the stage stopped before its first checkpoint: nothing to continue
@@ -124,8 +133,9 @@ def run_pipeline(p: PipelineConfig | None = None, **overrides) -> pd.DataFrame:
             run(cfg.replace(resume=last is not None))
         except (RuntimeError, FileNotFoundError) as e:
             if p.teacher != "train" and ("download" in str(e) or "no checkpoint" in str(e) or "is not in" in str(e)):
-                raise RuntimeError(f"{e}\n\nThe pipeline with teacher={p.teacher!r}, student={p.student!r} needs the seeds' "
-                                   "weights and data. Offline, pass local files: -p teacher_checkpoint /path/beitv2_base_patch16_224_pt1k.pth "
+                raise RuntimeError(f"{e}\n\nThe pipeline with teacher={p.teacher!r}, student={p.student!r} needs "
+                                   "the seeds' weights and data. Offline, pass local files: -p teacher_checkpoint "
+                                   "/path/beitv2_base_patch16_224_pt1k.pth "
                                    "-p student_checkpoint /path/base_imagenet.pt -p data_root /path/to/data "
                                    "(CIFAR: torchvision's files or an ImageFolder train/ tree)") from e
             raise
@@ -155,7 +165,8 @@ def results_table(out_dir) -> pd.DataFrame:
     table = pd.DataFrame(rows).set_index("model")
     if (d / "summary.json").exists():
         s = read_summary(d)
-        table.attrs["distill"] = {"steps": s["steps"], "val_loss": s["metrics"].get("val_loss"), "train_time_s": s["train_time_s"]}
+        table.attrs["distill"] = {"steps": s["steps"], "val_loss": s["metrics"].get("val_loss"),
+                                  "train_time_s": s["train_time_s"]}
     return table
 
 def plot_pipeline(out_dir, path=None):
@@ -166,14 +177,16 @@ def plot_pipeline(out_dir, path=None):
     for kind, key, style in (("step", "loss", "-"), ("epoch", "val_loss", "o-")):
         r = d[(d.kind == kind) & d.get(key, pd.Series(dtype=float)).notna()] if key in d else d.iloc[:0]
         if len(r): axes[0].plot(r.step, r[key], style, ms=4, label=f"{'train' if kind == 'step' else 'validation'}")
-    axes[0].set(title="distillation loss (d2v_loss)", xlabel="step"); axes[0].legend()
+    axes[0].set(title="distillation loss (d2v_loss)", xlabel="step")
+    axes[0].legend()
     for ax, mode in zip(axes[1:], ("linear_probe", "finetune")):
         for name, label in MODEL_LABELS.items():
             run = out / f"{mode}_{name}"
             if not (run / "metrics.jsonl").exists(): continue
             e = read_metrics(run, "epoch")
             ax.plot(e.epoch, e.acc1, "o-", ms=4, label=label)
-        ax.set(title=f"{mode.replace('_', ' ')}: top-1 on validation (%)", xlabel="epoch"); ax.legend(fontsize=8)
+        ax.set(title=f"{mode.replace('_', ' ')}: top-1 on validation (%)", xlabel="epoch")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=110)
     return fig
@@ -184,7 +197,8 @@ KEEP = ("config.yaml", "metrics.jsonl", "summary.json")
 def export_results(run_dir, dst) -> list[Path]:
     "Copy a pipeline's configs, metrics, summaries and tables (not its checkpoints) to `dst`."
     run, dst, out = Path(run_dir), Path(dst), []
-    if not (run / "results.json").exists(): raise FileNotFoundError(f"{run} is not a finished pipeline (no results.json)")
+    if not (run / "results.json").exists():
+        raise FileNotFoundError(f"{run} is not a finished pipeline (no results.json)")
     for p in sorted(run.rglob("*")):
         rel = p.relative_to(run)
         if p.is_file() and (p.parent == run and p.suffix in (".yaml", ".json", ".csv", ".png") or

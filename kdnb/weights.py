@@ -69,7 +69,8 @@ def read_weights(path: str | Path) -> WeightsFile:
                          "or a data2vec 2.0 checkpoint (.pt)")
     arch = json.loads(meta["arch"])
     return WeightsFile(path, meta["kdnb_class"], arch, meta.get("backbone_prefix", ""),
-                       meta.get("backbone_class", meta["kdnb_class"]), json.loads(meta.get("backbone_arch", meta["arch"])),
+                       meta.get("backbone_class", meta["kdnb_class"]),
+                       json.loads(meta.get("backbone_arch", meta["arch"])),
                        state)
 
 def run_weights(run: str | Path) -> Path | None:

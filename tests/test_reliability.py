@@ -2,7 +2,6 @@
 one message that names the file, field, folder or task and the fix. One test per fault class (issue 12); each failed
 on the code before it. The table of classes is on the engine page ("Faults and what kdnb does")."""
 import json
-import math
 
 import numpy as np
 import pytest
