@@ -8,12 +8,13 @@ import dataclasses, difflib, inspect, json, math, re, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import yaml
+import kdnb
 
 # %% auto #0
-__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase',
-           'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'DistillConfig', 'FinetuneConfig',
-           'TextConfig', 'TextDistillConfig', 'GlueConfig', 'Preset', 'get_config', 'load_config',
-           'params_from_namespace']
+__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES',
+           'ConfigError', 'ConfigBase', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'DistillConfig',
+           'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'Preset', 'get_config', 'load_config',
+           'params_from_namespace', 'portable', 'make_portable']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -517,3 +518,29 @@ def params_from_namespace(ns: dict, # the notebook's globals() after the paramet
         raise ConfigError("unknown notebook parameters " + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
                           for k, h in zip(unknown, hints)) + f"; allowed: {sorted(known)}")
     return new
+
+# %% ../nbs/04_config.ipynb #997ab186
+REPO = Path(kdnb.__file__).resolve().parent.parent  # the repository (the folder holding settings.ini and nbs/)
+PORTABLE_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".csv", ".txt", ".md")
+
+def portable(text: str, # a file's text
+             moves: dict | None = None, # absolute folder -> its published place, relative to the repository
+             root: Path = REPO) -> str:
+    "`text` with absolute paths made relative to the repository: moved folders first, then the repository, then beside it."
+    for old, new in sorted((moves or {}).items(), key=lambda kv: -len(str(kv[0]))):
+        text = text.replace(str(old), str(new))
+    return text.replace(str(root) + "/", "").replace(str(root.parent) + "/", "../")
+
+def make_portable(folder: str | Path, # a folder about to be published (e.g. results/x)
+                  moves: dict | None = None, # absolute folder -> its published place, relative to the repository
+                 ) -> list[Path]: # the files that changed
+    "Rewrite the text files under `folder` with `portable` paths."
+    changed = []
+    for p in sorted(Path(folder).rglob("*")):
+        if not (p.is_file() and p.suffix in PORTABLE_SUFFIXES): continue
+        text = p.read_text()
+        new = portable(text, moves)
+        if new != text:
+            p.write_text(new)
+            changed.append(p)
+    return changed

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_engine.ipynb #aa227bd7
 from __future__ import annotations
-import contextlib, json, logging, math, os, random, shutil, subprocess, time
+import contextlib, importlib.util, json, logging, math, os, random, shutil, subprocess, sys, time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
+from tqdm import tqdm as terminal_bar
+from tqdm.notebook import tqdm as notebook_bar
 from .weights import save_weights
 from .layer_decay import param_groups
 from .config import ConfigError, load_config
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'EVENTS', 'RESUME_MAY_CHANGE', 'CODE_COMMIT', 'resolve_device', 'autocast_dtype', 'DistInfo',
            'setup_distributed', 'lr_factor', 'warmup_steps_of', 'Task', 'optimizer_groups', 'Callback', 'NonFiniteLoss',
-           'Trainer', 'Progress', 'dumps', 'MetricsLogger', 'check_resume_config', 'Checkpointer', 'git_commit',
-           'Summary', 'default_callbacks', 'ensure_writable', 'fit_task']
+           'Trainer', 'progress_mode', 'Progress', 'dumps', 'MetricsLogger', 'check_resume_config', 'Checkpointer',
+           'git_commit', 'Summary', 'default_callbacks', 'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -297,15 +298,51 @@ def _reconstructible(e):
     except Exception: return False
 
 # %% ../nbs/06_engine.ipynb #48e69647
+def progress_mode() -> str:
+    "'bar' in a terminal, 'widget' in Jupyter with ipywidgets, 'lines' elsewhere (papermill, the site, CI, pipes)."
+    if sys.stderr.isatty(): return "bar"
+    try:
+        from IPython import get_ipython
+        shell = get_ipython()
+    except ImportError: return "lines"
+    kernel = shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+    return "widget" if kernel and importlib.util.find_spec("ipywidgets") is not None else "lines"
+
 class Progress(Callback):
+    "A live bar for a person, or one line per epoch with its metrics where output is stored (notebooks, logs)."
     order = 50
+    def __init__(self, mode: str | None = None, # "bar", "widget", "lines"; None: progress_mode()
+                 max_lines: int = 10): # in "lines" mode, at most this many epoch lines per run
+        self.mode, self.max_lines = mode, max_lines
     def before_fit(self, t):
-        self.bar = tqdm(total=t.total_steps, initial=t.step, disable=not t.dist.main, desc=type(t.task).__name__,
-                        dynamic_ncols=True, mininterval=1.0)
-    def after_step(self, t): self.bar.update(1)
+        self.lines = (self.mode or progress_mode()) == "lines"
+        self.t0, self.seen0, self.name = time.perf_counter(), t.images_seen, type(t.task).__name__
+        if self.lines:
+            if t.dist.main:
+                start = f", from step {t.step}" if t.step else ""
+                print(f"{self.name}: {t.cfg.epochs} epochs, {t.total_steps} steps{start}", file=sys.stderr, flush=True)
+            return
+        bar = notebook_bar if (self.mode or progress_mode()) == "widget" else terminal_bar
+        self.bar = bar(total=t.total_steps, initial=t.step, disable=not t.dist.main, desc=self.name,
+                       dynamic_ncols=True, mininterval=1.0)
+    def after_step(self, t):
+        if not self.lines: self.bar.update(1)
     def after_epoch(self, t):
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in t.metrics.items() if isinstance(v, float)}, refresh=False)
-    def after_fit(self, t): self.bar.close()
+        shown = {k: f"{v:.4g}" for k, v in t.metrics.items() if isinstance(v, float)}
+        if not self.lines:
+            self.bar.set_postfix(shown, refresh=False)
+            return
+        stride = math.ceil(t.cfg.epochs / self.max_lines)  # at most max_lines lines per run, the last epoch always
+        if not t.dist.main or (t.epoch % stride and t.epoch < t.cfg.epochs and t.step < t.total_steps): return
+        secs = time.perf_counter() - self.t0
+        rate = (t.images_seen - self.seen0) / max(secs, 1e-9)
+        loss = next((r.get("train_loss") for r in reversed(t.history) if r.get("kind") == "epoch"), None)
+        parts = [f"epoch {t.epoch}/{t.cfg.epochs}", f"step {t.step}/{t.total_steps}"]
+        parts += [f"train_loss {loss:.4g}"] if isinstance(loss, float) else []
+        parts += [f"{k} {v}" for k, v in shown.items()] + [f"{secs:.0f} s", f"{rate:.0f} img/s"]
+        print(f"{self.name}: " + ", ".join(parts), file=sys.stderr, flush=True)
+    def after_fit(self, t):
+        if not self.lines: self.bar.close()
 
 def _finite_or_none(v):
     if isinstance(v, float) and not math.isfinite(v): return None
@@ -494,7 +531,8 @@ class Summary(Callback):
                      "wall_time_s": round(time.perf_counter() - self._t0, 3),
                      "images_per_s": round(t.images_seen / t.train_time_s, 2) if t.train_time_s else None,
                      "world_size": t.dist.world_size, "device": str(t.device), "precision": t.cfg.precision,
-                     "preset": t.cfg.preset, "git_commit": CODE_COMMIT}
+                     "preset": t.cfg.preset, "git_commit": CODE_COMMIT,
+                     "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         if getattr(t, "error", None): t.summary["error"] = t.error
         skipped = t.out_dir / "skipped_images.txt"
         if skipped.exists(): t.summary["skipped_images"] = len(set(skipped.read_text().splitlines()))

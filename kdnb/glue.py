@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from timm.layers import trunc_normal_
-from .config import GlueConfig, get_config
+from .config import GlueConfig, get_config, make_portable
 from .engine import Task, fit_task
 from .models import HEAD_NORM_EPS, HEAD_INIT_STD
 from .text import GLUE, TextEncoder, TextSet, distill_text, load_text_encoder, load_tokenizer, read_glue
@@ -147,4 +147,5 @@ def glue_demo(out: str | Path, # results folder
                          "minutes": round(s["wall_time_s"] / 60, 1), "git_commit": s["git_commit"]})
     df = pd.DataFrame(rows)
     df.to_csv(out / "results.csv", index=False)
+    make_portable(out)  # data_root and run folders relative to the repository
     return df

@@ -5,12 +5,13 @@
 # %% ../nbs/16_pipeline.ipynb #7c42e4c0
 from __future__ import annotations
 import json, logging, shutil, time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 import typing
 import pandas as pd
 import matplotlib.pyplot as plt
-from .config import ConfigBase, ConfigError, get_config, check_choice, check_positive, DATASETS
+from .config import load_config, make_portable, portable, ConfigBase, ConfigError, get_config, check_choice, check_positive, DATASETS
 from .runs import run
 from .report import read_metrics, read_summary
 from .engine import CODE_COMMIT, Checkpointer
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MODEL_LABELS', 'KEEP', 'PipelineConfig', 'stage_configs', 'run_pipeline', 'results_table', 'plot_pipeline',
-           'export_results']
+           'export_results', 'pipeline_command']
 
 # %% ../nbs/16_pipeline.ipynb #e7f250e8
 @dataclass
@@ -195,7 +196,7 @@ def plot_pipeline(out_dir, path=None):
 KEEP = ("config.yaml", "metrics.jsonl", "summary.json")
 
 def export_results(run_dir, dst) -> list[Path]:
-    "Copy a pipeline's configs, metrics, summaries and tables (not its checkpoints) to `dst`."
+    "Copy a pipeline's configs, metrics, summaries and tables (not its checkpoints) to `dst`, with portable paths."
     run, dst, out = Path(run_dir), Path(dst), []
     if not (run / "results.json").exists():
         raise FileNotFoundError(f"{run} is not a finished pipeline (no results.json)")
@@ -204,5 +205,15 @@ def export_results(run_dir, dst) -> list[Path]:
         if p.is_file() and (p.parent == run and p.suffix in (".yaml", ".json", ".csv", ".png") or
                             len(rel.parts) == 2 and p.name in KEEP):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, dst / rel); out.append(dst / rel)
+            shutil.copy2(p, dst / rel)
+            out.append(dst / rel)
+    make_portable(dst, {str(run.resolve()): portable(str(dst.resolve()))})  # no machine's paths in what is published
     return out
+
+# %% ../nbs/16_pipeline.ipynb #c198c43a
+def pipeline_command(run_dir) -> str:
+    "The papermill command that runs a pipeline folder's configuration again (its parameters that differ from the defaults)."
+    p, default = load_config(Path(run_dir) / "pipeline.yaml"), PipelineConfig()
+    params = [f"-p {f.name} {getattr(p, f.name)}" for f in dataclasses.fields(p)
+              if f.name not in ("out_dir", "resume") and getattr(p, f.name) != getattr(default, f.name)]
+    return " ".join(["papermill nbs/run_pipeline.ipynb out.ipynb", *params])

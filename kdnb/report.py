@@ -4,19 +4,19 @@
 
 # %% ../nbs/15_report.ipynb #3a204f62
 from __future__ import annotations
-import json, re
+import json, re, subprocess
 from dataclasses import fields
 from pathlib import Path
 import pandas as pd
 import matplotlib
 import matplotlib.pyplot as plt
-from .config import field_docs
+from .config import REPO, field_docs, portable
 
 
 # %% auto #0
-__all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics', 'fmt',
-           'rand_augment_parts', 'distill_table', 'finetune_table', 'seed_comparison_table', 'head_table',
-           'layer_decay_table', 'glue_table', 'ferkd_table']
+__all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics', 'commit_date',
+           'provenance', 'fmt', 'rand_augment_parts', 'distill_table', 'finetune_table', 'seed_comparison_table',
+           'head_table', 'layer_decay_table', 'glue_table', 'ferkd_table']
 
 # %% ../nbs/15_report.ipynb #51903a4a
 def config_table(cfg, only: list[str] | None = None) -> pd.DataFrame:
@@ -50,6 +50,28 @@ def plot_metrics(run_dir, keys=("loss", "val_loss"), ax=None, label: str | None 
         a.set_xlabel("step"); a.set_title(k); a.legend(fontsize=7)
     plt.tight_layout()
     return axes
+
+# %% ../nbs/15_report.ipynb #10826767
+def commit_date(sha: str | None) -> str:
+    "The date of a git commit of this repository (a '-dirty' mark ignored), or 'unknown' without its history."
+    if not sha: return "unknown"
+    r = subprocess.run(["git", "log", "-1", "--format=%cs", sha.removesuffix("-dirty")], cwd=REPO,
+                       capture_output=True, text=True)
+    return r.stdout.strip() or "unknown" if r.returncode == 0 else "unknown"
+
+def provenance(run_dir, # a run folder under results/ (a pipeline's folder, or one run)
+               command: str, # the command that makes it again
+               summary: str = "summary.json", # the summary file to read, relative to run_dir
+              ) -> pd.Series:
+    "Where a run's numbers come from: folder, config, commit, device, date, and the command to rerun it."
+    run = Path(run_dir)
+    s = json.loads((run / summary).read_text())
+    found = sorted(run.glob("**/*.yaml"), key=lambda p: (len(p.parts), str(p)))  # the run's own config first
+    configs = [portable(str(p.resolve())) for p in found]
+    return pd.Series({"run folder": portable(str(run.resolve())), "configs": ", ".join(configs[:4]) +
+                      (f" (+{len(configs) - 4} more)" if len(configs) > 4 else ""),
+                      "git commit": s.get("git_commit"), "device": s.get("device", "unknown"),
+                      "date": s.get("date") or commit_date(s.get("git_commit")), "rerun": command})
 
 # %% ../nbs/15_report.ipynb #287b26b3
 from .config import get_config, TRAIN_SIZES

@@ -17,8 +17,8 @@ from nbdev.processors import (populate_language, add_show_docs, hide_, hide_line
 from execnb.nbio import dict2nb, nb2dict
 
 # %% auto #0
-__all__ = ['SKIP_FLAGS', 'MATHJAX_DIR', 'CSS', 'site_pages', 'execute_page', 'docs_view', 'render_page', 'build_site',
-           'execute_in_place', 'report_main']
+__all__ = ['SKIP_FLAGS', 'MATHJAX_DIR', 'CSS', 'WIDTH_PROBE', 'site_pages', 'execute_page', 'docs_view', 'page_title',
+           'render_page', 'build_site', 'execute_in_place', 'report_main']
 
 # %% ../nbs/17_site.ipynb #5067f612
 def site_pages(nbs_path) -> list[tuple[str, str]]:
@@ -56,8 +56,12 @@ def execute_page(path: Path, timeout: int = 1200, run: bool = True, add_docs: bo
         c.pop("directives_", None)
         c.pop("has_sd", None)
         d = {m.group(1): m.group(2).strip() for m in re.finditer(r"^#\|\s*([\w-]+):?\s*(.*)$", c.source, re.M)}
-        if (d.get("eval") == "false" or SKIP_FLAGS & d.keys() or not run) and "skip-execution" not in c.metadata.get("tags", []):
-            c.metadata.setdefault("tags", []).append("skip-execution")
+        tags = c.metadata.setdefault("tags", [])
+        if (d.get("eval") == "false" or SKIP_FLAGS & d.keys() or not run) and "skip-execution" not in tags:
+            tags.append("skip-execution")
+        if d.get("echo") == "false" and "remove-input" not in tags:  # code that only draws: its output, not the code
+            tags.append("remove-input")
+        if not tags: c.metadata.pop("tags")
     if run:  # figures must come out inline whatever MPLBACKEND says (CI sets Agg, which would drop them)
         saved = os.environ.get("MPLBACKEND")
         os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
@@ -94,24 +98,36 @@ nav h2{font-size:1.1em;margin:.2em 0 .8em} nav .sec{margin-top:.8em;font-weight:
 nav a{display:block;color:#0b5ed7;text-decoration:none;padding:.1em 0} nav a.cur{font-weight:700;color:#000}
 main{margin-left:260px;max-width:1000px;padding:1em 2em 4em}
 pre,code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em}
-.jp-InputArea pre,.input_area pre,div.highlight pre{background:#f6f8fa;padding:.6em;border-radius:4px;overflow:auto}
+.jp-InputArea pre,.input_area pre,div.highlight pre{background:#f6f8fa;padding:.6em;border-radius:4px;overflow:auto;
+  white-space:pre-wrap;overflow-wrap:anywhere}
 .jp-OutputArea-output pre{padding:.4em .6em;overflow:auto}
-table{border-collapse:collapse;margin:.6em 0;font-size:.85em} th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
+table{border-collapse:collapse;margin:.6em 0;font-size:.85em;display:block;max-width:100%;overflow-x:auto} th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
 thead th{background:#f0f0f0} img{max-width:100%} blockquote{color:#555;border-left:3px solid #ccc;margin-left:0;padding-left:1em}
 .jp-InputPrompt,.jp-OutputPrompt,.prompt{display:none}
 """
 
-def _nav(pages, current, title="kdnb"):
+# marks a page whose content is wider than the window (read by the site test from the rendered DOM)
+WIDTH_PROBE = ("<script>addEventListener('load',()=>{document.body.dataset.wide="
+               "document.documentElement.scrollWidth>innerWidth+1})</script>")
+
+def page_title(path: Path) -> str:
+    "A page's name in the sidebar: its H1 up to the first colon (run notebooks keep their whole 'Run: ...' title)."
+    nb = nbformat.read(path, as_version=4)
+    h1 = next((c.source.split("\n")[0][2:].strip() for c in nb.cells
+               if c.cell_type == "markdown" and c.source.startswith("# ")), path.stem)
+    return h1 if h1.startswith("Run:") else h1.split(": ")[0]
+
+def _nav(pages, current, title="kdnb", titles=None):
     out, sec = [f"<h2>{html.escape(title)}</h2>"], None
     for s, p in pages:
         if s != sec and s: out.append(f'<div class="sec">{html.escape(s)}</div>')
         sec = s
         name = Path(p).stem
         cls = ' class="cur"' if p == current else ""
-        out.append(f'<a href="{name}.html"{cls}>{html.escape(name)}</a>')
+        out.append(f'<a href="{name}.html"{cls}>{html.escape((titles or {}).get(p, name))}</a>')
     return "\n".join(out)
 
-def render_page(nb, pages, current, mathjax: bool) -> str:
+def render_page(nb, pages, current, mathjax: bool, titles: dict | None = None) -> str:
     "HTML of one processed notebook inside the site's page."
     exporter = HTMLExporter(template_name="basic", exclude_input_prompt=True, exclude_output_prompt=True)
     exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags=("remove-input",), enabled=True),
@@ -122,7 +138,7 @@ def render_page(nb, pages, current, mathjax: bool) -> str:
           '<script src="mathjax/MathJax.js?config=TeX-AMS_CHTML"></script>') if mathjax else ""
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content='width=device-width'>"
             f"<title>{html.escape(title)} – kdnb</title><style>{CSS}</style>{mj}</head>"
-            f"<body><nav>{_nav(pages, current)}</nav><main>{body}</main></body></html>")
+            f"<body><nav>{_nav(pages, current, titles=titles)}</nav><main>{body}</main>{WIDTH_PROBE}</body></html>")
 
 # %% ../nbs/17_site.ipynb #ceec0249
 def build_site(out_dir="_site", # where the HTML pages go
@@ -143,6 +159,7 @@ def build_site(out_dir="_site", # where the HTML pages go
                                 f"{', '.join(Path(p).stem for _, p in pages)}")
     mathjax = MATHJAX_DIR.is_dir()
     if mathjax and not (out / "mathjax").exists(): (out / "mathjax").symlink_to(MATHJAX_DIR, target_is_directory=True)
+    titles = {p: page_title(nbs / p) for _, p in pages}
     written = []
     for _, p in pages:
         name = Path(p).stem
@@ -150,7 +167,7 @@ def build_site(out_dir="_site", # where the HTML pages go
         t0 = time.time()
         nb = execute_page(nbs / p, timeout, run=execute and not name.startswith("run_"))
         page, view = out / f"{name}.html", docs_view(nb)
-        page.write_text(render_page(view, pages, p, mathjax))
+        page.write_text(render_page(view, pages, p, mathjax, titles))
         if keep_notebooks:
             (out / "_nb").mkdir(exist_ok=True)
             nbformat.write(view, out / "_nb" / p)

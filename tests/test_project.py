@@ -56,3 +56,19 @@ def test_notebooks_are_clean():
         for c in nb.cells:
             if c.cell_type == "code":
                 assert not c.outputs and c.execution_count is None, f"{path.name} has outputs: run nbdev_clean"
+
+
+ABSOLUTE = re.compile(r"""(?:^|[\s"'=:,\[(])(/(?:[\w.-]+/)+[\w.-]*)""", re.M)
+
+
+def test_results_hold_no_absolute_paths():
+    "What is published says where things are relative to the repository, never on the machine that ran it."
+    found = []
+    for p in sorted((ROOT / "results").rglob("*")):
+        if p.is_file() and p.suffix in (".yaml", ".yml", ".json", ".jsonl", ".csv", ".md", ".txt"):
+            found += [f"{p.relative_to(ROOT)}: {m}" for m in ABSOLUTE.findall(p.read_text())]
+    assert not found, "\n".join(found[:20])
+
+
+def test_the_absolute_path_check_can_fail(tmp_path):
+    assert ABSOLUTE.findall("data_root: /work/shared/data/cifar10\nurl: https://x.org/a/b") == ["/work/shared/data/cifar10"]

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+FLAGS = ["--headless", "--no-sandbox", "--window-size=1280,900", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--virtual-time-budget=10000"]
 
 
@@ -68,6 +68,26 @@ def test_every_page_renders_with_its_tables_and_figures(site, tmp_path):
         has_math = any(c.cell_type == "markdown" and re.search(r"\$[^$\s][^$]*\$", c.source) for c in nb.cells)
         if (out / "mathjax").exists() and has_math:
             assert "mjx-chtml" in dom, f"{page.name}: math was not typeset"
+
+
+def test_what_a_reader_notices(site, tmp_path):
+    "Titles in the sidebar, no drawing code on report pages, no page wider than the window, no machine's paths."
+    from kdnb.site import site_pages, page_title
+    out, pages = site
+    titles = {Path(p).stem: page_title(ROOT / "nbs" / p) for _, p in site_pages(ROOT / "nbs")}
+    assert titles["00_targets"] == "Targets" and titles["run_glue"] == "Run: GLUE finetuning"
+    for page in pages:
+        dom = _dom(page, tmp_path / "profile")
+        nav = dom[dom.index("<nav>"):dom.index("</nav>")]
+        for name, title in titles.items():
+            assert re.search(rf'href="{re.escape(name)}.html"[^>]*>{re.escape(title)}</a>', nav), f"{page.name}: {title}"
+        assert 'data-wide="false"' in dom, f"{page.name} is wider than the window"
+        for machine_path in (str(ROOT), str(ROOT.parent) + "/shared"):
+            assert machine_path not in dom, f"{page.name} shows the machine's path {machine_path}"
+    # code that only draws (`#| echo: false`) shows its figure, not itself
+    for page, token in (("index", "FancyBboxPatch"), ("index", "subplots"), ("benchmarks", "subplots"),
+                        ("results", "set_ylabel")):
+        assert token not in (out / f"{page}.html").read_text(), f"{page}: drawing code ({token}) is shown"
 
 
 def test_report_pages_have_content(site):
