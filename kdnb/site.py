@@ -48,7 +48,9 @@ def execute_page(path: Path, timeout: int = 1200, run: bool = True, add_docs: bo
         proc = NBProcessor(path, procs=[populate_language, add_show_docs], rm_directives=False)
         proc.process()
         nb = _to_nbformat(proc.nb)
-        nb.cells.insert(0, nbformat.v4.new_code_cell("#| hide\nfrom nbdev.showdoc import show_doc"))
+        setup = ("#| hide\nfrom nbdev.showdoc import show_doc\nimport warnings\n"
+                 "warnings.filterwarnings('ignore', message='IProgress not found')  # tqdm.auto without ipywidgets")
+        nb.cells.insert(0, nbformat.v4.new_code_cell(setup))
     else: nb = nbformat.read(path, as_version=4)
     for c in nb.cells:
         if c.cell_type != "code": continue
@@ -98,10 +100,12 @@ nav h2{font-size:1.1em;margin:.2em 0 .8em} nav .sec{margin-top:.8em;font-weight:
 nav a{display:block;color:#0b5ed7;text-decoration:none;padding:.1em 0} nav a.cur{font-weight:700;color:#000}
 main{margin-left:260px;max-width:1000px;padding:1em 2em 4em}
 pre,code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em}
+pre{white-space:pre-wrap;overflow-wrap:anywhere}
 .jp-InputArea pre,.input_area pre,div.highlight pre{background:#f6f8fa;padding:.6em;border-radius:4px;overflow:auto;
   white-space:pre-wrap;overflow-wrap:anywhere}
 .jp-OutputArea-output pre{padding:.4em .6em;overflow:auto}
-table{border-collapse:collapse;margin:.6em 0;font-size:.85em;display:block;max-width:100%;overflow-x:auto} th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
+table{border-collapse:collapse;margin:.6em 0;font-size:.85em;display:block;width:max-content;max-width:100%;
+  overflow-x:auto} th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
 thead th{background:#f0f0f0} img{max-width:100%} blockquote{color:#555;border-left:3px solid #ccc;margin-left:0;padding-left:1em}
 .jp-InputPrompt,.jp-OutputPrompt,.prompt{display:none}
 """
