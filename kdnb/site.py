@@ -15,6 +15,7 @@ from nbdev.process import NBProcessor
 from nbdev.processors import (populate_language, add_show_docs, hide_, hide_line, rm_export, clean_magics,
                               rm_header_dash, strip_ansi, strip_hidden_metadata)
 from execnb.nbio import dict2nb, nb2dict
+from .config import portable
 
 # %% auto #0
 __all__ = ['SKIP_FLAGS', 'MATHJAX_DIR', 'CSS', 'WIDTH_PROBE', 'site_pages', 'execute_page', 'docs_view', 'page_title',
@@ -88,6 +89,9 @@ def docs_view(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         for o in c.get("outputs", []):  # Quarto-only link attributes in show_doc's markdown
             md = o.get("data", {}).get("text/markdown")
             if md: o["data"]["text/markdown"] = re.sub(r'\{target="_blank"[^}]*\}', "", "".join(md))
+            if "text" in o: o["text"] = portable("".join(o["text"]))  # no machine's paths in a published page
+            for kind in ("text/plain", "text/html", "text/markdown"):
+                if kind in o.get("data", {}): o["data"][kind] = portable("".join(o["data"][kind]))
     return out
 
 # %% ../nbs/17_site.ipynb #c9511516
