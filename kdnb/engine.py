@@ -81,10 +81,11 @@ class Task(nn.Module):
     "What a run trains. Subclasses implement forward and eval_step, and declare what is trained and what is frozen."
     trainable = "model"            # attribute holding the module that gets gradients (wrapped by DDP)
     frozen: tuple[str, ...] = ()   # modules (dotted paths) that never train: kept in eval mode, e.g. a teacher
-    best_metric = ("val_loss", "min")  # metric that decides the `best` checkpoint
+    best_metric = ("val_loss", "min")  # metric that decides the `best` checkpoint; None: no `best`, the last one counts
     ddp_find_unused = False        # True when some trained parameters get no gradient (DDP must be told)
     def forward(self, batch) -> dict: raise NotImplementedError  # {"loss": scalar, **scalar metrics}
     def eval_step(self, batch) -> dict: raise NotImplementedError  # sums over the batch, incl. "n"
+    def after_update(self, step: int): pass  # called after each optimiser step (`step` updates done): e.g. an EMA teacher
     def summarize(self, sums: dict) -> dict:
         "Turn the summed eval results into metrics (means over `n`)."
         n = sums.pop("n")
@@ -190,6 +191,7 @@ class Trainer:
         self.scaler.step(self.opt); self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
+        self.task.after_update(self.step + 1)
         d = self.loss.detach().float()
         self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
         self._n_loss = getattr(self, "_n_loss", 0) + 1
@@ -391,8 +393,9 @@ class MetricsLogger(Callback):
         rate = (t.images_seen - self._imgs) / max(now - self._t, 1e-9)
         self._t, self._imgs = now, t.images_seen
         loss = t.pop_train_loss()
+        extra = {k: float(v) for k, v in getattr(t, "out", {}).items() if k != "loss"}  # the task's own scalars, this step
         self.write(t, {"kind": "step", "step": t.step, "epoch": t.epoch, "loss": loss,
-                       "lr": t.opt.param_groups[-1]["lr"], "images_per_s": rate})
+                       "lr": t.opt.param_groups[-1]["lr"], "images_per_s": rate, **extra})
         self._epoch_losses = getattr(self, "_epoch_losses", []) + [loss]
     def after_epoch(self, t):
         tail = t.pop_train_loss()
@@ -494,8 +497,8 @@ class Checkpointer(Callback):
         if t.cfg.ckpt_every and t.step % t.cfg.ckpt_every == 0 and t.step_in_epoch < t.steps_per_epoch:
             self.save(t, "last")
     def after_epoch(self, t):
-        name, mode = t.task.best_metric
-        v = t.metrics.get(name)
+        name, mode = t.task.best_metric or (None, None)
+        v = t.metrics.get(name) if name else None
         if v is not None and (t.best is None or (v > t.best if mode == "max" else v < t.best)):
             t.best = v
             self.save(t, "best")  # before `last`: a resumed run never believes an older, worse best
@@ -525,7 +528,7 @@ class Summary(Callback):
         if t.dist.main: t.cfg.save(t.out_dir / "config.yaml")  # after the Checkpointer refused to overwrite a run
     def after_fit(self, t):
         t.summary = {**self.info, "metrics": {k: v for k, v in t.metrics.items() if k not in ("epoch", "step")},
-                     "best": {t.task.best_metric[0]: t.best}, "steps": t.step, "epochs": t.epoch,
+                     "best": {t.task.best_metric[0]: t.best} if t.task.best_metric else {}, "steps": t.step, "epochs": t.epoch,
                      "finished": bool(getattr(t, "completed", False)) and t.step >= t.total_steps,
                      "train_time_s": round(t.train_time_s, 3),
                      "wall_time_s": round(time.perf_counter() - self._t0, 3),

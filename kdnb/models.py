@@ -128,10 +128,24 @@ class Data2Vec2Encoder(nn.Module):
         for b in self.all_blocks: b.attn.fused_attn = enable
         return self
 
-    def embed(self, x): # [B, C, H, W] -> [B, 1+N, D]
-        x = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # [B, N, D]
+    def patch_tokens(self, x): # [B, C, H, W] -> [B, N, D] patch embeddings with their positions
+        return self.patch_embed(x) + self.pos_embed.to(x.dtype)
+
+    def embed_tokens(self, x, # [B, N, D] from `patch_tokens`
+                     keep: torch.Tensor | None = None, # [B, K] indices of the patches kept (masked pretraining)
+                    ): # -> [B, 1+K, D]: the kept patches after CLS, then the pre-block LayerNorm
+        if keep is not None: x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # CLS after positions
         return self.norm_pre(x)
+
+    def embed(self, x): # [B, C, H, W] -> [B, 1+N, D]
+        return self.embed_tokens(self.patch_tokens(x))
+
+    def encode_tokens(self, x, keep=None): # [B, N, D] patch tokens -> [B, 1+K, D] final tokens of the kept patches
+        "All blocks over CLS and the kept patches only (data2vec 2.0's student sees the visible patches alone)."
+        x = self.embed_tokens(x, keep)
+        for blk in self.all_blocks: x = blk(x)
+        return x
 
     def _blocks(self, x): # [B, C, H, W] -> yields (block index, block output, FFN output), prenet blocks first
         x = self.embed(x)
