@@ -13,8 +13,8 @@ import kdnb
 # %% auto #0
 __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES',
            'ConfigError', 'ConfigBase', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'DistillConfig',
-           'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'Preset', 'get_config', 'load_config',
-           'params_from_namespace', 'portable', 'make_portable']
+           'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset', 'get_config',
+           'load_config', 'params_from_namespace', 'portable', 'make_portable']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -360,6 +360,73 @@ class GlueConfig(TextConfig):
         if not 0 < self.layer_decay <= 1: raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]")
         if self.layers is not None and self.layers <= 0: raise ConfigError(f"layers={self.layers} must be > 0 or None")
 
+# %% ../nbs/04_config.ipynb #18f43bd9
+@dataclass
+class PretrainConfig(BaseConfig):
+    "data2vec 2.0 image pretraining: no labels; an EMA teacher's layer-averaged target regressed at masked patches."
+    # --- the encoder (the EMA teacher is a copy of it)
+    checkpoint: typing.Optional[str] = None # weights to start from (a data2vec 2.0 checkpoint or kdnb run); None = random init
+    depth: int = 10 # main blocks (fairseq `depth`); the targets come from these
+    prenet_depth: int = 2 # blocks inside the image encoder, before the main ones (fairseq `prenet_depth`)
+    embed_dim: int = 768 # width D
+    num_heads: int = 12 # attention heads
+    mlp_ratio: float = 4.0 # FFN width / D
+    patch_size: int = 16 # patch side in pixels
+    norm_eps: float = 1e-6 # eps of the encoder's LayerNorms (fairseq `norm_eps`)
+    # --- augmentation (fairseq's MaeImageDataset: RandomResizedCrop (0.2, 1), bicubic, flip)
+    crop_scale: tuple[float, float] = (0.2, 1.0) # RandomResizedCrop scale range
+    hflip: float = 0.5 # horizontal flip probability
+    # --- masking
+    mask_prob: float = 0.8 # share of the patches the student does not see
+    mask_prob_adjust: float = 0.07 # extra block centres drawn before the exact count is set
+    mask_length: int = 3 # side of the square blocks (in patches)
+    inverse_mask: bool = True # draw the blocks that stay visible (data2vec 2.0's inverse block masking)
+    mask_noise_std: float = 0.01 # std of the noise the decoder gets at masked positions
+    clone_batch: int = 16 # masked copies of each image per teacher pass
+    # --- target and EMA teacher
+    average_top_k_layers: int = 10 # the teacher's last K main blocks form the target
+    target_eps: float = 1e-5 # epsilon of the target's instance and layer norms (torch's defaults, as fairseq)
+    ema_decay: float = 0.9998 # EMA decay at the first update
+    ema_end_decay: float = 0.99999 # EMA decay from ema_anneal_end_step on (linear in between)
+    ema_anneal_end_step: int = 100000 # updates over which the decay anneals
+    cls_loss: float = 0.01 # weight of the CLS loss (the CLS output regresses the target's mean over patches)
+    # --- decoder (convolutional, on the patch grid)
+    decoder_dim: int = 768 # channels of the decoder
+    decoder_groups: int = 16 # groups of each convolution
+    decoder_kernel: int = 3 # kernel side
+    decoder_layers: int = 6 # conv -> LayerNorm -> GELU layers, residual between them
+
+    def validate(self):
+        super().validate()
+        check_positive(self, "depth", "embed_dim", "num_heads", "patch_size", "mask_length", "clone_batch",
+                       "average_top_k_layers", "decoder_dim", "decoder_groups", "decoder_kernel", "decoder_layers",
+                       "ema_anneal_end_step", "mlp_ratio")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+        if self.embed_dim % 4: raise ConfigError(f"embed_dim={self.embed_dim}: 2-D sin-cos positions need a multiple of 4")
+        if self.average_top_k_layers > self.depth:
+            raise ConfigError(f"average_top_k_layers={self.average_top_k_layers} exceeds depth={self.depth}: "
+                              "the target averages main blocks only")
+        if not 0 < self.mask_prob < 1: raise ConfigError(f"mask_prob={self.mask_prob} must be in (0, 1)")
+        grid = (self.img_size // self.patch_size) ** 2
+        seen = grid * (1 - self.mask_prob) if self.inverse_mask else grid - int(grid * self.mask_prob)
+        if int(seen) < 1 or int(grid * (1 - self.mask_prob)) >= grid:
+            raise ConfigError(f"mask_prob={self.mask_prob} on a {grid}-patch grid leaves no visible or no masked patch; "
+                              "use more patches (smaller patch_size) or another mask_prob")
+        if self.mask_length < 2: raise ConfigError(f"mask_length={self.mask_length}: blocks need a side >= 2")
+        for n in ("ema_decay", "ema_end_decay"):
+            if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1]")
+        if self.embed_dim % self.decoder_groups or self.decoder_dim % self.decoder_groups:
+            raise ConfigError(f"decoder_groups={self.decoder_groups} must divide embed_dim={self.embed_dim} and "
+                              f"decoder_dim={self.decoder_dim}")
+        if self.decoder_kernel % 2 == 0: raise ConfigError(f"decoder_kernel={self.decoder_kernel} must be odd")
+        if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
+        _non_negative(self, "cls_loss", "mask_noise_std", "mask_prob_adjust", "prenet_depth")
+
 # %% ../nbs/04_config.ipynb #15516bc2
 @dataclass(frozen=True)
 class Preset:
@@ -454,6 +521,22 @@ PRESETS = {p.name: p for p in (
         layer_decay=0.81, schedule="cosine", warmup_frac=0.1, out_dir="runs/glue"),
         "Seed 000, Table 3: GLUE finetuning of the distilled text student (15 epochs, batch 256, AdamW 1e-3, eps "
         "1e-8, betas (0.9, 0.999), wd 0.01, layer decay 0.81, cosine, 10 % warmup)."),
+    Preset("pretrain", PretrainConfig, dict(
+        dataset="imagenet", img_size=224, patch_size=16, embed_dim=768, num_heads=12, depth=10, prenet_depth=2,
+        mlp_ratio=4.0, norm_eps=1e-6, batch_size=256, epochs=75, max_steps=375300, lr=1e-3, betas=(0.9, 0.95),
+        adam_eps=1e-8, weight_decay=0.05, schedule="cosine", warmup_steps=50040, min_lr_ratio=0.0, grad_clip=4.0,
+        mask_prob=0.8, mask_prob_adjust=0.07, mask_length=3, inverse_mask=True, mask_noise_std=0.01,
+        clone_batch=16, average_top_k_layers=10, ema_decay=0.9998, ema_end_decay=0.99999,
+        ema_anneal_end_step=100000, cls_loss=0.01, decoder_dim=768, decoder_groups=16, decoder_kernel=3,
+        decoder_layers=6, out_dir="runs/pretrain"),
+        "data2vec 2.0, fairseq examples/data2vec/config/v2/base_images_only_task.yaml (ImageNet-1K, 16 GPUs x 16 "
+        "images = batch 256, each cloned 16 times; 375,300 updates = 75 epochs; fairseq's fp16 becomes kdnb's bf16)."),
+    Preset("pretrain_cpu", "pretrain", dict(
+        **_CPU, embed_dim=64, num_heads=4, depth=4, prenet_depth=0, average_top_k_layers=4, clone_batch=4,
+        decoder_dim=64, decoder_layers=3, epochs=10, max_steps=None, warmup_steps=None, warmup_frac=0.1, lr=1e-3,
+        ema_decay=0.99, ema_end_decay=0.999, ema_anneal_end_step=500, out_dir="runs/pretrain_cpu"),
+        "A CPU-sized data2vec 2.0 pretraining on digits: a 4-block, 64-wide encoder on 16 px (4x4 patches), 4 clones "
+        "per image, the EMA schedule shortened to the run's few hundred updates; otherwise the base recipe."),
     Preset("glue_cpu", "glue", dict(
         checkpoint="minilm", max_len=64, batch_size=32, epochs=3, num_workers=0, precision="fp32", log_every=5,
         out_dir="runs/glue_cpu"),
@@ -463,7 +546,7 @@ PRESETS = {p.name: p for p in (
 
 # %% ../nbs/04_config.ipynb #b8646970
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)
-               task: str | None = None, # "distill", "finetune", "linear_probe", "text_distill" or "glue": checks the preset fits the run
+               task: str | None = None, # "pretrain", "distill", "finetune", "linear_probe", "text_distill" or "glue": checks the preset fits
                **overrides, # fields to change
               ) -> BaseConfig:
     "The config of a preset with `overrides` applied and validated."
@@ -476,8 +559,8 @@ def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on
                                                                                            f" (did you mean {hint[0]!r}?)" if hint else ""))
     cfg = PRESETS[preset].build()
     if task is not None:
-        want = {"distill": DistillConfig, "text_distill": TextDistillConfig, "glue": GlueConfig}.get(task,
-                                                                                                     FinetuneConfig)
+        want = {"distill": DistillConfig, "text_distill": TextDistillConfig, "glue": GlueConfig,
+                "pretrain": PretrainConfig}.get(task, FinetuneConfig)
         if not isinstance(cfg, want):
             raise ConfigError(f"preset {preset!r} is a {type(cfg).__name__}, not for a {task} run")
         if task in ("finetune", "linear_probe") and "mode" not in overrides: overrides["mode"] = task

@@ -119,3 +119,57 @@ def test_ferkd_table_matches_seed_002_table_1():
             else: assert numbers(got) == numbers(want) or got.lower() == want.lower(), (label, col, got, want)
             checked += 1
     assert checked >= 24
+
+
+REFS = SEEDS.parent / "refs"
+
+
+def yaml_value(doc: dict, path: str):
+    "A dotted path into the yaml; `a * b` multiplies two paths (per-GPU batch x GPUs)."
+    if "*" in path:
+        a, b = (yaml_value(doc, p.strip()) for p in path.split("*"))
+        return a * b
+    for part in path.split("."): doc = doc[part]
+    if isinstance(doc, str):  # PyYAML reads 1e-6 (no dot) as a string
+        try: return float(doc)
+        except ValueError: pass
+    return doc
+
+
+def test_pretrain_preset_is_fairseqs_yaml():
+    "Every row of the pretraining table that names a fairseq field holds the value of data2vec 2.0's base yaml."
+    import yaml
+    from kdnb.config import get_config
+    from kdnb.report import PRETRAIN_ROWS, pretrain_table
+    doc = yaml.safe_load((REFS / "data2vec2_base_images_only_task.yaml").read_text())
+    cfg, checked = get_config("pretrain"), 0
+    for section, label, value, field in PRETRAIN_ROWS:
+        if field is None: continue
+        want, got = yaml_value(doc, field), value(cfg)
+        if field == "optimization.lr": want = want[0]  # fairseq's lr is a per-update list
+        if field.endswith("._name"):  # names: adam (decoupled weight decay, as AdamW), cosine
+            assert str(want).lower() in str(got).lower(), (label, want, got)
+        elif isinstance(want, list):
+            assert list(got) == want, (label, want, got)
+        else:
+            assert got == want and isinstance(got, bool) == isinstance(want, bool), (label, want, got)  # 4 == 4.0; True != 1
+        checked += 1
+    assert checked >= 28, checked
+    # the model depth of the yaml counts the main blocks; the prenet adds 2: a ViT-B of 12 blocks
+    assert cfg.depth + cfg.prenet_depth == 12
+    # the table shows the preset's values (what the code runs), not the yaml's
+    t = pretrain_table(cfg.replace(mask_prob=0.7))
+    assert t.loc[("Masking", "Mask prob."), "value"] == "0.7"
+
+
+def test_pretrain_check_can_fail():
+    "A preset value that differs from the yaml is caught (the comparison above is not vacuous)."
+    import yaml
+    from kdnb.config import get_config
+    from kdnb.report import PRETRAIN_ROWS
+    doc = yaml.safe_load((REFS / "data2vec2_base_images_only_task.yaml").read_text())
+    cfg = get_config("pretrain").replace(ema_end_decay=0.9999, clone_batch=8)
+    bad = [label for _, label, value, field in PRETRAIN_ROWS
+           if field and not field.endswith("._name") and field != "optimization.lr"
+           and not isinstance(yaml_value(doc, field), list) and value(cfg) != yaml_value(doc, field)]
+    assert bad == ["Clones per image", "Decay at end"], bad

@@ -121,6 +121,24 @@ def test_papermill_run_finetune(tmp_path):
     assert (s["task"], s["dataset"], s["steps"]) == ("finetune", "digits", 3)
 
 
+def test_papermill_run_pretrain_and_cli(tmp_path):
+    "Pretraining from papermill and from the shell; the run folder then serves as a distillation teacher by name."
+    r = _papermill(tmp_path, "run_pretrain.ipynb", "epochs", 1, "max_steps", 3, "out_dir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (s["task"], s["steps"], s["labels_used"], s["finished"]) == ("pretrain", 3, False, True)
+    assert (tmp_path / "run" / "data2vec2.pt").exists()
+    r = subprocess.run(KDNB + ["pretrain", "--preset", "pretrain_cpu", "--mask_prob", "0.99", "--out_dir",
+                               str(tmp_path / "bad")], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 2 and "mask_prob=0.99" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = subprocess.run(KDNB + ["distill", "--preset", "distill_cpu", "--teacher", f"run:{tmp_path / 'run'}",
+                               "--teacher_layer_kind", "auto", "--embed_dim", "64", "--max_steps", "2",
+                               "--train_subset", "64", "--tensorboard", "false", "--out_dir", str(tmp_path / "d")],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "d" / "summary.json").read_text())["teacher_layers"] == 4
+
+
 def test_papermill_unknown_parameter_fails(tmp_path):
     "papermill only warns about unknown parameters; the run notebook stops with the field named."
     r = _papermill(tmp_path, "run_finetune.ipynb", "batchsize", 8)
