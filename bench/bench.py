@@ -4,7 +4,7 @@ Run by hand, not in CI (minutes on a laptop CPU):
 
     .venv/bin/python bench/bench.py                 # everything, writes results/bench/
     .venv/bin/python bench/bench.py --quick         # small sizes only (about a minute)
-    .venv/bin/python bench/bench.py --only step     # one section: peak, step, scaling, data, probe, fkd
+    .venv/bin/python bench/bench.py --only step     # one section: peak, step, scaling, data, loader, probe, fkd
 
 Every ratio is measured in one run on one machine: "ours" and "plain" alternate in the same process.
 Each configuration runs in a fresh subprocess so that its peak memory (max RSS on CPU,
@@ -185,6 +185,51 @@ def section_data(quick):
     return rows
 
 
+def imagenet_like_jpegs(root: Path, n: int, size=(500, 375)) -> Path:
+    "An ImageFolder of `n` JPEGs at ImageNet's typical size, upscaled from the real CIFAR-10 images (quality 90)."
+    from PIL import Image
+    src = ROOT.parent / "shared" / "data" / "cifar10" / "train"
+    files = sorted(src.glob("*/*.jpg"))[: n] if src.is_dir() else []
+    for k in range(n):
+        d = root / f"class{k % 10}"; d.mkdir(parents=True, exist_ok=True)
+        if files: img = Image.open(files[k % len(files)]).convert("RGB").resize(size, Image.BICUBIC)
+        else: img = Image.effect_noise(size, 40).convert("RGB")
+        img.save(d / f"{k}.jpg", quality=90)
+    return root
+
+
+def section_loader(device, quick):
+    """The distillation loader at 224 px on ImageNet-sized JPEGs: crops finished in the workers (`loader`) against
+    workers that only decode and cut the box, with the resize, flip and normalisation on `device` (`device`)."""
+    import tempfile
+    from kdnb.config import get_config
+    from kdnb.data import build_data, make_loader
+    n = 256 if quick else 768
+    root = imagenet_like_jpegs(Path(tempfile.mkdtemp()) / "train", n)
+    rows = []
+    for where in ("loader", "device"):
+        for workers in ((0, 2) if quick else (0, 1, 2)):
+            cfg = get_config("distill", dataset="imagenet", data_root=str(root.parent), val_size=0.05, augment_on=where,
+                             num_workers=workers, device=str(device))
+            d = build_data(cfg, "distill")
+            dl = make_loader(d.train, 64, True, num_workers=workers, device=device)
+            seen, t_load, t_finish, t0 = 0, 0.0, 0.0, time.perf_counter()
+            for x, _ in dl:
+                t1 = time.perf_counter(); t_load += t1 - t0
+                if where == "device":
+                    x = x.to_device(device)
+                    if device.type == "cuda": torch.cuda.synchronize()
+                t0 = time.perf_counter(); t_finish += t0 - t1
+                seen += len(x)
+            rows.append(dict(augment_on=where, workers=workers, img=224, images=seen,
+                             loader_images_per_s=round(seen / t_load, 1),
+                             finish_images_per_s=round(seen / t_finish, 1) if where == "device" else None,
+                             finish_device=str(device) if where == "device" else None))
+            print(f"  {where}, {workers} workers: loader {seen / t_load:.0f} img/s"
+                  + (f", finishing on {device}: {seen / t_finish:.0f} img/s" if where == "device" else ""), flush=True)
+    return rows
+
+
 def section_probe(quick):
     "Linear probe: cached features (backbone once) against recomputing the frozen backbone every epoch."
     import tempfile
@@ -263,7 +308,7 @@ def section_fkd(device, quick):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", nargs="*", default=None, choices=["peak", "step", "scaling", "data", "probe", "fkd"])
+    ap.add_argument("--only", nargs="*", default=None, choices=["peak", "step", "scaling", "data", "loader", "probe", "fkd"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--show", action="store_true", help="only print the tables of the saved results")
@@ -284,7 +329,8 @@ def main(argv=None):
     save = lambda: path.write_text(json.dumps({**old, **res}, indent=1))
     save()
     for name, fn in (("step", lambda: section_step(device, a.quick)), ("scaling", lambda: section_scaling(device, a.quick)),
-                     ("data", lambda: section_data(a.quick)), ("probe", lambda: section_probe(a.quick)),
+                     ("data", lambda: section_data(a.quick)), ("loader", lambda: section_loader(device, a.quick)),
+                     ("probe", lambda: section_probe(a.quick)),
                      ("fkd", lambda: section_fkd(device, a.quick))):
         if want(name):
             print(f"[{name}]", flush=True)
@@ -308,7 +354,7 @@ def print_tables(res: dict):
         d["x_plain_mem"] = [round(r.peak_mem_mb / base.loc[(r.img, r.batch), "peak_mem_mb"], 2) for r in d.itertuples()]
         print("\ndistillation step (matmul peak GFLOP/s: %s)" % peak)
         print(d[["kind", "img", "batch", "images_per_s", "x_plain_speed", "peak_mem_mb", "x_plain_mem", "achieved_gflop_s", "util_%"]].to_string(index=False))
-    for name in ("scaling", "data", "probe", "fkd"):
+    for name in ("scaling", "data", "loader", "probe", "fkd"):
         if res.get(name): print(f"\n{name}"); print(pd.DataFrame(res[name]).to_string(index=False))
 
 

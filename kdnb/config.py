@@ -121,6 +121,7 @@ class BaseConfig(ConfigBase):
     device: str = "auto" # "auto", "cpu", "cuda", "cuda:N"
     precision: str = "auto" # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
     compile: bool = False # torch.compile the trained model
+    augment_on: str = "auto" # distillation/pretraining crops: "loader" (workers resize, flip, normalise), "device" (workers decode and cut the box; the training device resizes), "auto" (device on CUDA)
     out_dir: str = "runs/run" # run folder: config, metrics, summary, checkpoints
     resume: bool = False # continue from out_dir's last checkpoint (the saved config must match, see resume_changes)
     resume_changes: typing.Optional[str] = None # on resume, fields allowed to differ from the saved config, e.g. "lr,seed"
@@ -135,6 +136,7 @@ class BaseConfig(ConfigBase):
         check_choice("dataset", self.dataset, getattr(type(self), "datasets", DATASETS))
         check_choice("schedule", self.schedule, ("cosine", "constant"))
         check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        check_choice("augment_on", self.augment_on, ("auto", "loader", "device"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         check_positive(self, "lr", "epochs", "batch_size", "img_size", "log_every", "eval_every")

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset, DataLoader, Sampler
 from PIL import Image
 import torchvision
+import torch.nn.functional as F
 from torchvision import transforms as T
 from timm.data import create_transform, Mixup, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from sklearn.model_selection import train_test_split
@@ -20,8 +21,9 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'ArrayImages', 'load_digits_images', 'load_cifar', 'image_folder', 'load_imagefolder', 'load_source',
            'targets_of', 'stratified_split', 'derive_seed', 'seeded', 'UnreadableImage', 'source_path', 'SplitDataset',
-           'ResumableSampler', 'eval_transform', 'distill_transform', 'finetune_transform', 'mixup_fn', 'RunData',
-           'build_data', 'skipped_images_file', 'loader_settings', 'make_loader']
+           'ResumableSampler', 'eval_transform', 'distill_transform', 'finetune_transform', 'mixup_fn', 'CropBatch',
+           'DeviceCrop', 'augment_on_device', 'RunData', 'build_data', 'skipped_images_file', 'loader_settings',
+           'make_loader']
 
 # %% ../nbs/05_data.ipynb #c5d3ccd4
 class ArrayImages(Dataset):
@@ -161,6 +163,10 @@ class SplitDataset(Dataset):
         self.targets = [targets_of(source)[i] for i in self.indices]
         self.classes = getattr(source, "classes", None)
     def __len__(self): return len(self.indices)
+    @property
+    def collate_fn(self):
+        "The transform's own batching (`DeviceCrop` returns boxes of different sizes), else the DataLoader's."
+        return getattr(self.transform, "collate", None)
     def read(self, i: int, tries: int = 100):
         "Item `i` of the source; an unreadable file stops the run with its path, or is skipped when asked."
         for k in range(tries):
@@ -237,6 +243,52 @@ def mixup_fn(cfg, num_classes: int) -> Mixup | None:
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
                  mode=cfg.mixup_mode, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
 
+# %% ../nbs/05_data.ipynb #8b70c9f2
+class CropBatch:
+    "Uint8 boxes of different sizes cut by `DeviceCrop`; `to_device` finishes the augmentation on the device."
+    def __init__(self, boxes: list, flips: torch.Tensor, size: int):
+        self.boxes, self.flips, self.size = boxes, flips, size  # boxes: [3, h_b, w_b] uint8; flips: [B] bool
+    def __len__(self): return len(self.boxes)
+    def pin_memory(self):
+        "Page-locked copies (the DataLoader calls this with pin_memory=True), for asynchronous copies."
+        return CropBatch([b.pin_memory() for b in self.boxes], self.flips.pin_memory(), self.size)
+    def to_device(self, device, non_blocking: bool = False) -> torch.Tensor:
+        "Resize each box to size x size (antialiased bicubic, uint8-rounded), flip, normalise: [B, 3, S, S]."
+        device = torch.device(device)
+        out = torch.empty(len(self.boxes), 3, self.size, self.size, device=device)
+        for k, box in enumerate(self.boxes):
+            x = box.to(device, non_blocking=non_blocking).float()[None]  # [1, 3, h, w]
+            if x.shape[-2:] != (self.size, self.size):
+                x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+            out[k] = x[0]
+        out = out.clamp_(0, 255).round_()  # PIL returns uint8 pixels
+        flips = self.flips.to(device, non_blocking=non_blocking)
+        out = torch.where(flips[:, None, None, None], out.flip(-1), out)
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255
+        return (out - mean) / std
+
+class DeviceCrop:
+    "The worker half of `distill_transform`: draw its box and flip, cut the box (uint8); the device resizes."
+    def __init__(self, img_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5, ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio, self.p = img_size, tuple(crop_scale), tuple(ratio), hflip
+    def __call__(self, img: Image.Image):
+        i, j, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)  # the same draws, the same order
+        flip = bool(torch.rand(1) < self.p)
+        return torchvision.transforms.functional.pil_to_tensor(img.convert("RGB").crop((j, i, j + w, i + h))), flip
+    def collate(self, samples) -> tuple[CropBatch, torch.Tensor]:
+        "(CropBatch, labels) from [((box, flip), label), ...]."
+        boxes = [b for (b, _), _ in samples]
+        flips = torch.tensor([f for (_, f), _ in samples], dtype=torch.bool)
+        return CropBatch(boxes, flips, self.size), torch.tensor([y for _, y in samples])
+
+def augment_on_device(cfg) -> bool:
+    "Does `cfg` finish its crops on the training device? ('auto': when that device is CUDA)."
+    where = getattr(cfg, "augment_on", "loader")
+    if where != "auto": return where == "device"
+    dev = getattr(cfg, "device", "auto")
+    return (torch.cuda.is_available() if dev == "auto" else torch.device(dev).type == "cuda")
+
 # %% ../nbs/05_data.ipynb #3f143f62
 from dataclasses import dataclass
 
@@ -249,7 +301,7 @@ class RunData:
     val_source: str # "test split" or "carved from train (seed, size)"
 
 def build_data(cfg, kind: str = "finetune") -> RunData:
-    "Training and validation sets of `cfg` with the transforms of `kind`."
+    "Training and validation sets of `cfg` with the transforms of `kind` (distill: finished on the device if asked)."
     train_src = load_source(cfg.dataset, cfg.data_root, True, cfg.download)
     test_src = load_source(cfg.dataset, cfg.data_root, False, cfg.download)
     targets = targets_of(train_src)
@@ -262,7 +314,8 @@ def build_data(cfg, kind: str = "finetune") -> RunData:
         keep, _ = stratified_split([targets[i] for i in tr_idx], len(tr_idx) - cfg.train_subset, cfg.seed)
         tr_idx = tr_idx[keep]
     ev = eval_transform(cfg.img_size, getattr(cfg, "crop_pct", 0.875))
-    train_tf = {"distill": lambda: distill_transform(cfg.img_size, cfg.crop_scale, cfg.hflip),
+    distill_tf = DeviceCrop if kind == "distill" and augment_on_device(cfg) else distill_transform
+    train_tf = {"distill": lambda: distill_tf(cfg.img_size, cfg.crop_scale, cfg.hflip),
                 "finetune": lambda: finetune_transform(cfg), "features": lambda: ev}[kind]()
     classes = getattr(train_src, "classes", None) or sorted(set(targets))
     skipped = skipped_images_file(cfg) if getattr(cfg, "skip_bad_images", False) else None

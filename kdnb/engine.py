@@ -176,6 +176,7 @@ class Trainer:
     def to_device(self, batch):
         nb = self.device.type == "cuda"
         if isinstance(batch, (list, tuple)): return type(batch)(self.to_device(b) for b in batch)
+        if hasattr(batch, "to_device"): return batch.to_device(self.device, non_blocking=nb)  # e.g. data.CropBatch
         return batch.to(self.device, non_blocking=nb) if torch.is_tensor(batch) else batch
     def train_step(self):
         self.task.step = self.step  # tasks seed per-step randomness (Mixup) with it, so that resume repeats it
