@@ -38,9 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", default=None, help="a saved config (YAML/JSON) to start from instead of a preset")
         sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         if name == "glue":
-            sp.add_argument("--task", dest="dataset", type=str, default=argparse.SUPPRESS, help=
-                                                                                                "the GLUE task (= "
-                                                                                                "--dataset)")
+            sp.add_argument("--task", dest="dataset", type=str, default=argparse.SUPPRESS,
+                            help="the GLUE task (= --dataset)")
         docs = field_docs(cls)  # the field comments of the config class: one text for --help and the report
         for f in fields(cls):
             if f.name == "preset" or (name == "glue" and f.name == "dataset"): continue
@@ -48,8 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                             help=docs.get(f.name, "").replace("%", "%%"))
     return p
 
-TASKS = {"pretrain": "pretrain", "distill": "distill", "finetune": "finetune", "probe": "linear_probe", "distill-text": "text_distill",
-         "glue": "glue"}
+TASKS = {"pretrain": "pretrain", "distill": "distill", "finetune": "finetune", "probe": "linear_probe",
+         "distill-text": "text_distill", "glue": "glue"}
 
 def config_from_args(args: argparse.Namespace):
     "The validated config of a parsed command line (through kdnb.runs.setup_run, as the run notebooks)."

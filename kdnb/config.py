@@ -407,7 +407,8 @@ class PretrainConfig(BaseConfig):
             raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
         if self.img_size % self.patch_size:
             raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
-        if self.embed_dim % 4: raise ConfigError(f"embed_dim={self.embed_dim}: 2-D sin-cos positions need a multiple of 4")
+        if self.embed_dim % 4:
+            raise ConfigError(f"embed_dim={self.embed_dim}: 2-D sin-cos positions need a multiple of 4")
         if self.average_top_k_layers > self.depth:
             raise ConfigError(f"average_top_k_layers={self.average_top_k_layers} exceeds depth={self.depth}: "
                               "the target averages main blocks only")
@@ -415,8 +416,8 @@ class PretrainConfig(BaseConfig):
         grid = (self.img_size // self.patch_size) ** 2
         seen = grid * (1 - self.mask_prob) if self.inverse_mask else grid - int(grid * self.mask_prob)
         if int(seen) < 1 or int(grid * (1 - self.mask_prob)) >= grid:
-            raise ConfigError(f"mask_prob={self.mask_prob} on a {grid}-patch grid leaves no visible or no masked patch; "
-                              "use more patches (smaller patch_size) or another mask_prob")
+            raise ConfigError(f"mask_prob={self.mask_prob} on a {grid}-patch grid leaves no visible or no masked "
+                              "patch; use more patches (smaller patch_size) or another mask_prob")
         if self.mask_length < 2: raise ConfigError(f"mask_length={self.mask_length}: blocks need a side >= 2")
         for n in ("ema_decay", "ema_end_decay"):
             if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1]")

@@ -85,7 +85,8 @@ class Task(nn.Module):
     ddp_find_unused = False        # True when some trained parameters get no gradient (DDP must be told)
     def forward(self, batch) -> dict: raise NotImplementedError  # {"loss": scalar, **scalar metrics}
     def eval_step(self, batch) -> dict: raise NotImplementedError  # sums over the batch, incl. "n"
-    def after_update(self, step: int): pass  # called after each optimiser step (`step` updates done): e.g. an EMA teacher
+    def after_update(self, step: int):
+        pass  # called after each optimiser step (`step` updates done): e.g. an EMA teacher
     def summarize(self, sums: dict) -> dict:
         "Turn the summed eval results into metrics (means over `n`)."
         n = sums.pop("n")
@@ -394,7 +395,8 @@ class MetricsLogger(Callback):
         rate = (t.images_seen - self._imgs) / max(now - self._t, 1e-9)
         self._t, self._imgs = now, t.images_seen
         loss = t.pop_train_loss()
-        extra = {k: float(v) for k, v in getattr(t, "out", {}).items() if k != "loss"}  # the task's own scalars, this step
+        extra = {k: float(v) for k,
+                 v in getattr(t, "out", {}).items() if k != "loss"}  # the task's own scalars, this step
         self.write(t, {"kind": "step", "step": t.step, "epoch": t.epoch, "loss": loss,
                        "lr": t.opt.param_groups[-1]["lr"], "images_per_s": rate, **extra})
         self._epoch_losses = getattr(self, "_epoch_losses", []) + [loss]
@@ -529,7 +531,8 @@ class Summary(Callback):
         if t.dist.main: t.cfg.save(t.out_dir / "config.yaml")  # after the Checkpointer refused to overwrite a run
     def after_fit(self, t):
         t.summary = {**self.info, "metrics": {k: v for k, v in t.metrics.items() if k not in ("epoch", "step")},
-                     "best": {t.task.best_metric[0]: t.best} if t.task.best_metric else {}, "steps": t.step, "epochs": t.epoch,
+                     "best": {t.task.best_metric[0]: t.best} if t.task.best_metric else {}, "steps": t.step,
+                     "epochs": t.epoch,
                      "finished": bool(getattr(t, "completed", False)) and t.step >= t.total_steps,
                      "train_time_s": round(t.train_time_s, 3),
                      "wall_time_s": round(time.perf_counter() - self._t0, 3),

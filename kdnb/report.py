@@ -264,7 +264,8 @@ def pretrain_table(cfg=None) -> pd.DataFrame:
     c = cfg or get_config("pretrain")
     return pd.DataFrame([(s, h, fmt(f(c)), y or "(MaeImageDataset)" if s == "Augmentations" else y or "")
                          for s, h, f, y in PRETRAIN_ROWS],
-                        columns=["type", "hyperparameter", "value", "fairseq field"]).set_index(["type", "hyperparameter"])
+                        columns=["type", "hyperparameter", "value", "fairseq field"]).set_index(["type",
+                                                                                                 "hyperparameter"])
 
 def plot_pretraining(run_dir, # a pretraining run folder
                      axes=None, label: str | None = None):

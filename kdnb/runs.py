@@ -6,7 +6,8 @@
 from __future__ import annotations
 import os, tempfile, time
 from functools import partial
-from .config import (ConfigError, DistillConfig, FinetuneConfig, GlueConfig, PretrainConfig, TextDistillConfig, get_config,
+from .config import (ConfigError, DistillConfig, FinetuneConfig, GlueConfig, PretrainConfig, TextDistillConfig,
+                         get_config,
                          load_config, params_from_namespace)
 from .distill import distill as distill_with, d2v_task
 from .finetune import finetune
@@ -75,7 +76,9 @@ def setup_run(task: str, # pretrain, distill, finetune, linear_probe, text_disti
     else:
         cfg = get_config(preset, task=task, **params)
     if task == "linear_probe" and cfg.mode != "linear_probe": cfg = cfg.replace(mode="linear_probe")
-    if isinstance(cfg, (PretrainConfig, DistillConfig, FinetuneConfig)) and cfg.dataset != "digits" and cfg.data_root == "data":
+    if isinstance(cfg,
+                  (PretrainConfig, DistillConfig,
+                   FinetuneConfig)) and cfg.dataset != "digits" and cfg.data_root == "data":
         cfg = cfg.replace(data_root=f"data/{cfg.dataset}")
     if "out_dir" not in params and config is None:
         if cfg.resume:
