@@ -4,7 +4,8 @@ Run by hand, not in CI (minutes on a laptop CPU):
 
     .venv/bin/python bench/bench.py                 # everything, writes results/bench/
     .venv/bin/python bench/bench.py --quick         # small sizes only (about a minute)
-    .venv/bin/python bench/bench.py --only step     # one section: peak, step, scaling, data, loader, probe, fkd
+    .venv/bin/python bench/bench.py --only step     # sections: peak, step, profile, scaling, data, loader, probe, fkd
+    python bench/bench.py --only peak step profile loader --jpeg-src <ImageFolder>   # on a GPU machine
 
 Every ratio is measured in one run on one machine: "ours" and "plain" alternate in the same process.
 Each configuration runs in a fresh subprocess so that its peak memory (max RSS on CPU,
@@ -55,8 +56,22 @@ def set_fused(teacher, student, on: bool):
     student.set_fused_attn(on)
 
 
+def timm_pair(img: int, depth_t: int = 12, depth_s: int = 6, width: int = 768, heads: int = 12, patch: int = 16):
+    "The peer's models: the same timm BEiTv2 teacher (same seed) and a timm ViT student of the same width and depth."
+    import timm
+    teacher, _ = make_models(img, depth_t, 1, width, heads, patch)
+    torch.manual_seed(1)
+    student = timm.create_model("vit_base_patch16_224", num_classes=0, img_size=img, patch_size=patch,
+                                embed_dim=width, depth=depth_s, num_heads=heads)
+    return teacher.model.eval().requires_grad_(False), student
+
+
 def make_step(kind: str, teacher, student, opt, device):
-    "One distillation step: teacher forward, student forward/backward, loss, optimizer step."
+    """One distillation step: teacher forward, student forward/backward, loss, optimizer step.
+    kinds: `plain` (fp32, unfused attention, every layer stacked), `ours_fp32`, `ours_bf16` (kdnb's DistillTask:
+    fused attention, streamed target, bf16 teacher weights), `ours_compile` (the same; `one_config` compiles every
+    block after counting the FLOPs); `timm_bf16` is the peer: what a timm user writes (timm models, forward hooks,
+    bf16 autocast); `finetune_bf16` / `finetune_compile`: the seeds' finetuning step of the student (no teacher)."""
     from kdnb.distill import DistillTask
     if kind == "plain":
         set_fused(teacher, student, False)
@@ -67,9 +82,31 @@ def make_step(kind: str, teacher, student, opt, device):
             loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
             return loss
         return step
+    if kind == "timm_bf16":  # teacher, student: timm models (timm_pair)
+        feats_t, feats_s = [], []
+        for b in teacher.blocks: b.register_forward_hook(lambda m, i, o: feats_t.append(o))
+        for b in student.blocks: b.register_forward_hook(lambda m, i, o: feats_s.append(o))
+        def step(x):
+            feats_t.clear(); feats_s.clear()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                with torch.no_grad(): teacher.forward_features(x)
+                student.forward_features(x)
+                loss = F.mse_loss(plain_target(feats_s), plain_target(feats_t))
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            return loss
+        return step
+    if kind.startswith("finetune"):  # the seeds' finetuning step of the student: mean-pooled head, cross-entropy
+        labels = {}
+        def step(x):
+            y = labels.setdefault(len(x), torch.randint(0, 1000, (len(x),), device=x.device))
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = F.cross_entropy(student(x), y)
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            return loss
+        return step
     set_fused(teacher, student, True)
     task = DistillTask(student, teacher, "ffn")
-    amp = torch.bfloat16 if kind.endswith("bf16") else None
+    amp = torch.bfloat16 if kind in ("ours_bf16", "ours_compile") else None
     if amp is not None: teacher.cast(amp)  # as kdnb.distill.distill does under autocast
     def step(x):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -92,24 +129,49 @@ def count_flops(fn, *args) -> int:
 
 
 def one_config(kind, img, batch, depth_t, depth_s, width, heads, patch, steps, device) -> dict:
-    "Measure one (kind, size) in this process."
+    "Measure one (kind, size) in this process: images/s, peak memory, counted FLOPs (MFU in print_tables)."
+    from kdnb.engine import compile_blocks
     device = torch.device(device)
-    teacher, student = make_models(img, depth_t, depth_s, width, heads, patch)
-    teacher.to(device); student.to(device)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if kind == "timm_bf16":
+        import timm.optim
+        teacher, student = timm_pair(img, depth_t, depth_s, width, heads, patch)
+        teacher.to(device); student.to(device)
+        opt = timm.optim.create_optimizer_v2(student, "adamw", lr=1e-4, weight_decay=0.05)
+    elif kind.startswith("finetune"):
+        from kdnb.models import Classifier, Data2Vec2Encoder
+        torch.manual_seed(0)
+        teacher, student = None, Classifier(Data2Vec2Encoder(img, patch, width, depth_s, heads), 1000).to(device)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4, **fused)
+    else:
+        teacher, student = make_models(img, depth_t, depth_s, width, heads, patch)
+        teacher.to(device); student.to(device)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4, **fused)  # fused on CUDA, as the Trainer's
     step = make_step(kind, teacher, student, opt, device)
     x = torch.randn(batch, 3, img, img, device=device)
-    step(x)  # warm-up (allocations, oneDNN kernels)
-    flops = count_flops(step, x)
-    if device.type == "cuda": torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    step(x)  # warm-up (allocations, kernels)
+    flops = count_flops(step, x)  # eager: FlopCounterMode counts aten ops, which compiled kernels hide
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    if kind.endswith("compile"):
+        for m in (student, teacher):
+            if m is not None: compile_blocks(m)
+    for _ in range(3 if device.type == "cuda" or kind.endswith("compile") else 0): step(x)  # compiles, autotunes
+    sync(); warm_s = time.perf_counter() - t0
+    if device.type == "cuda": torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps): loss = step(x)
     loss.item()  # one sync at the end
-    if device.type == "cuda": torch.cuda.synchronize()
+    sync()
     dt = (time.perf_counter() - t0) / steps
     return dict(kind=kind, img=img, tokens=(img // patch) ** 2 + 1, batch=batch, depth_t=depth_t, depth_s=depth_s,
                 width=width, step_s=round(dt, 4), images_per_s=round(batch / dt, 2), gflop_per_step=round(flops / 1e9, 2),
-                achieved_gflop_s=round(flops / dt / 1e9, 1), peak_mem_mb=round(peak_mem_mb(device), 1), device=str(device))
+                achieved_gflop_s=round(flops / dt / 1e9, 1), peak_mem_mb=round(peak_mem_mb(device), 1),
+                warmup_s=round(warm_s, 1), device=str(device), gpu=_gpu_name(device))
+
+
+def _gpu_name(device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
 def run_sub(**kw) -> dict:
@@ -124,10 +186,11 @@ def run_sub(**kw) -> dict:
 
 
 # ----------------------------------------------------------------------------- sections
-def matmul_peak(device, dtype=torch.float32, n=4096, reps=10) -> float:
-    "Measured matrix-multiply peak in GFLOP/s (a large square matmul)."
+def matmul_peak(device, dtype=torch.float32, n=None, reps=10) -> float:
+    "Measured matrix-multiply peak in GFLOP/s (a large square matmul of random numbers, after warm-up)."
+    n = n or (8192 if device.type == "cuda" else 4096)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
+    for _ in range(3): a @ b
     if device.type == "cuda": torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps): a @ b
@@ -136,15 +199,65 @@ def matmul_peak(device, dtype=torch.float32, n=4096, reps=10) -> float:
 
 
 def section_step(device, quick):
-    "Ours (fp32 and bf16 autocast) against the plain baseline, ViT-B/16 teacher and 6-block student."
+    """The distillation step, ViT-B/16 teacher (BEiTv2-shaped) and 6-block Data2Vec2 student. CPU: ours (fp32, bf16)
+    against the plain baseline. CUDA: ours (eager bf16, compiled) against the timm peer, and the finetuning step."""
     rows = []
-    sizes = [(64, 8), (64, 32)] if quick else [(224, 8), (224, 32), (64, 32), (64, 128)]
-    if device.type == "cuda" and not quick: sizes += [(224, 64), (224, 128), (224, 256)]
-    for img, batch in sizes:
-        for kind in ("plain", "ours_fp32", "ours_bf16"):
-            r = run_sub(kind=kind, img=img, batch=batch, depth_t=12, depth_s=6, width=768, heads=12, patch=16,
-                        steps=2 if img == 224 and device.type == "cpu" else 5, device=str(device))
-            if r: rows.append(r); print(f"  {kind:10s} img {img} batch {batch}: {r['images_per_s']} img/s, {r['peak_mem_mb']} MB", flush=True)
+    if device.type == "cuda":
+        sizes, kinds = [(224, 64), (224, 256)], ("timm_bf16", "ours_bf16", "ours_compile")
+        if quick: sizes = [(224, 64)]
+    else:
+        sizes, kinds = ([(64, 8), (64, 32)] if quick else [(224, 8), (224, 32), (64, 32), (64, 128)]), \
+            ("plain", "ours_fp32", "ours_bf16")
+    jobs = [(k, img, b) for img, b in sizes for k in kinds]
+    if device.type == "cuda": jobs += [(k, 224, sizes[-1][1]) for k in ("finetune_bf16", "finetune_compile")]
+    for kind, img, batch in jobs:
+        steps = 2 if img == 224 and device.type == "cpu" else (15 if device.type == "cuda" else 5)
+        r = run_sub(kind=kind, img=img, batch=batch, depth_t=12, depth_s=6, width=768, heads=12, patch=16,
+                    steps=steps, device=str(device))
+        if r:
+            rows.append(r)
+            print(f"  {kind:16s} img {img} batch {batch}: {r['images_per_s']} img/s, {r['peak_mem_mb']} MB, "
+                  f"{r['achieved_gflop_s'] / 1e3:.0f} TFLOP/s (warm-up {r['warmup_s']} s)", flush=True)
+    return rows
+
+
+def section_profile(device, quick, out: Path):
+    "Where the time of the fastest distillation step goes: torch.profiler over a few steps, kernels by category."
+    from torch.profiler import ProfilerActivity, profile
+    from kdnb.engine import compile_blocks
+    img, batch = (224, 64) if quick or device.type == "cpu" else (224, 256)
+    if device.type == "cpu": img, batch = 64, 8
+    teacher, student = make_models(img)
+    teacher.to(device); student.to(device)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    kind = "ours_compile" if device.type == "cuda" else "ours_fp32"
+    step = make_step(kind, teacher, student, opt, device)
+    if kind == "ours_compile": compile_blocks(student); compile_blocks(teacher)
+    x = torch.randn(batch, 3, img, img, device=device)
+    for _ in range(3): step(x)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(5): step(x)
+        if device.type == "cuda": torch.cuda.synchronize()
+    by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=70)
+    (out / f"profile_{device.type}.txt").write_text(f"{kind}, img {img}, batch {batch}, 5 steps\n{table}\n")
+    print(table)
+    cats = {"matmul (GEMM)": ("gemm", "cutlass", "sm90", "matmul", "aten::mm", "aten::addmm", "nvjet", "cublas"),
+            "attention (flash)": ("flash", "fmha", "attention"), "optimizer (fused AdamW)": ("adam",),
+            "fused elementwise/norm (Triton)": ("triton",)}
+    total, parts = 0.0, {k: 0.0 for k in (*cats, "other")}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) if device.type == "cuda" else e.self_cpu_time_total
+        if not t or (device.type == "cuda" and getattr(e, "device_type", None) is not None
+                     and "CUDA" not in str(e.device_type)):
+            continue
+        total += t
+        name = e.key.lower()
+        parts[next((c for c, keys in cats.items() if any(k in name for k in keys)), "other")] += t
+    rows = [dict(category=c, share_pct=round(100 * v / total, 1), ms_per_step=round(v / 5 / 1e3, 2))
+            for c, v in parts.items()] if total else []
+    for r in rows: print(f"  {r['category']:34s} {r['share_pct']:5.1f} %  {r['ms_per_step']} ms/step")
     return rows
 
 
@@ -185,48 +298,68 @@ def section_data(quick):
     return rows
 
 
-def imagenet_like_jpegs(root: Path, n: int, size=(500, 375)) -> Path:
-    "An ImageFolder of `n` JPEGs at ImageNet's typical size, upscaled from the real CIFAR-10 images (quality 90)."
+JPEG_SRC = ROOT.parent / "shared" / "data" / "cifar10" / "train"  # --jpeg-src: any ImageFolder of JPEGs
+
+
+def _make_jpegs(args):
+    files, root, ks, size = args
     from PIL import Image
-    src = ROOT.parent / "shared" / "data" / "cifar10" / "train"
-    files = sorted(src.glob("*/*.jpg"))[: n] if src.is_dir() else []
-    for k in range(n):
-        d = root / f"class{k % 10}"; d.mkdir(parents=True, exist_ok=True)
+    for k in ks:
+        d = root / f"class{k % 10}"
         if files: img = Image.open(files[k % len(files)]).convert("RGB").resize(size, Image.BICUBIC)
         else: img = Image.effect_noise(size, 40).convert("RGB")
         img.save(d / f"{k}.jpg", quality=90)
+
+
+def imagenet_like_jpegs(root: Path, n: int, size=(500, 375), src: Path = JPEG_SRC) -> Path:
+    "An ImageFolder of `n` JPEGs at ImageNet's typical size, upscaled from real CIFAR-10 images (quality 90)."
+    from multiprocessing import Pool
+    files = sorted(Path(src).glob("*/*.jpg"))[: n] if Path(src).is_dir() else []
+    if not files: print(f"  no JPEGs under {src}: noise images instead", flush=True)
+    for c in range(10): (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+    procs = min(16, os.cpu_count() or 1)
+    with Pool(procs) as pool:
+        pool.map(_make_jpegs, [(files, root, range(i, n, procs), size) for i in range(procs)])
     return root
 
 
-def section_loader(device, quick):
+def section_loader(device, quick, src: Path = JPEG_SRC):
     """The distillation loader at 224 px on ImageNet-sized JPEGs: crops finished in the workers (`loader`) against
-    workers that only decode and cut the box, with the resize, flip and normalisation on `device` (`device`)."""
+    workers that only decode and cut the box, with the resize, flip and normalisation on `device` (`device`).
+    The rate is taken after the first batch (worker start-up excluded), over two passes of the images."""
     import tempfile
     from kdnb.config import get_config
     from kdnb.data import build_data, make_loader
-    n = 256 if quick else 768
-    root = imagenet_like_jpegs(Path(tempfile.mkdtemp()) / "train", n)
+    cuda = device.type == "cuda"
+    n = 256 if quick else (2048 if cuda else 768)
+    root = imagenet_like_jpegs(Path(tempfile.mkdtemp()) / "train", n, src=src)
+    cores = len(os.sched_getaffinity(0))
+    plan = ([("loader", w) for w in (8, cores)] + [("device", w) for w in (8, cores)]) if cuda else \
+        [(where, w) for where in ("loader", "device") for w in ((0, 2) if quick else (0, 1, 2))]
     rows = []
-    for where in ("loader", "device"):
-        for workers in ((0, 2) if quick else (0, 1, 2)):
-            cfg = get_config("distill", dataset="imagenet", data_root=str(root.parent), val_size=0.05, augment_on=where,
-                             num_workers=workers, device=str(device))
-            d = build_data(cfg, "distill")
-            dl = make_loader(d.train, 64, True, num_workers=workers, device=device)
-            seen, t_load, t_finish, t0 = 0, 0.0, 0.0, time.perf_counter()
+    for where, workers in plan:
+        cfg = get_config("distill", dataset="imagenet", data_root=str(root.parent), val_size=0.05, augment_on=where,
+                         num_workers=workers, device=str(device))
+        d = build_data(cfg, "distill")
+        dl = make_loader(d.train, 64, True, num_workers=workers, device=device)
+        seen, t_load, t_finish, first = 0, 0.0, 0.0, True
+        for epoch in range(2):
+            dl.sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
             for x, _ in dl:
-                t1 = time.perf_counter(); t_load += t1 - t0
+                t1 = time.perf_counter()
                 if where == "device":
-                    x = x.to_device(device)
-                    if device.type == "cuda": torch.cuda.synchronize()
-                t0 = time.perf_counter(); t_finish += t0 - t1
-                seen += len(x)
-            rows.append(dict(augment_on=where, workers=workers, img=224, images=seen,
-                             loader_images_per_s=round(seen / t_load, 1),
-                             finish_images_per_s=round(seen / t_finish, 1) if where == "device" else None,
-                             finish_device=str(device) if where == "device" else None))
-            print(f"  {where}, {workers} workers: loader {seen / t_load:.0f} img/s"
-                  + (f", finishing on {device}: {seen / t_finish:.0f} img/s" if where == "device" else ""), flush=True)
+                    x = x.to_device(device, non_blocking=cuda)
+                    if cuda: torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                if not first: t_load += t1 - t0; t_finish += t2 - t1; seen += len(x)
+                first, t0 = False, time.perf_counter()
+        rows.append(dict(augment_on=where, workers=workers, img=224, images=seen,
+                         loader_images_per_s=round(seen / t_load, 1),
+                         finish_images_per_s=round(seen / t_finish, 1) if where == "device" else None,
+                         finish_device=str(device) if where == "device" else None))
+        print(f"  {where}, {workers} workers: loader {seen / t_load:.0f} img/s"
+              + (f", finishing on {device}: {seen / t_finish:.0f} img/s" if where == "device" else ""), flush=True)
     return rows
 
 
@@ -305,12 +438,16 @@ def section_fkd(device, quick):
     return rows
 
 
+SECTIONS = ["peak", "step", "profile", "scaling", "data", "loader", "probe", "fkd"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", nargs="*", default=None, choices=["peak", "step", "scaling", "data", "loader", "probe", "fkd"])
+    ap.add_argument("--only", nargs="*", default=None, choices=SECTIONS)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--jpeg-src", default=str(JPEG_SRC), help="ImageFolder of JPEGs the loader section upscales")
     ap.add_argument("--show", action="store_true", help="only print the tables of the saved results")
     a = ap.parse_args(argv)
     if a.show:
@@ -319,17 +456,22 @@ def main(argv=None):
     device, out = torch.device(a.device), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     want = lambda s: a.only is None or s in a.only
-    res = {"device": str(device), "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "quick": a.quick, "date": time.strftime("%Y-%m-%d %H:%M")}
+    res = {"device": str(device), "gpu": _gpu_name(device), "cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": a.quick,
+           "date": time.strftime("%Y-%m-%d %H:%M")}
     if want("peak"):
-        res["matmul_peak_gflop_s"] = {str(dt).split(".")[-1]: round(matmul_peak(device, dt), 1) for dt in (torch.float32, torch.bfloat16)}
+        res["matmul_peak_gflop_s"] = {str(dt).split(".")[-1]: round(matmul_peak(device, dt), 1)
+                                      for dt in (torch.float32, torch.bfloat16)}
         print("matmul peak GFLOP/s:", res["matmul_peak_gflop_s"], flush=True)
     path = out / f"bench_{device.type}{'_quick' if a.quick else ''}.json"
     old = json.loads(path.read_text()) if path.exists() and a.only else {}
     save = lambda: path.write_text(json.dumps({**old, **res}, indent=1))
     save()
-    for name, fn in (("step", lambda: section_step(device, a.quick)), ("scaling", lambda: section_scaling(device, a.quick)),
-                     ("data", lambda: section_data(a.quick)), ("loader", lambda: section_loader(device, a.quick)),
+    for name, fn in (("step", lambda: section_step(device, a.quick)),
+                     ("profile", lambda: section_profile(device, a.quick, out)),
+                     ("scaling", lambda: section_scaling(device, a.quick)),
+                     ("data", lambda: section_data(a.quick)),
+                     ("loader", lambda: section_loader(device, a.quick, Path(a.jpeg_src))),
                      ("probe", lambda: section_probe(a.quick)),
                      ("fkd", lambda: section_fkd(device, a.quick))):
         if want(name):
@@ -340,21 +482,67 @@ def main(argv=None):
     print_tables({**old, **res})
 
 
-def print_tables(res: dict):
-    "The results as tables: the step with ratios and utilisation, then each other section."
+IMAGENET_TRAIN = 1_281_167
+THESIS = dict(gpu="RTX 4090", distill_hours=6.9, epochs=10)  # seed 000: the 10-epoch ImageNet distillation
+
+
+def step_table(res: dict):
+    "The step rows with MFU (counted FLOPs / time / the bf16 or fp32 matmul peak measured in the same run) and ratios."
     import pandas as pd
-    pd.set_option("display.width", 160)
+    d = pd.DataFrame(res["step"])
+    peak = res.get("matmul_peak_gflop_s", {})
+    fp32 = d.kind.isin(["plain", "ours_fp32"])
+    d["MFU_%"] = [round(100 * g / peak.get("float32" if f else "bfloat16", float("nan")), 1)
+                  for g, f in zip(d.achieved_gflop_s, fp32)]
+    ref = "timm_bf16" if (d.kind == "timm_bf16").any() else "plain"
+    base = d[d.kind == ref].set_index(["img", "batch"])
+    distill = ~d.kind.str.startswith("finetune")
+    def ratio(r, col):
+        return round(r[col] / base.loc[(r.img, r.batch), col], 2) if (r.img, r.batch) in base.index and r.distill \
+            else None
+    d["distill"] = distill
+    d[f"x_{ref}_speed"] = [ratio(r, "images_per_s") for _, r in d.iterrows()]
+    d[f"x_{ref}_mem"] = [ratio(r, "peak_mem_mb") for _, r in d.iterrows()]
+    return d.drop(columns="distill"), ref
+
+
+def projection(res: dict) -> list[dict]:
+    "The seeds' ImageNet runs at the measured rates: 10-epoch distillation (000 Table 1), 15-epoch finetune (Table 2)."
+    import pandas as pd
+    d = pd.DataFrame(res["step"])
+    d = d[(d.img == 224) & d.kind.isin(["ours_bf16", "ours_compile", "timm_bf16", "finetune_bf16", "finetune_compile"])]
+    loader = max((r["loader_images_per_s"] for r in res.get("loader", [])), default=None)
+    rows = []
+    for what, kinds, epochs in (("distillation, 10 epochs", ("ours_bf16", "ours_compile"), 10),
+                                ("distillation, 10 epochs (timm peer)", ("timm_bf16",), 10),
+                                ("finetune, 15 epochs", ("finetune_bf16", "finetune_compile"), 15)):
+        sel = d[d.kind.isin(kinds)]
+        if sel.empty: continue
+        best = sel.loc[sel.images_per_s.idxmax()]
+        rate = min(best.images_per_s, loader) if loader else best.images_per_s
+        rows.append(dict(run=what, step=f"{best.kind}, batch {best.batch}", step_images_per_s=best.images_per_s,
+                         loader_images_per_s=loader, hours=round(epochs * IMAGENET_TRAIN / rate / 3600, 2),
+                         hours_if_loader_kept_up=round(epochs * IMAGENET_TRAIN / best.images_per_s / 3600, 2),
+                         thesis_hours=THESIS["distill_hours"] if epochs == THESIS["epochs"] else None))
+    return rows
+
+
+def print_tables(res: dict):
+    "The results as tables: the step with MFU and ratios, the seeds' runs projected, then each other section."
+    import pandas as pd
+    pd.set_option("display.width", 200)
     if res.get("step"):
-        d = pd.DataFrame(res["step"])
-        peak = res.get("matmul_peak_gflop_s", {})
-        d["util_%"] = [round(100 * r.achieved_gflop_s / peak.get("bfloat16" if r.kind.endswith("bf16") else "float32", float("nan")), 1)
-                       for r in d.itertuples()]
-        base = d[d.kind == "plain"].set_index(["img", "batch"])
-        d["x_plain_speed"] = [round(r.images_per_s / base.loc[(r.img, r.batch), "images_per_s"], 2) for r in d.itertuples()]
-        d["x_plain_mem"] = [round(r.peak_mem_mb / base.loc[(r.img, r.batch), "peak_mem_mb"], 2) for r in d.itertuples()]
-        print("\ndistillation step (matmul peak GFLOP/s: %s)" % peak)
-        print(d[["kind", "img", "batch", "images_per_s", "x_plain_speed", "peak_mem_mb", "x_plain_mem", "achieved_gflop_s", "util_%"]].to_string(index=False))
-    for name in ("scaling", "data", "loader", "probe", "fkd"):
+        d, ref = step_table(res)
+        print(f"\ndistillation step on {res.get('gpu') or res['device']} "
+              f"(matmul peak GFLOP/s: {res.get('matmul_peak_gflop_s')})")
+        cols = ["kind", "img", "batch", "images_per_s", f"x_{ref}_speed", "peak_mem_mb", f"x_{ref}_mem",
+                "achieved_gflop_s", "MFU_%"]
+        print(d[cols].to_string(index=False))
+        if res["device"].startswith("cuda"):
+            print(f"\nthe seeds' ImageNet-1K runs projected at these rates (thesis: {THESIS['distill_hours']} h for "
+                  f"the 10-epoch distillation on one {THESIS['gpu']})")
+            print(pd.DataFrame(projection(res)).to_string(index=False))
+    for name in ("profile", "scaling", "data", "loader", "probe", "fkd"):
         if res.get(name): print(f"\n{name}"); print(pd.DataFrame(res[name]).to_string(index=False))
 
 

@@ -120,7 +120,7 @@ class BaseConfig(ConfigBase):
     seed: int = 0 # seeds data order, augmentation and init
     device: str = "auto" # "auto", "cpu", "cuda", "cuda:N"
     precision: str = "auto" # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
-    compile: bool = False # torch.compile the trained model
+    compile: bool = False # torch.compile each transformer block of student and teacher (engine.compile_blocks)
     augment_on: str = "auto" # distillation/pretraining crops: "loader" (workers resize, flip, normalise), "device" (workers decode and cut the box; the training device resizes), "auto" (device on CUDA)
     out_dir: str = "runs/run" # run folder: config, metrics, summary, checkpoints
     resume: bool = False # continue from out_dir's last checkpoint (the saved config must match, see resume_changes)

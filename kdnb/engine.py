@@ -19,14 +19,18 @@ from .weights import save_weights
 from .layer_decay import param_groups
 from .config import ConfigError, load_config
 from .data import make_loader
+from .models import PostLNBlock
+from timm.models.beit import Block as BeitBlock
+from timm.models.vision_transformer import Block as ViTBlock
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'EVENTS', 'RESUME_MAY_CHANGE', 'CODE_COMMIT', 'resolve_device', 'autocast_dtype', 'DistInfo',
-           'setup_distributed', 'lr_factor', 'warmup_steps_of', 'Task', 'optimizer_groups', 'Callback', 'NonFiniteLoss',
-           'Trainer', 'progress_mode', 'Progress', 'dumps', 'MetricsLogger', 'check_resume_config', 'Checkpointer',
-           'git_commit', 'Summary', 'default_callbacks', 'ensure_writable', 'fit_task']
+__all__ = ['log', 'EVENTS', 'TIMM_BLOCKS', 'RESUME_MAY_CHANGE', 'CODE_COMMIT', 'resolve_device', 'autocast_dtype',
+           'precision_name', 'DistInfo', 'setup_distributed', 'lr_factor', 'warmup_steps_of', 'Task',
+           'optimizer_groups', 'Callback', 'NonFiniteLoss', 'compile_blocks', 'Trainer', 'progress_mode', 'Progress',
+           'dumps', 'MetricsLogger', 'check_resume_config', 'Checkpointer', 'git_commit', 'Summary',
+           'default_callbacks', 'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -43,6 +47,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16" and device.type != "cuda":
         raise RuntimeError("precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    "What a run computed in (recorded in its summary): 'fp32', 'bf16' or 'fp16'."
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
 
 class DistInfo:
     "Rank and world size of this process (1 process when not launched by torchrun)."
@@ -121,6 +129,23 @@ EVENTS = ("before_fit", "before_epoch", "before_batch", "after_loss", "after_ste
 class NonFiniteLoss(RuntimeError):
     "The loss became NaN or Inf; the last good checkpoint is kept."
 
+# %% ../nbs/06_engine.ipynb #79a1be91
+TIMM_BLOCKS = (ViTBlock, BeitBlock)  # timm blocks that compile_blocks compiles
+
+def compile_blocks(module: nn.Module, **kwargs) -> int:
+    """`torch.compile` every transformer block inside `module`, in place; returns how many.
+    Per block (PyTorch's regional compilation): the encoders hand out their layers through generators, which
+    would break a whole-model graph, and blocks of one class share one compiled graph, so it compiles once."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, PostLNBlock):  # the Data2Vec2 encoder calls forward_with_ffn, forward wraps it
+            m.forward_with_ffn = torch.compile(m.forward_with_ffn, **kwargs)
+            n += 1
+        elif isinstance(m, TIMM_BLOCKS):
+            m.compile(**kwargs)
+            n += 1
+    return n
+
 # %% ../nbs/06_engine.ipynb #c7ef1fee
 class Trainer:
     "The one training loop: a Task, a config, loaders, and callbacks."
@@ -131,8 +156,8 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.task.to(self.device)
+        if cfg.compile: compile_blocks(task)  # student, teacher and every other block of the task
         trained = getattr(task, task.trainable)
-        if cfg.compile: trained = torch.compile(trained)
         if self.dist.enabled and any(p.requires_grad for p in trained.parameters()):
             ids = [self.device.index] if self.device.type == "cuda" else None
             trained = nn.parallel.DistributedDataParallel(trained, device_ids=ids,
@@ -519,7 +544,23 @@ def git_commit(path=None) -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError): return None
+    except OSError: return _head_without_git(cwd)  # no git program (e.g. a bare GPU machine): read .git itself
+    except subprocess.CalledProcessError: return None
+
+def _head_without_git(cwd: Path) -> str | None:
+    "HEAD's commit read from the .git folder, marked '-unverified': without git, changed files cannot be seen."
+    root = next((p for p in (cwd, *cwd.parents) if (p / ".git" / "HEAD").is_file()), None)
+    if root is None: return None
+    head = (root / ".git" / "HEAD").read_text().strip()
+    if head.startswith("ref: "):
+        ref = head[5:]
+        loose = root / ".git" / ref
+        packed = root / ".git" / "packed-refs"
+        if loose.is_file(): head = loose.read_text().strip()
+        elif packed.is_file():
+            head = next((l.split()[0] for l in packed.read_text().splitlines() if l.endswith(" " + ref)), "")
+        else: return None
+    return head + "-unverified" if len(head) == 40 else None
 
 CODE_COMMIT = git_commit()  # read when kdnb is imported: the code a run executes, whatever is committed later
 
@@ -537,7 +578,7 @@ class Summary(Callback):
                      "train_time_s": round(t.train_time_s, 3),
                      "wall_time_s": round(time.perf_counter() - self._t0, 3),
                      "images_per_s": round(t.images_seen / t.train_time_s, 2) if t.train_time_s else None,
-                     "world_size": t.dist.world_size, "device": str(t.device), "precision": t.cfg.precision,
+                     "world_size": t.dist.world_size, "device": str(t.device), "precision": precision_name(t.amp_dtype),
                      "preset": t.cfg.preset, "git_commit": CODE_COMMIT,
                      "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         if getattr(t, "error", None): t.summary["error"] = t.error
