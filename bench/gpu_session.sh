@@ -3,7 +3,8 @@
 #   bash bench/gpu_session.sh check        # nvidia-smi, bench (peak, step, profile, loader), gpu tests, calibration
 #   bash bench/gpu_session.sh run ARGS     # the CIFAR-10 GPU pipeline (bench/gpu_pipeline.py ARGS) beside the suite
 # It expects the repository's root as the working directory; wheels of missing packages in .whl/ (nbdev,
-# papermill and their needs), CIFAR-10's JPEGs in .devdata/cifar10/train, and $OUT for what comes back.
+# papermill and their needs), CIFAR-10's JPEGs in .devdata/cifar10/train (or packed: .devdata/cifar10_train.tgz),
+# and $OUT for what comes back.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -12,6 +13,9 @@ if [ -d .whl ]; then
   export PYTHONPATH="$PWD:/tmp/site"
 else
   export PYTHONPATH="$PWD"
+fi
+if [ -f .devdata/cifar10_train.tgz ] && [ ! -d .devdata/cifar10/train ]; then  # one file travels faster than 50,000
+  mkdir -p .devdata/cifar10 && tar xzf .devdata/cifar10_train.tgz -C .devdata/cifar10
 fi
 if [ -d .devdata/cifar10 ] && [ ! -e ../shared/data/cifar10 ]; then
   mkdir -p ../shared/data && ln -sfn "$PWD/.devdata/cifar10" ../shared/data/cifar10
