@@ -2,7 +2,7 @@
 patch 4 at 32 px: 64 patches), all 47,500 training images after a 2,500-image validation split, batch 256, on CUDA.
 
     python bench/gpu_pipeline.py --calibrate     # one epoch of each stage of setting (a): seconds per epoch
-    python bench/gpu_pipeline.py --teacher-epochs 40 --distill-epochs 20 --finetune-epochs 15
+    python bench/gpu_pipeline.py --teacher-epochs 7 --distill-epochs 5 --finetune-epochs 5 --student half
     python -c "from kdnb.pipeline import export_results; export_results('runs/cifar10-gpu', 'results/cifar10_gpu')"
 
 The data folder is the repository's `../shared/data/cifar10` (CIFAR-10's training images as JPEGs).
@@ -30,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--distill-epochs", type=int, default=20)
     ap.add_argument("--probe-epochs", type=int, default=10)
     ap.add_argument("--finetune-epochs", type=int, default=15)
+    ap.add_argument("--student", default="both", choices=["half", "other", "both"])
     ap.add_argument("--out-dir", default="runs/cifar10-gpu")
     a = ap.parse_args(argv)
     if a.calibrate:
@@ -40,7 +41,8 @@ def main(argv=None):
                  for p in sorted(Path(cfg.out_dir).glob("*/summary.json"))}
         print("CALIBRATION", json.dumps(times))
         return
-    print(run_pipeline(config(a.teacher_epochs, a.distill_epochs, a.probe_epochs, a.finetune_epochs, a.out_dir)))
+    print(run_pipeline(config(a.teacher_epochs, a.distill_epochs, a.probe_epochs, a.finetune_epochs, a.out_dir,
+                                student=a.student)))
 
 
 if __name__ == "__main__":

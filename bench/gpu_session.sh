@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call of the device machine (issue 14), so that each call is a single command:
 #   bash bench/gpu_session.sh check        # nvidia-smi, bench (peak, step, profile, loader), gpu tests, calibration
-#   bash bench/gpu_session.sh run ARGS     # the CIFAR-10 GPU pipeline (bench/gpu_pipeline.py ARGS) beside the suite
+#   bash bench/gpu_session.sh run ARGS     # the CIFAR-10 GPU pipeline (bench/gpu_pipeline.py ARGS), gpu tests beside it
+#   bash bench/gpu_session.sh suite        # the step benchmark again, then the whole suite
 # It expects the repository's root as the working directory; wheels of missing packages in .whl/ (nbdev,
 # papermill and their needs), CIFAR-10's JPEGs in .devdata/cifar10/train (or packed: .devdata/cifar10_train.tgz),
 # and $OUT for what comes back.
@@ -34,15 +35,24 @@ check)
   echo "calibrate exit $?"; grep CALIBRATION "$OUT/calibrate.log"; tail -5 "$OUT/calibrate.log"
   python3 bench/bench.py --show --out "$OUT/bench" 2>&1 | tail -45
   ;;
-run)
+run)  # the GPU pipeline, with the gpu tests beside it (the tests are not timed)
   shift
-  (timeout 560 python3 -m pytest -q -p no:cacheprovider -n 6 --dist loadfile -k "not glue and not text" \
-     > "$OUT/suite.log" 2>&1; echo "suite exit $?" >> "$OUT/suite.log") &
-  timeout 540 python3 bench/gpu_pipeline.py "$@" > "$OUT/pipeline.log" 2>&1
+  (timeout 450 python3 -m pytest -q -s -rA -m gpu tests/test_gpu.py -p no:cacheprovider --timeout 240 \
+     > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests exit $?" >> "$OUT/gpu_tests.log") &
+  timeout 530 python3 bench/gpu_pipeline.py "$@" > "$OUT/pipeline.log" 2>&1
   echo "pipeline exit $?"
   python3 -c "from kdnb.pipeline import export_results; export_results('runs/cifar10-gpu', '/tmp/cifar10_gpu')" \
     && tar czf "$OUT/cifar10_gpu.tgz" -C /tmp cifar10_gpu
   wait
-  tail -3 "$OUT/suite.log"; grep -E "^FAILED|^ERROR" "$OUT/suite.log" | head -30; tail -15 "$OUT/pipeline.log"
+  grep -E "passed|failed|PASSED|FAILED|Error|max \|a|eager " "$OUT/gpu_tests.log" | tail -30; tail -12 "$OUT/pipeline.log"
+  ;;
+suite)  # the step benchmark again (merged into results/bench/bench_cuda.json), then the whole suite
+  mkdir -p "$OUT/bench" && cp results/bench/bench_cuda.json "$OUT/bench/" 2>/dev/null
+  timeout 240 python3 bench/bench.py --only peak step profile --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  echo "bench exit $?"
+  OMP_NUM_THREADS=2 timeout 320 python3 -m pytest -q -p no:cacheprovider -n 8 --dist loadfile \
+    -k "not glue and not text" > "$OUT/suite.log" 2>&1
+  echo "suite exit $?"; tail -3 "$OUT/suite.log"; grep -E "^FAILED|^ERROR" "$OUT/suite.log" | head -30
+  python3 bench/bench.py --show --out "$OUT/bench" 2>&1 | head -30
   ;;
 esac

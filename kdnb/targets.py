@@ -20,8 +20,10 @@ def instance_norm_tokens(h: torch.Tensor, # [B, T, D] activations of one layer, 
     if h.ndim != 3:
         raise ValueError(f"expected a layer activation of shape [B, T, D], got {tuple(h.shape)}; "
                          "pass one tensor per layer (tokens on dim 1, channels on dim 2)")
-    if mask is None:
-        return F.instance_norm(h.float().transpose(1, 2), eps=eps).transpose(1, 2)  # [B, D, T] -> [B, T, D]
+    if mask is None:  # statistics along the tokens of a contiguous [B, T, D]: coalesced reads (F.instance_norm on
+        hf = h.float()  # the transposed [B, D, T] took a fifth of a ViT-B distillation step on an H100)
+        var, mu = torch.var_mean(hf, dim=1, keepdim=True, unbiased=False)  # [B, 1, D] each
+        return (hf - mu) * torch.rsqrt(var + eps)
     m = mask.to(device=h.device, dtype=torch.float32)[..., None]  # [B, T, 1]
     n = m.sum(1, keepdim=True).clamp(min=1)
     hf = h.float()
