@@ -72,3 +72,16 @@ def test_results_hold_no_absolute_paths():
 
 def test_the_absolute_path_check_can_fail(tmp_path):
     assert ABSOLUTE.findall("data_root: /work/shared/data/cifar10\nurl: https://x.org/a/b") == ["/work/shared/data/cifar10"]
+
+
+def test_readme_quotes_the_saved_gpu_benchmark():
+    "The README's H100 table is typed by hand: every rate and memory it quotes must be the saved measurement."
+    res = json.loads((ROOT / "results" / "bench" / "bench_cuda.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert res["gpu"] in readme
+    for r in res["step"]:
+        if r["kind"] in ("timm_bf16", "ours_bf16", "ours_compile", "finetune_bf16", "finetune_compile"):
+            assert f"{round(r['images_per_s']):,} img/s" in readme, (r["kind"], r["batch"], r["images_per_s"])
+    for r in res["loader"]:
+        if r["workers"] == 16:
+            assert f"{round(r['loader_images_per_s']):,} img/s" in readme, r
