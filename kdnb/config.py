@@ -67,10 +67,20 @@ class ConfigBase:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         return path
+    renamed = {} # old field name -> its name now: old run folders, presets and command lines keep working
+    @classmethod
+    def migrate(cls, d: dict) -> dict:
+        "`d` with renamed fields under their new names; giving a field under both names is an error."
+        d = dict(d)
+        for old, new in cls.renamed.items():
+            if old in d:
+                if new in d: raise ConfigError(f"{old!r} is the old name of {new!r}: give only {new!r}")
+                d[new] = d.pop(old)
+        return d
     @classmethod
     def from_dict(cls, d: dict):
-        "Build a config from a dict, rejecting unknown keys with a suggestion."
-        d = {k: v for k, v in d.items() if k != "_class"}
+        "Build a config from a dict (old field names translated), rejecting unknown keys with a suggestion."
+        d = cls.migrate({k: v for k, v in d.items() if k != "_class"})
         names = [f.name for f in fields(cls)]
         unknown = [k for k in d if k not in names]
         if unknown:
@@ -87,7 +97,7 @@ class ConfigBase:
         return cls.from_dict(d)
     def replace(self, **changes):
         "A copy with some fields changed, validated again; unknown names are an error."
-        return type(self).from_dict({**self.to_dict(), **changes})
+        return type(self).from_dict({**self.to_dict(), **self.migrate(changes)})
 
 
 @dataclass
@@ -190,12 +200,14 @@ def _non_negative(cfg, *names):
 @dataclass
 class DistillConfig(BaseConfig):
     "Feature distillation of a frozen teacher into a half-depth student (seed 000, Table 1)."
+    renamed = {"student": "model", "student_depth": "depth", "student_checkpoint": "checkpoint", "mixup": "fkd_mixup",
+               "cutmix": "fkd_cutmix", "selfmix": "fkd_selfmix"}
     teacher: str = "beitv2" # "beitv2", "data2vec2", "timm:<name>", "run:<folder>", "tiny"
     teacher_checkpoint: typing.Optional[str] = "beitv2_base_pt1k" # path, URL or named default (the seeds' self-supervised pt1k weights); None = timm's own weights, which for BEiTv2 are finetuned on ImageNet labels (supervised)
     teacher_layer_kind: str = "auto" # activation per teacher layer: "block", "ffn", or "auto" (ffn for data2vec 2.0 teachers: data2vec2, run:; block otherwise)
-    student: str = "data2vec2" # "data2vec2" (ViT-B sizes) or "tiny"
-    student_checkpoint: typing.Optional[str] = "data2vec2_base" # data2vec 2.0 checkpoint for the student's blocks; None = random
-    student_depth: int = 6 # blocks of the student
+    model: str = "data2vec2" # the student's architecture: "data2vec2" (ViT-B sizes) or "tiny"
+    checkpoint: typing.Optional[str] = "data2vec2_base" # the student's blocks: data2vec 2.0 checkpoint or kdnb run folder; None = random
+    depth: int = 6 # blocks of the student
     student_layer_kind: str = "ffn" # activation per student layer: "ffn" (data2vec) or "block"
     embed_dim: int = 768 # width D (hidden size)
     mlp_dim: int = 3072 # FFN inner size
@@ -223,9 +235,9 @@ class DistillConfig(BaseConfig):
     ferkd_hard_fraction: float = 0.2 # FerKD: share of each image's crops, least confident first, given the softened GT label
     ferkd_easy_fraction: float = 0.0 # FerKD: share of each image's most confident crops that are never replayed
     ferkd_smoothing: float = 0.1 # FerKD: label smoothing of the ground truth given to the hard crops
-    mixup: float = 0.0 # FKD: Mixup alpha across images, soft labels mixed alike (0 = off; 0.8 in seed 002 for ViT-S)
-    cutmix: float = 0.0 # FKD: CutMix alpha across images (1.0 in seed 002 for ViT-S)
-    selfmix: float = 0.0 # FerKD: SelfMix alpha, CutMix between two crops of the same image (1.0 in seed 002 for ResNet-50)
+    fkd_mixup: float = 0.0 # FKD: Mixup alpha across images, soft labels mixed alike (0 = off; 0.8 in seed 002 for ViT-S)
+    fkd_cutmix: float = 0.0 # FKD: CutMix alpha across images (1.0 in seed 002 for ViT-S)
+    fkd_selfmix: float = 0.0 # FerKD: SelfMix alpha, CutMix between two crops of the same image (1.0 in seed 002 for ResNet-50)
 
     def validate(self):
         super().validate()
@@ -234,8 +246,8 @@ class DistillConfig(BaseConfig):
         if not (self.teacher in ("beitv2", "data2vec2", "tiny") or self.teacher.startswith(("timm:", "run:"))):
             raise ConfigError(f"teacher={self.teacher!r}: use 'beitv2', 'data2vec2', 'timm:<model name>', "
                               "'run:<run folder>' or 'tiny'")
-        check_choice("student", self.student, ("data2vec2", "tiny"))
-        check_positive(self, "student_depth", "embed_dim", "mlp_dim", "num_heads", "patch_size")
+        check_choice("model", self.model, ("data2vec2", "tiny"))
+        check_positive(self, "depth", "embed_dim", "mlp_dim", "num_heads", "patch_size")
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
         if self.img_size % self.patch_size:
@@ -255,9 +267,9 @@ class DistillConfig(BaseConfig):
             raise ConfigError("ferkd_hard_fraction + ferkd_easy_fraction = "
                               f"{self.ferkd_hard_fraction + self.ferkd_easy_fraction} "
                               "leaves no crop with the teacher's label: keep their sum below 1")
-        _non_negative(self, "mixup", "cutmix", "selfmix")
-        if self.selfmix > 0 and self.replay_crops < 2:
-            raise ConfigError(f"selfmix={self.selfmix} mixes two crops of one image: set replay_crops >= 2")
+        _non_negative(self, "fkd_mixup", "fkd_cutmix", "fkd_selfmix")
+        if self.fkd_selfmix > 0 and self.replay_crops < 2:
+            raise ConfigError(f"fkd_selfmix={self.fkd_selfmix} mixes two crops of one image: set replay_crops >= 2")
         for n in ("student_color_jitter", "drop_path"):
             if not 0 <= getattr(self, n) < 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1)")
         check_positive(self, "bank_size", "temperature")
@@ -456,21 +468,21 @@ _SEED002 = ("Seed 002 (FerKD), Table 1: ImageNet-1K training from scratch on sto
 def _tinymim(size: str, D: int, H: int) -> Preset:
     return Preset(f"tinymim_vit_{size}", "distill", dict(
         objective="tinymim", epochs=300, batch_size=4096, lr=2.4e-3, min_lr_ratio=1e-5 / 2.4e-3, adam_eps=1e-8,
-        betas=(0.9, 0.95), weight_decay=0.05, warmup_frac=15 / 300, schedule="cosine", student_checkpoint=None,
-        student_depth=12, embed_dim=D, mlp_dim=4 * D, num_heads=H, student_color_jitter=0.4, drop_path=0.1,
+        betas=(0.9, 0.95), weight_decay=0.05, warmup_frac=15 / 300, schedule="cosine", checkpoint=None,
+        depth=12, embed_dim=D, mlp_dim=4 * D, num_heads=H, student_color_jitter=0.4, drop_path=0.1,
         out_dir=f"runs/tinymim_vit_{size}"), _SEED001.format(size.upper()))
 
 def _ferkd(arch: str, mix: dict, what: str) -> Preset:
     return Preset(f"ferkd_{arch}", "distill", dict(
         objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k", teacher_checkpoint=None, label_img_size=384,
         epochs=300, batch_size=256, replay_crops=4, lr=2e-3, weight_decay=0.05, adam_eps=1e-8, betas=(0.9, 0.999),
-        warmup_frac=5 / 300, schedule="cosine", student_checkpoint=None, student_depth=12, embed_dim=384,
+        warmup_frac=5 / 300, schedule="cosine", checkpoint=None, depth=12, embed_dim=384,
         mlp_dim=1536, num_heads=6, **mix, out_dir=f"runs/ferkd_{arch}"), _SEED002.format(what))
 
 PRESETS = {p.name: p for p in (
     Preset("distill", DistillConfig, dict(
         dataset="imagenet", img_size=224, epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6,
-        betas=(0.9, 0.98), schedule="cosine", warmup_frac=0.1, hflip=0.5, crop_scale=(0.08, 1.0), student_depth=6,
+        betas=(0.9, 0.98), schedule="cosine", warmup_frac=0.1, hflip=0.5, crop_scale=(0.08, 1.0), depth=6,
         embed_dim=768, mlp_dim=3072, num_heads=12, patch_size=16, out_dir="runs/distill"),
         "Seed 000, Table 1: distilling BEiTv2 ViT-B/16 into the first 6 blocks of Data2Vec2 (ImageNet-1K)."),
     Preset("finetune", FinetuneConfig, dict(
@@ -489,7 +501,7 @@ PRESETS = {p.name: p for p in (
         "steps, Mixup alpha 0.7)."),
     Preset("distill_cpu", "distill", dict(
         **_CPU, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny", teacher_checkpoint=None,
-        teacher_layer_kind="block", student="tiny", student_checkpoint=None, student_depth=2, embed_dim=64,
+        teacher_layer_kind="block", model="tiny", checkpoint=None, depth=2, embed_dim=64,
         mlp_dim=256, num_heads=4, out_dir="runs/distill_cpu"),
         "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."),
     Preset("finetune_cpu", "finetune", dict(
@@ -500,13 +512,13 @@ PRESETS = {p.name: p for p in (
     Preset("linear_probe_cpu", "finetune_cpu", dict(mode="linear_probe", out_dir="runs/linear_probe_cpu"),
         "The CPU-sized linear probe of a tiny student on digits."),
     _tinymim("t", 192, 3), _tinymim("s", 384, 6), _tinymim("b", 768, 12),
-    _ferkd("vit_s", dict(mixup=0.8, cutmix=1.0, selfmix=0.0, drop_path=0.1), "ViT-S/16 with Mixup 0.8 / CutMix 1.0 "
+    _ferkd("vit_s", dict(fkd_mixup=0.8, fkd_cutmix=1.0, fkd_selfmix=0.0, drop_path=0.1), "ViT-S/16 with Mixup 0.8 / CutMix 1.0 "
            "and drop path 0.1"),
-    _ferkd("selfmix", dict(mixup=0.0, cutmix=0.0, selfmix=1.0, drop_path=0.0), "SelfMix 1.0 (the table's ResNet-50 "
+    _ferkd("selfmix", dict(fkd_mixup=0.0, fkd_cutmix=0.0, fkd_selfmix=1.0, drop_path=0.0), "SelfMix 1.0 (the table's ResNet-50 "
            "column) on the ViT-S student"),
     Preset("ferkd_cpu", "distill_cpu", dict(
         objective="ferkd", label_crops=16, label_shard_images=256, replay_crops=4, batch_size=16, lr=2e-3,
-        weight_decay=0.05, selfmix=1.0, out_dir="runs/ferkd_cpu"),
+        weight_decay=0.05, fkd_selfmix=1.0, out_dir="runs/ferkd_cpu"),
         "A CPU-sized FerKD: soft labels of a classifier teacher (a finetuned kdnb run, `teacher=\"run:<folder>\"`; "
         "\"tiny\" = random, for mechanics) on digits, 16 stored crops per image, 4 replayed, SelfMix."),
     Preset("text_distill", TextDistillConfig, dict(
@@ -597,6 +609,7 @@ def params_from_namespace(ns: dict, # the notebook's globals() after the paramet
     "The run notebook's parameters, refusing names that are not fields of `cls`."
     known = {f.name for f in fields(cls)} | (RUN_ONLY_PARAMS if issubclass(cls,
                                                                            BaseConfig) else set())  # presets: runs only
+    known |= set(getattr(cls, "renamed", {}))  # old names, translated by the config
     new = {k: v for k, v in ns.items() if k not in before and not k.startswith("_")}
     unknown = sorted(k for k in new if k not in known)
     if unknown:

@@ -61,14 +61,14 @@ def build_teacher(cfg: DistillConfig) -> FrozenTeacher:
     if name.startswith("run:"):
         return FrozenTeacher(load_backbone(name[4:]), kind=kind)
     # "tiny": a randomly initialised Data2Vec2Encoder of twice the student's depth (tests, mechanics)
-    return FrozenTeacher(Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, 2 * cfg.student_depth,
+    return FrozenTeacher(Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, 2 * cfg.depth,
                                           cfg.num_heads, cfg.mlp_dim / cfg.embed_dim), kind=kind)
 
 def build_student(cfg: DistillConfig) -> Data2Vec2Encoder:
-    "The student: the first `student_depth` blocks of a checkpoint (data2vec 2.0, or a kdnb run), or random weights."
-    if cfg.student == "data2vec2" and cfg.student_checkpoint is not None:
-        return load_backbone(cfg.student_checkpoint, depth=cfg.student_depth, img_size=cfg.img_size)
-    return Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.student_depth, cfg.num_heads,
+    "The student: the first `depth` blocks of a checkpoint (data2vec 2.0, or a kdnb run), or random weights."
+    if cfg.model == "data2vec2" and cfg.checkpoint is not None:
+        return load_backbone(cfg.checkpoint, depth=cfg.depth, img_size=cfg.img_size)
+    return Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
                             cfg.mlp_dim / cfg.embed_dim, drop_path_rate=cfg.drop_path)
 
 # %% ../nbs/07_distill.ipynb #e955f8c4
@@ -95,6 +95,6 @@ def distill(cfg: DistillConfig | None = None, # a config; None = get_config("aut
     task = make_task(cfg, student, teacher, data)
     n_s = sum(p.numel() for p in student.parameters() if p.requires_grad)
     info = dict(task="distill", objective=cfg.objective, dataset=cfg.dataset, teacher=cfg.teacher,
-                student=f"{cfg.student} depth {cfg.student_depth}",
+                student=f"{cfg.model} depth {cfg.depth}",
                 student_params=n_s, teacher_layers=teacher.num_layers, val_source=data.val_source)
     return fit_task(task, cfg, data.train, data.val, callbacks, info=info).summary

@@ -157,7 +157,7 @@ def build_classifier_teacher(cfg, num_classes: int) -> ClassifierTeacher:
         model = load_classifier(name[4:])
         return ClassifierTeacher(model, cfg.label_img_size or model.backbone.arch.get("img_size", size))
     if name == "tiny":
-        enc = Data2Vec2Encoder(size, cfg.patch_size, cfg.embed_dim, 2 * cfg.student_depth, cfg.num_heads,
+        enc = Data2Vec2Encoder(size, cfg.patch_size, cfg.embed_dim, 2 * cfg.depth, cfg.num_heads,
                                cfg.mlp_dim / cfg.embed_dim)
         return ClassifierTeacher(Classifier(enc, num_classes), size)
     raise ValueError(f"teacher={name!r} is not a classifier: FKD/FerKD need 'timm:<classifier>', 'run:<finetuning "
@@ -350,11 +350,11 @@ def distill_fkd(cfg, # a DistillConfig with objective fkd or ferkd
     train = ReplayCrops(data.train, store, cfg.replay_crops, cfg.img_size, data.num_classes, ferkd,
                         cfg.crop_scale, cfg.hflip, cfg.seed)
     student = Classifier(build_student(cfg), data.num_classes)
-    task = FKDTask(student, SoftMix(cfg.mixup, cfg.cutmix, cfg.selfmix), cfg.seed,
+    task = FKDTask(student, SoftMix(cfg.fkd_mixup, cfg.fkd_cutmix, cfg.fkd_selfmix), cfg.seed,
                    teacher if cfg.label_mode == "online" else None, cfg.label_top_k, cfg.label_temperature)
     info = dict(task="distill", objective=cfg.objective, label_mode=cfg.label_mode, dataset=cfg.dataset,
                 teacher=cfg.teacher,
-                student=f"{cfg.student} depth {cfg.student_depth}", num_classes=data.num_classes,
+                student=f"{cfg.model} depth {cfg.depth}", num_classes=data.num_classes,
                 val_source=data.val_source,
                 crops_per_step=cfg.batch_size * cfg.replay_crops,
                 **({"label_store": str(store.root),

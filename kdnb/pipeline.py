@@ -111,7 +111,7 @@ def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
         st["distill" + sx] = get_config("distill" + sfx, **common, **size,
                                         **({"mlp_dim": 4 * p.embed_dim} if local else {}),
                                         teacher=teacher, teacher_checkpoint=t_ckpt, teacher_layer_kind=t_kind,
-                                        student="data2vec2", student_checkpoint=s_ckpt, student_depth=s_depth,
+                                        model="data2vec2", checkpoint=s_ckpt, depth=s_depth,
                                         student_layer_kind="ffn", epochs=p.distill_epochs,
                                         **({"lr": p.distill_lr} if local else {}), out_dir=str(out / f"distill{sx}"))
     models = {"teacher": (t_model, p.teacher_depth)} if t_model else {}

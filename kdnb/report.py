@@ -103,7 +103,7 @@ def distill_table(cfg=None) -> pd.DataFrame:
     "Seed 000, Table 1, from the `distill` preset."
     c = cfg or get_config("distill")
     total = c.epochs * (TRAIN_SIZES[c.dataset] // c.batch_size)
-    rows = [("Model", "Layers", c.student_depth), ("Model", "Hidden size", c.embed_dim),
+    rows = [("Model", "Layers", c.depth), ("Model", "Hidden size", c.embed_dim),
             ("Model", "FFN inner hidden size", c.mlp_dim), ("Model", "Attention heads", c.num_heads),
             ("Model", "Patch size", f"{c.patch_size}×{c.patch_size}"),
             ("Model", "Input resolution", f"{c.img_size}×{c.img_size}"),
@@ -207,8 +207,8 @@ def ferkd_table() -> pd.DataFrame:
                 ("lr scheduler", c.schedule), ("Weight decay", c.weight_decay),
                 ("Warmup epochs", round(c.warmup_frac * c.epochs)),
                 ("Num crops", c.replay_crops), ("Label smoothing", "×"), ("Stoch. Depth", x(c.drop_path)),
-                ("Gradient Clip.", x(c.grad_clip)), ("Mixup prob.", x(c.mixup)), ("Cutmix prob.", x(c.cutmix)),
-                ("SelfMix prob.", x(c.selfmix)), ("Images per step", c.batch_size),
+                ("Gradient Clip.", x(c.grad_clip)), ("Mixup prob.", x(c.fkd_mixup)), ("Cutmix prob.", x(c.fkd_cutmix)),
+                ("SelfMix prob.", x(c.fkd_selfmix)), ("Images per step", c.batch_size),
                 ("Stored crops per image", c.label_crops),
                 ("Top-k kept", c.label_top_k), ("Teacher", c.teacher)]
         cols[name] = {h: fmt(v) for h, v in rows}

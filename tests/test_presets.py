@@ -28,8 +28,8 @@ def shrink(name, out):
     if isinstance(cfg, GlueConfig):
         return cfg.replace(**TEXT, checkpoint="minilm", layers=1, dataset="rte", train_subset=64, out_dir=str(out))
     if isinstance(cfg, DistillConfig):  # FKD presets: a few stored crops at the student's size
-        return cfg.replace(**SMALL, mlp_dim=64, student_depth=1, teacher="tiny", teacher_checkpoint=None,
-                           student_checkpoint=None, label_crops=8, label_img_size=None, out_dir=str(out))
+        return cfg.replace(**SMALL, mlp_dim=64, depth=1, teacher="tiny", teacher_checkpoint=None,
+                           checkpoint=None, label_crops=8, label_img_size=None, out_dir=str(out))
     if isinstance(cfg, PretrainConfig):  # a 2-block encoder and a small decoder; masking, EMA and loss as preset
         return cfg.replace(**SMALL, checkpoint=None, depth=2, prenet_depth=0, average_top_k_layers=2, clone_batch=2,
                            decoder_dim=16, decoder_groups=4, decoder_layers=2, out_dir=str(out))
