@@ -8,7 +8,8 @@ import argparse, json, logging, sys
 from dataclasses import fields
 import yaml
 import torch
-from .config import PretrainConfig, DistillConfig, FinetuneConfig, TextDistillConfig, GlueConfig, ConfigError, PRESETS, field_docs
+from .config import (PretrainConfig, DistillConfig, FinetuneConfig, TextDistillConfig, GlueConfig, ConfigError, PRESETS,
+                         field_docs)
 from .runs import run, setup_run
 from .site import report_main
 
@@ -68,7 +69,7 @@ def error_message(e: BaseException) -> str:
     return msg.split("\n  (raised in callback")[0]
 
 def main(argv=None):
-    "Entry point of the `kdnb` console script: one line per error (exit 2 for a config, 1 otherwise); --debug: traceback."
+    "The `kdnb` console script: one line per error (exit 2 for a config, 1 otherwise); --debug: the traceback."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
         return report_main(argv[1:])

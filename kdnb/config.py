@@ -4,9 +4,10 @@
 
 # %% ../nbs/04_config.ipynb #985d76e1
 from __future__ import annotations
-import dataclasses, difflib, inspect, json, math, re, typing
-from dataclasses import dataclass, field, fields, asdict
+import dataclasses, difflib, json, math, typing
+from dataclasses import dataclass, fields, asdict
 from pathlib import Path
+from fastcore.docments import docments
 import yaml
 import kdnb
 
@@ -111,7 +112,9 @@ class BaseConfig(ConfigBase):
     val_size: float = 0.1 # held-out split carved from train when no test split exists (fraction, or count if > 1)
     train_subset: typing.Optional[int] = None # use only this many training images (stratified); None = all
     download: bool = True # download CIFAR through torchvision when missing
-    skip_bad_images: bool = False # replace an unreadable image by the next one (listed in out_dir/skipped_images.txt and counted in summary.json) instead of stopping
+    # replace an unreadable image by the next one (listed in out_dir/skipped_images.txt and counted in summary.json)
+    # instead of stopping
+    skip_bad_images: bool = False
     num_workers: int = -1 # data loader workers; -1 = automatic (0 on CPU for small sets, min(8, cores) on CUDA)
     # --- optimisation
     epochs: int = 10 # passes over the training set
@@ -131,10 +134,13 @@ class BaseConfig(ConfigBase):
     device: str = "auto" # "auto", "cpu", "cuda", "cuda:N"
     precision: str = "auto" # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
     compile: bool = False # torch.compile each transformer block of student and teacher (engine.compile_blocks)
-    augment_on: str = "auto" # distillation/pretraining crops: "loader" (workers resize, flip, normalise), "device" (workers decode and cut the box; the training device resizes), "auto" (device on CUDA)
+    # distillation/pretraining crops: "loader" (workers resize, flip, normalise), "device" (workers decode and cut the
+    # box; the training device resizes), "auto" (device on CUDA)
+    augment_on: str = "auto"
     out_dir: str = "runs/run" # run folder: config, metrics, summary, checkpoints
     resume: bool = False # continue from out_dir's last checkpoint (the saved config must match, see resume_changes)
-    resume_changes: typing.Optional[str] = None # on resume, fields allowed to differ from the saved config, e.g. "lr,seed"
+    # on resume, fields allowed to differ from the saved config, e.g. "lr,seed"
+    resume_changes: typing.Optional[str] = None
     log_every: int = 10 # steps between logged metrics (each log syncs the device once)
     ckpt_every: int = 0 # steps between checkpoints inside an epoch; 0 = at the end of each epoch only
     eval_every: int = 1 # epochs between evaluations
@@ -168,24 +174,22 @@ class BaseConfig(ConfigBase):
 def _resolve(cls, f):
     return typing.get_type_hints(cls)[f.name]
 
-_FIELD = re.compile(r"^\s+(\w+):[^=#]+=[^#]*#\s*(.+)$")
-
 def field_docs(cls) -> dict[str, str]:
-    "The trailing comment of every dataclass field of `cls` and its bases: the one text of the CLI's --help and the tables."
+    "Each field's comment (on its line, or the lines above it) in `cls` and its bases: the CLI's --help and the tables."
     docs = {}
-    for klass in reversed(cls.__mro__):
+    for klass in reversed(cls.__mro__):  # fastcore's docments, as nbdev's show_doc reads them
         if not dataclasses.is_dataclass(klass): continue
-        try: src = inspect.getsource(klass)
+        try: found = docments(klass)  # nothing for a class defined in __main__ (a notebook): no source file
         except (OSError, TypeError): continue
-        for line in src.splitlines():
-            if m := _FIELD.match(line): docs[m.group(1)] = m.group(2).strip()
+        docs |= {name: " ".join(doc.split()) for name, doc in found.items() if doc and name != "return"}
     return docs
 
 def check_choice(name, value, allowed):
     "Raise a ConfigError naming the field when `value` is not in `allowed` (with a did-you-mean)."
     if value not in allowed:
         hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], 1)
-        raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}"
+                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
 
 def check_positive(cfg, *names):
     "Raise a ConfigError naming the first of the fields `names` of `cfg` that is not > 0."
@@ -203,10 +207,15 @@ class DistillConfig(BaseConfig):
     renamed = {"student": "model", "student_depth": "depth", "student_checkpoint": "checkpoint", "mixup": "fkd_mixup",
                "cutmix": "fkd_cutmix", "selfmix": "fkd_selfmix"}
     teacher: str = "beitv2" # "beitv2", "data2vec2", "timm:<name>", "run:<folder>", "tiny"
-    teacher_checkpoint: typing.Optional[str] = "beitv2_base_pt1k" # path, URL or named default (the seeds' self-supervised pt1k weights); None = timm's own weights, which for BEiTv2 are finetuned on ImageNet labels (supervised)
-    teacher_layer_kind: str = "auto" # activation per teacher layer: "block", "ffn", or "auto" (ffn for data2vec 2.0 teachers: data2vec2, run:; block otherwise)
+    # path, URL or named default (the seeds' self-supervised pt1k weights); None = timm's own weights, which for BEiTv2
+    # are finetuned on ImageNet labels (supervised)
+    teacher_checkpoint: typing.Optional[str] = "beitv2_base_pt1k"
+    # activation per teacher layer: "block", "ffn", or "auto" (ffn for data2vec 2.0 teachers: data2vec2, run:; block
+    # otherwise)
+    teacher_layer_kind: str = "auto"
     model: str = "data2vec2" # the student's architecture: "data2vec2" (ViT-B sizes) or "tiny"
-    checkpoint: typing.Optional[str] = "data2vec2_base" # the student's blocks: data2vec 2.0 checkpoint or kdnb run folder; None = random
+    # the student's blocks: data2vec 2.0 checkpoint or kdnb run folder; None = random
+    checkpoint: typing.Optional[str] = "data2vec2_base"
     depth: int = 6 # blocks of the student
     student_layer_kind: str = "ffn" # activation per student layer: "ffn" (data2vec) or "block"
     embed_dim: int = 768 # width D (hidden size)
@@ -216,7 +225,9 @@ class DistillConfig(BaseConfig):
     hflip: float = 0.5 # horizontal flip probability
     crop_scale: tuple[float, float] = (0.08, 1.0) # RandomResizedCrop scale range
     target_eps: float = 1e-5 # epsilon of the target's instance and layer norms
-    objective: str = "d2v" # "d2v" (layer-averaged target), "tinymim" (attention relations), "contrastive", "d2v+contrastive"
+    # "d2v" (layer-averaged target), "tinymim" (attention relations), "contrastive", "d2v+contrastive", "fkd" or
+    # "ferkd" (crop soft labels of a classifier teacher)
+    objective: str = "d2v"
     relation_block: int = -1 # TinyMIM: block whose Q/K/V relations are distilled (teacher and student; -1 = last)
     student_color_jitter: float = 0.0 # TinyMIM: colour jitter of the student's view only (0.4 in seed 001)
     drop_path: float = 0.0 # stochastic depth of the student
@@ -224,7 +235,8 @@ class DistillConfig(BaseConfig):
     bank_size: int = 65536 # contrastive: memory bank of teacher CLS vectors
     temperature: float = 0.07 # contrastive: initial temperature (a learnable logit scale starts at 1/temperature)
     # FKD / FerKD (seed 002): crop-level soft labels of a classifier teacher, generated once and replayed
-    label_mode: str = "replay" # FKD: "replay" (stored soft labels, no teacher in training) or "online" (teacher per step)
+    # FKD: "replay" (stored soft labels, no teacher in training) or "online" (teacher per step)
+    label_mode: str = "replay"
     label_store: typing.Optional[str] = None # FKD: folder of the soft-label store; None = <out_dir>/soft_labels
     label_crops: int = 500 # FKD: RandomResizedCrops per image in the label-generation pass (FKD's default)
     label_top_k: int = 5 # FKD: teacher probabilities kept per crop (FKD's marginal_smoothing_k5)
@@ -232,12 +244,15 @@ class DistillConfig(BaseConfig):
     label_img_size: typing.Optional[int] = None # FKD: the teacher's input size for the crops; None = img_size
     label_shard_images: int = 1000 # FKD: images per store shard (the unit a re-run skips)
     replay_crops: int = 4 # FKD: stored crops trained per decoded image (seed 002, Table 1: num crops 4)
-    ferkd_hard_fraction: float = 0.2 # FerKD: share of each image's crops, least confident first, given the softened GT label
+    # FerKD: share of each image's crops, least confident first, given the softened GT label
+    ferkd_hard_fraction: float = 0.2
     ferkd_easy_fraction: float = 0.0 # FerKD: share of each image's most confident crops that are never replayed
     ferkd_smoothing: float = 0.1 # FerKD: label smoothing of the ground truth given to the hard crops
-    fkd_mixup: float = 0.0 # FKD: Mixup alpha across images, soft labels mixed alike (0 = off; 0.8 in seed 002 for ViT-S)
+    # FKD: Mixup alpha across images, soft labels mixed alike (0 = off; 0.8 in seed 002 for ViT-S)
+    fkd_mixup: float = 0.0
     fkd_cutmix: float = 0.0 # FKD: CutMix alpha across images (1.0 in seed 002 for ViT-S)
-    fkd_selfmix: float = 0.0 # FerKD: SelfMix alpha, CutMix between two crops of the same image (1.0 in seed 002 for ResNet-50)
+    # FerKD: SelfMix alpha, CutMix between two crops of the same image (1.0 in seed 002 for ResNet-50)
+    fkd_selfmix: float = 0.0
 
     def validate(self):
         super().validate()
@@ -281,11 +296,12 @@ class FinetuneConfig(BaseConfig):
     "Full finetuning or linear probing of the (distilled) student (seed 000 Table 2, seed 003 Table 1)."
     mode: str = "finetune" # "finetune" (all layers) or "linear_probe" (frozen backbone, only the head)
     model: str = "data2vec2" # backbone architecture: "data2vec2" (ViT-B sizes) or "tiny"
-    checkpoint: typing.Optional[str] = "data2vec2_base" # backbone weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint, or None
+    # backbone weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint, or None
+    checkpoint: typing.Optional[str] = "data2vec2_base"
     depth: int = 6 # backbone blocks (when not read from a run folder)
     embed_dim: int = 768 # backbone width (when not read from a run folder)
-    num_heads: int = 12
-    patch_size: int = 16
+    num_heads: int = 12 # attention heads (when not read from a run folder)
+    patch_size: int = 16 # patch side (when not read from a run folder)
     num_classes: typing.Optional[int] = None # None: from the data set
     layer_decay: float = 0.81 # lr_l = lr * layer_decay ** (L + 1 - l); 1 = off
     drop_path: float = 0.0 # stochastic depth of the backbone
@@ -294,7 +310,7 @@ class FinetuneConfig(BaseConfig):
     mixup_prob: float = 0.9 # probability of applying Mixup or CutMix to a batch
     mixup_switch_prob: float = 0.5 # probability of CutMix instead of Mixup when both are on
     mixup_mode: str = "batch" # "batch", "pair" or "elem" (timm)
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1 # label smoothing of the targets (also of Mixup/CutMix's); 0 = off
     rand_augment: typing.Optional[str] = "rand-m9-mstd0.5-inc1-n2" # timm RandAugment string; None = off
     reprob: float = 0.25 # random erasing probability
     remode: str = "pixel" # random erasing mode
@@ -333,7 +349,8 @@ GLUE_TASKS = ("mnli", "qnli", "rte", "mrpc", "qqp", "stsb", "cola", "sst2", "wnl
 class TextConfig(BaseConfig):
     "Fields shared by the text runs."
     datasets = GLUE_TASKS + ("glue",)  # a class attribute, not a field: the allowed `dataset` values
-    dataset: str = "rte" # a GLUE task (lower case: mnli, qnli, rte, mrpc, qqp, stsb, cola, sst2, wnli), or "glue" for distillation
+    # a GLUE task (lower case: mnli, qnli, rte, mrpc, qqp, stsb, cola, sst2, wnli), or "glue" for distillation
+    dataset: str = "rte"
     data_root: str = "data/glue" # the glue_data folder: <data_root>/<Task>/{train,dev}.tsv
     max_len: int = 128 # tokens per sequence after tokenisation (pairs truncated longest first)
 
@@ -379,7 +396,8 @@ class GlueConfig(TextConfig):
 class PretrainConfig(BaseConfig):
     "data2vec 2.0 image pretraining: no labels; an EMA teacher's layer-averaged target regressed at masked patches."
     # --- the encoder (the EMA teacher is a copy of it)
-    checkpoint: typing.Optional[str] = None # weights to start from (a data2vec 2.0 checkpoint or kdnb run); None = random init
+    # weights to start from (a data2vec 2.0 checkpoint or kdnb run); None = random init
+    checkpoint: typing.Optional[str] = None
     depth: int = 10 # main blocks (fairseq `depth`); the targets come from these
     prenet_depth: int = 2 # blocks inside the image encoder, before the main ones (fairseq `prenet_depth`)
     embed_dim: int = 768 # width D
@@ -512,10 +530,10 @@ PRESETS = {p.name: p for p in (
     Preset("linear_probe_cpu", "finetune_cpu", dict(mode="linear_probe", out_dir="runs/linear_probe_cpu"),
         "The CPU-sized linear probe of a tiny student on digits."),
     _tinymim("t", 192, 3), _tinymim("s", 384, 6), _tinymim("b", 768, 12),
-    _ferkd("vit_s", dict(fkd_mixup=0.8, fkd_cutmix=1.0, fkd_selfmix=0.0, drop_path=0.1), "ViT-S/16 with Mixup 0.8 / CutMix 1.0 "
-           "and drop path 0.1"),
-    _ferkd("selfmix", dict(fkd_mixup=0.0, fkd_cutmix=0.0, fkd_selfmix=1.0, drop_path=0.0), "SelfMix 1.0 (the table's ResNet-50 "
-           "column) on the ViT-S student"),
+    _ferkd("vit_s", dict(fkd_mixup=0.8, fkd_cutmix=1.0, fkd_selfmix=0.0, drop_path=0.1),
+           "ViT-S/16 with Mixup 0.8 / CutMix 1.0 and drop path 0.1"),
+    _ferkd("selfmix", dict(fkd_mixup=0.0, fkd_cutmix=0.0, fkd_selfmix=1.0, drop_path=0.0),
+           "SelfMix 1.0 (the table's ResNet-50 column) on the ViT-S student"),
     Preset("ferkd_cpu", "distill_cpu", dict(
         objective="ferkd", label_crops=16, label_shard_images=256, replay_crops=4, batch_size=16, lr=2e-3,
         weight_decay=0.05, fkd_selfmix=1.0, out_dir="runs/ferkd_cpu"),
@@ -561,7 +579,8 @@ PRESETS = {p.name: p for p in (
 
 # %% ../nbs/04_config.ipynb #b8646970
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)
-               task: str | None = None, # "pretrain", "distill", "finetune", "linear_probe", "text_distill" or "glue": checks the preset fits
+               # "pretrain", "distill", "finetune", "linear_probe", "text_distill" or "glue": checks the preset fits
+               task: str | None = None,
                **overrides, # fields to change
               ) -> BaseConfig:
     "The config of a preset with `overrides` applied and validated."
@@ -570,8 +589,8 @@ def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on
         preset = task + ("" if torch.cuda.is_available() else "_cpu")
     if preset not in PRESETS:
         hint = difflib.get_close_matches(preset, list(PRESETS), 1)
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}" + (
-                                                                                           f" (did you mean {hint[0]!r}?)" if hint else ""))
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     cfg = PRESETS[preset].build()
     if task is not None:
         want = {"distill": DistillConfig, "text_distill": TextDistillConfig, "glue": GlueConfig,
@@ -614,7 +633,8 @@ def params_from_namespace(ns: dict, # the notebook's globals() after the paramet
     unknown = sorted(k for k in new if k not in known)
     if unknown:
         hints = [difflib.get_close_matches(k, sorted(known), 1) for k in unknown]
-        raise ConfigError("unknown notebook parameters " + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
+        raise ConfigError("unknown notebook parameters "
+                          + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
                           for k, h in zip(unknown, hints)) + f"; allowed: {sorted(known)}")
     return new
 
@@ -625,7 +645,7 @@ PORTABLE_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".csv", ".txt", ".md")
 def portable(text: str, # a file's text
              moves: dict | None = None, # absolute folder -> its published place, relative to the repository
              root: Path | None = None) -> str: # the repository (default REPO)
-    "`text` with absolute paths made relative to the repository: moved folders first, then the repository, then beside it."
+    "`text` with absolute paths made relative to the repository: moved folders, then the repository, then beside it."
     root = REPO if root is None else Path(root)
     for old, new in sorted((moves or {}).items(), key=lambda kv: -len(str(kv[0]))):
         text = text.replace(str(old), str(new))

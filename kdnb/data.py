@@ -80,7 +80,8 @@ def load_cifar(name: str, # "cifar10" or "cifar100"
 class _Probe:
     "Just enough of a torchvision CIFAR object for its md5 check."
     def __init__(self, cls, root):
-        self.root, self.base_folder, self.train_list, self.test_list = str(root), cls.base_folder, cls.train_list, cls.test_list
+        self.root, self.base_folder = str(root), cls.base_folder
+        self.train_list, self.test_list = cls.train_list, cls.test_list
 
 # %% ../nbs/05_data.ipynb #1e6f1220
 def image_folder(path: str | Path) -> torchvision.datasets.ImageFolder:
@@ -89,7 +90,8 @@ def image_folder(path: str | Path) -> torchvision.datasets.ImageFolder:
         return torchvision.datasets.ImageFolder(str(path))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path} is not a usable ImageFolder ({e}): it needs {path}/<class>/<image> with at "
-                                "least one image (.jpg, .png, ...) in every class folder; remove empty class folders") from e
+                                "least one image (.jpg, .png, ...) in every class folder; remove empty class "
+                                "folders") from e
 
 def load_imagefolder(root: str | Path, split: str) -> Dataset | None:
     "ImageFolder `root/split`, or None when that split does not exist (an error when train/ is missing)."
@@ -309,7 +311,8 @@ def build_data(cfg, kind: str = "finetune") -> RunData:
         tr_idx, va_idx = stratified_split(targets, cfg.val_size, cfg.seed)
         val_src, val_source = train_src, f"carved from train (seed {cfg.seed}, {len(va_idx)} images, stratified)"
     else:
-        tr_idx, va_idx, val_src, val_source = np.arange(len(train_src)), np.arange(len(test_src)), test_src, "test split"
+        tr_idx, va_idx = np.arange(len(train_src)), np.arange(len(test_src))
+        val_src, val_source = test_src, "test split"
     if cfg.train_subset is not None and cfg.train_subset < len(tr_idx):
         keep, _ = stratified_split([targets[i] for i in tr_idx], len(tr_idx) - cfg.train_subset, cfg.seed)
         tr_idx = tr_idx[keep]

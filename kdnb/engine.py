@@ -237,8 +237,8 @@ class Trainer:
                                     f"not the optimisation, made the loss {v}. Check the data set (or its "
                                     "transform) for non-finite values; no checkpoint was written after it")
             ck = self.cb(Checkpointer)
-            kept = (f"the last good checkpoint (step {ck.last_step}) is kept in {ck.dir}" if ck and ck.last_step is not None
-                    else "no checkpoint was written yet")
+            kept = (f"the last good checkpoint (step {ck.last_step}) is kept in {ck.dir}"
+                    if ck and ck.last_step is not None else "no checkpoint was written yet")
             raise NonFiniteLoss(f"the training loss became {v} before step {self.step}; the run stops and {kept}. "
                                 "Lower lr, turn on grad_clip (e.g. 2.0) or use precision='fp32', then rerun with "
                                 "resume=True.")
@@ -402,7 +402,8 @@ class MetricsLogger(Callback):
         if t.cfg.wandb:
             try: import wandb
             except ImportError as e:
-                raise RuntimeError("wandb=True but wandb is not installed: pip install wandb, or set wandb=False") from e
+                raise RuntimeError("wandb=True but wandb is not installed: pip install wandb, or set wandb=False"
+                                   ) from e
             self.wandb = wandb.init(project="kdnb", name=t.out_dir.name, config=t.cfg.to_dict(), resume="allow")
     def write(self, t, rec):
         t.history.append(rec)
@@ -603,7 +604,8 @@ def ensure_writable(folder: Path):
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"cannot write the run folder {folder} ({e.strerror or e}): choose a writable out_dir") from e
+        raise PermissionError(f"cannot write the run folder {folder} ({e.strerror or e}): "
+                              "choose a writable out_dir") from e
 
 def fit_task(task: Task, cfg, train_ds, val_ds=None, callbacks: Iterable[Callback] = (),
              info: dict | None = None) -> Trainer:

@@ -36,8 +36,9 @@ class FinetuneTask(Task):
         if mode == "linear_probe":
             model.backbone.requires_grad_(False).eval()
             self.frozen = ("model.backbone",)  # no dropout, no drop path in a frozen backbone
-        self.train_loss = (SoftTargetCrossEntropy() if mixup is not None else
-                           LabelSmoothingCrossEntropy(label_smoothing) if label_smoothing > 0 else nn.CrossEntropyLoss())
+        self.train_loss = (SoftTargetCrossEntropy() if mixup is not None
+                           else LabelSmoothingCrossEntropy(label_smoothing) if label_smoothing > 0
+                           else nn.CrossEntropyLoss())
     def logits(self, x):
         m = self.model
         return getattr(m, "module", m).forward_head(x) if self.on_features else m(x)

@@ -122,7 +122,7 @@ class LabelStore:
         return {**self.__dict__, "_handles": {}}
 
     def row(self,
-            i: int) -> dict: # one image's records: boxes [N, 4], flips [N], topk_idx/topk_prob [N, k], gt_prob [N], label
+            i: int) -> dict: # one image's records: boxes [N, 4], flips [N], topk_idx/prob [N, k], gt_prob [N], label
         "The stored records of image `i` (position in the training split)."
         k, r = divmod(int(i), self.shard_images)
         if not self.done(k):
@@ -136,7 +136,8 @@ class ClassifierTeacher(nn.Module):
     "A frozen classifier with the input normalisation and resolution it was trained with."
     def __init__(self, model: nn.Module, img_size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
         super().__init__()
-        self.model, self.img_size, self.mean, self.std = model.eval().requires_grad_(False), img_size, tuple(mean), tuple(std)
+        self.model, self.img_size = model.eval().requires_grad_(False), img_size
+        self.mean, self.std = tuple(mean), tuple(std)
     def train(self, mode: bool = True): return super().train(False)
     @torch.inference_mode()
     def forward(self, x): return self.model(x)
@@ -187,7 +188,7 @@ def generate_soft_labels(cfg, # a DistillConfig (label_* fields, crop_scale, hfl
                          teacher: ClassifierTeacher,
                          dataset, # serves (PIL image, label): a SplitDataset without transform
                          num_classes: int,
-                         root: str | Path | None = None, # the store folder (default: cfg.label_store or out_dir/soft_labels)
+                         root: str | Path | None = None, # the store (default: label_store or out_dir/soft_labels)
                          chunk: int = 256, # crops per teacher forward
                          poll_s: float = 5.0, # under torchrun: seconds between checks for the other processes' shards
                         ) -> LabelStore:
@@ -258,7 +259,8 @@ class ReplayCrops(Dataset):
             raise ValueError(f"the store holds {store.num_images} images, the training split {len(split)}: same "
                              "train_subset and seed?")
         self.split, self.store, self.crops, self.img_size, self.num_classes = split, store, crops, img_size, num_classes
-        self.ferkd, self.crop_scale, self.hflip, self.seed, self.mean, self.std = ferkd, crop_scale, hflip, seed, mean, std
+        self.ferkd, self.crop_scale, self.hflip, self.seed = ferkd, crop_scale, hflip, seed
+        self.mean, self.std = mean, std
         self.targets = split.targets
     def __len__(self): return len(self.split)
     def __getitem__(self, key):

@@ -69,8 +69,8 @@ class GlueTask(Task):
         out = self.model(*batch[:3]).float()
         return out.squeeze(-1) if self.regression else out
     def loss_of(self, out, y, reduction="mean"):
-        return F.mse_loss(out, y.float(), reduction=reduction) if self.regression else F.cross_entropy(out, y,
-                                                                                                       reduction=reduction)
+        if self.regression: return F.mse_loss(out, y.float(), reduction=reduction)
+        return F.cross_entropy(out, y, reduction=reduction)
     def forward(self, batch): return {"loss": self.loss_of(self.outputs(batch), batch[3])}
     def eval_step(self, batch):
         out, y = self.outputs(batch), batch[3]

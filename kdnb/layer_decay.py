@@ -24,7 +24,8 @@ def lr_table(base_lr: float = 1e-3, # learning rate of the top layer (the head)
                          "lr": [base_lr * layer_decay ** (num_layers + 1 - l) for l in range(num_layers + 2)]})
 
 # %% ../nbs/03_layer_decay.ipynb #b6f73e1b
-_STEM = re.compile(r"(?:^|\.)(patch_embed|cls_token|pos_embed|norm_pre|rel_pos_bias|reg_token|mask_token|embeddings)(?:\.|$)")
+_STEM = re.compile(r"(?:^|\.)(patch_embed|cls_token|pos_embed|norm_pre|rel_pos_bias|reg_token|mask_token|embeddings)"
+                   r"(?:\.|$)")
 _BLOCK = re.compile(r"(?:^|\.)(prenet|blocks|encoder\.layer)\.(\d+)\.")  # encoder.layer.N: BERT-family text models
 
 def _block_layout(names):

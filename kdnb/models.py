@@ -236,7 +236,9 @@ def d2v2_checkpoint_filter_fn(state_dict: dict, # the fairseq `model` state dict
                              ) -> tuple[dict, list[str], list[str]]: # (kdnb state dict, ignored keys, unknown keys)
     "Map fairseq data2vec 2.0 keys to `Data2Vec2Encoder` keys."
     state_dict, wrapper = d2v2_split_wrapper(state_dict)
-    out, ignored, unknown = {}, [k for k in wrapper if D2V2_IGNORED.match(k)], [k for k in wrapper if not D2V2_IGNORED.match(k)]
+    out = {}
+    ignored = [k for k in wrapper if D2V2_IGNORED.match(k)]
+    unknown = [k for k in wrapper if not D2V2_IGNORED.match(k)]
     for k, v in state_dict.items():
         if D2V2_IGNORED.match(k): ignored.append(k); continue
         new = next((dst + k[len(src):] for src, dst in D2V2_KEY_MAP if k.startswith(src)), None)
@@ -328,7 +330,8 @@ def load_checkpoint_file(src: str | Path | dict, # path, URL, a name in CHECKPOI
         if "unsupported global" not in str(e).lower(): raise _unreadable(path, e) from e
         raise RuntimeError(
             f"{path} holds Python objects besides tensors, which weights_only=True refuses to unpickle ({e}). "
-            "If you trust its source, convert it once with kdnb.models.convert_checkpoint(src, dst) and load dst") from e
+            "If you trust its source, convert it once with kdnb.models.convert_checkpoint(src, dst) and load dst"
+        ) from e
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise _unreadable(path, e) from e
 
@@ -340,7 +343,7 @@ def _unreadable(path, e) -> ValueError:
 def convert_checkpoint(src: str | Path, # a trusted checkpoint that weights_only=True refuses
                        dst: str | Path, # where to write the converted file
                       ) -> Path:
-    "Keep only `cfg` (as plain containers) and `model` of a *trusted* checkpoint, so that it loads with weights_only=True."
+    "Keep only `cfg` (plain containers) and `model` of a *trusted* checkpoint, so that it loads with weights_only=True."
     ckpt = torch.load(src, map_location="cpu", weights_only=False)  # the caller vouches for `src`
     try:
         from omegaconf import OmegaConf
@@ -357,9 +360,9 @@ def convert_checkpoint(src: str | Path, # a trusted checkpoint that weights_only
 def _describe(src) -> str:
     return "the checkpoint dict" if isinstance(src, dict) else f"checkpoint {src}"
 
-def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL, named default, or a loaded fairseq dict
+def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL, named default, or loaded fairseq dict
                    depth: int | None = None, # keep the first `depth` main blocks; None keeps all
-                   **overrides, # Data2Vec2Encoder arguments that win over the checkpoint's (img_size, drop_path_rate, ...)
+                   **overrides, # Data2Vec2Encoder arguments that win over the checkpoint's (img_size, drop_path_rate)
                   ) -> Data2Vec2Encoder:
     "Build a `Data2Vec2Encoder` from a fairseq data2vec 2.0 checkpoint."
     ckpt = load_checkpoint_file(checkpoint)
@@ -396,7 +399,7 @@ def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL
 
 # %% ../nbs/01_models.ipynb #f8fbfcf2
 def to_fairseq_state_dict(model: Data2Vec2Encoder) -> dict:
-    "The inverse of `d2v2_checkpoint_filter_fn`: `model`'s weights under fairseq data2vec 2.0 keys (for tests and export)."
+    "The inverse of `d2v2_checkpoint_filter_fn`: `model`'s weights under fairseq data2vec 2.0 keys (tests, export)."
     inv = [(dst, src) for src, dst in D2V2_KEY_MAP]
     return {next(src + k[len(dst):] for dst, src in inv if k.startswith(dst)): v.clone()
             for k, v in model.state_dict().items()}
@@ -492,7 +495,7 @@ def warn_timm_weights(name: str):
                 "or a local .pth) for the seeds' teacher")
     log.warning(msg)
 
-def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoint: path, URL, "beitv2_base_pt1k", or dict
+def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoint: path, URL, "beitv2_base_pt1k", dict
                    name: str = "beitv2_base_patch16_224", # timm architecture
                    pretrained: bool = False, # use timm's own weights for `name` (needs the network)
                    **model_kwargs, # timm.create_model arguments (img_size, ...)

@@ -11,7 +11,8 @@ from pathlib import Path
 import typing
 import pandas as pd
 import matplotlib.pyplot as plt
-from .config import load_config, make_portable, portable, ConfigBase, ConfigError, get_config, check_choice, check_positive, DATASETS
+from .config import (load_config, make_portable, portable, ConfigBase, ConfigError, get_config, check_choice,
+                         check_positive, DATASETS)
 from .runs import run
 from .report import read_metrics, read_summary
 from .engine import CODE_COMMIT, Checkpointer
@@ -25,15 +26,20 @@ __all__ = ['log', 'MODEL_LABELS', 'TEACHER_KINDS', 'KEEP', 'PipelineConfig', 'st
 # %% ../nbs/17_pipeline.ipynb #e7f250e8
 @dataclass
 class PipelineConfig(ConfigBase):
-    "The chain teacher -> student(s) -> distillation -> probe/finetune of the teacher and each student, distilled or not."
+    "The chain teacher -> students -> distillation -> probe/finetune of the teacher and each student, distilled or not."
     dataset: str = "digits" # one of DATASETS
     data_root: str = "data" # folder of the data set
     val_size: float = 0.2 # held-out split carved from train (fraction, or count if > 1)
     train_subset: typing.Optional[int] = None # training images used (stratified); None = all
-    teacher: str = "pretrain" # "pretrain": data2vec 2.0 pretraining here, no labels; "train": supervised on the labels (leaks them into the comparison); "beitv2": seed 000, needs its weights
+    # "pretrain": data2vec 2.0 pretraining here, no labels; "train": supervised on the labels (leaks them into the
+    # comparison); "beitv2": seed 000, needs its weights
+    teacher: str = "pretrain"
     teacher_checkpoint: typing.Optional[str] = None # weights of a named teacher (None: the official URL)
-    student: str = "both" # "half": first half of the teacher's blocks; "other": of another pretraining run (other seed and size); "both"; "data2vec2": first 6 blocks of Data2Vec2
-    student_checkpoint: typing.Optional[str] = None # data2vec 2.0 checkpoint for student="data2vec2" (None: official URL)
+    # "half": first half of the teacher's blocks; "other": of another pretraining run (other seed and size); "both";
+    # "data2vec2": first 6 blocks of Data2Vec2
+    student: str = "both"
+    # data2vec 2.0 checkpoint for student="data2vec2" (None: official URL)
+    student_checkpoint: typing.Optional[str] = None
     img_size: int = 16 # input resolution (embedded default: 16 px digits)
     patch_size: int = 4
     embed_dim: int = 64 # width of the trained teacher
@@ -244,7 +250,7 @@ def export_results(run_dir, dst) -> list[Path]:
 
 # %% ../nbs/17_pipeline.ipynb #c198c43a
 def pipeline_command(run_dir) -> str:
-    "The papermill command that runs a pipeline folder's configuration again (its parameters that differ from the defaults)."
+    "The papermill command that runs a pipeline folder's configuration again (its parameters unlike the defaults)."
     p, default = load_config(Path(run_dir) / "pipeline.yaml"), PipelineConfig()
     params = [f"-p {f.name} {getattr(p, f.name)}" for f in dataclasses.fields(p)
               if f.name not in ("out_dir", "resume") and getattr(p, f.name) != getattr(default, f.name)]

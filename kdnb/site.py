@@ -99,7 +99,8 @@ MATHJAX_DIR = Path("/usr/share/javascript/mathjax")  # Debian's libjs-mathjax
 
 CSS = """
 body{margin:0;font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;line-height:1.5;color:#212529}
-nav{position:fixed;top:0;left:0;bottom:0;width:230px;overflow:auto;background:#f6f8fa;border-right:1px solid #ddd;padding:1em;font-size:.9em}
+nav{position:fixed;top:0;left:0;bottom:0;width:230px;overflow:auto;background:#f6f8fa;border-right:1px solid #ddd;
+  padding:1em;font-size:.9em}
 nav h2{font-size:1.1em;margin:.2em 0 .8em} nav .sec{margin-top:.8em;font-weight:600;color:#555}
 nav a{display:block;color:#0b5ed7;text-decoration:none;padding:.1em 0} nav a.cur{font-weight:700;color:#000}
 main{margin-left:260px;max-width:1000px;padding:1em 2em 4em}
@@ -110,7 +111,8 @@ pre{white-space:pre-wrap;overflow-wrap:anywhere}
 .jp-OutputArea-output pre{padding:.4em .6em;overflow:auto}
 table{border-collapse:collapse;margin:.6em 0;font-size:.85em;display:block;width:max-content;max-width:100%;
   overflow-x:auto} th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
-thead th{background:#f0f0f0} img{max-width:100%} blockquote{color:#555;border-left:3px solid #ccc;margin-left:0;padding-left:1em}
+thead th{background:#f0f0f0} img{max-width:100%}
+blockquote{color:#555;border-left:3px solid #ccc;margin-left:0;padding-left:1em}
 .jp-InputPrompt,.jp-OutputPrompt,.prompt{display:none}
 """
 
@@ -141,8 +143,10 @@ def render_page(nb, pages, current, mathjax: bool, titles: dict | None = None) -
     exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags=("remove-input",), enabled=True),
                                    enabled=True)
     body, _ = exporter.from_notebook_node(nb)
-    title = next((c.source.split("\n")[0].lstrip("# ").strip() for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("# ")), Path(current).stem)
-    mj = ('<script type="text/x-mathjax-config">MathJax.Hub.Config({tex2jax:{inlineMath:[["$","$"],["\\\\(","\\\\)"]],processEscapes:true}});</script>'
+    title = next((c.source.split("\n")[0].lstrip("# ").strip() for c in nb.cells
+                  if c.cell_type == "markdown" and c.source.startswith("# ")), Path(current).stem)
+    mj = ('<script type="text/x-mathjax-config">'
+          'MathJax.Hub.Config({tex2jax:{inlineMath:[["$","$"],["\\\\(","\\\\)"]],processEscapes:true}});</script>'
           '<script src="mathjax/MathJax.js?config=TeX-AMS_CHTML"></script>') if mathjax else ""
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content='width=device-width'>"
             f"<title>{html.escape(title)} – kdnb</title><style>{CSS}</style>{mj}</head>"

@@ -38,7 +38,7 @@ def resolve_text_source(name: str) -> str:
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    "Silence transformers' load report and bar: the report lists the pooler and layers kdnb drops on purpose, with local paths."
+    "Silence transformers' load report and bar: it lists the pooler and layers kdnb drops on purpose, with local paths."
     from transformers.utils import logging as hf_logging
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -63,7 +63,7 @@ def load_tokenizer(src: str):
     return _hf(AutoTokenizer.from_pretrained, src)
 
 class TextEncoder(nn.Module):
-    "A BERT-family encoder (no pooler) returning its last layer, or all hidden states; `arch` makes checkpoints self-describing."
+    "A BERT-family encoder (no pooler): its last layer or all hidden states; `arch` makes checkpoints self-describing."
     def __init__(self, model: nn.Module, source: str):
         super().__init__()
         self.model, self.source = model, source
@@ -83,14 +83,14 @@ def _encoder_from_arch(arch: dict, state: dict, num_layers: int | None) -> TextE
         if not 0 < num_layers <= c["num_hidden_layers"]:
             raise ValueError(f"num_layers={num_layers}, but the encoder has {c['num_hidden_layers']} layers")
         c["num_hidden_layers"] = num_layers
-        state = {k: v for k,
-                 v in state.items() if not (".encoder.layer." in k and int(k.split(".encoder.layer.")[1].split(".")[0]) >= num_layers)}
+        layer_of = lambda k: int(k.split(".encoder.layer.")[1].split(".")[0])
+        state = {k: v for k, v in state.items() if not (".encoder.layer." in k and layer_of(k) >= num_layers)}
     model = AutoModel.from_config(AutoConfig.for_model(**c), add_pooling_layer=False)
     enc = TextEncoder(model, arch["source"])
     enc.load_state_dict(state)
     return enc
 
-def load_text_encoder(src: str | Path, # a kdnb text run folder or weights file, a Hugging Face name or folder, or "minilm"
+def load_text_encoder(src: str | Path, # a kdnb text run folder or weights file, a Hugging Face name or folder, "minilm"
                       num_layers: int | None = None, # keep the embeddings and the first `num_layers` layers
                      ) -> TextEncoder:
     "A text encoder (optionally its first layers only) from a kdnb run or from Hugging Face."
@@ -170,7 +170,8 @@ def download_glue(task: str, root: str | Path) -> Path:
     try: data = urllib.request.urlopen(url, timeout=30).read()
     except OSError as e:
         raise FileNotFoundError(f"{task}: could not download {url} ({e}). Offline, put the task's train.tsv and "
-                                f"{spec.dev} in {root / spec.folder} (the glue_data layout) and pass data_root={root}") from e
+                                f"{spec.dev} in {root / spec.folder} (the glue_data layout) and pass "
+                                f"data_root={root}") from e
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         for m in z.namelist():  # archives hold <Folder>/...; QNLIv2 and QQP-clean use other folder names
             name = Path(m)
@@ -216,7 +217,8 @@ def read_glue(root: str | Path, # the glue_data folder
 
 def glue_sentences(root: str | Path, tasks: str = "all") -> list[str]:
     "The distinct sentences of the GLUE training files found under root (labels unused), in file order."
-    names = [t for t in GLUE if (Path(root) / GLUE[t].folder / "train.tsv").exists()] if tasks == "all" else [t.strip() for t in tasks.split(",")]
+    if tasks == "all": names = [t for t in GLUE if (Path(root) / GLUE[t].folder / "train.tsv").exists()]
+    else: names = [t.strip() for t in tasks.split(",")]
     if not names: raise FileNotFoundError(f"no GLUE training file under {root}: pass data_root=<glue_data folder>")
     seen, out = set(), []
     for t in names:
@@ -273,6 +275,6 @@ def distill_text(cfg: TextDistillConfig | None = None, # a config; None = get_co
     info = dict(task="text_distill", teacher=cfg.teacher, student=f"first {cfg.student_layers} of "
                                                                   f"{teacher.num_layers} layers",
                 teacher_layers=teacher.num_layers, train_sentences=len(train), val_sentences=len(val),
-                student_params=sum(p.numel() for p in student.parameters()), val_source=
-                                                                                        f"held out from the sentences (seed {cfg.seed})")
+                student_params=sum(p.numel() for p in student.parameters()), 
+                val_source=f"held out from the sentences (seed {cfg.seed})")
     return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info).summary

@@ -85,3 +85,13 @@ def test_readme_quotes_the_saved_gpu_benchmark():
     for r in res["loader"]:
         if r["workers"] == 16:
             assert f"{round(r['loader_images_per_s']):,} img/s" in readme, r
+
+
+def test_every_saved_run_config_loads():
+    "Renamed config fields must not orphan saved runs: every results/**/config.yaml loads (old names translated)."
+    from kdnb.config import load_config
+    paths = sorted((ROOT / "results").rglob("config.yaml"))
+    assert len(paths) >= 10, paths
+    for p in paths:
+        cfg = load_config(p)
+        assert cfg.to_dict()["out_dir"], p
