@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
             if f.name == "preset" or (name == "glue" and f.name == "dataset"): continue
             sp.add_argument(f"--{f.name}", type=_parse_value, default=argparse.SUPPRESS, metavar="VALUE",
                             help=docs.get(f.name, "").replace("%", "%%"))
-        for old in getattr(cls, "renamed", {}):  # old flags keep working: the config translates them (both: an error)
+        for old in cls.renamed:  # old flags keep working: the config translates them (both: an error)
             sp.add_argument(f"--{old}", type=_parse_value, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 

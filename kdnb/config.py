@@ -628,7 +628,7 @@ def params_from_namespace(ns: dict, # the notebook's globals() after the paramet
     "The run notebook's parameters, refusing names that are not fields of `cls`."
     known = {f.name for f in fields(cls)} | (RUN_ONLY_PARAMS if issubclass(cls,
                                                                            BaseConfig) else set())  # presets: runs only
-    known |= set(getattr(cls, "renamed", {}))  # old names, translated by the config
+    known |= set(cls.renamed)  # old names, translated by the config
     new = {k: v for k, v in ns.items() if k not in before and not k.startswith("_")}
     unknown = sorted(k for k in new if k not in known)
     if unknown:

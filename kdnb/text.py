@@ -275,6 +275,6 @@ def distill_text(cfg: TextDistillConfig | None = None, # a config; None = get_co
     info = dict(task="text_distill", teacher=cfg.teacher, student=f"first {cfg.student_layers} of "
                                                                   f"{teacher.num_layers} layers",
                 teacher_layers=teacher.num_layers, train_sentences=len(train), val_sentences=len(val),
-                student_params=sum(p.numel() for p in student.parameters()), 
+                student_params=sum(p.numel() for p in student.parameters()),
                 val_source=f"held out from the sentences (seed {cfg.seed})")
     return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info).summary

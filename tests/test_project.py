@@ -75,7 +75,7 @@ def test_the_absolute_path_check_can_fail(tmp_path):
 
 
 def test_readme_quotes_the_saved_gpu_benchmark():
-    "The README's H100 table is typed by hand: every rate and memory it quotes must be the saved measurement."
+    "The README's H100 numbers are typed by hand: every step and loader rate it quotes must be the saved measurement."
     res = json.loads((ROOT / "results" / "bench" / "bench_cuda.json").read_text())
     readme = (ROOT / "README.md").read_text()
     assert res["gpu"] in readme
