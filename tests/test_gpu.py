@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_runs import DIE_IN_CHECKPOINT_WRITE
 
 from kdnb.config import get_config
 from kdnb.data import CropBatch, DeviceCrop, loader_settings
@@ -126,28 +127,15 @@ def _weights(run):
     return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
 
 
-DIE_AT_THIRD_CHECKPOINT = """
-import os, signal, sys
-import kdnb.engine as E
-from kdnb.cli import main
-orig, saves = E.save_weights, []
-def dying(module, path):  # the 3rd checkpoint's weights are written, its state.pt never is
-    saves.append(path)
-    orig(module, path)
-    if len(saves) == 3: os.kill(os.getpid(), signal.SIGKILL)
-E.save_weights = dying
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_sigkill_then_resume_on_cuda(tmp_path):
     """Killed with SIGKILL inside a checkpoint write on CUDA and resumed: the weights of an uninterrupted run, bitwise
     where two uninterrupted CUDA runs agree bitwise (as on the CPU); else no further from it than they are apart."""
     a, b, killed = tmp_path / "a", tmp_path / "b", tmp_path / "killed"
     for run in (a, b):
         subprocess.run(KDNB + _args(run), check=True, env=ENV, capture_output=True)
-    r = subprocess.run([sys.executable, "-c", DIE_AT_THIRD_CHECKPOINT] + _args(killed), env=ENV,
-                       capture_output=True, text=True)
+    # the CPU test's kill inside a checkpoint write, on CUDA
+    r = subprocess.run([sys.executable, "-c", DIE_IN_CHECKPOINT_WRITE] + _args(killed), env=ENV, capture_output=True,
+                       text=True)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert torch.load(killed / "checkpoints" / "last" / "state.pt", weights_only=True)["step"] < 16
     r = subprocess.run(KDNB + _args(killed, "--resume", "true"), env=ENV, capture_output=True, text=True)
