@@ -5,7 +5,6 @@
 # %% ../nbs/06_engine.ipynb #aa227bd7
 from __future__ import annotations
 import contextlib, importlib.util, json, logging, math, os, random, shutil, subprocess, sys, time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 import numpy as np

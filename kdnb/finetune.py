@@ -5,7 +5,6 @@
 # %% ../nbs/08_finetune.ipynb #f25ccbe7
 from __future__ import annotations
 import logging
-from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

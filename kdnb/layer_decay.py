@@ -6,7 +6,6 @@
 from __future__ import annotations
 import re
 import pandas as pd
-import torch
 import torch.nn as nn
 
 # %% auto #0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_site.ipynb #25273e31
 from __future__ import annotations
-import argparse, copy, html, json, os, re, shutil, sys, time
+import argparse, copy, html, json, os, re, sys, time
 from pathlib import Path
 import nbformat
 import yaml

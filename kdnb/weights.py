@@ -7,7 +7,6 @@ from __future__ import annotations
 import json, logging
 from dataclasses import dataclass
 from pathlib import Path
-import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, load_file
