@@ -28,8 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="render the report to static HTML (see kdnb.site)", add_help=False)
     for name, cls, help_ in (("pretrain", PretrainConfig, "data2vec 2.0 pretraining of an image encoder from unlabeled "
                                                           "images (a self-supervised teacher or student donor)"),
-                             ("distill", DistillConfig, "distil a teacher into a student (objectives: d2v, "
-                                                        "tinymim, contrastive, fkd, ferkd)"),
+                             ("distill", DistillConfig, "distil a teacher into a student (objectives: "
+                                                        + ", ".join(DistillConfig.all_objectives()) + ")"),
                              ("finetune", FinetuneConfig, "finetune a (distilled) student"),
                              ("probe", FinetuneConfig, "linear-probe a (distilled) student"),
                              ("distill-text", TextDistillConfig, "distil a BERT-family teacher into its first layers"),
@@ -41,11 +41,16 @@ def _parser() -> argparse.ArgumentParser:
         if name == "glue":
             sp.add_argument("--task", dest="dataset", type=str, default=argparse.SUPPRESS,
                             help="the GLUE task (= --dataset)")
-        docs = field_docs(cls)  # the field comments of the config class: one text for --help and the report
-        for f in fields(cls):
-            if f.name == "preset" or (name == "glue" and f.name == "dataset"): continue
-            sp.add_argument(f"--{f.name}", type=_parse_value, default=argparse.SUPPRESS, metavar="VALUE",
-                            help=docs.get(f.name, "").replace("%", "%%"))
+        seen = {"preset"} | ({"dataset"} if name == "glue" else set())
+        for v in cls.variants():  # DistillConfig: then each objective's class, its settings in a group of their own
+            group = sp if v is cls else sp.add_argument_group(f"{v.__name__} (--objective {' or '.join(v.objectives)})",
+                                                              v.__doc__)
+            docs = field_docs(v)  # the field comments of the config class: one text for --help and the report
+            for f in fields(v):
+                if f.name in seen: continue
+                seen.add(f.name)
+                group.add_argument(f"--{f.name}", type=_parse_value, default=argparse.SUPPRESS, metavar="VALUE",
+                                   help=docs.get(f.name, "").replace("%", "%%"))
         for old in cls.renamed:  # old flags keep working: the config translates them (both: an error)
             sp.add_argument(f"--{old}", type=_parse_value, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p

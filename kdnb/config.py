@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_config.ipynb #985d76e1
 from __future__ import annotations
-import dataclasses, difflib, json, math, typing
+import dataclasses, difflib, json, math, sys, typing
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 from fastcore.docments import docments
@@ -13,9 +13,10 @@ import kdnb
 
 # %% auto #0
 __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES',
-           'ConfigError', 'ConfigBase', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'DistillConfig',
-           'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset', 'get_config',
-           'load_config', 'params_from_namespace', 'portable', 'make_portable']
+           'ConfigError', 'ConfigBase', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive',
+           'check_non_negative', 'DistillConfig', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig',
+           'PretrainConfig', 'Preset', 'register_presets', 'get_config', 'load_config', 'params_from_namespace',
+           'portable', 'make_portable']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -79,17 +80,37 @@ class ConfigBase:
                 d[new] = d.pop(old)
         return d
     @classmethod
+    def variants(cls) -> list:
+        "The config classes a run of this kind may have (DistillConfig: one per objective); their fields are flags."
+        return [cls]
+    @classmethod
+    def class_for(cls, d: dict) -> type:
+        "The class that holds a config with the values `d` (DistillConfig: the class of `d['objective']`)."
+        return cls
+    @classmethod
     def from_dict(cls, d: dict):
         "Build a config from a dict (old field names translated), rejecting unknown keys with a suggestion."
         d = cls.migrate({k: v for k, v in d.items() if k != "_class"})
+        target = cls.class_for(d)
+        if target is not cls: return target.from_dict(d)
         names = [f.name for f in fields(cls)]
         unknown = [k for k in d if k not in names]
+        others = {f.name: (v, f) for v in cls.variants() if v is not cls for f in fields(v) if f.name not in names}
+        for k in [k for k in unknown if k in others]:
+            v, f = others[k]
+            if d[k] == _default(f): unknown.remove(k); del d[k]  # saved before the split: another variant's default
+            else:
+                mine, theirs = getattr(cls, "objectives", None), getattr(v, "objectives", None)
+                raise ConfigError(f"{k}={d[k]!r} is a setting of {v.__name__}, not of {cls.__name__}" + (
+                    f" (objective={d.get('objective', cls.objective)!r}): set objective to "
+                    + " or ".join(map(repr, theirs)) + f" or leave {k} out" if mine and theirs else ""))
         if unknown:
             hints = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
             raise ConfigError("unknown config keys for " + cls.__name__ + ": " +
                               ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k,
-                                        h in hints.items()))
+                                        h in hints.items()) + cls.unknown_hint)
         return cls(**d)
+    unknown_hint = ""  # appended to the unknown-keys error (DistillConfig: where the other objectives live)
     @classmethod
     def load(cls, path):
         "Read a config saved by `save` (YAML or JSON)."
@@ -97,8 +118,12 @@ class ConfigBase:
         d = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
         return cls.from_dict(d)
     def replace(self, **changes):
-        "A copy with some fields changed, validated again; unknown names are an error."
-        return type(self).from_dict({**self.to_dict(), **self.migrate(changes)})
+        "A copy with some fields changed, validated again; unknown names are an error; may change class (objective)."
+        changes, d = self.migrate(changes), self.to_dict()
+        target = type(self).class_for({**d, **changes})
+        if target is not type(self):  # another objective: keep what the new class has, drop the old one's settings
+            d = {k: v for k, v in d.items() if k in {f.name for f in fields(target)}}
+        return target.from_dict({**d, **changes})
 
 
 @dataclass
@@ -156,7 +181,7 @@ class BaseConfig(ConfigBase):
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         check_positive(self, "lr", "epochs", "batch_size", "img_size", "log_every", "eval_every")
-        _non_negative(self, "weight_decay", "adam_eps", "min_lr_ratio", "ckpt_every")
+        check_non_negative(self, "weight_decay", "adam_eps", "min_lr_ratio", "ckpt_every")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"max_steps={self.max_steps} must be > 0 or None")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -170,6 +195,9 @@ class BaseConfig(ConfigBase):
                               "(all)")
         if self.val_size <= 0:
             raise ConfigError(f"val_size={self.val_size} must be a fraction in (0, 1) or a count > 1")
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 def _resolve(cls, f):
     return typing.get_type_hints(cls)[f.name]
@@ -196,7 +224,8 @@ def check_positive(cfg, *names):
     for n in names:
         if getattr(cfg, n) <= 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be > 0")
 
-def _non_negative(cfg, *names):
+def check_non_negative(cfg, *names):
+    "Raise a ConfigError naming the first of the fields `names` of `cfg` that is < 0."
     for n in names:
         if getattr(cfg, n) < 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be >= 0")
 
@@ -225,34 +254,11 @@ class DistillConfig(BaseConfig):
     hflip: float = 0.5 # horizontal flip probability
     crop_scale: tuple[float, float] = (0.08, 1.0) # RandomResizedCrop scale range
     target_eps: float = 1e-5 # epsilon of the target's instance and layer norms
-    # "d2v" (layer-averaged target), "tinymim" (attention relations), "contrastive", "d2v+contrastive", "fkd" or
-    # "ferkd" (crop soft labels of a classifier teacher)
+    # "d2v" (layer-averaged target, this class); the others have their own config class in their notebook, which
+    # `replace`/`from_dict` pick by this name: "tinymim" (TinyMIMConfig), "contrastive" and "d2v+contrastive"
+    # (ContrastiveConfig), "fkd" and "ferkd" (FKDConfig)
     objective: str = "d2v"
-    relation_block: int = -1 # TinyMIM: block whose Q/K/V relations are distilled (teacher and student; -1 = last)
-    student_color_jitter: float = 0.0 # TinyMIM: colour jitter of the student's view only (0.4 in seed 001)
     drop_path: float = 0.0 # stochastic depth of the student
-    contrastive_weight: float = 1.0 # weight of the InfoNCE term when added to d2v_loss
-    bank_size: int = 65536 # contrastive: memory bank of teacher CLS vectors
-    temperature: float = 0.07 # contrastive: initial temperature (a learnable logit scale starts at 1/temperature)
-    # FKD / FerKD (seed 002): crop-level soft labels of a classifier teacher, generated once and replayed
-    # FKD: "replay" (stored soft labels, no teacher in training) or "online" (teacher per step)
-    label_mode: str = "replay"
-    label_store: typing.Optional[str] = None # FKD: folder of the soft-label store; None = <out_dir>/soft_labels
-    label_crops: int = 500 # FKD: RandomResizedCrops per image in the label-generation pass (FKD's default)
-    label_top_k: int = 5 # FKD: teacher probabilities kept per crop (FKD's marginal_smoothing_k5)
-    label_temperature: float = 1.0 # FKD: softmax temperature of the teacher's logits (FKD's default)
-    label_img_size: typing.Optional[int] = None # FKD: the teacher's input size for the crops; None = img_size
-    label_shard_images: int = 1000 # FKD: images per store shard (the unit a re-run skips)
-    replay_crops: int = 4 # FKD: stored crops trained per decoded image (seed 002, Table 1: num crops 4)
-    # FerKD: share of each image's crops, least confident first, given the softened GT label
-    ferkd_hard_fraction: float = 0.2
-    ferkd_easy_fraction: float = 0.0 # FerKD: share of each image's most confident crops that are never replayed
-    ferkd_smoothing: float = 0.1 # FerKD: label smoothing of the ground truth given to the hard crops
-    # FKD: Mixup alpha across images, soft labels mixed alike (0 = off; 0.8 in seed 002 for ViT-S)
-    fkd_mixup: float = 0.0
-    fkd_cutmix: float = 0.0 # FKD: CutMix alpha across images (1.0 in seed 002 for ViT-S)
-    # FerKD: SelfMix alpha, CutMix between two crops of the same image (1.0 in seed 002 for ResNet-50)
-    fkd_selfmix: float = 0.0
 
     def validate(self):
         super().validate()
@@ -270,25 +276,35 @@ class DistillConfig(BaseConfig):
         if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
-        check_choice("objective", self.objective, ("d2v", "tinymim", "contrastive", "d2v+contrastive", "fkd", "ferkd"))
-        check_choice("label_mode", self.label_mode, ("replay", "online"))
-        check_positive(self, "label_crops", "label_top_k", "label_temperature", "label_shard_images", "replay_crops")
-        if self.objective in ("fkd", "ferkd") and self.label_mode == "replay" and self.replay_crops > self.label_crops:
-            raise ConfigError(f"replay_crops={self.replay_crops} exceeds label_crops={self.label_crops}: "
-                              "a replayed image draws distinct stored crops")
-        for n in ("ferkd_hard_fraction", "ferkd_easy_fraction", "ferkd_smoothing"):
-            if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1]")
-        if self.ferkd_hard_fraction + self.ferkd_easy_fraction >= 1:
-            raise ConfigError("ferkd_hard_fraction + ferkd_easy_fraction = "
-                              f"{self.ferkd_hard_fraction + self.ferkd_easy_fraction} "
-                              "leaves no crop with the teacher's label: keep their sum below 1")
-        _non_negative(self, "fkd_mixup", "fkd_cutmix", "fkd_selfmix")
-        if self.fkd_selfmix > 0 and self.replay_crops < 2:
-            raise ConfigError(f"fkd_selfmix={self.fkd_selfmix} mixes two crops of one image: set replay_crops >= 2")
-        for n in ("student_color_jitter", "drop_path"):
-            if not 0 <= getattr(self, n) < 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1)")
-        check_positive(self, "bank_size", "temperature")
-        _non_negative(self, "contrastive_weight")
+        if not 0 <= self.drop_path < 1: raise ConfigError(f"drop_path={self.drop_path} must be in [0, 1)")
+        if self.objective not in type(self).__dict__.get("objectives", ()):
+            right = type(self).class_for({"objective": self.objective})
+            raise ConfigError(f"objective={self.objective!r} is not run by {type(self).__name__}: build "
+                              f"{right.__name__} (get_config, cfg.replace(objective=...) and load_config pick it)")
+
+    objectives = ("d2v",)  # the objectives this class describes (each objective notebook's subclass sets its own)
+    unknown_hint = (" (another objective's setting? set `objective` too; importing kdnb.runs defines every "
+                    "objective)")
+    @classmethod
+    def variants(cls) -> list:
+        "DistillConfig and the config class of every objective defined so far (their notebooks subclass it)."
+        def tree(c): return [c] + [s for sub in c.__subclasses__() for s in tree(sub)]
+        # a class defined again (a notebook cell re-run) counts once, the newest; a notebook's class stops counting when
+        # its kernel's namespace is gone (nbdev's tests run every notebook in one process)
+        current = lambda c: c.__module__ != "__main__" or getattr(sys.modules.get("__main__"), c.__name__, None) is c
+        return list({c.__name__: c for c in tree(DistillConfig) if current(c)}.values())
+    @classmethod
+    def all_objectives(cls) -> list:
+        "Every objective defined so far (by this notebook and the objective notebooks imported)."
+        return list(dict.fromkeys(o for c in cls.variants() for o in c.__dict__.get("objectives", ())))
+    @classmethod
+    def class_for(cls, d: dict) -> type:
+        "The class of `d['objective']`: DistillConfig for d2v, else the subclass an objective's notebook defines."
+        objective = d.get("objective", cls.objective)
+        found = [c for c in cls.variants() if objective in c.__dict__.get("objectives", ())]
+        if found: return found[-1]
+        raise ConfigError(f"objective={objective!r} is not one of {cls.all_objectives()}; the objective notebooks define the "
+                          "others (kdnb.tinymim, kdnb.contrastive, kdnb.fkd): import kdnb.runs, which imports all")
 
 # %% ../nbs/04_config.ipynb #2da98f1f
 @dataclass
@@ -329,7 +345,7 @@ class FinetuneConfig(BaseConfig):
             raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
         for n in ("mixup_prob", "mixup_switch_prob", "reprob", "drop_path"):
             if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} is a probability in [0, 1]")
-        _non_negative(self, "mixup", "cutmix", "label_smoothing")
+        check_non_negative(self, "mixup", "cutmix", "label_smoothing")
         if self.uses_mixup and self.batch_size % 2:
             raise ConfigError(f"batch_size={self.batch_size} is odd, but Mixup/CutMix (timm) needs an even batch: "
                               "use an even batch_size or set mixup=0 and cutmix=0")
@@ -458,7 +474,7 @@ class PretrainConfig(BaseConfig):
         if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
-        _non_negative(self, "cls_loss", "mask_noise_std", "mask_prob_adjust", "prenet_depth")
+        check_non_negative(self, "cls_loss", "mask_noise_std", "mask_prob_adjust", "prenet_depth")
 
 # %% ../nbs/04_config.ipynb #15516bc2
 @dataclass(frozen=True)
@@ -478,25 +494,6 @@ class Preset:
 # the shared size of the CPU presets: 16x16 digits, small batches, no workers, fp32
 _CPU = dict(dataset="digits", img_size=16, patch_size=4, batch_size=32, num_workers=0, precision="fp32",
             val_size=0.2, log_every=5)
-_SEED001 = ("Seed 001 (TinyMIM), Table 1: relation distillation of a MIM teacher into a ViT-{}-sized student "
-            "(300-epoch schedule: warmup 15 epochs; peak lr 2.4e-3 = 1.5e-4 x 4096/256, min lr 1e-5).")
-_SEED002 = ("Seed 002 (FerKD), Table 1: ImageNet-1K training from scratch on stored crop soft labels (300 epochs, "
-            "1,024 crops per step = 256 images x 4 crops, AdamW lr 2e-3, wd 0.05, cosine, 5 warmup epochs); {}.")
-
-def _tinymim(size: str, D: int, H: int) -> Preset:
-    return Preset(f"tinymim_vit_{size}", "distill", dict(
-        objective="tinymim", epochs=300, batch_size=4096, lr=2.4e-3, min_lr_ratio=1e-5 / 2.4e-3, adam_eps=1e-8,
-        betas=(0.9, 0.95), weight_decay=0.05, warmup_frac=15 / 300, schedule="cosine", checkpoint=None,
-        depth=12, embed_dim=D, mlp_dim=4 * D, num_heads=H, student_color_jitter=0.4, drop_path=0.1,
-        out_dir=f"runs/tinymim_vit_{size}"), _SEED001.format(size.upper()))
-
-def _ferkd(arch: str, mix: dict, what: str) -> Preset:
-    return Preset(f"ferkd_{arch}", "distill", dict(
-        objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k", teacher_checkpoint=None, label_img_size=384,
-        epochs=300, batch_size=256, replay_crops=4, lr=2e-3, weight_decay=0.05, adam_eps=1e-8, betas=(0.9, 0.999),
-        warmup_frac=5 / 300, schedule="cosine", checkpoint=None, depth=12, embed_dim=384,
-        mlp_dim=1536, num_heads=6, **mix, out_dir=f"runs/ferkd_{arch}"), _SEED002.format(what))
-
 PRESETS = {p.name: p for p in (
     Preset("distill", DistillConfig, dict(
         dataset="imagenet", img_size=224, epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6,
@@ -529,16 +526,6 @@ PRESETS = {p.name: p for p in (
         "A CPU-sized finetuning / linear probe of a tiny student on digits (augmentation softened for 8x8 digits)."),
     Preset("linear_probe_cpu", "finetune_cpu", dict(mode="linear_probe", out_dir="runs/linear_probe_cpu"),
         "The CPU-sized linear probe of a tiny student on digits."),
-    _tinymim("t", 192, 3), _tinymim("s", 384, 6), _tinymim("b", 768, 12),
-    _ferkd("vit_s", dict(fkd_mixup=0.8, fkd_cutmix=1.0, fkd_selfmix=0.0, drop_path=0.1),
-           "ViT-S/16 with Mixup 0.8 / CutMix 1.0 and drop path 0.1"),
-    _ferkd("selfmix", dict(fkd_mixup=0.0, fkd_cutmix=0.0, fkd_selfmix=1.0, drop_path=0.0),
-           "SelfMix 1.0 (the table's ResNet-50 column) on the ViT-S student"),
-    Preset("ferkd_cpu", "distill_cpu", dict(
-        objective="ferkd", label_crops=16, label_shard_images=256, replay_crops=4, batch_size=16, lr=2e-3,
-        weight_decay=0.05, fkd_selfmix=1.0, out_dir="runs/ferkd_cpu"),
-        "A CPU-sized FerKD: soft labels of a classifier teacher (a finetuned kdnb run, `teacher=\"run:<folder>\"`; "
-        "\"tiny\" = random, for mechanics) on digits, 16 stored crops per image, 4 replayed, SelfMix."),
     Preset("text_distill", TextDistillConfig, dict(
         epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6, betas=(0.9, 0.98), schedule="cosine",
         warmup_frac=0.1, val_size=2000, out_dir="runs/text_distill"),
@@ -576,6 +563,15 @@ PRESETS = {p.name: p for p in (
         "The CPU-sized GLUE finetuning: the offline MiniLM (all 6 layers), 64 tokens, batch 32, 3 epochs, otherwise "
         "Table 3's optimiser and schedule."),
 )}
+
+def register_presets(*presets: Preset):
+    "Add presets to PRESETS: an objective's notebook adds its seed table's (as timm's models register themselves)."
+    for p in presets:
+        old = PRESETS.get(p.name)
+        if old is not None and old.source != p.source:  # the same preset again (a notebook cell re-run) is fine
+            raise ValueError(f"preset {p.name!r} is already defined ({old.source}); choose another name")
+        PRESETS[p.name] = p
+
 
 # %% ../nbs/04_config.ipynb #b8646970
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)
@@ -623,11 +619,11 @@ RUN_ONLY_PARAMS = {"preset", "task"}
 
 def params_from_namespace(ns: dict, # the notebook's globals() after the parameters (and injected) cells
                           before: set, # names that existed before the parameters cell
-                          cls: type, # DistillConfig or FinetuneConfig
+                          cls: type, # the run's config class (DistillConfig: with every objective's fields)
                          ) -> dict: # name -> value of every parameter
     "The run notebook's parameters, refusing names that are not fields of `cls`."
-    known = {f.name for f in fields(cls)} | (RUN_ONLY_PARAMS if issubclass(cls,
-                                                                           BaseConfig) else set())  # presets: runs only
+    known = {f.name for v in cls.variants() for f in fields(v)}  # DistillConfig: every objective's settings
+    known |= RUN_ONLY_PARAMS if issubclass(cls, BaseConfig) else set()  # presets: runs only
     known |= set(cls.renamed)  # old names, translated by the config
     new = {k: v for k, v in ns.items() if k not in before and not k.startswith("_")}
     unknown = sorted(k for k in new if k not in known)

@@ -4,17 +4,18 @@
 
 # %% ../nbs/10_contrastive.ipynb #d048fdb7
 from __future__ import annotations
-import math
+import math, typing  # typing: DistillConfig's inherited annotations (typing.Optional) resolve here
+from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from .engine import Task
 from .targets import d2v_loss
-from .config import DistillConfig
+from .config import DistillConfig, check_positive, check_non_negative
 
 # %% auto #0
-__all__ = ['ContrastiveStudent', 'info_nce', 'ContrastiveTask', 'contrastive_task']
+__all__ = ['ContrastiveStudent', 'info_nce', 'ContrastiveTask', 'ContrastiveConfig', 'contrastive_task']
 
 # %% ../nbs/10_contrastive.ipynb #a8fb1e44
 class ContrastiveStudent(nn.Module):
@@ -86,7 +87,23 @@ class ContrastiveTask(Task):
         return {"val_loss": out["loss"].float() * len(batch[0]), "val_nce": out["nce"].float() * len(batch[0]),
                 "n": len(batch[0])}
 
-def contrastive_task(cfg: DistillConfig, student, teacher, data=None) -> ContrastiveTask:
+
+# %% ../nbs/10_contrastive.ipynb #f3212553
+@dataclass
+class ContrastiveConfig(DistillConfig):
+    "The contrastive CLS target, alone or added to d2v_loss: a DistillConfig with its settings."
+    objectives = ("contrastive", "d2v+contrastive")
+    objective: str = "contrastive"
+    contrastive_weight: float = 1.0 # weight w of the InfoNCE term (with d2v+contrastive: loss = d2v + w NCE)
+    bank_size: int = 65536 # memory bank of teacher CLS vectors (the thesis: 65,536)
+    temperature: float = 0.07 # initial temperature (a learnable logit scale starts at 1/temperature)
+
+    def validate(self):
+        super().validate()
+        check_positive(self, "bank_size", "temperature")
+        check_non_negative(self, "contrastive_weight")
+
+def contrastive_task(cfg: ContrastiveConfig, student, teacher, data=None) -> ContrastiveTask:
     "The `contrastive` and `d2v+contrastive` objectives."
     return ContrastiveTask(student, teacher, cfg.bank_size, cfg.temperature,
                            d2v_weight=1.0 if cfg.objective == "d2v+contrastive" else 0.0,

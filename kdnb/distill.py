@@ -5,7 +5,6 @@
 # %% ../nbs/07_distill.ipynb #235c500a
 from __future__ import annotations
 import logging
-from pathlib import Path
 import torch
 import torch.nn as nn
 from .targets import d2v_loss

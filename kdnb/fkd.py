@@ -4,7 +4,8 @@
 
 # %% ../nbs/11_fkd.ipynb #b9fef55f
 from __future__ import annotations
-import json, logging, os, time, hashlib
+import json, logging, os, time, hashlib, typing
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import timm
@@ -24,13 +25,75 @@ from .finetune import FinetuneTask
 from .distill import build_student
 from .weights import load_classifier
 from .models import Data2Vec2Encoder, Classifier, offline_hint
+from .config import (DistillConfig, ConfigError, Preset, check_choice, check_positive, check_non_negative,
+                         register_presets)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'STORE_FORMAT', 'sample_crops', 'render_crop', 'soft_targets', 'smoothed_onehot', 'LabelStore',
+__all__ = ['log', 'STORE_FORMAT', 'FKDConfig', 'sample_crops', 'render_crop', 'soft_targets', 'smoothed_onehot', 'LabelStore',
            'ClassifierTeacher', 'build_classifier_teacher', 'weights_fingerprint', 'store_meta', 'generate_soft_labels',
            'calibrate', 'ReplayCrops', 'SoftMix', 'FKDTask', 'distill_fkd']
+
+# %% ../nbs/11_fkd.ipynb #a6f48709
+@dataclass
+class FKDConfig(DistillConfig):
+    "FKD / FerKD (seed 002): crop-level soft labels of a classifier teacher, generated once and replayed."
+    objectives = ("fkd", "ferkd")
+    objective: str = "fkd" # "fkd" (the teacher's soft labels) or "ferkd" (least confident crops get the softened GT)
+    label_mode: str = "replay" # "replay" (stored soft labels, no teacher in training) or "online" (teacher per step)
+    label_store: typing.Optional[str] = None # folder of the soft-label store; None = <out_dir>/soft_labels
+    label_crops: int = 500 # RandomResizedCrops per image in the label-generation pass (FKD's default)
+    label_top_k: int = 5 # teacher probabilities kept per crop (FKD's marginal_smoothing_k5)
+    label_temperature: float = 1.0 # softmax temperature of the teacher's logits (FKD's default)
+    label_img_size: typing.Optional[int] = None # the teacher's input size for the crops; None = img_size
+    label_shard_images: int = 1000 # images per store shard (the unit a re-run skips)
+    replay_crops: int = 4 # stored crops trained per decoded image (seed 002, Table 1: num crops 4)
+    ferkd_hard_fraction: float = 0.2 # FerKD: share of each image's crops, least confident first, given the softened GT
+    ferkd_easy_fraction: float = 0.0 # FerKD: share of each image's most confident crops that are never replayed
+    ferkd_smoothing: float = 0.1 # FerKD: label smoothing of the ground truth given to the hard crops
+    fkd_mixup: float = 0.0 # Mixup alpha across images, soft labels mixed alike (0 = off; 0.8 in seed 002 for ViT-S)
+    fkd_cutmix: float = 0.0 # CutMix alpha across images (1.0 in seed 002 for ViT-S)
+    # SelfMix alpha: CutMix between two crops of the same image (1.0 in seed 002 for ResNet-50)
+    fkd_selfmix: float = 0.0
+
+    def validate(self):
+        super().validate()
+        check_choice("label_mode", self.label_mode, ("replay", "online"))
+        check_positive(self, "label_crops", "label_top_k", "label_temperature", "label_shard_images", "replay_crops")
+        if self.label_mode == "replay" and self.replay_crops > self.label_crops:
+            raise ConfigError(f"replay_crops={self.replay_crops} exceeds label_crops={self.label_crops}: "
+                              "a replayed image draws distinct stored crops")
+        for n in ("ferkd_hard_fraction", "ferkd_easy_fraction", "ferkd_smoothing"):
+            if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1]")
+        if self.ferkd_hard_fraction + self.ferkd_easy_fraction >= 1:
+            raise ConfigError("ferkd_hard_fraction + ferkd_easy_fraction = "
+                              f"{self.ferkd_hard_fraction + self.ferkd_easy_fraction} "
+                              "leaves no crop with the teacher's label: keep their sum below 1")
+        check_non_negative(self, "fkd_mixup", "fkd_cutmix", "fkd_selfmix")
+        if self.fkd_selfmix > 0 and self.replay_crops < 2:
+            raise ConfigError(f"fkd_selfmix={self.fkd_selfmix} mixes two crops of one image: set replay_crops >= 2")
+
+_SEED002 = ("Seed 002 (FerKD), Table 1: ImageNet-1K training from scratch on stored crop soft labels (300 epochs, "
+            "1,024 crops per step = 256 images x 4 crops, AdamW lr 2e-3, wd 0.05, cosine, 5 warmup epochs); {}.")
+
+def _ferkd(arch: str, mix: dict, what: str) -> Preset:
+    return Preset(f"ferkd_{arch}", "distill", dict(
+        objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k", teacher_checkpoint=None, label_img_size=384,
+        epochs=300, batch_size=256, replay_crops=4, lr=2e-3, weight_decay=0.05, adam_eps=1e-8, betas=(0.9, 0.999),
+        warmup_frac=5 / 300, schedule="cosine", checkpoint=None, depth=12, embed_dim=384,
+        mlp_dim=1536, num_heads=6, **mix, out_dir=f"runs/ferkd_{arch}"), _SEED002.format(what))
+
+register_presets(
+    _ferkd("vit_s", dict(fkd_mixup=0.8, fkd_cutmix=1.0, fkd_selfmix=0.0, drop_path=0.1),
+           "ViT-S/16 with Mixup 0.8 / CutMix 1.0 and drop path 0.1"),
+    _ferkd("selfmix", dict(fkd_mixup=0.0, fkd_cutmix=0.0, fkd_selfmix=1.0, drop_path=0.0),
+           "SelfMix 1.0 (the table's ResNet-50 column) on the ViT-S student"),
+    Preset("ferkd_cpu", "distill_cpu", dict(
+        objective="ferkd", label_crops=16, label_shard_images=256, replay_crops=4, batch_size=16, lr=2e-3,
+        weight_decay=0.05, fkd_selfmix=1.0, out_dir="runs/ferkd_cpu"),
+        "A CPU-sized FerKD: soft labels of a classifier teacher (a finetuned kdnb run, `teacher=\"run:<folder>\"`; "
+        "\"tiny\" = random, for mechanics) on digits, 16 stored crops per image, 4 replayed, SelfMix."))
 
 # %% ../nbs/11_fkd.ipynb #75e4e8f3
 def sample_crops(width: int, height: int, n: int, seed: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -332,7 +395,7 @@ class FKDTask(FinetuneTask):
 
 
 # %% ../nbs/11_fkd.ipynb #029bef28
-def distill_fkd(cfg, # a DistillConfig with objective fkd or ferkd
+def distill_fkd(cfg: FKDConfig, # objective fkd or ferkd
                 callbacks=(), # extra engine callbacks
                ) -> dict: # the run's summary
     "FKD / FerKD: make (or reuse) the soft-label store, then train the student classifier on replayed crops."

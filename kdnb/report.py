@@ -8,7 +8,6 @@ import json, re, subprocess
 from dataclasses import fields
 from pathlib import Path
 import pandas as pd
-import matplotlib
 import matplotlib.pyplot as plt
 from .config import REPO, field_docs, portable
 
@@ -79,6 +78,7 @@ from .config import get_config, TRAIN_SIZES
 from .layer_decay import lr_table
 from .models import Classifier, HEAD_NORM_EPS, HEAD_INIT_STD, tiny_data2vec2
 from .text import GLUE
+from .fkd import FKDConfig  # importing it registers seed 002's presets (ferkd_*)
 
 def fmt(v) -> str:
     "A value as the seeds write it: 1e-4, (0.9, 0.98), 0.81."
@@ -201,7 +201,7 @@ def ferkd_table() -> pd.DataFrame:
     cols = {}
     for preset, name in (("ferkd_selfmix", "ResNet-50 column (preset ferkd_selfmix)"),
                          ("ferkd_vit_s", "ViT-S/16 (preset ferkd_vit_s)")):
-        c = get_config(preset)
+        c: FKDConfig = get_config(preset)
         rows = [("Epoch", c.epochs), ("Batch size", f"{c.batch_size * c.replay_crops:,}"), ("Optimizer", "AdamW"),
                 ("Init. lr", c.lr),
                 ("lr scheduler", c.schedule), ("Weight decay", c.weight_decay),

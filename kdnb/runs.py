@@ -46,7 +46,7 @@ CONFIGS = {"pretrain": PretrainConfig, "distill": DistillConfig, "finetune": Fin
 def task_of(cfg) -> str:
     "The task a config runs: pretrain, distill, finetune, linear_probe, text_distill or glue."
     if isinstance(cfg, FinetuneConfig): return cfg.mode
-    return next(t for t, c in CONFIGS.items() if type(cfg) is c)
+    return next(t for t, c in CONFIGS.items() if isinstance(cfg, c))
 
 def run(cfg, # any run config
         callbacks=(), # extra engine callbacks

@@ -8,7 +8,8 @@ import pytest
 from pathlib import Path
 
 from kdnb.config import PRESETS, DistillConfig, GlueConfig, PretrainConfig, TextDistillConfig, get_config, load_config
-from kdnb.runs import distill, run
+from kdnb.fkd import FKDConfig
+from kdnb.runs import distill, run  # imports every objective, so PRESETS holds their presets too
 
 GLUE_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
 
@@ -28,8 +29,9 @@ def shrink(name, out):
     if isinstance(cfg, GlueConfig):
         return cfg.replace(**TEXT, checkpoint="minilm", layers=1, dataset="rte", train_subset=64, out_dir=str(out))
     if isinstance(cfg, DistillConfig):  # FKD presets: a few stored crops at the student's size
+        fkd = dict(label_crops=8, label_img_size=None) if isinstance(cfg, FKDConfig) else {}
         return cfg.replace(**SMALL, mlp_dim=64, depth=1, teacher="tiny", teacher_checkpoint=None,
-                           checkpoint=None, label_crops=8, label_img_size=None, out_dir=str(out))
+                           checkpoint=None, out_dir=str(out), **fkd)
     if isinstance(cfg, PretrainConfig):  # a 2-block encoder and a small decoder; masking, EMA and loss as preset
         return cfg.replace(**SMALL, checkpoint=None, depth=2, prenet_depth=0, average_top_k_layers=2, clone_batch=2,
                            decoder_dim=16, decoder_groups=4, decoder_layers=2, out_dir=str(out))
