@@ -4,6 +4,7 @@ nbdev's `test_nb` runs each code cell in a fresh kernel-like shell with the note
 working directory, skipping `#| eval: false` cells and cells flagged with a `tst_flags` flag (`slow`)
 unless pytest runs with `--slow`.
 """
+import tempfile
 from configparser import ConfigParser
 from pathlib import Path
 
@@ -21,7 +22,11 @@ def _tst_flags():
 
 
 @pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
-def test_notebook(nb, request):
+def test_notebook(nb, request, tmp_path, monkeypatch):
+    # the notebooks' tempfile.mkdtemp() run folders land in tmp_path, which pytest prunes (it keeps the last 3 runs'),
+    # instead of piling up in /tmp (tens of GB over a day of test runs)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     flags = _tst_flags()
     slow = request.config.getoption("--slow")
     ok, secs = run_notebook(nb, skip_flags=[] if slow else flags, force_flags=flags if slow else [], showerr=True)
