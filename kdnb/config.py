@@ -99,11 +99,8 @@ class ConfigBase:
         for k in [k for k in unknown if k in others]:
             v, f = others[k]
             if d[k] == _default(f): unknown.remove(k); del d[k]  # saved before the split: another variant's default
-            else:
-                mine, theirs = getattr(cls, "objectives", None), getattr(v, "objectives", None)
-                raise ConfigError(f"{k}={d[k]!r} is a setting of {v.__name__}, not of {cls.__name__}" + (
-                    f" (objective={d.get('objective', cls.objective)!r}): set objective to "
-                    + " or ".join(map(repr, theirs)) + f" or leave {k} out" if mine and theirs else ""))
+            else: raise ConfigError(f"{k}={d[k]!r} is a setting of {v.__name__}, not of {cls.__name__}"
+                                    + cls.variant_hint(k, v, d))
         if unknown:
             hints = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
             raise ConfigError("unknown config keys for " + cls.__name__ + ": " +
@@ -111,6 +108,10 @@ class ConfigBase:
                                         h in hints.items()) + cls.unknown_hint)
         return cls(**d)
     unknown_hint = ""  # appended to the unknown-keys error (DistillConfig: where the other objectives live)
+    @classmethod
+    def variant_hint(cls, key: str, owner: type, d: dict) -> str:
+        "Appended to the error for `key`, a field of the variant `owner` (DistillConfig: how to pick its objective)."
+        return ""
     @classmethod
     def load(cls, path):
         "Read a config saved by `save` (YAML or JSON)."
@@ -122,7 +123,8 @@ class ConfigBase:
         changes, d = self.migrate(changes), self.to_dict()
         target = type(self).class_for({**d, **changes})
         if target is not type(self):  # another objective: keep what the new class has, drop the old one's settings
-            d = {k: v for k, v in d.items() if k in {f.name for f in fields(target)}}
+            names = {f.name for f in fields(target)}
+            d = {k: v for k, v in d.items() if k in names}
         return target.from_dict({**d, **changes})
 
 
@@ -195,6 +197,10 @@ class BaseConfig(ConfigBase):
                               "(all)")
         if self.val_size <= 0:
             raise ConfigError(f"val_size={self.val_size} must be a fraction in (0, 1) or a count > 1")
+
+def _subclasses(c: type) -> list:
+    "`c` and every class derived from it, depth first."
+    return [c] + [s for sub in c.__subclasses__() for s in _subclasses(sub)]
 
 def _default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -288,15 +294,18 @@ class DistillConfig(BaseConfig):
     @classmethod
     def variants(cls) -> list:
         "DistillConfig and the config class of every objective defined so far (their notebooks subclass it)."
-        def tree(c): return [c] + [s for sub in c.__subclasses__() for s in tree(sub)]
         # a class defined again (a notebook cell re-run) counts once, the newest; a notebook's class stops counting when
         # its kernel's namespace is gone (nbdev's tests run every notebook in one process)
         current = lambda c: c.__module__ != "__main__" or getattr(sys.modules.get("__main__"), c.__name__, None) is c
-        return list({c.__name__: c for c in tree(DistillConfig) if current(c)}.values())
+        return list({c.__name__: c for c in _subclasses(DistillConfig) if current(c)}.values())
     @classmethod
     def all_objectives(cls) -> list:
         "Every objective defined so far (by this notebook and the objective notebooks imported)."
         return list(dict.fromkeys(o for c in cls.variants() for o in c.__dict__.get("objectives", ())))
+    @classmethod
+    def variant_hint(cls, key: str, owner: type, d: dict) -> str:
+        return (f" (objective={d.get('objective', cls.objective)!r}): set objective to "
+                + " or ".join(map(repr, owner.objectives)) + f" or leave {key} out")
     @classmethod
     def class_for(cls, d: dict) -> type:
         "The class of `d['objective']`: DistillConfig for d2v, else the subclass an objective's notebook defines."
@@ -607,8 +616,7 @@ def load_config(path) -> BaseConfig:
         raise ConfigError(f"{path} is not a YAML/JSON config ({type(e).__name__}); pass a config.yaml that a kdnb "
                           "run wrote") from e
     if not isinstance(d, dict): raise ConfigError(f"{path} holds no key: value config; pass a kdnb run's config.yaml")
-    def subclasses(c): return [c] + [s for sub in c.__subclasses__() for s in subclasses(sub)]
-    cls = {c.__name__: c for c in subclasses(ConfigBase)}.get(d.get("_class"))
+    cls = {c.__name__: c for c in _subclasses(ConfigBase)}.get(d.get("_class"))
     if cls is None:
         raise ConfigError(f"{path} does not say which config it holds (no valid '_class' key): it was not written "
                           "by kdnb; start from a preset (--preset) instead")
