@@ -8,60 +8,61 @@ import argparse, json, logging, sys
 from dataclasses import fields
 import yaml
 import torch
-from .config import (PretrainConfig, DistillConfig, FinetuneConfig, TextDistillConfig, GlueConfig, ConfigError, PRESETS,
-                         field_docs)
+from .config import DistillConfig, ConfigError, OBJECTIVES, PRESETS, RUN_KINDS, RunKind, field_docs
 from .runs import run, setup_run
 from .site import report_main
 
 # %% auto #0
-__all__ = ['TASKS', 'USER_ERRORS', 'config_from_args', 'error_message', 'main']
+__all__ = ['USER_ERRORS', 'config_from_args', 'print_presets', 'error_message', 'main']
 
 # %% ../nbs/19_cli.ipynb #13fc0ef9
 def _parse_value(s: str):
     v = yaml.safe_load(s)
     return None if v in ("None", "none") else v
 
+def _add_run_parser(sub, kind: RunKind):
+    "The subcommand of a run kind: --preset, --config, --debug, and a flag per config field (a group per objective)."
+    sp = sub.add_parser(kind.command, help=kind.help)
+    sp.add_argument("--preset", default="auto", help=f"one of {sorted(PRESETS)} or 'auto'")
+    sp.add_argument("--config", default=None, help="a saved config (YAML/JSON) to start from instead of a preset")
+    sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    seen, cls = {"preset", *kind.values}, kind.config  # a value the kind fixes (linear_probe: mode) is no flag
+    for v in cls.variants():  # DistillConfig: then each objective's class, its settings in a group of their own
+        names = " or ".join(o.name for o in OBJECTIVES.values() if o.config is v)
+        group = sp if v is cls else sp.add_argument_group(f"{v.__name__} (--objective {names})", v.__doc__)
+        docs = field_docs(v)  # the field comments of the config class: one text for --help and the report
+        for f in fields(v):
+            if f.name in seen: continue
+            seen.add(f.name)
+            group.add_argument(f"--{f.name}", type=_parse_value, default=argparse.SUPPRESS, metavar="VALUE",
+                               help=docs.get(f.name, "").replace("%", "%%"))
+    for old, new in {k: n for v in cls.variants() for k, n in v.renamed.items()}.items():
+        # old names and aliases keep working: the config translates them (both names: an error)
+        sp.add_argument(f"--{old}", dest=old, type=_parse_value, default=argparse.SUPPRESS,
+                        help=f"= --{new}" if kind.config.renamed.get(old) == "dataset" else argparse.SUPPRESS)
+
 def _parser() -> argparse.ArgumentParser:
+    "`kdnb presets`, `kdnb report`, and one subcommand per registered run kind (RUN_KINDS)."
     p = argparse.ArgumentParser(prog="kdnb", description="Feature-based knowledge distillation of ViTs (kdnb)")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("presets", help="list the presets and their sources")
+    sub.add_parser("presets", help="list the presets, their kind and their sources")
     sub.add_parser("report", help="render the report to static HTML (see kdnb.site)", add_help=False)
-    for name, cls, help_ in (("pretrain", PretrainConfig, "data2vec 2.0 pretraining of an image encoder from unlabeled "
-                                                          "images (a self-supervised teacher or student donor)"),
-                             ("distill", DistillConfig, "distil a teacher into a student (objectives: "
-                                                        + ", ".join(DistillConfig.all_objectives()) + ")"),
-                             ("finetune", FinetuneConfig, "finetune a (distilled) student"),
-                             ("probe", FinetuneConfig, "linear-probe a (distilled) student"),
-                             ("distill-text", TextDistillConfig, "distil a BERT-family teacher into its first layers"),
-                             ("glue", GlueConfig, "finetune a (distilled) text encoder on a GLUE task")):
-        sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--preset", default="auto", help=f"one of {sorted(PRESETS)} or 'auto'")
-        sp.add_argument("--config", default=None, help="a saved config (YAML/JSON) to start from instead of a preset")
-        sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-        if name == "glue":
-            sp.add_argument("--task", dest="dataset", type=str, default=argparse.SUPPRESS,
-                            help="the GLUE task (= --dataset)")
-        seen = {"preset"} | ({"dataset"} if name == "glue" else set())
-        for v in cls.variants():  # DistillConfig: then each objective's class, its settings in a group of their own
-            group = sp if v is cls else sp.add_argument_group(f"{v.__name__} (--objective {' or '.join(v.objectives)})",
-                                                              v.__doc__)
-            docs = field_docs(v)  # the field comments of the config class: one text for --help and the report
-            for f in fields(v):
-                if f.name in seen: continue
-                seen.add(f.name)
-                group.add_argument(f"--{f.name}", type=_parse_value, default=argparse.SUPPRESS, metavar="VALUE",
-                                   help=docs.get(f.name, "").replace("%", "%%"))
-        for old in cls.renamed:  # old flags keep working: the config translates them (both: an error)
-            sp.add_argument(f"--{old}", type=_parse_value, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for kind in RUN_KINDS.values(): _add_run_parser(sub, kind)
     return p
 
-TASKS = {"pretrain": "pretrain", "distill": "distill", "finetune": "finetune", "probe": "linear_probe",
-         "distill-text": "text_distill", "glue": "glue"}
-
+# %% ../nbs/19_cli.ipynb #2f5b8dff
 def config_from_args(args: argparse.Namespace):
     "The validated config of a parsed command line (through kdnb.runs.setup_run, as the run notebooks)."
     params = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
-    return setup_run(TASKS[args.command], params, config=args.config)
+    kind = next(k.name for k in RUN_KINDS.values() if k.command == args.command)
+    return setup_run(kind, params, config=args.config)
+
+def print_presets():
+    "`kdnb presets`: each preset, the run it configures (kind and objective) and the seed table it comes from."
+    for name, p in PRESETS.items():
+        cfg = p.build()
+        what = cfg.kind + (f"/{cfg.objective}" if isinstance(cfg, DistillConfig) else "")
+        print(f"{name:18s} {what:22s} {p.source}")
 
 # errors that say what the user has to change; anything else is a bug of kdnb's and keeps its traceback hint
 USER_ERRORS = (ConfigError, OSError, ValueError, KeyError, RuntimeError)
@@ -73,6 +74,7 @@ def error_message(e: BaseException) -> str:
         msg = [l for l in msg.splitlines() if l.strip()][-1].split(": ", 1)[-1]
     return msg.split("\n  (raised in callback")[0]
 
+# %% ../nbs/19_cli.ipynb #27807d79
 def main(argv=None):
     "The `kdnb` console script: one line per error (exit 2 for a config, 1 otherwise); --debug: the traceback."
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -81,7 +83,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "presets":
-        for name, p in PRESETS.items(): print(f"{name:18s} {p.source}")
+        print_presets()
         return 0
     cfg = None
     try:

@@ -12,10 +12,11 @@ import yaml
 import kdnb
 
 # %% auto #0
-__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES',
-           'ConfigError', 'ConfigBase', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive',
-           'check_non_negative', 'DistillConfig', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig',
-           'PretrainConfig', 'Preset', 'register_presets', 'get_config', 'load_config', 'params_from_namespace',
+__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'RUN_KINDS', 'OBJECTIVES', 'RUN_ONLY_PARAMS',
+           'REPO', 'PORTABLE_SUFFIXES', 'ConfigError', 'ConfigBase', 'rebuild', 'BaseConfig', 'field_docs',
+           'check_choice', 'check_positive', 'check_non_negative', 'DistillConfig', 'FinetuneConfig', 'TextConfig',
+           'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective',
+           'register_run', 'register_objective', 'run_kind', 'get_config', 'load_config', 'params_from_namespace',
            'portable', 'make_portable']
 
 # %% ../nbs/04_config.ipynb #f47c0390
@@ -89,18 +90,14 @@ class ConfigBase:
         return cls
     @classmethod
     def from_dict(cls, d: dict):
-        "Build a config from a dict (old field names translated), rejecting unknown keys with a suggestion."
+        "Build a `cls` (never another class) from a dict, old field names translated, unknown keys refused."
         d = cls.migrate({k: v for k, v in d.items() if k != "_class"})
-        target = cls.class_for(d)
-        if target is not cls: return target.from_dict(d)
         names = [f.name for f in fields(cls)]
+        others = {f.name: v for v in cls.variants() if v is not cls for f in fields(v) if f.name not in names}
+        for k in [k for k in d if k in others]:
+            raise ConfigError(f"{k}={d[k]!r} is a setting of {others[k].__name__}, not of {cls.__name__}"
+                              + cls.variant_hint(k, others[k], d))
         unknown = [k for k in d if k not in names]
-        others = {f.name: (v, f) for v in cls.variants() if v is not cls for f in fields(v) if f.name not in names}
-        for k in [k for k in unknown if k in others]:
-            v, f = others[k]
-            if d[k] == _default(f): unknown.remove(k); del d[k]  # saved before the split: another variant's default
-            else: raise ConfigError(f"{k}={d[k]!r} is a setting of {v.__name__}, not of {cls.__name__}"
-                                    + cls.variant_hint(k, v, d))
         if unknown:
             hints = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
             raise ConfigError("unknown config keys for " + cls.__name__ + ": " +
@@ -112,20 +109,28 @@ class ConfigBase:
     def variant_hint(cls, key: str, owner: type, d: dict) -> str:
         "Appended to the error for `key`, a field of the variant `owner` (DistillConfig: how to pick its objective)."
         return ""
-    @classmethod
-    def load(cls, path):
-        "Read a config saved by `save` (YAML or JSON)."
-        text = Path(path).read_text()
-        d = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
-        return cls.from_dict(d)
     def replace(self, **changes):
-        "A copy with some fields changed, validated again; unknown names are an error; may change class (objective)."
-        changes, d = self.migrate(changes), self.to_dict()
-        target = type(self).class_for({**d, **changes})
-        if target is not type(self):  # another objective: keep what the new class has, drop the old one's settings
-            names = {f.name for f in fields(target)}
-            d = {k: v for k, v in d.items() if k in names}
-        return target.from_dict({**d, **changes})
+        "A copy of the same class with some fields changed, validated again; unknown names are an error."
+        return type(self).from_dict({**self.to_dict(), **self.migrate(changes)})
+    @property
+    def kind(self) -> str:
+        "The run kind of this config: the registered kind (RUN_KINDS) whose config class is nearest in the MRO."
+        for klass in type(self).__mro__:
+            found = [k.name for k in RUN_KINDS.values() if k.config is klass]
+            if found: return found[0]
+        raise ConfigError(f"no run kind is registered for {type(self).__name__}: import kdnb.runs, which registers "
+                          f"every kind ({sorted(RUN_KINDS)} so far)")
+
+def rebuild(cfg: ConfigBase, # a config
+            **changes, # fields to change; `objective` may name another objective's class
+           ) -> ConfigBase: # a new config, of the class its values call for
+    "A new config from `cfg`'s values and `changes`, of the class they call for; the old objective's settings go."
+    d = {**cfg.to_dict(), **cfg.migrate(changes)}
+    target = type(cfg).class_for(d)
+    if target is not type(cfg):  # another objective: keep what the new class has (and every change, checked there)
+        names = {f.name for f in fields(target)}
+        d = {k: v for k, v in d.items() if k in names or k in changes or k in target.renamed}
+    return target.from_dict(d)
 
 
 @dataclass
@@ -239,8 +244,7 @@ def check_non_negative(cfg, *names):
 @dataclass
 class DistillConfig(BaseConfig):
     "Feature distillation of a frozen teacher into a half-depth student (seed 000, Table 1)."
-    renamed = {"student": "model", "student_depth": "depth", "student_checkpoint": "checkpoint", "mixup": "fkd_mixup",
-               "cutmix": "fkd_cutmix", "selfmix": "fkd_selfmix"}
+    renamed = {"student": "model", "student_depth": "depth", "student_checkpoint": "checkpoint"}
     teacher: str = "beitv2" # "beitv2", "data2vec2", "timm:<name>", "run:<folder>", "tiny"
     # path, URL or named default (the seeds' self-supervised pt1k weights); None = timm's own weights, which for BEiTv2
     # are finetuned on ImageNet labels (supervised)
@@ -260,9 +264,9 @@ class DistillConfig(BaseConfig):
     hflip: float = 0.5 # horizontal flip probability
     crop_scale: tuple[float, float] = (0.08, 1.0) # RandomResizedCrop scale range
     target_eps: float = 1e-5 # epsilon of the target's instance and layer norms
-    # "d2v" (layer-averaged target, this class); the others have their own config class in their notebook, which
-    # `replace`/`from_dict` pick by this name: "tinymim" (TinyMIMConfig), "contrastive" and "d2v+contrastive"
-    # (ContrastiveConfig), "fkd" and "ferkd" (FKDConfig)
+    # "d2v" (layer-averaged target, this class); the others register their own config class in their notebook,
+    # which get_config, rebuild and load_config pick by this name: "tinymim" (TinyMIMConfig), "contrastive" and
+    # "d2v+contrastive" (ContrastiveConfig), "fkd" and "ferkd" (FKDConfig)
     objective: str = "d2v"
     drop_path: float = 0.0 # stochastic depth of the student
 
@@ -283,43 +287,44 @@ class DistillConfig(BaseConfig):
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
         if not 0 <= self.drop_path < 1: raise ConfigError(f"drop_path={self.drop_path} must be in [0, 1)")
-        if self.objective not in type(self).__dict__.get("objectives", ()):
-            right = type(self).class_for({"objective": self.objective})
-            raise ConfigError(f"objective={self.objective!r} is not run by {type(self).__name__}: build "
-                              f"{right.__name__} (get_config, cfg.replace(objective=...) and load_config pick it)")
+        if self.objective != type(self).objective:  # a class's own default objective is always its own
+            own = type(self).class_for({"objective": self.objective})
+            if own is not type(self):
+                raise ConfigError(f"objective={self.objective!r} is not run by {type(self).__name__}: build "
+                                  f"{own.__name__} (get_config(..., objective=...), rebuild(cfg, objective=...) and "
+                                  "load_config pick it)")
 
-    objectives = ("d2v",)  # the objectives this class describes (each objective notebook's subclass sets its own)
-    unknown_hint = (" (another objective's setting? set `objective` too; importing kdnb.runs defines every "
+    unknown_hint = (" (another objective's setting? set `objective` too; importing kdnb.runs registers every "
                     "objective)")
     @classmethod
     def variants(cls) -> list:
-        "DistillConfig and the config class of every objective defined so far (their notebooks subclass it)."
-        # a class defined again (a notebook cell re-run) counts once, the newest; a notebook's class stops counting when
-        # its kernel's namespace is gone (nbdev's tests run every notebook in one process)
-        current = lambda c: c.__module__ != "__main__" or getattr(sys.modules.get("__main__"), c.__name__, None) is c
-        return list({c.__name__: c for c in _subclasses(DistillConfig) if current(c)}.values())
+        "DistillConfig and the config class of every registered objective (their notebooks subclass it)."
+        return list(dict.fromkeys([DistillConfig] + [o.config for o in OBJECTIVES.values()]))
     @classmethod
     def all_objectives(cls) -> list:
-        "Every objective defined so far (by this notebook and the objective notebooks imported)."
-        return list(dict.fromkeys(o for c in cls.variants() for o in c.__dict__.get("objectives", ())))
+        "Every registered objective (d2v first, also before its notebook registers it)."
+        return list(dict.fromkeys([DistillConfig.objective, *OBJECTIVES]))
     @classmethod
     def variant_hint(cls, key: str, owner: type, d: dict) -> str:
+        names = [o.name for o in OBJECTIVES.values() if o.config is owner] or [owner.objective]
         return (f" (objective={d.get('objective', cls.objective)!r}): set objective to "
-                + " or ".join(map(repr, owner.objectives)) + f" or leave {key} out")
+                + " or ".join(map(repr, names)) + f" or leave {key} out")
     @classmethod
     def class_for(cls, d: dict) -> type:
-        "The class of `d['objective']`: DistillConfig for d2v, else the subclass an objective's notebook defines."
+        "The config class registered for `d['objective']` (DistillConfig for d2v)."
         objective = d.get("objective", cls.objective)
-        found = [c for c in cls.variants() if objective in c.__dict__.get("objectives", ())]
-        if found: return found[-1]
-        raise ConfigError(f"objective={objective!r} is not one of {cls.all_objectives()}; the objective notebooks define the "
-                          "others (kdnb.tinymim, kdnb.contrastive, kdnb.fkd): import kdnb.runs, which imports all")
+        if objective in OBJECTIVES: return OBJECTIVES[objective].config
+        if objective == DistillConfig.objective: return DistillConfig  # before 07_distill registers d2v's task
+        raise ConfigError(f"objective={objective!r} is not one of {cls.all_objectives()}; the objective notebooks "
+                          "register the others (kdnb.tinymim, kdnb.contrastive, kdnb.fkd): import kdnb.runs, which "
+                          "imports all")
 
 # %% ../nbs/04_config.ipynb #2da98f1f
 @dataclass
 class FinetuneConfig(BaseConfig):
     "Full finetuning or linear probing of the (distilled) student (seed 000 Table 2, seed 003 Table 1)."
     mode: str = "finetune" # "finetune" (all layers) or "linear_probe" (frozen backbone, only the head)
+    kind = property(lambda self: self.mode)  # one config class, two run kinds (not a field)
     model: str = "data2vec2" # backbone architecture: "data2vec2" (ViT-B sizes) or "tiny"
     # backbone weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint, or None
     checkpoint: typing.Optional[str] = "data2vec2_base"
@@ -403,6 +408,7 @@ class TextDistillConfig(TextConfig):
 @dataclass
 class GlueConfig(TextConfig):
     "Finetuning a (distilled) text encoder on a GLUE task (seed 000, Table 3)."
+    renamed = {"task": "dataset"}  # the GLUE task is the data set: `-p task rte`, `kdnb glue --task rte`
     checkpoint: str = "bert-base-uncased" # a kdnb text run folder, a Hugging Face name or folder, or "minilm"
     layers: typing.Optional[int] = None # keep only the first `layers` layers (None: all)
     pooling: str = "cls" # sentence representation: "cls" (first token) or "mean" (over real tokens)
@@ -497,7 +503,7 @@ class Preset:
     def build(self) -> BaseConfig:
         "The preset's config, validated."
         start = self.base() if isinstance(self.base, type) else PRESETS[self.base].build()
-        return start.replace(preset=self.name, **self.values)
+        return rebuild(start, preset=self.name, **self.values)  # `objective` may pick another class
     def __call__(self) -> BaseConfig: return self.build()
 
 # the shared size of the CPU presets: 16x16 digits, small batches, no workers, fp32
@@ -581,29 +587,74 @@ def register_presets(*presets: Preset):
             raise ValueError(f"preset {p.name!r} is already defined ({old.source}); choose another name")
         PRESETS[p.name] = p
 
+# %% ../nbs/04_config.ipynb #ba3fca07
+@dataclass(frozen=True)
+class RunKind:
+    "A kind of run: its config class, its runner and its `kdnb` subcommand."
+    name: str # "distill", "linear_probe", ...: what get_config(kind=...), setup_run and `run` look up
+    config: type # its config class
+    runner: typing.Callable # (cfg, callbacks=()) -> the run's summary
+    command: str # its `kdnb` subcommand ("probe" for linear_probe)
+    help: str # one line for `kdnb --help`
+    values: dict = dataclasses.field(default_factory=dict) # fields the kind fixes (linear_probe: mode)
+
+@dataclass(frozen=True)
+class Objective:
+    "A distillation objective: its config class (DistillConfig or a subclass) and what it trains."
+    name: str # the value of DistillConfig.objective
+    config: type # its config class
+    make_task: typing.Optional[typing.Callable] = None # (cfg, student, teacher, data) -> Task for the distill runner
+    runner: typing.Optional[typing.Callable] = None # a runner of its own instead (FKD: label store, then replay)
+
+RUN_KINDS: dict[str, RunKind] = {}
+OBJECTIVES: dict[str, Objective] = {}
+
+def _register(table: dict, entry, presets):
+    table[entry.name] = entry  # the same name again (a notebook cell re-run, a notebook's own copy) replaces it
+    register_presets(*presets)
+    return entry
+
+def register_run(kind: RunKind, *presets: Preset) -> RunKind:
+    "Register a run kind (and its presets): the CLI, `run` and `get_config` see it from now on."
+    return _register(RUN_KINDS, kind, presets)
+
+def register_objective(objective: Objective, *presets: Preset) -> Objective:
+    "Register a distillation objective (and its presets): `kdnb distill --objective` and `run` see it from now on."
+    if (objective.make_task is None) == (objective.runner is None):
+        raise ValueError(f"objective {objective.name!r}: give make_task or runner, not both or neither")
+    return _register(OBJECTIVES, objective, presets)
+
+def run_kind(name: str) -> RunKind:
+    "The registered run kind `name`, or a ConfigError that lists them."
+    if name not in RUN_KINDS:
+        hint = difflib.get_close_matches(name, list(RUN_KINDS), 1)
+        raise ConfigError(f"unknown run kind {name!r}; registered: {list(RUN_KINDS)}"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else " (import kdnb.runs to register all)"))
+    return RUN_KINDS[name]
 
 # %% ../nbs/04_config.ipynb #b8646970
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)
-               # "pretrain", "distill", "finetune", "linear_probe", "text_distill" or "glue": checks the preset fits
-               task: str | None = None,
-               **overrides, # fields to change
+               kind: str | None = None, # a registered run kind (RUN_KINDS): checks the preset fits, sets its values
+               **overrides, # fields to change (`objective` may pick another objective's class)
               ) -> BaseConfig:
-    "The config of a preset with `overrides` applied and validated."
+    "The config of a preset with the kind's values and `overrides` applied, validated."
     if preset == "auto":
+        if kind is None: raise ConfigError("preset 'auto' needs the run kind: get_config('auto', kind='distill')")
         import torch
-        preset = task + ("" if torch.cuda.is_available() else "_cpu")
+        cuda = torch.cuda.is_available()
+        preset = kind + ("" if cuda else "_cpu")
+        print(f"preset 'auto' -> {preset!r} ({'CUDA' if cuda else 'no CUDA'} here)", file=sys.stderr)
     if preset not in PRESETS:
         hint = difflib.get_close_matches(preset, list(PRESETS), 1)
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}"
                           + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     cfg = PRESETS[preset].build()
-    if task is not None:
-        want = {"distill": DistillConfig, "text_distill": TextDistillConfig, "glue": GlueConfig,
-                "pretrain": PretrainConfig}.get(task, FinetuneConfig)
-        if not isinstance(cfg, want):
-            raise ConfigError(f"preset {preset!r} is a {type(cfg).__name__}, not for a {task} run")
-        if task in ("finetune", "linear_probe") and "mode" not in overrides: overrides["mode"] = task
-    return cfg.replace(**overrides) if overrides else cfg
+    if kind is not None:
+        entry = run_kind(kind)
+        if not isinstance(cfg, entry.config):
+            raise ConfigError(f"preset {preset!r} is a {type(cfg).__name__}, not for a {kind} run")
+        overrides = {**entry.values, **overrides}
+    return rebuild(cfg, **overrides) if overrides else cfg
 
 def load_config(path) -> BaseConfig:
     "Load a saved config of any class (the class is recorded in the file)."
@@ -620,10 +671,18 @@ def load_config(path) -> BaseConfig:
     if cls is None:
         raise ConfigError(f"{path} does not say which config it holds (no valid '_class' key): it was not written "
                           "by kdnb; start from a preset (--preset) instead")
-    return cls.from_dict(d)
+    cls = cls.class_for(d)  # a DistillConfig saved before its objective had a class of its own
+    try: return cls.from_dict(_drop_old_defaults(cls, d))
+    except ConfigError as e: raise ConfigError(f"{path}: {e}") from e
+
+def _drop_old_defaults(cls: type, d: dict) -> dict:
+    "A config saved when one class held every objective's fields: other objectives' fields at their defaults go."
+    names = {f.name for f in fields(cls)} | set(cls.renamed)
+    others = {f.name: f for v in cls.variants() if v is not cls for f in fields(v) if f.name not in names}
+    return {k: v for k, v in d.items() if not (k in others and v == _default(others[k]))}
 
 # %% ../nbs/04_config.ipynb #c4a8bf7e
-RUN_ONLY_PARAMS = {"preset", "task"}
+RUN_ONLY_PARAMS = {"preset"}
 
 def params_from_namespace(ns: dict, # the notebook's globals() after the parameters (and injected) cells
                           before: set, # names that existed before the parameters cell

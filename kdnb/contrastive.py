@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from .engine import Task
 from .targets import d2v_loss
-from .config import DistillConfig, check_positive, check_non_negative
+from .config import DistillConfig, Objective, check_positive, check_non_negative, register_objective
 
 # %% auto #0
 __all__ = ['ContrastiveStudent', 'info_nce', 'ContrastiveTask', 'ContrastiveConfig', 'contrastive_task']
@@ -87,12 +87,10 @@ class ContrastiveTask(Task):
         return {"val_loss": out["loss"].float() * len(batch[0]), "val_nce": out["nce"].float() * len(batch[0]),
                 "n": len(batch[0])}
 
-
 # %% ../nbs/10_contrastive.ipynb #f3212553
 @dataclass
 class ContrastiveConfig(DistillConfig):
     "The contrastive CLS target, alone or added to d2v_loss: a DistillConfig with its settings."
-    objectives = ("contrastive", "d2v+contrastive")
     objective: str = "contrastive"
     contrastive_weight: float = 1.0 # weight w of the InfoNCE term (with d2v+contrastive: loss = d2v + w NCE)
     bank_size: int = 65536 # memory bank of teacher CLS vectors (the thesis: 65,536)
@@ -109,3 +107,6 @@ def contrastive_task(cfg: ContrastiveConfig, student, teacher, data=None) -> Con
                            d2v_weight=1.0 if cfg.objective == "d2v+contrastive" else 0.0,
                            contrastive_weight=cfg.contrastive_weight, student_kind=cfg.student_layer_kind,
                            eps=cfg.target_eps)
+
+register_objective(Objective("contrastive", ContrastiveConfig, make_task=contrastive_task))
+register_objective(Objective("d2v+contrastive", ContrastiveConfig, make_task=contrastive_task))

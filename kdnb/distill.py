@@ -12,7 +12,8 @@ from .models import Data2Vec2Encoder, FrozenTeacher, beitv2_teacher, timm_teache
 from .weights import load_backbone
 from .engine import Task, fit_task, autocast_dtype, resolve_device
 from .data import build_data
-from .config import ConfigError, DistillConfig, get_config
+from .config import (ConfigError, DistillConfig, get_config, Objective, OBJECTIVES, RunKind, register_objective,
+                         register_run)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ class DistillTask(Task):
     def eval_step(self, batch):
         x, _ = batch
         return {"val_loss": self.loss(x).float() * len(x), "n": len(x)}
-
 
 # %% ../nbs/07_distill.ipynb #c41ac091
 def teacher_layer_kind(cfg: DistillConfig) -> str:
@@ -76,24 +76,30 @@ def d2v_task(cfg: DistillConfig, student, teacher, data=None) -> Task:
     return DistillTask(student, teacher, cfg.student_layer_kind, cfg.target_eps)
 
 # %% ../nbs/07_distill.ipynb #a87607c7
-def distill(cfg: DistillConfig | None = None, # a config; None = get_config("auto", task="distill", **overrides)
-            make_task=d2v_task, # (cfg, student, teacher, data) -> Task: the objective (kdnb.runs maps names to them)
+def distill(cfg: DistillConfig | None = None, # a config; None = get_config("auto", kind="distill", **overrides)
             callbacks=(), # extra engine callbacks
             **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
-    "Distil the config's teacher into its student; writes a run folder."
-    cfg = get_config("auto", task="distill",
+    "Distil the config's teacher into its student with the registered runner of `cfg.objective`."
+    cfg = get_config("auto", kind="distill",
                      **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
-    if make_task is d2v_task and cfg.objective != "d2v":
-        raise ConfigError(f"objective={cfg.objective!r}: kdnb.distill.distill runs the d2v objective; "
-                          "run the others with kdnb.runs.distill (or `kdnb distill --objective ...`)")
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"objective={cfg.objective!r} is not registered ({list(OBJECTIVES)}): import kdnb.runs, "
+                          "which imports every objective's module")
+    objective = OBJECTIVES[cfg.objective]
+    if objective.runner is not None: return objective.runner(cfg, callbacks=callbacks)
     torch.manual_seed(cfg.seed)
     teacher, student = build_teacher(cfg), build_student(cfg)
     amp = autocast_dtype(cfg.precision, resolve_device(cfg.device))
     if amp is not None: teacher.cast(amp)  # a frozen teacher needs no fp32 master weights
     data = build_data(cfg, kind="distill")
-    task = make_task(cfg, student, teacher, data)
+    task = objective.make_task(cfg, student, teacher, data)
     n_s = sum(p.numel() for p in student.parameters() if p.requires_grad)
     info = dict(task="distill", objective=cfg.objective, dataset=cfg.dataset, teacher=cfg.teacher,
                 student=f"{cfg.model} depth {cfg.depth}",
                 student_params=n_s, teacher_layers=teacher.num_layers, val_source=data.val_source)
-    return fit_task(task, cfg, data.train, data.val, callbacks, info=info).summary
+    return fit_task(task, cfg, data.train, data.val, callbacks, info=info)
+
+# %% ../nbs/07_distill.ipynb #b8f0cea2
+register_run(RunKind("distill", DistillConfig, distill, command="distill",
+                     help="distil a teacher into a student (see --objective)"))
+register_objective(Objective("d2v", DistillConfig, make_task=d2v_task))

@@ -4,9 +4,10 @@
 
 # %% ../nbs/06_engine.ipynb #aa227bd7
 from __future__ import annotations
-import contextlib, importlib.util, json, logging, math, os, random, shutil, subprocess, sys, time
+import contextlib, functools, importlib.util, json, logging, math, os, random, shutil, subprocess, sys, time
 from pathlib import Path
 from typing import Iterable
+from fastcore.basics import patch
 import numpy as np
 import torch
 import torch.nn as nn
@@ -25,11 +26,10 @@ from timm.models.vision_transformer import Block as ViTBlock
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'EVENTS', 'TIMM_BLOCKS', 'RESUME_MAY_CHANGE', 'CODE_COMMIT', 'resolve_device', 'autocast_dtype',
-           'precision_name', 'DistInfo', 'setup_distributed', 'lr_factor', 'warmup_steps_of', 'Task',
-           'optimizer_groups', 'Callback', 'NonFiniteLoss', 'compile_blocks', 'Trainer', 'progress_mode', 'Progress',
-           'dumps', 'MetricsLogger', 'check_resume_config', 'Checkpointer', 'git_commit', 'Summary',
-           'default_callbacks', 'ensure_writable', 'fit_task']
+__all__ = ['log', 'EVENTS', 'TIMM_BLOCKS', 'RESUME_MAY_CHANGE', 'resolve_device', 'autocast_dtype', 'precision_name', 'DistInfo',
+           'setup_distributed', 'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'compile_blocks',
+           'Trainer', 'progress_mode', 'Progress', 'dumps', 'MetricsLogger', 'check_resume_config', 'Checkpointer',
+           'git_commit', 'code_commit', 'Summary', 'default_callbacks', 'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -90,6 +90,11 @@ class Task(nn.Module):
     frozen: tuple[str, ...] = ()   # modules (dotted paths) that never train: kept in eval mode, e.g. a teacher
     best_metric = ("val_loss", "min")  # metric that decides the `best` checkpoint; None: no `best`, the last one counts
     ddp_find_unused = False        # True when some trained parameters get no gradient (DDP must be told)
+    def __init__(self):
+        super().__init__()
+        self.step = 0  # the optimiser step about to run (set by before_step): per-step seeds repeat on resume
+    def before_step(self, step: int):
+        self.step = step  # called before each training step
     def forward(self, batch) -> dict: raise NotImplementedError  # {"loss": scalar, **scalar metrics}
     def eval_step(self, batch) -> dict: raise NotImplementedError  # sums over the batch, incl. "n"
     def after_update(self, step: int):
@@ -111,11 +116,6 @@ class Task(nn.Module):
                 m = getattr(getattr(m, "module", m), "_orig_mod", getattr(m, "module", m))  # DDP, torch.compile
             if m is not None: m.train(False)  # an optional module (e.g. no teacher) may be None
         return self
-
-def optimizer_groups(task: Task, cfg) -> list[dict]:
-    "AdamW groups of the task's trained module: the config's lr, weight decay and layer decay, each group's final lr."
-    # distillation configs have no layer decay: the student trains at one lr (seed 000, Table 1)
-    return param_groups(task.trained_module(), cfg.lr, cfg.weight_decay, getattr(cfg, "layer_decay", 1.0))
 
 class Callback:
     "Override any of the event methods; `order` sorts callbacks (lower first)."
@@ -147,24 +147,20 @@ def compile_blocks(module: nn.Module, **kwargs) -> int:
 
 # %% ../nbs/06_engine.ipynb #c7ef1fee
 class Trainer:
-    "The one training loop: a Task, a config, loaders, and callbacks."
-    def __init__(self, task: Task, cfg, train_dl, val_dl=None, callbacks: Iterable[Callback] = (), out_dir=None):
-        self.task, self.cfg, self.train_dl, self.val_dl = task, cfg, train_dl, val_dl
+    "The one training loop: a Task, a config, loaders, and callbacks. All its state is declared here."
+    def __init__(self, task: Task, cfg, train_dl, val_dl=None, callbacks: Iterable[Callback] = (), out_dir=None,
+                 info: dict | None = None): # `info`: the runner's facts for summary.json (task, model, dataset...)
+        self.task, self.cfg, self.train_dl, self.val_dl, self.info = task, cfg, train_dl, val_dl, dict(info or {})
         self.dist = DistInfo()
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.task.to(self.device)
         if cfg.compile: compile_blocks(task)  # student, teacher and every other block of the task
-        trained = getattr(task, task.trainable)
-        if self.dist.enabled and any(p.requires_grad for p in trained.parameters()):
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            trained = nn.parallel.DistributedDataParallel(trained, device_ids=ids,
-                                                          find_unused_parameters=task.ddp_find_unused)
-        setattr(task, task.trainable, trained)
-        self.opt = torch.optim.AdamW(optimizer_groups(task, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                                     weight_decay=cfg.weight_decay,
-                                     **({"fused": True} if self.device.type == "cuda" else {}))
+        self.wrap_ddp()
+        # the config's lr, weight decay and layer decay -> one group per (layer, decay) -> AdamW: the one path
+        groups = param_groups(task.trained_module(), cfg.lr, cfg.weight_decay, getattr(cfg, "layer_decay", 1.0))
+        self.opt = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.adam_eps, fused=self.device.type == "cuda")
         self.steps_per_epoch = len(train_dl)
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training loader yields no full batch: {len(train_dl.dataset)} images for a batch of "
@@ -175,144 +171,218 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(
             s, self.total_steps, self.warmup_steps, cfg.min_lr_ratio, cfg.schedule))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.step = self.epoch = self.step_in_epoch = 0
-        self.metrics, self.history, self.best = {}, [], None
-        self._loss_sum = None  # device-side sum of losses since the last sync
-        self._bad_input = torch.zeros((), dtype=torch.bool, device=self.device)  # a non-finite value in a batch
         self.callbacks = sorted(list(callbacks), key=lambda c: c.order)
-        self.images_seen, self.train_time_s = 0, 0.0
+        self.reset_state()
 
-    # --- events
-    def __call__(self, event: str):
-        for cb in self.callbacks:
-            fn = getattr(cb, event, None)
-            if fn is None: continue
-            try: fn(self)
-            except NonFiniteLoss: raise
-            except Exception as e:
-                raise type(e)(f"{e}\n  (raised in callback {cb!r} at event '{event}')") if _reconstructible(e) else e
-    def cb(self, cls):
-        "The first callback of type `cls`, or None."
-        return next((c for c in self.callbacks if isinstance(c, cls)), None)
+# %% ../nbs/06_engine.ipynb #9a0e4cf7
+@patch
+def reset_state(self: Trainer):
+    "Every piece of loop state, declared once: what callbacks may read at each event."
+    self.step = self.epoch = self.step_in_epoch = 0  # optimiser steps done; epochs done; steps into this epoch
+    self.metrics, self.history, self.best = {}, [], None  # last evaluation; every logged record; best score
+    self.batch, self.out, self.loss = None, {}, None  # this step's batch, the task's outputs and its loss
+    self.train_loss = None  # mean training loss since the last log (set on log steps, None on others)
+    self.epoch_train_loss = None  # mean training loss of the epoch just ended (set before after_epoch)
+    self.epoch_losses = []  # the logged losses of this epoch
+    self.images_seen, self.train_time_s, self.started = 0, 0.0, None  # started: time.perf_counter() of fit
+    self.completed, self.error, self.summary = False, None, None  # `finished` only when the loop ran to its end
+    self._loss_sum = None  # device-side sum of losses since the last sync
+    self._n_loss = 0  # steps in _loss_sum
+    self._bad_input = torch.zeros((), dtype=torch.bool, device=self.device)  # a non-finite value in a batch
 
-    # --- one step
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-    def to_device(self, batch):
-        nb = self.device.type == "cuda"
-        if isinstance(batch, (list, tuple)): return type(batch)(self.to_device(b) for b in batch)
-        if hasattr(batch, "to_device"): return batch.to_device(self.device, non_blocking=nb)  # e.g. data.CropBatch
-        return batch.to(self.device, non_blocking=nb) if torch.is_tensor(batch) else batch
-    def train_step(self):
-        self.task.step = self.step  # tasks seed per-step randomness (Mixup) with it, so that resume repeats it
-        self._bad_input = self._bad_input | _non_finite_input(self.batch)  # no host sync: read with the loss
-        with self.autocast():
-            self.out = self.task(self.batch)  # {"loss": [], ...}
-        self.loss = self.out["loss"]
-        self("after_loss")
-        self.scaler.scale(self.loss).backward()
-        if self.cfg.grad_clip:
-            self.scaler.unscale_(self.opt)
-            nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.cfg.grad_clip)
-        self.scaler.step(self.opt); self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
-        self.task.after_update(self.step + 1)
-        d = self.loss.detach().float()
-        self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
-        self._n_loss = getattr(self, "_n_loss", 0) + 1
+@patch
+def wrap_ddp(self: Trainer):
+    "Wrap the task's trained module in DistributedDataParallel under torchrun (a frozen one is never wrapped)."
+    trained = getattr(self.task, self.task.trainable)
+    if self.dist.enabled and any(p.requires_grad for p in trained.parameters()):
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(trained, device_ids=ids,
+                                                      find_unused_parameters=self.task.ddp_find_unused)
+    setattr(self.task, self.task.trainable, trained)
 
-    def _mean_loss(self) -> float | None:
-        "Mean training loss since the last pop, over all processes (one device sync)."
-        if self._loss_sum is None: return None
-        total = self._loss_sum.clone()
-        if self.dist.enabled:
-            dist.all_reduce(total)
-            total /= self.dist.world_size
-        v = total.item() / self._n_loss
-        if not math.isfinite(v):
-            if self._bad_input.item():
-                raise NonFiniteLoss(f"a training batch before step {self.step} holds NaN or Inf values: the data, "
-                                    f"not the optimisation, made the loss {v}. Check the data set (or its "
-                                    "transform) for non-finite values; no checkpoint was written after it")
-            ck = self.cb(Checkpointer)
-            kept = (f"the last good checkpoint (step {ck.last_step}) is kept in {ck.dir}"
-                    if ck and ck.last_step is not None else "no checkpoint was written yet")
-            raise NonFiniteLoss(f"the training loss became {v} before step {self.step}; the run stops and {kept}. "
-                                "Lower lr, turn on grad_clip (e.g. 2.0) or use precision='fp32', then rerun with "
-                                "resume=True.")
-        return v
+@patch
+def __call__(self: Trainer, event: str):
+    "Fire `event` on every callback; an error names the callback and the event."
+    for cb in self.callbacks:
+        fn = getattr(cb, event, None)
+        if fn is None: continue
+        try: fn(self)
+        except NonFiniteLoss: raise
+        except Exception as e:
+            raise type(e)(f"{e}\n  (raised in callback {cb!r} at event '{event}')") if _reconstructible(e) else e
 
-    def pop_train_loss(self) -> float | None:
-        "Mean training loss since the last call; raises NonFiniteLoss when it is not finite."
-        v = self._mean_loss()
-        self._loss_sum, self._n_loss = None, 0
-        self._bad_input.zero_()
-        return v
+@patch
+def cb(self: Trainer, cls):
+    "The first callback of type `cls`, or None."
+    return next((c for c in self.callbacks if isinstance(c, cls)), None)
 
-    def check_finite(self):
-        "Raise NonFiniteLoss if any loss since the last pop was not finite (checked before every checkpoint)."
+# %% ../nbs/06_engine.ipynb #05843b8d
+@patch
+def autocast(self: Trainer):
+    return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+@patch
+def to_device(self: Trainer, batch):
+    nb = self.device.type == "cuda"
+    if isinstance(batch, (list, tuple)): return type(batch)(self.to_device(b) for b in batch)
+    if hasattr(batch, "to_device"): return batch.to_device(self.device, non_blocking=nb)  # e.g. data.CropBatch
+    return batch.to(self.device, non_blocking=nb) if torch.is_tensor(batch) else batch
+
+@patch
+def train_step(self: Trainer):
+    "Forward, backward, optimiser and schedule step; the loss is summed on the device (no host sync)."
+    self.task.before_step(self.step)  # tasks seed per-step randomness (Mixup) with it, so that resume repeats it
+    self._bad_input = self._bad_input | _non_finite_input(self.batch)  # no host sync: read with the loss
+    with self.autocast():
+        self.out = self.task(self.batch)  # {"loss": [], ...}
+    self.loss = self.out["loss"]
+    self("after_loss")
+    self.scaler.scale(self.loss).backward()
+    if self.cfg.grad_clip:
+        self.scaler.unscale_(self.opt)
+        nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.cfg.grad_clip)
+    self.scaler.step(self.opt)
+    self.scaler.update()
+    self.opt.zero_grad(set_to_none=True)
+    self.sched.step()
+    self.task.after_update(self.step + 1)
+    d = self.loss.detach().float()
+    self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
+    self._n_loss += 1
+
+# %% ../nbs/06_engine.ipynb #054969e0
+@patch
+def _mean_loss(self: Trainer) -> float | None:
+    "Mean training loss since the last pop, over all processes (one device sync); NonFiniteLoss if it is not finite."
+    if self._loss_sum is None: return None
+    total = self._loss_sum.clone()
+    if self.dist.enabled:
+        dist.all_reduce(total)
+        total /= self.dist.world_size
+    v = total.item() / self._n_loss
+    if not math.isfinite(v):
+        if self._bad_input.item():
+            raise NonFiniteLoss(f"a training batch before step {self.step} holds NaN or Inf values: the data, "
+                                f"not the optimisation, made the loss {v}. Check the data set (or its "
+                                "transform) for non-finite values; no checkpoint was written after it")
+        ck = self.cb(Checkpointer)
+        kept = (f"the last good checkpoint (step {ck.last_step}) is kept in {ck.dir}"
+                if ck and ck.last_step is not None else "no checkpoint was written yet")
+        raise NonFiniteLoss(f"the training loss became {v} before step {self.step}; the run stops and {kept}. "
+                            "Lower lr, turn on grad_clip (e.g. 2.0) or use precision='fp32', then rerun with "
+                            "resume=True.")
+    return v
+
+@patch
+def _pop_train_loss(self: Trainer) -> float | None:
+    "Mean training loss since the last call; raises NonFiniteLoss when it is not finite."
+    v = self._mean_loss()
+    self._loss_sum, self._n_loss = None, 0
+    self._bad_input.zero_()
+    return v
+
+@patch
+def _after_step_state(self: Trainer):
+    "Before after_step: the logged loss on log steps; a finite check before a checkpoint step (never save a NaN)."
+    self.train_loss = None
+    if self.step % self.cfg.log_every == 0:
+        self.train_loss = self._pop_train_loss()
+        self.epoch_losses.append(self.train_loss)
+    elif self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
         self._mean_loss()
 
-    # --- evaluation
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        "Run the task's eval_step over the validation loader; sums are reduced over processes."
-        if self.val_dl is None: return {}
-        self.task.eval()
-        sums = {}
-        for batch in self.val_dl:
-            with self.autocast():
-                out = self.task.eval_step(self.to_device(batch))
-            for k, v in out.items():
-                v = torch.as_tensor(v, device=self.device, dtype=torch.float64)
-                sums[k] = sums[k] + v if k in sums else v
-        if self.dist.enabled:
-            for v in sums.values(): dist.all_reduce(v)
-        self.task.train()
-        res = self.task.summarize({k: v.item() for k, v in sums.items()})
-        bad = {k: v for k, v in res.items() if not math.isfinite(v)}
-        if bad:
-            raise NonFiniteLoss(f"validation metrics {bad} after epoch {self.epoch}: the model or the validation "
-                                "data give non-finite values. Check the validation data for NaN/Inf; if the training "
-                                "loss also grew, lower lr. The last checkpoint is kept; the run is not finished")
-        self.metrics.update(res)
-        self("after_eval")
-        return res
+@patch
+def _after_epoch_state(self: Trainer):
+    "Before after_epoch: the epoch's mean training loss (which also checks it is finite before any checkpoint)."
+    tail = self._pop_train_loss()
+    losses = self.epoch_losses + ([tail] if tail is not None else [])
+    self.epoch_train_loss = float(np.mean(losses)) if losses else None
+    self.epoch_losses = []
 
-    # --- the loop
-    def fit(self):
-        self.completed, self.error = False, None  # `finished` in summary.json: only a loop that ran to its end
-        self.task.train()
-        self("before_fit")
-        try:
-            while self.epoch < self.cfg.epochs and self.step < self.total_steps:
-                self.train_dl.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.train_dl.batch_size)
-                self("before_epoch")
-                t0 = time.perf_counter()
-                for batch in self.train_dl:
-                    self.batch = self.to_device(batch)
-                    self("before_batch")
-                    self.train_step()
-                    self.step += 1; self.step_in_epoch += 1
-                    self.images_seen += self.train_dl.batch_size * self.dist.world_size
-                    self("after_step")
-                    self("after_batch")
-                    if self.step >= self.total_steps: break
-                self.train_time_s += time.perf_counter() - t0
-                self.epoch += 1; self.step_in_epoch = 0
-                self.metrics = {"epoch": self.epoch, "step": self.step}
-                if self.val_dl is not None and (self.epoch % self.cfg.eval_every == 0 or self.step >= self.total_steps
-                                                or self.epoch == self.cfg.epochs):
-                    self.evaluate()
-                self("after_epoch")
-            self.completed = True
-        except BaseException as e:
-            self.error = f"{type(e).__name__}: {e}".strip()
-            raise
-        finally:
-            self("after_fit")
-        return self
+# %% ../nbs/06_engine.ipynb #8d1f637c
+@patch
+@torch.no_grad()
+def evaluate(self: Trainer) -> dict:
+    "Run the task's eval_step over the validation loader; sums are reduced over processes."
+    if self.val_dl is None: return {}
+    self.task.eval()
+    sums = {}
+    for batch in self.val_dl:
+        with self.autocast():
+            out = self.task.eval_step(self.to_device(batch))
+        for k, v in out.items():
+            v = torch.as_tensor(v, device=self.device, dtype=torch.float64)
+            sums[k] = sums[k] + v if k in sums else v
+    if self.dist.enabled:
+        for v in sums.values(): dist.all_reduce(v)
+    self.task.train()
+    res = self.task.summarize({k: v.item() for k, v in sums.items()})
+    bad = {k: v for k, v in res.items() if not math.isfinite(v)}
+    if bad:
+        raise NonFiniteLoss(f"validation metrics {bad} after epoch {self.epoch}: the model or the validation "
+                            "data give non-finite values. Check the validation data for NaN/Inf; if the training "
+                            "loss also grew, lower lr. The last checkpoint is kept; the run is not finished")
+    self.metrics.update(res)
+    self("after_eval")
+    return res
+
+# %% ../nbs/06_engine.ipynb #48d1ded7
+@patch
+def fit(self: Trainer) -> dict:
+    "Run the loop to the end of its steps; returns the run's summary (also written by the Summary callback)."
+    self.completed, self.error, self.started = False, None, time.perf_counter()
+    self.task.train()
+    self("before_fit")
+    try:
+        while self.epoch < self.cfg.epochs and self.step < self.total_steps:
+            self.train_dl.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.train_dl.batch_size)
+            self("before_epoch")
+            t0 = time.perf_counter()
+            for batch in self.train_dl:
+                self.batch = self.to_device(batch)
+                self("before_batch")
+                self.train_step()
+                self.step += 1
+                self.step_in_epoch += 1
+                self.images_seen += self.train_dl.batch_size * self.dist.world_size
+                self._after_step_state()
+                self("after_step")
+                self("after_batch")
+                if self.step >= self.total_steps: break
+            self.train_time_s += time.perf_counter() - t0
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.metrics = {"epoch": self.epoch, "step": self.step}
+            if self.val_dl is not None and (self.epoch % self.cfg.eval_every == 0 or self.step >= self.total_steps
+                                            or self.epoch == self.cfg.epochs):
+                self.evaluate()
+            self._after_epoch_state()
+            self("after_epoch")
+        self.completed = True
+    except BaseException as e:
+        self.error = f"{type(e).__name__}: {e}".strip()
+        raise
+    finally:
+        self.summary = self.make_summary()
+        self("after_fit")
+    return self.summary
+
+# %% ../nbs/06_engine.ipynb #4e3455c2
+@patch
+def make_summary(self: Trainer) -> dict:
+    "What the run did: the runner's info, the final metrics, the best score, steps, times, device and commit."
+    s = {**self.info, "metrics": {k: v for k, v in self.metrics.items() if k not in ("epoch", "step")},
+         "best": {self.task.best_metric[0]: self.best} if self.task.best_metric else {}, "steps": self.step,
+         "epochs": self.epoch, "finished": self.completed and self.step >= self.total_steps,
+         "train_time_s": round(self.train_time_s, 3),
+         "wall_time_s": round(time.perf_counter() - self.started, 3) if self.started else None,
+         "images_per_s": round(self.images_seen / self.train_time_s, 2) if self.train_time_s else None,
+         "world_size": self.dist.world_size, "device": str(self.device), "precision": precision_name(self.amp_dtype),
+         "preset": self.cfg.preset, "git_commit": code_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    if self.error: s["error"] = self.error
+    skipped = self.out_dir / "skipped_images.txt"
+    if skipped.exists(): s["skipped_images"] = len(set(skipped.read_text().splitlines()))
+    return s
 
 def _non_finite_input(batch) -> torch.Tensor:
     "A device-side flag: does any floating-point tensor of the batch hold NaN or Inf?"
@@ -385,6 +455,8 @@ def dumps(obj, **kw) -> str:
 class MetricsLogger(Callback):
     "JSONL (+ TensorBoard, + W&B) metrics: a 'step' record every log_every steps, an 'epoch' record per epoch."
     order = 10
+    def __init__(self):
+        self._t, self._imgs = None, 0  # time and images seen at the last step record (for images_per_s)
     def before_fit(self, t):
         self.main = t.dist.main
         self.path = t.out_dir / "metrics.jsonl"
@@ -419,18 +491,11 @@ class MetricsLogger(Callback):
         now = time.perf_counter()
         rate = (t.images_seen - self._imgs) / max(now - self._t, 1e-9)
         self._t, self._imgs = now, t.images_seen
-        loss = t.pop_train_loss()
-        extra = {k: float(v) for k,
-                 v in getattr(t, "out", {}).items() if k != "loss"}  # the task's own scalars, this step
-        self.write(t, {"kind": "step", "step": t.step, "epoch": t.epoch, "loss": loss,
+        extra = {k: float(v) for k, v in t.out.items() if k != "loss"}  # the task's own scalars, this step
+        self.write(t, {"kind": "step", "step": t.step, "epoch": t.epoch, "loss": t.train_loss,
                        "lr": t.opt.param_groups[-1]["lr"], "images_per_s": rate, **extra})
-        self._epoch_losses = getattr(self, "_epoch_losses", []) + [loss]
     def after_epoch(self, t):
-        tail = t.pop_train_loss()
-        losses = getattr(self, "_epoch_losses", []) + ([tail] if tail is not None else [])
-        self._epoch_losses = []
-        rec = {"kind": "epoch", **t.metrics, "train_loss": float(np.mean(losses)) if losses else None,
-               "lr": t.opt.param_groups[-1]["lr"]}
+        rec = {"kind": "epoch", **t.metrics, "train_loss": t.epoch_train_loss, "lr": t.opt.param_groups[-1]["lr"]}
         self.write(t, rec)
     def after_fit(self, t):
         if self.tb: self.tb.close()
@@ -495,7 +560,7 @@ class Checkpointer(Callback):
             if (p / "state.pt").exists() and (p / "model.safetensors").exists(): return p
         return None
     def save(self, t, tag: str):
-        t.check_finite()  # never save weights that a NaN has touched
+        # the Trainer checked the loss is finite before this event: never save weights that a NaN has touched
         if not t.dist.main: return
         tmp, final, old = self.dir / f".{tag}.tmp", self.dir / tag, self.dir / f".{tag}.old"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -562,37 +627,26 @@ def _head_without_git(cwd: Path) -> str | None:
         else: return None
     return head + "-unverified" if len(head) == 40 else None
 
-CODE_COMMIT = git_commit()  # read when kdnb is imported: the code a run executes, whatever is committed later
+@functools.cache
+def code_commit() -> str | None:
+    "The commit of kdnb's code, read once per process at the first run (nothing runs when kdnb is imported)."
+    return git_commit()
 
 class Summary(Callback):
+    "Saves the resolved config when the run starts and the Trainer's summary when it ends (atomically)."
     order = 30
-    def __init__(self, **info): self.info = info  # task, model, dataset, ... set by the task's runner
     def before_fit(self, t):
-        self._t0 = time.perf_counter()
         if t.dist.main: t.cfg.save(t.out_dir / "config.yaml")  # after the Checkpointer refused to overwrite a run
     def after_fit(self, t):
-        t.summary = {**self.info, "metrics": {k: v for k, v in t.metrics.items() if k not in ("epoch", "step")},
-                     "best": {t.task.best_metric[0]: t.best} if t.task.best_metric else {}, "steps": t.step,
-                     "epochs": t.epoch,
-                     "finished": bool(getattr(t, "completed", False)) and t.step >= t.total_steps,
-                     "train_time_s": round(t.train_time_s, 3),
-                     "wall_time_s": round(time.perf_counter() - self._t0, 3),
-                     "images_per_s": round(t.images_seen / t.train_time_s, 2) if t.train_time_s else None,
-                     "world_size": t.dist.world_size, "device": str(t.device), "precision": precision_name(t.amp_dtype),
-                     "preset": t.cfg.preset, "git_commit": CODE_COMMIT,
-                     "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-        if getattr(t, "error", None): t.summary["error"] = t.error
-        skipped = t.out_dir / "skipped_images.txt"
-        if skipped.exists(): t.summary["skipped_images"] = len(set(skipped.read_text().splitlines()))
-        if t.dist.main:
-            t.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = t.out_dir / "summary.json.tmp"
-            tmp.write_text(dumps(t.summary, indent=2))
-            tmp.replace(t.out_dir / "summary.json")
+        if not t.dist.main: return
+        t.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = t.out_dir / "summary.json.tmp"
+        tmp.write_text(dumps(t.summary, indent=2))
+        tmp.replace(t.out_dir / "summary.json")
 
-def default_callbacks(**summary_info) -> list[Callback]:
+def default_callbacks() -> list[Callback]:
     "The callbacks every run has: metrics, checkpoints, summary (and the resolved config), progress."
-    return [MetricsLogger(), Checkpointer(), Summary(**summary_info), Progress()]
+    return [MetricsLogger(), Checkpointer(), Summary(), Progress()]
 
 # %% ../nbs/06_engine.ipynb #ba6e5c52
 def ensure_writable(folder: Path):
@@ -607,8 +661,8 @@ def ensure_writable(folder: Path):
                               "choose a writable out_dir") from e
 
 def fit_task(task: Task, cfg, train_ds, val_ds=None, callbacks: Iterable[Callback] = (),
-             info: dict | None = None) -> Trainer:
-    "Fit `task` on `train_ds` (evaluating on `val_ds`) with the default callbacks; `info` goes into summary.json."
+             info: dict | None = None) -> dict:
+    "Fit `task` on `train_ds` (evaluating on `val_ds`) with the default callbacks; returns the summary (with `info`)."
     di = setup_distributed(cfg.device)
     if cfg.batch_size % di.world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} (global) does not split evenly over {di.world_size} processes")
@@ -621,4 +675,4 @@ def fit_task(task: Task, cfg, train_ds, val_ds=None, callbacks: Iterable[Callbac
     if di.main:
         log.info(f"{type(task).__name__}: {len(train_ds)} training images, global batch {cfg.batch_size} "
                  f"({di.world_size} x {per_rank}), {len(train_dl)} steps/epoch, peak lr {cfg.lr:g}, device {device}")
-    return Trainer(task, cfg, train_dl, val_dl, default_callbacks(**(info or {})) + list(callbacks)).fit()
+    return Trainer(task, cfg, train_dl, val_dl, default_callbacks() + list(callbacks), info=info).fit()

@@ -14,7 +14,7 @@ from .models import Data2Vec2Encoder, Classifier
 from .weights import load_backbone
 from .engine import Task, fit_task, resolve_device, autocast_dtype
 from .data import build_data, mixup_fn, derive_seed, seeded, make_loader
-from .config import FinetuneConfig, get_config
+from .config import FinetuneConfig, RunKind, get_config, register_run
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,11 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> Classifier:
             b.drop_path = DropPath(cfg.drop_path * i / max(1, len(backbone.all_blocks) - 1))
     return Classifier(backbone, num_classes)
 
-def finetune(cfg: FinetuneConfig | None = None, # a config; None = get_config("auto", task="finetune", **overrides)
+def finetune(cfg: FinetuneConfig | None = None, # a config; None = get_config("auto", kind="finetune", **overrides)
              callbacks=(), # extra engine callbacks
              **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
     "Finetune or linear-probe the config's backbone on its data set; writes a run folder."
-    cfg = get_config("auto", task="finetune",
+    cfg = get_config("auto", kind="finetune",
                      **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     torch.manual_seed(cfg.seed)
     cached = cfg.mode == "linear_probe" and cfg.cache_features
@@ -108,4 +108,10 @@ def finetune(cfg: FinetuneConfig | None = None, # a config; None = get_config("a
     info = dict(task=cfg.mode, dataset=cfg.dataset, model=cfg.model, checkpoint=cfg.checkpoint, num_classes=num_classes,
                 trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                 cached_features=cached, val_source=data.val_source)
-    return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info).summary
+    return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info)
+
+# %% ../nbs/08_finetune.ipynb #fbaf5a9b
+register_run(RunKind("finetune", FinetuneConfig, finetune, command="finetune", help="finetune a (distilled) student",
+                     values={"mode": "finetune"}))
+register_run(RunKind("linear_probe", FinetuneConfig, finetune, command="probe",
+                     help="linear-probe a (distilled) student", values={"mode": "linear_probe"}))

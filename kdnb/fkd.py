@@ -25,8 +25,8 @@ from .finetune import FinetuneTask
 from .distill import build_student
 from .weights import load_classifier
 from .models import Data2Vec2Encoder, Classifier, offline_hint
-from .config import (DistillConfig, ConfigError, Preset, check_choice, check_positive, check_non_negative,
-                         register_presets)
+from .config import (DistillConfig, ConfigError, Objective, Preset, check_choice, check_positive,
+                         check_non_negative, register_objective, register_presets)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ __all__ = ['log', 'STORE_FORMAT', 'FKDConfig', 'sample_crops', 'render_crop', 's
 @dataclass
 class FKDConfig(DistillConfig):
     "FKD / FerKD (seed 002): crop-level soft labels of a classifier teacher, generated once and replayed."
-    objectives = ("fkd", "ferkd")
+    # FKD's soft-label mixes were once called mixup/cutmix/selfmix (not FinetuneConfig's Mixup/CutMix)
+    renamed = {**DistillConfig.renamed, "mixup": "fkd_mixup", "cutmix": "fkd_cutmix", "selfmix": "fkd_selfmix"}
     objective: str = "fkd" # "fkd" (the teacher's soft labels) or "ferkd" (least confident crops get the softened GT)
     label_mode: str = "replay" # "replay" (stored soft labels, no teacher in training) or "online" (teacher per step)
     label_store: typing.Optional[str] = None # folder of the soft-label store; None = <out_dir>/soft_labels
@@ -84,6 +85,9 @@ def _ferkd(arch: str, mix: dict, what: str) -> Preset:
         warmup_frac=5 / 300, schedule="cosine", checkpoint=None, depth=12, embed_dim=384,
         mlp_dim=1536, num_heads=6, **mix, out_dir=f"runs/ferkd_{arch}"), _SEED002.format(what))
 
+# the runner, distill_fkd, is defined further down this page: the registry calls it when a run starts
+for _name in ("fkd", "ferkd"):
+    register_objective(Objective(_name, FKDConfig, runner=lambda cfg, callbacks=(): distill_fkd(cfg, callbacks)))
 register_presets(
     _ferkd("vit_s", dict(fkd_mixup=0.8, fkd_cutmix=1.0, fkd_selfmix=0.0, drop_path=0.1),
            "ViT-S/16 with Mixup 0.8 / CutMix 1.0 and drop path 0.1"),
@@ -393,7 +397,6 @@ class FKDTask(FinetuneTask):
         logp = F.log_softmax(self.logits(x).float(), -1)
         return {"loss": -(soft * logp).sum(-1).mean()}
 
-
 # %% ../nbs/11_fkd.ipynb #029bef28
 def distill_fkd(cfg: FKDConfig, # objective fkd or ferkd
                 callbacks=(), # extra engine callbacks
@@ -424,4 +427,4 @@ def distill_fkd(cfg: FKDConfig, # objective fkd or ferkd
                 crops_per_step=cfg.batch_size * cfg.replay_crops,
                 **({"label_store": str(store.root),
                     "label_bytes_per_image": round(store.nbytes() / store.num_images, 1)} if store else {}))
-    return fit_task(task, cfg, train, data.val, callbacks, info=info).summary
+    return fit_task(task, cfg, train, data.val, callbacks, info=info)

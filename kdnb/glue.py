@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from timm.layers import trunc_normal_
-from .config import GlueConfig, get_config, make_portable
+from .config import GlueConfig, RunKind, get_config, make_portable, register_run
 from .engine import Task, fit_task
 from .models import HEAD_NORM_EPS, HEAD_INIT_STD
 from .text import GLUE, TextEncoder, TextSet, distill_text, load_text_encoder, load_tokenizer, read_glue
@@ -88,11 +88,11 @@ class GlueTask(Task):
         return {**res, **glue_metrics(self.task, p, y)}
 
 # %% ../nbs/13_glue.ipynb #5614951c
-def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("auto", task="glue", **overrides)
+def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("auto", kind="glue", **overrides)
                   callbacks=(), # extra engine callbacks
                   **overrides) -> dict: # the run's summary
     "Finetune a text encoder on one GLUE task (cfg.dataset) and score it on the dev set; writes a run folder."
-    cfg = get_config("auto", task="glue",
+    cfg = get_config("auto", kind="glue",
                      **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     torch.manual_seed(cfg.seed)
     spec = GLUE[cfg.dataset]
@@ -112,7 +112,11 @@ def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("
                 train_examples=len(tr_x), dev_examples=len(dev_x), seed_metric=spec.seed_metric,
                 glue_metric=spec.glue_metric,
                 trainable_params=sum(p.numel() for p in model.parameters()), val_source="GLUE dev set")
-    return fit_task(task, cfg, train_ds, dev_ds, callbacks, info=info).summary
+    return fit_task(task, cfg, train_ds, dev_ds, callbacks, info=info)
+
+# %% ../nbs/13_glue.ipynb #47139399
+register_run(RunKind("glue", GlueConfig, finetune_glue, command="glue",
+                     help="finetune a (distilled) text encoder on a GLUE task"))
 
 # %% ../nbs/13_glue.ipynb #13320c43
 def glue_demo(out: str | Path, # results folder

@@ -15,7 +15,7 @@ from .config import (load_config, make_portable, portable, ConfigBase, ConfigErr
                          check_positive, DATASETS)
 from .runs import run
 from .report import read_metrics, read_summary
-from .engine import CODE_COMMIT, Checkpointer
+from .engine import code_commit, Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def run_pipeline(p: PipelineConfig | None = None, **overrides) -> pd.DataFrame:
     table = results_table(out)
     table.to_csv(out / "results.csv")
     summary = {"config": p.to_dict(), "results": table.reset_index().to_dict(orient="records"),
-               "wall_time_s": round(time.perf_counter() - t0, 1), "git_commit": CODE_COMMIT}
+               "wall_time_s": round(time.perf_counter() - t0, 1), "git_commit": code_commit()}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     return table
 

@@ -15,7 +15,7 @@ from .models import D2V2_PREFIX, Data2Vec2Encoder, fairseq_cfg, to_fairseq_state
 from .weights import load_backbone, read_weights, run_weights
 from .engine import Task, fit_task
 from .data import build_data, derive_seed
-from .config import PretrainConfig, get_config
+from .config import PretrainConfig, RunKind, get_config, register_run
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +228,11 @@ def export_data2vec2(run: str | Path, # a finished pretraining run folder
     tmp.replace(dst)
     return dst
 
-def pretrain(cfg: PretrainConfig | None = None, # a config; None = get_config("auto", task="pretrain", **overrides)
+def pretrain(cfg: PretrainConfig | None = None, # a config; None = get_config("auto", kind="pretrain", **overrides)
              callbacks=(), # extra engine callbacks
              **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
     "data2vec 2.0 pretraining of an image encoder without labels; writes a run folder and, when finished, data2vec2.pt."
-    cfg = get_config("auto", task="pretrain",
+    cfg = get_config("auto", kind="pretrain",
                      **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     torch.manual_seed(cfg.seed)
     model = build_pretrainer(cfg)
@@ -243,7 +243,12 @@ def pretrain(cfg: PretrainConfig | None = None, # a config; None = get_config("a
                 encoder=f"data2vec2 {len(enc.prenet)}+{len(enc.blocks)} blocks, D={enc.embed_dim}",
                 encoder_params=sum(p.numel() for p in enc.parameters()),
                 decoder_params=sum(p.numel() for p in model.decoder.parameters()), val_source=data.val_source)
-    summary = fit_task(task, cfg, data.train, data.val, callbacks, info=info).summary
+    summary = fit_task(task, cfg, data.train, data.val, callbacks, info=info)
     if summary.get("finished") and (not dist.is_initialized() or dist.get_rank() == 0):
         export_data2vec2(cfg.out_dir)
     return summary
+
+# %% ../nbs/14_pretrain.ipynb #9f82a611
+register_run(RunKind("pretrain", PretrainConfig, pretrain, command="pretrain",
+                     help="data2vec 2.0 pretraining of an image encoder from unlabeled images (a self-supervised "
+                          "teacher or student donor)"))

@@ -11,7 +11,6 @@ import pandas as pd
 import matplotlib.pyplot as plt
 from .config import REPO, field_docs, portable
 
-
 # %% auto #0
 __all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'PRETRAIN_ROWS', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics',
            'commit_date', 'provenance', 'fmt', 'rand_augment_parts', 'distill_table', 'finetune_table',

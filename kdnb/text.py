@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from .targets import d2v_loss
 from .weights import read_weights, run_weights
 from .engine import Task, fit_task
-from .config import TextDistillConfig, get_config
+from .config import TextDistillConfig, RunKind, get_config, register_run
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM",
                       "false")  # the Rust tokenizer's threads and forked loader workers do not mix
@@ -126,7 +126,6 @@ class TextDistillTask(Task):
     def eval_step(self, batch):
         n = int(batch[1].shape[0])
         return {"val_loss": self.loss(batch).float() * n, "n": n}
-
 
 # %% ../nbs/12_text.ipynb #312fb2ec
 @dataclass(frozen=True)
@@ -257,11 +256,11 @@ def split_sentences(sents: list[str], val_size: float, seed: int, max_sentences:
         raise ValueError(f"val_size={val_size} leaves no training or validation sentence of {len(order)}")
     return [sents[i] for i in order[n_val:]], [sents[i] for i in order[:n_val]]
 
-def distill_text(cfg: TextDistillConfig | None = None, # a config; None = get_config("auto", task="text_distill", ...)
+def distill_text(cfg: TextDistillConfig | None = None, # a config; None = get_config("auto", kind="text_distill", ...)
                  callbacks=(), # extra engine callbacks
                  **overrides) -> dict: # the run's summary
     "Distil a BERT-family teacher into its first `student_layers` layers on GLUE's sentences; writes a run folder."
-    cfg = get_config("auto", task="text_distill",
+    cfg = get_config("auto", kind="text_distill",
                      **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     torch.manual_seed(cfg.seed)
     teacher, student = load_text_encoder(cfg.teacher), load_text_encoder(cfg.teacher, num_layers=cfg.student_layers)
@@ -277,4 +276,8 @@ def distill_text(cfg: TextDistillConfig | None = None, # a config; None = get_co
                 teacher_layers=teacher.num_layers, train_sentences=len(train), val_sentences=len(val),
                 student_params=sum(p.numel() for p in student.parameters()),
                 val_source=f"held out from the sentences (seed {cfg.seed})")
-    return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info).summary
+    return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info)
+
+# %% ../nbs/12_text.ipynb #30502cc7
+register_run(RunKind("text_distill", TextDistillConfig, distill_text, command="distill-text",
+                     help="distil a BERT-family teacher into its first layers"))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .engine import Task
-from .config import DistillConfig, ConfigError, Preset, register_presets
+from .config import DistillConfig, ConfigError, Objective, Preset, register_objective, register_presets
 
 # %% auto #0
 __all__ = ['qkv_from_input', 'attention_input', 'blocks_of', 'relations', 'relation_loss', 'PairedViews', 'TinyMIMTask',
@@ -105,7 +105,6 @@ class TinyMIMTask(Task):
 @dataclass
 class TinyMIMConfig(DistillConfig):
     "Relation distillation (seed 001): a DistillConfig with the `tinymim` objective's settings."
-    objectives = ("tinymim",)
     objective: str = "tinymim"
     relation_block: int = -1 # block whose Q/K/V relations are distilled (teacher and student; -1 = last)
     student_color_jitter: float = 0.0 # colour jitter of the student's view only (0.4 in seed 001)
@@ -133,3 +132,5 @@ def tinymim_task(cfg: TinyMIMConfig, student, teacher, data=None) -> TinyMIMTask
     if data is not None and cfg.student_color_jitter > 0:
         data.train.transform = PairedViews(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.student_color_jitter)
     return TinyMIMTask(student, teacher, cfg.relation_block)
+
+register_objective(Objective("tinymim", TinyMIMConfig, make_task=tinymim_task))

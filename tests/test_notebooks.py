@@ -21,8 +21,20 @@ def _tst_flags():
     return cfg["DEFAULT"].get("tst_flags", "").split()
 
 
+@pytest.fixture
+def registries():
+    "nbdev runs every notebook in this process: what a notebook registers (its own copies of kdnb's run kinds,\n"
+    "objectives and presets, or toys) is undone after it, so that no notebook sees another's."
+    import kdnb.config as c
+    saved = [(t, dict(t)) for t in (c.RUN_KINDS, c.OBJECTIVES, c.PRESETS)]
+    yield
+    for t, before in saved:
+        t.clear()
+        t.update(before)
+
+
 @pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
-def test_notebook(nb, request, tmp_path, monkeypatch):
+def test_notebook(nb, request, tmp_path, monkeypatch, registries):
     # the notebooks' tempfile.mkdtemp() run folders land in tmp_path, which pytest prunes (it keeps the last 3 runs'),
     # instead of piling up in /tmp (tens of GB over a day of test runs)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

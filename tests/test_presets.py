@@ -9,7 +9,8 @@ from pathlib import Path
 
 from kdnb.config import PRESETS, DistillConfig, GlueConfig, PretrainConfig, TextDistillConfig, get_config, load_config
 from kdnb.fkd import FKDConfig
-from kdnb.runs import distill, run  # imports every objective, so PRESETS holds their presets too
+from kdnb.runs import run  # imports every objective, so PRESETS holds their presets too
+from kdnb.distill import distill
 
 GLUE_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
 
