@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     for kind in RUN_KINDS.values(): _add_run_parser(sub, kind)
     return p
 
-# %% ../nbs/19_cli.ipynb #2f5b8dff
+# %% ../nbs/19_cli.ipynb #296b4779
 def config_from_args(args: argparse.Namespace):
     "The validated config of a parsed command line (through kdnb.runs.setup_run, as the run notebooks)."
     params = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
@@ -74,7 +74,7 @@ def error_message(e: BaseException) -> str:
         msg = [l for l in msg.splitlines() if l.strip()][-1].split(": ", 1)[-1]
     return msg.split("\n  (raised in callback")[0]
 
-# %% ../nbs/19_cli.ipynb #27807d79
+# %% ../nbs/19_cli.ipynb #c3231299
 def main(argv=None):
     "The `kdnb` console script: one line per error (exit 2 for a config, 1 otherwise); --debug: the traceback."
     argv = sys.argv[1:] if argv is None else list(argv)

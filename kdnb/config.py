@@ -4,6 +4,7 @@
 
 # %% ../nbs/04_config.ipynb #985d76e1
 from __future__ import annotations
+from fastcore.basics import patch
 import dataclasses, difflib, json, math, sys, typing
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
@@ -49,7 +50,9 @@ def _check_type(name, value, tp):
 
 # %% ../nbs/04_config.ipynb #b9db5cd9
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder")
+
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+
 # training-set sizes, used to state steps per epoch in the report (ImageNet-1K train: 1,281,167 images)
 TRAIN_SIZES = {"imagenet": 1_281_167, "cifar10": 50_000, "cifar100": 50_000}
 
@@ -59,67 +62,83 @@ class ConfigBase:
         for f in fields(self):
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name), _resolve(type(self), f)))
         self.validate()
-    def validate(self): pass
-    def to_dict(self) -> dict: return asdict(self)
-    def save(self, path):
-        "Write the config as YAML (.yaml/.yml) or JSON (.json)."
-        path = Path(path)
-        d = self.to_dict()
-        d["_class"] = type(self).__name__
-        text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return path
     renamed = {} # old field name -> its name now: old run folders, presets and command lines keep working
-    @classmethod
-    def migrate(cls, d: dict) -> dict:
-        "`d` with renamed fields under their new names; giving a field under both names is an error."
-        d = dict(d)
-        for old, new in cls.renamed.items():
-            if old in d:
-                if new in d: raise ConfigError(f"{old!r} is the old name of {new!r}: give only {new!r}")
-                d[new] = d.pop(old)
-        return d
-    @classmethod
-    def variants(cls) -> list:
-        "The config classes a run of this kind may have (DistillConfig: one per objective); their fields are flags."
-        return [cls]
-    @classmethod
-    def class_for(cls, d: dict) -> type:
-        "The class that holds a config with the values `d` (DistillConfig: the class of `d['objective']`)."
-        return cls
-    @classmethod
-    def from_dict(cls, d: dict):
-        "Build a `cls` (never another class) from a dict, old field names translated, unknown keys refused."
-        d = cls.migrate({k: v for k, v in d.items() if k != "_class"})
-        names = [f.name for f in fields(cls)]
-        others = {f.name: v for v in cls.variants() if v is not cls for f in fields(v) if f.name not in names}
-        for k in [k for k in d if k in others]:
-            raise ConfigError(f"{k}={d[k]!r} is a setting of {others[k].__name__}, not of {cls.__name__}"
-                              + cls.variant_hint(k, others[k], d))
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            hints = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
-            raise ConfigError("unknown config keys for " + cls.__name__ + ": " +
-                              ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k,
-                                        h in hints.items()) + cls.unknown_hint)
-        return cls(**d)
     unknown_hint = ""  # appended to the unknown-keys error (DistillConfig: where the other objectives live)
-    @classmethod
-    def variant_hint(cls, key: str, owner: type, d: dict) -> str:
-        "Appended to the error for `key`, a field of the variant `owner` (DistillConfig: how to pick its objective)."
-        return ""
-    def replace(self, **changes):
-        "A copy of the same class with some fields changed, validated again; unknown names are an error."
-        return type(self).from_dict({**self.to_dict(), **self.migrate(changes)})
-    @property
-    def kind(self) -> str:
-        "The run kind of this config: the registered kind (RUN_KINDS) whose config class is nearest in the MRO."
-        for klass in type(self).__mro__:
-            found = [k.name for k in RUN_KINDS.values() if k.config is klass]
-            if found: return found[0]
-        raise ConfigError(f"no run kind is registered for {type(self).__name__}: import kdnb.runs, which registers "
-                          f"every kind ({sorted(RUN_KINDS)} so far)")
+
+@patch
+def validate(self: ConfigBase): pass
+
+@patch
+def to_dict(self: ConfigBase) -> dict: return asdict(self)
+
+@patch
+def save(self: ConfigBase, path):
+    "Write the config as YAML (.yaml/.yml) or JSON (.json)."
+    path = Path(path)
+    d = self.to_dict()
+    d["_class"] = type(self).__name__
+    text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+@patch(cls_method=True)
+def migrate(cls: ConfigBase, d: dict) -> dict:
+    "`d` with renamed fields under their new names; giving a field under both names is an error."
+    d = dict(d)
+    for old, new in cls.renamed.items():
+        if old in d:
+            if new in d: raise ConfigError(f"{old!r} is the old name of {new!r}: give only {new!r}")
+            d[new] = d.pop(old)
+    return d
+
+# %% ../nbs/04_config.ipynb #a07227c7
+@patch(cls_method=True)
+def variants(cls: ConfigBase) -> list:
+    "The config classes a run of this kind may have (DistillConfig: one per objective); their fields are flags."
+    return [cls]
+
+@patch(cls_method=True)
+def class_for(cls: ConfigBase, d: dict) -> type:
+    "The class that holds a config with the values `d` (DistillConfig: the class of `d['objective']`)."
+    return cls
+
+@patch(cls_method=True)
+def from_dict(cls: ConfigBase, d: dict):
+    "Build a `cls` (never another class) from a dict, old field names translated, unknown keys refused."
+    d = cls.migrate({k: v for k, v in d.items() if k != "_class"})
+    names = [f.name for f in fields(cls)]
+    others = {f.name: v for v in cls.variants() if v is not cls for f in fields(v) if f.name not in names}
+    for k in [k for k in d if k in others]:
+        raise ConfigError(f"{k}={d[k]!r} is a setting of {others[k].__name__}, not of {cls.__name__}"
+                          + cls.variant_hint(k, others[k], d))
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
+        raise ConfigError("unknown config keys for " + cls.__name__ + ": " +
+                          ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k,
+                                    h in hints.items()) + cls.unknown_hint)
+    return cls(**d)
+
+@patch(cls_method=True)
+def variant_hint(cls: ConfigBase, key: str, owner: type, d: dict) -> str:
+    "Appended to the error for `key`, a field of the variant `owner` (DistillConfig: how to pick its objective)."
+    return ""
+
+@patch
+def replace(self: ConfigBase, **changes):
+    "A copy of the same class with some fields changed, validated again; unknown names are an error."
+    return type(self).from_dict({**self.to_dict(), **self.migrate(changes)})
+
+# %% ../nbs/04_config.ipynb #48f45278
+@patch(as_prop=True)
+def kind(self: ConfigBase) -> str:
+    "The run kind of this config: the registered kind (RUN_KINDS) whose config class is nearest in the MRO."
+    for klass in type(self).__mro__:
+        found = [k.name for k in RUN_KINDS.values() if k.config is klass]
+        if found: return found[0]
+    raise ConfigError(f"no run kind is registered for {type(self).__name__}: import kdnb.runs, which registers "
+                      f"every kind ({sorted(RUN_KINDS)} so far)")
 
 def rebuild(cfg: ConfigBase, # a config
             **changes, # fields to change; `objective` may name another objective's class
@@ -132,7 +151,7 @@ def rebuild(cfg: ConfigBase, # a config
         d = {k: v for k, v in d.items() if k in names or k in changes or k in target.renamed}
     return target.from_dict(d)
 
-
+# %% ../nbs/04_config.ipynb #b4bfe93b
 @dataclass
 class BaseConfig(ConfigBase):
     "Fields shared by every training run. Subclasses add their task's fields."
@@ -179,29 +198,31 @@ class BaseConfig(ConfigBase):
     tensorboard: bool = True # write TensorBoard events to out_dir/tb
     wandb: bool = False # log to Weights & Biases (when installed)
 
-    def validate(self):
-        "Raise ConfigError for values outside their allowed range."
-        check_choice("dataset", self.dataset, getattr(type(self), "datasets", DATASETS))
-        check_choice("schedule", self.schedule, ("cosine", "constant"))
-        check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        check_choice("augment_on", self.augment_on, ("auto", "loader", "device"))
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        check_positive(self, "lr", "epochs", "batch_size", "img_size", "log_every", "eval_every")
-        check_non_negative(self, "weight_decay", "adam_eps", "min_lr_ratio", "ckpt_every")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"max_steps={self.max_steps} must be > 0 or None")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
-        if not 0 <= self.warmup_frac < 1: raise ConfigError(f"warmup_frac={self.warmup_frac} must be in [0, 1)")
-        if not all(0 <= b < 1 for b in self.betas): raise ConfigError(f"betas={self.betas} must lie in [0, 1)")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"grad_clip={self.grad_clip} must be > 0 or None (off)")
-        if self.train_subset is not None and self.train_subset <= 0:
-            raise ConfigError(f"train_subset={self.train_subset} must be > 0 (a number of training images) or None "
-                              "(all)")
-        if self.val_size <= 0:
-            raise ConfigError(f"val_size={self.val_size} must be a fraction in (0, 1) or a count > 1")
+# %% ../nbs/04_config.ipynb #89c28637
+@patch
+def validate(self: BaseConfig):
+    "Raise ConfigError for values outside their allowed range."
+    check_choice("dataset", self.dataset, getattr(type(self), "datasets", DATASETS))
+    check_choice("schedule", self.schedule, ("cosine", "constant"))
+    check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+    check_choice("augment_on", self.augment_on, ("auto", "loader", "device"))
+    if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    check_positive(self, "lr", "epochs", "batch_size", "img_size", "log_every", "eval_every")
+    check_non_negative(self, "weight_decay", "adam_eps", "min_lr_ratio", "ckpt_every")
+    if self.max_steps is not None and self.max_steps <= 0:
+        raise ConfigError(f"max_steps={self.max_steps} must be > 0 or None")
+    if self.warmup_steps is not None and self.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
+    if not 0 <= self.warmup_frac < 1: raise ConfigError(f"warmup_frac={self.warmup_frac} must be in [0, 1)")
+    if not all(0 <= b < 1 for b in self.betas): raise ConfigError(f"betas={self.betas} must lie in [0, 1)")
+    if self.grad_clip is not None and self.grad_clip <= 0:
+        raise ConfigError(f"grad_clip={self.grad_clip} must be > 0 or None (off)")
+    if self.train_subset is not None and self.train_subset <= 0:
+        raise ConfigError(f"train_subset={self.train_subset} must be > 0 (a number of training images) or None "
+                          "(all)")
+    if self.val_size <= 0:
+        raise ConfigError(f"val_size={self.val_size} must be a fraction in (0, 1) or a count > 1")
 
 def _subclasses(c: type) -> list:
     "`c` and every class derived from it, depth first."
@@ -223,6 +244,7 @@ def field_docs(cls) -> dict[str, str]:
         docs |= {name: " ".join(doc.split()) for name, doc in found.items() if doc and name != "return"}
     return docs
 
+# %% ../nbs/04_config.ipynb #c1531083
 def check_choice(name, value, allowed):
     "Raise a ConfigError naming the field when `value` is not in `allowed` (with a did-you-mean)."
     if value not in allowed:
@@ -270,54 +292,62 @@ class DistillConfig(BaseConfig):
     objective: str = "d2v"
     drop_path: float = 0.0 # stochastic depth of the student
 
-    def validate(self):
-        super().validate()
-        check_choice("teacher_layer_kind", self.teacher_layer_kind, ("auto", "block", "ffn"))
-        check_choice("student_layer_kind", self.student_layer_kind, ("block", "ffn"))
-        if not (self.teacher in ("beitv2", "data2vec2", "tiny") or self.teacher.startswith(("timm:", "run:"))):
-            raise ConfigError(f"teacher={self.teacher!r}: use 'beitv2', 'data2vec2', 'timm:<model name>', "
-                              "'run:<run folder>' or 'tiny'")
-        check_choice("model", self.model, ("data2vec2", "tiny"))
-        check_positive(self, "depth", "embed_dim", "mlp_dim", "num_heads", "patch_size")
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
-        if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
-        if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
-        if not 0 <= self.drop_path < 1: raise ConfigError(f"drop_path={self.drop_path} must be in [0, 1)")
-        if self.objective != type(self).objective:  # a class's own default objective is always its own
-            own = type(self).class_for({"objective": self.objective})
-            if own is not type(self):
-                raise ConfigError(f"objective={self.objective!r} is not run by {type(self).__name__}: build "
-                                  f"{own.__name__} (get_config(..., objective=...), rebuild(cfg, objective=...) and "
-                                  "load_config pick it)")
 
     unknown_hint = (" (another objective's setting? set `objective` too; importing kdnb.runs registers every "
                     "objective)")
-    @classmethod
-    def variants(cls) -> list:
-        "DistillConfig and the config class of every registered objective (their notebooks subclass it)."
-        return list(dict.fromkeys([DistillConfig] + [o.config for o in OBJECTIVES.values()]))
-    @classmethod
-    def all_objectives(cls) -> list:
-        "Every registered objective (d2v first, also before its notebook registers it)."
-        return list(dict.fromkeys([DistillConfig.objective, *OBJECTIVES]))
-    @classmethod
-    def variant_hint(cls, key: str, owner: type, d: dict) -> str:
-        names = [o.name for o in OBJECTIVES.values() if o.config is owner] or [owner.objective]
-        return (f" (objective={d.get('objective', cls.objective)!r}): set objective to "
-                + " or ".join(map(repr, names)) + f" or leave {key} out")
-    @classmethod
-    def class_for(cls, d: dict) -> type:
-        "The config class registered for `d['objective']` (DistillConfig for d2v)."
-        objective = d.get("objective", cls.objective)
-        if objective in OBJECTIVES: return OBJECTIVES[objective].config
-        if objective == DistillConfig.objective: return DistillConfig  # before 07_distill registers d2v's task
-        raise ConfigError(f"objective={objective!r} is not one of {cls.all_objectives()}; the objective notebooks "
-                          "register the others (kdnb.tinymim, kdnb.contrastive, kdnb.fkd): import kdnb.runs, which "
-                          "imports all")
+
+# %% ../nbs/04_config.ipynb #a9383c1a
+@patch
+def validate(self: DistillConfig):
+    super(DistillConfig, self).validate()
+    check_choice("teacher_layer_kind", self.teacher_layer_kind, ("auto", "block", "ffn"))
+    check_choice("student_layer_kind", self.student_layer_kind, ("block", "ffn"))
+    if not (self.teacher in ("beitv2", "data2vec2", "tiny") or self.teacher.startswith(("timm:", "run:"))):
+        raise ConfigError(f"teacher={self.teacher!r}: use 'beitv2', 'data2vec2', 'timm:<model name>', "
+                          "'run:<run folder>' or 'tiny'")
+    check_choice("model", self.model, ("data2vec2", "tiny"))
+    check_positive(self, "depth", "embed_dim", "mlp_dim", "num_heads", "patch_size")
+    if self.embed_dim % self.num_heads:
+        raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+    if self.img_size % self.patch_size:
+        raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+    if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")
+    if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+        raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
+    if not 0 <= self.drop_path < 1: raise ConfigError(f"drop_path={self.drop_path} must be in [0, 1)")
+    if self.objective != type(self).objective:  # a class's own default objective is always its own
+        own = type(self).class_for({"objective": self.objective})
+        if own is not type(self):
+            raise ConfigError(f"objective={self.objective!r} is not run by {type(self).__name__}: build "
+                              f"{own.__name__} (get_config(..., objective=...), rebuild(cfg, objective=...) and "
+                              "load_config pick it)")
+
+@patch(cls_method=True)
+def variants(cls: DistillConfig) -> list:
+    "DistillConfig and the config class of every registered objective (their notebooks subclass it)."
+    return list(dict.fromkeys([DistillConfig] + [o.config for o in OBJECTIVES.values()]))
+
+@patch(cls_method=True)
+def all_objectives(cls: DistillConfig) -> list:
+    "Every registered objective (d2v first, also before its notebook registers it)."
+    return list(dict.fromkeys([DistillConfig.objective, *OBJECTIVES]))
+
+@patch(cls_method=True)
+def variant_hint(cls: DistillConfig, key: str, owner: type, d: dict) -> str:
+    names = [o.name for o in OBJECTIVES.values() if o.config is owner] or [owner.objective]
+    return (f" (objective={d.get('objective', cls.objective)!r}): set objective to "
+            + " or ".join(map(repr, names)) + f" or leave {key} out")
+
+# %% ../nbs/04_config.ipynb #18eb33a4
+@patch(cls_method=True)
+def class_for(cls: DistillConfig, d: dict) -> type:
+    "The config class registered for `d['objective']` (DistillConfig for d2v)."
+    objective = d.get("objective", cls.objective)
+    if objective in OBJECTIVES: return OBJECTIVES[objective].config
+    if objective == DistillConfig.objective: return DistillConfig  # before 07_distill registers d2v's task
+    raise ConfigError(f"objective={objective!r} is not one of {cls.all_objectives()}; the objective notebooks "
+                      "register the others (kdnb.tinymim, kdnb.contrastive, kdnb.fkd): import kdnb.runs, which "
+                      "imports all")
 
 # %% ../nbs/04_config.ipynb #2da98f1f
 @dataclass
@@ -459,37 +489,39 @@ class PretrainConfig(BaseConfig):
     decoder_kernel: int = 3 # kernel side
     decoder_layers: int = 6 # conv -> LayerNorm -> GELU layers, residual between them
 
-    def validate(self):
-        super().validate()
-        check_positive(self, "depth", "embed_dim", "num_heads", "patch_size", "mask_length", "clone_batch",
-                       "average_top_k_layers", "decoder_dim", "decoder_groups", "decoder_kernel", "decoder_layers",
-                       "ema_anneal_end_step", "mlp_ratio")
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
-        if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
-        if self.embed_dim % 4:
-            raise ConfigError(f"embed_dim={self.embed_dim}: 2-D sin-cos positions need a multiple of 4")
-        if self.average_top_k_layers > self.depth:
-            raise ConfigError(f"average_top_k_layers={self.average_top_k_layers} exceeds depth={self.depth}: "
-                              "the target averages main blocks only")
-        if not 0 < self.mask_prob < 1: raise ConfigError(f"mask_prob={self.mask_prob} must be in (0, 1)")
-        grid = (self.img_size // self.patch_size) ** 2
-        seen = grid * (1 - self.mask_prob) if self.inverse_mask else grid - int(grid * self.mask_prob)
-        if int(seen) < 1 or int(grid * (1 - self.mask_prob)) >= grid:
-            raise ConfigError(f"mask_prob={self.mask_prob} on a {grid}-patch grid leaves no visible or no masked "
-                              "patch; use more patches (smaller patch_size) or another mask_prob")
-        if self.mask_length < 2: raise ConfigError(f"mask_length={self.mask_length}: blocks need a side >= 2")
-        for n in ("ema_decay", "ema_end_decay"):
-            if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1]")
-        if self.embed_dim % self.decoder_groups or self.decoder_dim % self.decoder_groups:
-            raise ConfigError(f"decoder_groups={self.decoder_groups} must divide embed_dim={self.embed_dim} and "
-                              f"decoder_dim={self.decoder_dim}")
-        if self.decoder_kernel % 2 == 0: raise ConfigError(f"decoder_kernel={self.decoder_kernel} must be odd")
-        if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
-        check_non_negative(self, "cls_loss", "mask_noise_std", "mask_prob_adjust", "prenet_depth")
+# %% ../nbs/04_config.ipynb #0436ade2
+@patch
+def validate(self: PretrainConfig):
+    super(PretrainConfig, self).validate()
+    check_positive(self, "depth", "embed_dim", "num_heads", "patch_size", "mask_length", "clone_batch",
+                   "average_top_k_layers", "decoder_dim", "decoder_groups", "decoder_kernel", "decoder_layers",
+                   "ema_anneal_end_step", "mlp_ratio")
+    if self.embed_dim % self.num_heads:
+        raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+    if self.img_size % self.patch_size:
+        raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+    if self.embed_dim % 4:
+        raise ConfigError(f"embed_dim={self.embed_dim}: 2-D sin-cos positions need a multiple of 4")
+    if self.average_top_k_layers > self.depth:
+        raise ConfigError(f"average_top_k_layers={self.average_top_k_layers} exceeds depth={self.depth}: "
+                          "the target averages main blocks only")
+    if not 0 < self.mask_prob < 1: raise ConfigError(f"mask_prob={self.mask_prob} must be in (0, 1)")
+    grid = (self.img_size // self.patch_size) ** 2
+    seen = grid * (1 - self.mask_prob) if self.inverse_mask else grid - int(grid * self.mask_prob)
+    if int(seen) < 1 or int(grid * (1 - self.mask_prob)) >= grid:
+        raise ConfigError(f"mask_prob={self.mask_prob} on a {grid}-patch grid leaves no visible or no masked "
+                          "patch; use more patches (smaller patch_size) or another mask_prob")
+    if self.mask_length < 2: raise ConfigError(f"mask_length={self.mask_length}: blocks need a side >= 2")
+    for n in ("ema_decay", "ema_end_decay"):
+        if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1]")
+    if self.embed_dim % self.decoder_groups or self.decoder_dim % self.decoder_groups:
+        raise ConfigError(f"decoder_groups={self.decoder_groups} must divide embed_dim={self.embed_dim} and "
+                          f"decoder_dim={self.decoder_dim}")
+    if self.decoder_kernel % 2 == 0: raise ConfigError(f"decoder_kernel={self.decoder_kernel} must be odd")
+    if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")
+    if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+        raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
+    check_non_negative(self, "cls_loss", "mask_noise_std", "mask_prob_adjust", "prenet_depth")
 
 # %% ../nbs/04_config.ipynb #15516bc2
 @dataclass(frozen=True)
@@ -541,6 +573,10 @@ PRESETS = {p.name: p for p in (
         "A CPU-sized finetuning / linear probe of a tiny student on digits (augmentation softened for 8x8 digits)."),
     Preset("linear_probe_cpu", "finetune_cpu", dict(mode="linear_probe", out_dir="runs/linear_probe_cpu"),
         "The CPU-sized linear probe of a tiny student on digits."),
+)}
+
+# %% ../nbs/04_config.ipynb #6a4b02f9
+PRESETS |= {p.name: p for p in (
     Preset("text_distill", TextDistillConfig, dict(
         epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6, betas=(0.9, 0.98), schedule="cosine",
         warmup_frac=0.1, val_size=2000, out_dir="runs/text_distill"),
@@ -587,7 +623,7 @@ def register_presets(*presets: Preset):
             raise ValueError(f"preset {p.name!r} is already defined ({old.source}); choose another name")
         PRESETS[p.name] = p
 
-# %% ../nbs/04_config.ipynb #ba3fca07
+# %% ../nbs/04_config.ipynb #31b50d27
 @dataclass(frozen=True)
 class RunKind:
     "A kind of run: its config class, its runner and its `kdnb` subcommand."

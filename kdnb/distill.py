@@ -99,7 +99,7 @@ def distill(cfg: DistillConfig | None = None, # a config; None = get_config("aut
                 student_params=n_s, teacher_layers=teacher.num_layers, val_source=data.val_source)
     return fit_task(task, cfg, data.train, data.val, callbacks, info=info)
 
-# %% ../nbs/07_distill.ipynb #b8f0cea2
+# %% ../nbs/07_distill.ipynb #829c129c
 register_run(RunKind("distill", DistillConfig, distill, command="distill",
                      help="distil a teacher into a student (see --objective)"))
 register_objective(Objective("d2v", DistillConfig, make_task=d2v_task))

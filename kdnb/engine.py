@@ -174,7 +174,7 @@ class Trainer:
         self.callbacks = sorted(list(callbacks), key=lambda c: c.order)
         self.reset_state()
 
-# %% ../nbs/06_engine.ipynb #9a0e4cf7
+# %% ../nbs/06_engine.ipynb #228d9f26
 @patch
 def reset_state(self: Trainer):
     "Every piece of loop state, declared once: what callbacks may read at each event."
@@ -216,7 +216,7 @@ def cb(self: Trainer, cls):
     "The first callback of type `cls`, or None."
     return next((c for c in self.callbacks if isinstance(c, cls)), None)
 
-# %% ../nbs/06_engine.ipynb #05843b8d
+# %% ../nbs/06_engine.ipynb #f309bccb
 @patch
 def autocast(self: Trainer):
     return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
@@ -250,7 +250,7 @@ def train_step(self: Trainer):
     self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
     self._n_loss += 1
 
-# %% ../nbs/06_engine.ipynb #054969e0
+# %% ../nbs/06_engine.ipynb #c71b61e0
 @patch
 def _mean_loss(self: Trainer) -> float | None:
     "Mean training loss since the last pop, over all processes (one device sync); NonFiniteLoss if it is not finite."
@@ -299,7 +299,7 @@ def _after_epoch_state(self: Trainer):
     self.epoch_train_loss = float(np.mean(losses)) if losses else None
     self.epoch_losses = []
 
-# %% ../nbs/06_engine.ipynb #8d1f637c
+# %% ../nbs/06_engine.ipynb #fb977e8a
 @patch
 @torch.no_grad()
 def evaluate(self: Trainer) -> dict:
@@ -326,7 +326,7 @@ def evaluate(self: Trainer) -> dict:
     self("after_eval")
     return res
 
-# %% ../nbs/06_engine.ipynb #48d1ded7
+# %% ../nbs/06_engine.ipynb #499d6cf6
 @patch
 def fit(self: Trainer) -> dict:
     "Run the loop to the end of its steps; returns the run's summary (also written by the Summary callback)."
@@ -367,7 +367,7 @@ def fit(self: Trainer) -> dict:
         self("after_fit")
     return self.summary
 
-# %% ../nbs/06_engine.ipynb #4e3455c2
+# %% ../nbs/06_engine.ipynb #badecdff
 @patch
 def make_summary(self: Trainer) -> dict:
     "What the run did: the runner's info, the final metrics, the best score, steps, times, device and commit."
@@ -406,6 +406,7 @@ def progress_mode() -> str:
     kernel = shell is not None and "IPKernelApp" in getattr(shell, "config", {})
     return "widget" if kernel and importlib.util.find_spec("ipywidgets") is not None else "lines"
 
+# %% ../nbs/06_engine.ipynb #8c89a477
 class Progress(Callback):
     "A live bar for a person, or one line per epoch with its metrics where output is stored (notebooks, logs)."
     order = 50
@@ -448,10 +449,12 @@ def _finite_or_none(v):
     if isinstance(v, (list, tuple)): return [_finite_or_none(x) for x in v]
     return v
 
+# %% ../nbs/06_engine.ipynb #010e63c9
 def dumps(obj, **kw) -> str:
     "JSON that stays valid: NaN and Inf become null (json.dumps would write bare NaN, which no JSON reader accepts)."
     return json.dumps(_finite_or_none(obj), allow_nan=False, **kw)
 
+# %% ../nbs/06_engine.ipynb #5e194e55
 class MetricsLogger(Callback):
     "JSONL (+ TensorBoard, + W&B) metrics: a 'step' record every log_every steps, an 'epoch' record per epoch."
     order = 10
@@ -537,66 +540,78 @@ def check_resume_config(saved, cfg, where):
 class Checkpointer(Callback):
     order = 20
     def __init__(self): self.last_step = None
-    def before_fit(self, t):
-        self.dir = t.out_dir / "checkpoints"
-        last = self.find(self.dir)
-        if last is not None and not t.cfg.resume:
-            raise FileExistsError(f"{t.out_dir} already holds a run (checkpoint {last}); pass resume=True to "
-                                  "continue it, or choose another out_dir")
-        if last is None and not t.cfg.resume and (t.out_dir / "metrics.jsonl").exists():  # never append to it
-            raise FileExistsError(f"{t.out_dir} holds the metrics of an earlier run that stopped before its first "
-                                  "checkpoint; delete that folder or choose another out_dir")
-        if t.cfg.resume:
-            if last is None:
-                what = "does not exist" if not t.out_dir.exists() else "holds no checkpoint"
-                raise FileNotFoundError(f"resume=True, but {t.out_dir} {what}: nothing to continue. Pass the out_dir "
-                                        "of the run to continue, or start a new run without resume")
-            check_resume_config(load_config(last / "config.yaml"), t.cfg, last)
-            self.load(t, last)
     @staticmethod
     def find(d: Path, tag="last") -> Path | None:
         "The complete checkpoint `tag` in d (also one left as '.old' by a crash between two renames)."
         for p in (d / tag, d / f".{tag}.old"):
             if (p / "state.pt").exists() and (p / "model.safetensors").exists(): return p
         return None
-    def save(self, t, tag: str):
-        # the Trainer checked the loss is finite before this event: never save weights that a NaN has touched
-        if not t.dist.main: return
-        tmp, final, old = self.dir / f".{tag}.tmp", self.dir / tag, self.dir / f".{tag}.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_weights(t.task.trained_module(), tmp / "model.safetensors")
-        torch.save({"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
-                    "rng": _rng_state(), "step": t.step, "epoch": t.epoch, "step_in_epoch": t.step_in_epoch,
-                    "best": t.best, "images_seen": t.images_seen, "train_time_s": t.train_time_s,
-                    "history": dumps(t.history), "metrics": dumps(t.metrics)}, tmp / "state.pt")
-        t.cfg.save(tmp / "config.yaml")
-        if final.exists(): final.replace(old) if not old.exists() else shutil.rmtree(final)
-        tmp.replace(final); shutil.rmtree(old, ignore_errors=True)
-        if tag == "last": self.last_step = t.step
-    def load(self, t, path: Path):
-        t.task.trained_module().load_state_dict(load_file(str(path / "model.safetensors"), device=str(t.device)))
-        s = torch.load(path / "state.pt", map_location=t.device, weights_only=True)
-        t.opt.load_state_dict(s["optimizer"])
-        t.sched.load_state_dict(s["scheduler"])
-        t.scaler.load_state_dict(s["scaler"])
-        t.step, t.epoch, t.step_in_epoch, t.best = s["step"], s["epoch"], s["step_in_epoch"], s["best"]
-        t.images_seen, t.train_time_s, t.history = s["images_seen"], s["train_time_s"], json.loads(s["history"])
-        t.metrics = json.loads(s.get("metrics", "{}"))  # a finished run resumed again reports what it measured
-        _set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in s["rng"].items()})
-        self.last_step = t.step
-        log.info(f"resumed from {path} at step {t.step} (epoch {t.epoch}, step {t.step_in_epoch} of the epoch)")
-    def after_step(self, t):
-        if t.cfg.ckpt_every and t.step % t.cfg.ckpt_every == 0 and t.step_in_epoch < t.steps_per_epoch:
-            self.save(t, "last")
-    def after_epoch(self, t):
-        name, mode = t.task.best_metric or (None, None)
-        v = t.metrics.get(name) if name else None
-        if v is not None and (t.best is None or (v > t.best if mode == "max" else v < t.best)):
-            t.best = v
-            self.save(t, "best")  # before `last`: a resumed run never believes an older, worse best
+
+# %% ../nbs/06_engine.ipynb #86bf371f
+@patch
+def before_fit(self: Checkpointer, t):
+    self.dir = t.out_dir / "checkpoints"
+    last = self.find(self.dir)
+    if last is not None and not t.cfg.resume:
+        raise FileExistsError(f"{t.out_dir} already holds a run (checkpoint {last}); pass resume=True to "
+                              "continue it, or choose another out_dir")
+    if last is None and not t.cfg.resume and (t.out_dir / "metrics.jsonl").exists():  # never append to it
+        raise FileExistsError(f"{t.out_dir} holds the metrics of an earlier run that stopped before its first "
+                              "checkpoint; delete that folder or choose another out_dir")
+    if t.cfg.resume:
+        if last is None:
+            what = "does not exist" if not t.out_dir.exists() else "holds no checkpoint"
+            raise FileNotFoundError(f"resume=True, but {t.out_dir} {what}: nothing to continue. Pass the out_dir "
+                                    "of the run to continue, or start a new run without resume")
+        check_resume_config(load_config(last / "config.yaml"), t.cfg, last)
+        self.load(t, last)
+
+@patch
+def save(self: Checkpointer, t, tag: str):
+    # the Trainer checked the loss is finite before this event: never save weights that a NaN has touched
+    if not t.dist.main: return
+    tmp, final, old = self.dir / f".{tag}.tmp", self.dir / tag, self.dir / f".{tag}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(t.task.trained_module(), tmp / "model.safetensors")
+    torch.save({"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
+                "rng": _rng_state(), "step": t.step, "epoch": t.epoch, "step_in_epoch": t.step_in_epoch,
+                "best": t.best, "images_seen": t.images_seen, "train_time_s": t.train_time_s,
+                "history": dumps(t.history), "metrics": dumps(t.metrics)}, tmp / "state.pt")
+    t.cfg.save(tmp / "config.yaml")
+    if final.exists(): final.replace(old) if not old.exists() else shutil.rmtree(final)
+    tmp.replace(final); shutil.rmtree(old, ignore_errors=True)
+    if tag == "last": self.last_step = t.step
+
+# %% ../nbs/06_engine.ipynb #d3ccaeec
+@patch
+def load(self: Checkpointer, t, path: Path):
+    t.task.trained_module().load_state_dict(load_file(str(path / "model.safetensors"), device=str(t.device)))
+    s = torch.load(path / "state.pt", map_location=t.device, weights_only=True)
+    t.opt.load_state_dict(s["optimizer"])
+    t.sched.load_state_dict(s["scheduler"])
+    t.scaler.load_state_dict(s["scaler"])
+    t.step, t.epoch, t.step_in_epoch, t.best = s["step"], s["epoch"], s["step_in_epoch"], s["best"]
+    t.images_seen, t.train_time_s, t.history = s["images_seen"], s["train_time_s"], json.loads(s["history"])
+    t.metrics = json.loads(s.get("metrics", "{}"))  # a finished run resumed again reports what it measured
+    _set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in s["rng"].items()})
+    self.last_step = t.step
+    log.info(f"resumed from {path} at step {t.step} (epoch {t.epoch}, step {t.step_in_epoch} of the epoch)")
+
+@patch
+def after_step(self: Checkpointer, t):
+    if t.cfg.ckpt_every and t.step % t.cfg.ckpt_every == 0 and t.step_in_epoch < t.steps_per_epoch:
         self.save(t, "last")
-        if t.dist.enabled: dist.barrier()
+
+@patch
+def after_epoch(self: Checkpointer, t):
+    name, mode = t.task.best_metric or (None, None)
+    v = t.metrics.get(name) if name else None
+    if v is not None and (t.best is None or (v > t.best if mode == "max" else v < t.best)):
+        t.best = v
+        self.save(t, "best")  # before `last`: a resumed run never believes an older, worse best
+    self.save(t, "last")
+    if t.dist.enabled: dist.barrier()
 
 # %% ../nbs/06_engine.ipynb #ffeb4790
 def git_commit(path=None) -> str | None:

@@ -110,7 +110,7 @@ def finetune(cfg: FinetuneConfig | None = None, # a config; None = get_config("a
                 cached_features=cached, val_source=data.val_source)
     return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info)
 
-# %% ../nbs/08_finetune.ipynb #fbaf5a9b
+# %% ../nbs/08_finetune.ipynb #80b7cc24
 register_run(RunKind("finetune", FinetuneConfig, finetune, command="finetune", help="finetune a (distilled) student",
                      values={"mode": "finetune"}))
 register_run(RunKind("linear_probe", FinetuneConfig, finetune, command="probe",

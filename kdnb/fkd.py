@@ -4,6 +4,7 @@
 
 # %% ../nbs/11_fkd.ipynb #b9fef55f
 from __future__ import annotations
+from fastcore.basics import patch
 import json, logging, os, time, hashlib, typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,7 @@ class FKDConfig(DistillConfig):
 _SEED002 = ("Seed 002 (FerKD), Table 1: ImageNet-1K training from scratch on stored crop soft labels (300 epochs, "
             "1,024 crops per step = 256 images x 4 crops, AdamW lr 2e-3, wd 0.05, cosine, 5 warmup epochs); {}.")
 
+# %% ../nbs/11_fkd.ipynb #b307cdcf
 def _ferkd(arch: str, mix: dict, what: str) -> Preset:
     return Preset(f"ferkd_{arch}", "distill", dict(
         objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k", teacher_checkpoint=None, label_img_size=384,
@@ -88,6 +90,7 @@ def _ferkd(arch: str, mix: dict, what: str) -> Preset:
 # the runner, distill_fkd, is defined further down this page: the registry calls it when a run starts
 for _name in ("fkd", "ferkd"):
     register_objective(Objective(_name, FKDConfig, runner=lambda cfg, callbacks=(): distill_fkd(cfg, callbacks)))
+
 register_presets(
     _ferkd("vit_s", dict(fkd_mixup=0.8, fkd_cutmix=1.0, fkd_selfmix=0.0, drop_path=0.1),
            "ViT-S/16 with Mixup 0.8 / CutMix 1.0 and drop path 0.1"),
@@ -156,47 +159,60 @@ class LabelStore:
             os.replace(tmp, idx)
         self._handles = {}
 
-    @classmethod
-    def open(cls, root) -> "LabelStore":
-        "An existing store, with the settings it was made with."
-        idx = Path(root) / "index.json"
-        if not idx.exists(): raise FileNotFoundError(f"{root} has no index.json: not a kdnb soft-label store")
-        return cls(root, json.loads(idx.read_text())["meta"])
+@patch(cls_method=True)
+def open(cls: LabelStore, root) -> "LabelStore":
+    "An existing store, with the settings it was made with."
+    idx = Path(root) / "index.json"
+    if not idx.exists(): raise FileNotFoundError(f"{root} has no index.json: not a kdnb soft-label store")
+    return cls(root, json.loads(idx.read_text())["meta"])
 
-    @property
-    def num_images(self) -> int: return self.meta["num_images"]
-    @property
-    def shard_images(self) -> int: return self.meta["shard_images"]
-    @property
-    def num_shards(self) -> int: return -(-self.num_images // self.shard_images)
-    def shard_name(self, k: int) -> str: return f"shard_{k:05d}.safetensors"
-    def done(self, k: int) -> bool:
-        return (self.root / self.shard_name(k)).exists()  # only complete shards are renamed into place
-    @property
-    def complete(self) -> bool: return all(self.done(k) for k in range(self.num_shards))
-    def nbytes(self) -> int:
-        return sum((self.root / self.shard_name(k)).stat().st_size for k in range(self.num_shards) if self.done(k))
+@patch(as_prop=True)
+def num_images(self: LabelStore) -> int: return self.meta["num_images"]
 
-    def write_shard(self, k: int, tensors: dict, seconds: float = 0.0):
-        "Write shard `k` atomically (a temporary file renamed into place); its making time goes into its metadata."
-        name = self.shard_name(k)
-        tmp = self.root / f"{name}.{os.getpid()}.tmp"
-        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp),
-                  metadata={"format": STORE_FORMAT, "images": str(len(tensors["labels"])), "seconds": f"{seconds:.3f}"})
-        os.replace(tmp, self.root / name)
+@patch(as_prop=True)
+def shard_images(self: LabelStore) -> int: return self.meta["shard_images"]
 
-    def __getstate__(self):  # data-loader workers open their own file handles
-        return {**self.__dict__, "_handles": {}}
+@patch(as_prop=True)
+def num_shards(self: LabelStore) -> int: return -(-self.num_images // self.shard_images)
 
-    def row(self,
-            i: int) -> dict: # one image's records: boxes [N, 4], flips [N], topk_idx/prob [N, k], gt_prob [N], label
-        "The stored records of image `i` (position in the training split)."
-        k, r = divmod(int(i), self.shard_images)
-        if not self.done(k):
-            raise RuntimeError(f"shard {k} of {self.root} is missing: rerun the label generation (it resumes)")
-        h = self._handles.get(k)
-        if h is None: h = self._handles[k] = safe_open(str(self.root / self.shard_name(k)), "pt")
-        return {n: h.get_slice(n)[r] for n in ("boxes", "flips", "topk_idx", "topk_prob", "gt_prob", "labels")}
+@patch
+def shard_name(self: LabelStore, k: int) -> str: return f"shard_{k:05d}.safetensors"
+
+# %% ../nbs/11_fkd.ipynb #a668c831
+@patch
+def done(self: LabelStore, k: int) -> bool:
+    return (self.root / self.shard_name(k)).exists()  # only complete shards are renamed into place
+
+@patch(as_prop=True)
+def complete(self: LabelStore) -> bool: return all(self.done(k) for k in range(self.num_shards))
+
+@patch
+def nbytes(self: LabelStore) -> int:
+    return sum((self.root / self.shard_name(k)).stat().st_size for k in range(self.num_shards) if self.done(k))
+
+@patch
+def write_shard(self: LabelStore, k: int, tensors: dict, seconds: float = 0.0):
+    "Write shard `k` atomically (a temporary file renamed into place); its making time goes into its metadata."
+    name = self.shard_name(k)
+    tmp = self.root / f"{name}.{os.getpid()}.tmp"
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp),
+              metadata={"format": STORE_FORMAT, "images": str(len(tensors["labels"])), "seconds": f"{seconds:.3f}"})
+    os.replace(tmp, self.root / name)
+
+@patch
+def __getstate__(self: LabelStore):  # data-loader workers open their own file handles
+    return {**self.__dict__, "_handles": {}}
+
+@patch
+def row(self: LabelStore,
+        i: int) -> dict: # one image's records: boxes [N, 4], flips [N], topk_idx/prob [N, k], gt_prob [N], label
+    "The stored records of image `i` (position in the training split)."
+    k, r = divmod(int(i), self.shard_images)
+    if not self.done(k):
+        raise RuntimeError(f"shard {k} of {self.root} is missing: rerun the label generation (it resumes)")
+    h = self._handles.get(k)
+    if h is None: h = self._handles[k] = safe_open(str(self.root / self.shard_name(k)), "pt")
+    return {n: h.get_slice(n)[r] for n in ("boxes", "flips", "topk_idx", "topk_prob", "gt_prob", "labels")}
 
 # %% ../nbs/11_fkd.ipynb #8677fd52
 class ClassifierTeacher(nn.Module):
@@ -250,6 +266,7 @@ def store_meta(cfg, teacher: ClassifierTeacher, dataset, num_classes: int) -> di
                 shard_images=cfg.label_shard_images,
                 data=hashlib.sha1(np.asarray(targets, dtype=np.int64).tobytes()).hexdigest()[:16])
 
+# %% ../nbs/11_fkd.ipynb #fa1abf39
 @torch.no_grad()
 def generate_soft_labels(cfg, # a DistillConfig (label_* fields, crop_scale, hflip, seed)
                          teacher: ClassifierTeacher,

@@ -114,7 +114,7 @@ def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("
                 trainable_params=sum(p.numel() for p in model.parameters()), val_source="GLUE dev set")
     return fit_task(task, cfg, train_ds, dev_ds, callbacks, info=info)
 
-# %% ../nbs/13_glue.ipynb #47139399
+# %% ../nbs/13_glue.ipynb #0548d6c2
 register_run(RunKind("glue", GlueConfig, finetune_glue, command="glue",
                      help="finetune a (distilled) text encoder on a GLUE task"))
 

@@ -4,6 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #7bc9a641
 from __future__ import annotations
+from fastcore.basics import patch
 import difflib, logging, math, pickle, re, urllib.error, zipfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -120,89 +121,109 @@ class Data2Vec2Encoder(nn.Module):
         self.blocks = nn.ModuleList([make(prenet_depth + i) for i in range(depth)])
         self.init_weights()
 
-    @property
-    def all_blocks(self): return [*self.prenet, *self.blocks]
+@patch(as_prop=True)
+def all_blocks(self: Data2Vec2Encoder): return [*self.prenet, *self.blocks]
 
-    def set_fused_attn(self, enable: bool = True):
-        "Switch every block between fused and plain attention."
-        for b in self.all_blocks: b.attn.fused_attn = enable
-        return self
+@patch
+def set_fused_attn(self: Data2Vec2Encoder, enable: bool = True):
+    "Switch every block between fused and plain attention."
+    for b in self.all_blocks: b.attn.fused_attn = enable
+    return self
 
-    def patch_tokens(self, x): # [B, C, H, W] -> [B, N, D] patch embeddings with their positions
-        return self.patch_embed(x) + self.pos_embed.to(x.dtype)
+# %% ../nbs/01_models.ipynb #d770410c
+@patch
+def patch_tokens(self: Data2Vec2Encoder, x): # [B, C, H, W] -> [B, N, D] patch embeddings with their positions
+    return self.patch_embed(x) + self.pos_embed.to(x.dtype)
 
-    def embed_tokens(self, x, # [B, N, D] from `patch_tokens`
-                     keep: torch.Tensor | None = None, # [B, K] indices of the patches kept (masked pretraining)
-                    ): # -> [B, 1+K, D]: the kept patches after CLS, then the pre-block LayerNorm
-        if keep is not None: x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # CLS after positions
-        return self.norm_pre(x)
+@patch
+def embed_tokens(self: Data2Vec2Encoder, x, # [B, N, D] from `patch_tokens`
+                 keep: torch.Tensor | None = None, # [B, K] indices of the patches kept (masked pretraining)
+                ): # -> [B, 1+K, D]: the kept patches after CLS, then the pre-block LayerNorm
+    if keep is not None: x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+    x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # CLS after positions
+    return self.norm_pre(x)
 
-    def embed(self, x): # [B, C, H, W] -> [B, 1+N, D]
-        return self.embed_tokens(self.patch_tokens(x))
+@patch
+def embed(self: Data2Vec2Encoder, x): # [B, C, H, W] -> [B, 1+N, D]
+    return self.embed_tokens(self.patch_tokens(x))
 
-    def encode_tokens(self, x, keep=None): # [B, N, D] patch tokens -> [B, 1+K, D] final tokens of the kept patches
-        "All blocks over CLS and the kept patches only (data2vec 2.0's student sees the visible patches alone)."
-        x = self.embed_tokens(x, keep)
-        for blk in self.all_blocks: x = blk(x)
-        return x
+@patch
+def encode_tokens(self: Data2Vec2Encoder, x, keep=None):
+    # [B, N, D] patch tokens -> [B, 1+K, D] final tokens of the kept patches
+    "All blocks over CLS and the kept patches only (data2vec 2.0's student sees the visible patches alone)."
+    x = self.embed_tokens(x, keep)
+    for blk in self.all_blocks: x = blk(x)
+    return x
 
-    def _blocks(self, x): # [B, C, H, W] -> yields (block index, block output, FFN output), prenet blocks first
-        x = self.embed(x)
-        for i, blk in enumerate(self.all_blocks):
-            x, m = blk.forward_with_ffn(x)
-            yield i, x, m
+@patch
+def _blocks(self: Data2Vec2Encoder, x):
+    # [B, C, H, W] -> yields (block index, block output, FFN output), prenet blocks first
+    x = self.embed(x)
+    for i, blk in enumerate(self.all_blocks):
+        x, m = blk.forward_with_ffn(x)
+        yield i, x, m
 
-    def iter_layers(self, x, # [B, C, H, W] images
-                    kind: str = "ffn", # "ffn": FFN output before the residual (data2vec); "block": block output
-                    include_prenet: bool = False, # also yield the prenet blocks' activations
-                   ) -> Iterator[torch.Tensor]: # one [B, 1+N, D] per block
-        "Yield each block's activation as it is computed."
-        if kind not in LAYER_KINDS: raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
-        for i, out, m in self._blocks(x):
-            if include_prenet or i >= len(self.prenet): yield m if kind == "ffn" else out
+@patch
+def iter_layers(self: Data2Vec2Encoder, x, # [B, C, H, W] images
+                kind: str = "ffn", # "ffn": FFN output before the residual (data2vec); "block": block output
+                include_prenet: bool = False, # also yield the prenet blocks' activations
+               ) -> Iterator[torch.Tensor]: # one [B, 1+N, D] per block
+    "Yield each block's activation as it is computed."
+    if kind not in LAYER_KINDS: raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
+    for i, out, m in self._blocks(x):
+        if include_prenet or i >= len(self.prenet): yield m if kind == "ffn" else out
 
-    def forward_all(self, x, kind: str | None = "ffn") -> tuple[torch.Tensor, list | None]:
-        "The final tokens [B, 1+N, D] and, unless `kind` is None, the main blocks' activations, in one pass."
-        if kind is not None and kind not in LAYER_KINDS:
-            raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
-        layers = [] if kind is not None else None
-        for i, out, m in self._blocks(x):
-            if layers is not None and i >= len(self.prenet): layers.append(m if kind == "ffn" else out)
-        return out, layers
+# %% ../nbs/01_models.ipynb #500a5d5b
+@patch
+def forward_all(self: Data2Vec2Encoder, x, kind: str | None = "ffn") -> tuple[torch.Tensor, list | None]:
+    "The final tokens [B, 1+N, D] and, unless `kind` is None, the main blocks' activations, in one pass."
+    if kind is not None and kind not in LAYER_KINDS:
+        raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
+    layers = [] if kind is not None else None
+    for i, out, m in self._blocks(x):
+        if layers is not None and i >= len(self.prenet): layers.append(m if kind == "ffn" else out)
+    return out, layers
 
-    def forward_layers(self, x, kind: str = "ffn", include_prenet: bool = False) -> list[torch.Tensor]:
-        "All blocks' activations as a list of [B, 1+N, D] (see `iter_layers`)."
-        return list(self.iter_layers(x, kind, include_prenet))
+@patch
+def forward_layers(self: Data2Vec2Encoder, x, kind: str = "ffn", include_prenet: bool = False) -> list[torch.Tensor]:
+    "All blocks' activations as a list of [B, 1+N, D] (see `iter_layers`)."
+    return list(self.iter_layers(x, kind, include_prenet))
 
-    def forward_features(self, x): # [B, C, H, W] -> [B, 1+N, D]
-        x = self.embed(x)
-        for blk in self.all_blocks: x = blk(x)
-        return x
+@patch
+def forward_features(self: Data2Vec2Encoder, x): # [B, C, H, W] -> [B, 1+N, D]
+    x = self.embed(x)
+    for blk in self.all_blocks: x = blk(x)
+    return x
 
-    def forward(self, x, # [B, C, H, W]
-                layers: str | None = None, # None: the final tokens; "ffn"/"block": the list of layer activations
-               ):
-        "Final tokens [B, 1+N, D], or with `layers` the per-block activations (so that DDP sees the call)."
-        return self.forward_features(x) if layers is None else self.forward_layers(x, layers)
+@patch
+def forward(self: Data2Vec2Encoder, x, # [B, C, H, W]
+            layers: str | None = None, # None: the final tokens; "ffn"/"block": the list of layer activations
+           ):
+    "Final tokens [B, 1+N, D], or with `layers` the per-block activations (so that DDP sees the call)."
+    return self.forward_features(x) if layers is None else self.forward_layers(x, layers)
 
-    # timm's model contract, used by layer decay and optimisers
-    def no_weight_decay(self): return {"cls_token", "pos_embed"}
-    def group_matcher(self, coarse: bool = False):
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed|^norm_pre",
-                    blocks=[(r"^prenet\.(\d+)", (0,)), (r"^blocks\.(\d+)", (1,))])
+# timm's model contract, used by layer decay and optimisers
+@patch
+def no_weight_decay(self: Data2Vec2Encoder): return {"cls_token", "pos_embed"}
 
-    def init_weights(self):
-        "MAE/data2vec-style init: xavier patch projection, truncated-normal linears, unit LayerNorms."
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None: nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+@patch
+def group_matcher(self: Data2Vec2Encoder, coarse: bool = False):
+    return dict(stem=r"^cls_token|^pos_embed|^patch_embed|^norm_pre",
+                blocks=[(r"^prenet\.(\d+)", (0,)), (r"^blocks\.(\d+)", (1,))])
+
+# %% ../nbs/01_models.ipynb #64724b4b
+@patch
+def init_weights(self: Data2Vec2Encoder):
+    "MAE/data2vec-style init: xavier patch projection, truncated-normal linears, unit LayerNorms."
+    w = self.patch_embed.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.normal_(self.cls_token, std=0.02)
+    for m in self.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None: nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
 
 # %% ../nbs/01_models.ipynb #d7f75021
 def tiny_data2vec2(**kwargs) -> Data2Vec2Encoder:
@@ -306,6 +327,7 @@ def download_checkpoint(url: str, # http(s):// or file:// address
             f"or place it at {dst}") from e
     return dst
 
+# %% ../nbs/01_models.ipynb #c4a1cbf4
 def load_checkpoint_file(src: str | Path | dict, # path, URL, a name in CHECKPOINT_URLS, or an already loaded dict
                         ) -> dict:
     "Load a checkpoint safely: safetensors, or torch.load with weights_only=True."
@@ -340,6 +362,7 @@ def _unreadable(path, e) -> ValueError:
     return ValueError(f"{path} is not a readable PyTorch checkpoint ({why}): "
                       "it may be truncated, empty or not a checkpoint at all; download or write it again")
 
+# %% ../nbs/01_models.ipynb #abae99be
 def convert_checkpoint(src: str | Path, # a trusted checkpoint that weights_only=True refuses
                        dst: str | Path, # where to write the converted file
                       ) -> Path:
@@ -495,6 +518,7 @@ def warn_timm_weights(name: str):
                 "or a local .pth) for the seeds' teacher")
     log.warning(msg)
 
+# %% ../nbs/01_models.ipynb #7d2e3fa4
 def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoint: path, URL, "beitv2_base_pt1k", dict
                    name: str = "beitv2_base_patch16_224", # timm architecture
                    pretrained: bool = False, # use timm's own weights for `name` (needs the network)
@@ -526,6 +550,7 @@ def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoi
     cfg = model.pretrained_cfg
     return FrozenTeacher(model, "block", cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
 
+# %% ../nbs/01_models.ipynb #2a99944d
 def timm_teacher(name: str, # any timm ViT-family model with forward_intermediates
                  pretrained: bool = False, # timm's weights (needs the network)
                  checkpoint: str | Path | None = None, # a local weights file, loaded through timm's own filter

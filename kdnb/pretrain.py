@@ -4,6 +4,7 @@
 
 # %% ../nbs/14_pretrain.ipynb #22e722b7
 from __future__ import annotations
+from fastcore.basics import patch
 import copy, itertools, logging
 from pathlib import Path
 import torch
@@ -15,7 +16,7 @@ from .models import D2V2_PREFIX, Data2Vec2Encoder, fairseq_cfg, to_fairseq_state
 from .weights import load_backbone, read_weights, run_weights
 from .engine import Task, fit_task
 from .data import build_data, derive_seed
-from .config import PretrainConfig, RunKind, get_config, register_run
+from .config import PretrainConfig, RunKind, get_config, load_config, register_run
 
 log = logging.getLogger(__name__)
 
@@ -130,57 +131,70 @@ class PretrainTask(Task):
         self.grid = model.encoder.patch_embed.grid_size[0]
         self.step, self._val_batch, self.decay = 0, 0, cfg.ema_decay
 
-    def targets(self, x) -> torch.Tensor: # [B, C, H, W] -> [B, N, D] float32, the patches' target
-        "The EMA teacher's last `average_top_k_layers` FFN outputs, CLS dropped, through kdnb.targets."
-        ema = self.trained_module().ema
-        depth = len(ema.blocks)
-        top = itertools.islice(ema.iter_layers(x, kind="ffn"), depth - self.cfg.average_top_k_layers, None)
-        return layer_averaged_target((h[:, 1:] for h in top), self.cfg.target_eps)
+@patch
+def targets(self: PretrainTask, x) -> torch.Tensor: # [B, C, H, W] -> [B, N, D] float32, the patches' target
+    "The EMA teacher's last `average_top_k_layers` FFN outputs, CLS dropped, through kdnb.targets."
+    ema = self.trained_module().ema
+    depth = len(ema.blocks)
+    top = itertools.islice(ema.iter_layers(x, kind="ffn"), depth - self.cfg.average_top_k_layers, None)
+    return layer_averaged_target((h[:, 1:] for h in top), self.cfg.target_eps)
 
-    def masks(self, n: int, seed: int) -> torch.Tensor: # [n, N] bool, True = masked
-        c = self.cfg
-        return block_mask(n, self.grid, c.mask_prob, c.mask_length, c.mask_prob_adjust, c.inverse_mask,
-                          torch.Generator().manual_seed(seed))
+@patch
+def masks(self: PretrainTask, n: int, seed: int) -> torch.Tensor: # [n, N] bool, True = masked
+    c = self.cfg
+    return block_mask(n, self.grid, c.mask_prob, c.mask_length, c.mask_prob_adjust, c.inverse_mask,
+                      torch.Generator().manual_seed(seed))
 
-    def loss(self, x, seed: int) -> dict:
-        c, B = self.cfg, len(x)
-        with torch.no_grad(): y = self.targets(x)  # [B, N, D]
-        D = y.shape[-1]
-        mask = self.masks(B * c.clone_batch, seed).to(x.device)  # [B*c, N]
-        keep = (~mask).nonzero()[:, 1].view(len(mask), -1)  # [B*c, K] visible patches in grid order
-        cls, pred = self.model(x, keep, c.clone_batch, c.mask_noise_std)
-        y_rep = y.repeat_interleave(c.clone_batch, 0)  # [B*c, N, D]
-        err = (pred.float() - y_rep)[mask]  # [M, D] masked positions only
-        reg = (err ** 2).sum(-1).mean() / D ** 0.5
-        cls_err = cls.float() - y.mean(1).repeat_interleave(c.clone_batch, 0)  # [B*c, D]
-        cls_term = c.cls_loss * (cls_err ** 2).sum(-1).sum() / D ** 0.5  # summed over the batch, as fairseq
-        with torch.no_grad():
-            spread = lambda t: torch.sqrt(t.float().var(0) + 1e-6).mean()
-            logs = {"reg_loss": reg.detach(), "cls_loss": cls_term.detach(), "target_var": spread(y_rep[mask]),
-                    "pred_var": spread(pred[mask]), "masked_pct": mask.float().mean()}
-        return {"loss": reg + cls_term, **logs}
+@patch
+def loss(self: PretrainTask, x, seed: int) -> dict:
+    c, B = self.cfg, len(x)
+    with torch.no_grad(): y = self.targets(x)  # [B, N, D]
+    D = y.shape[-1]
+    mask = self.masks(B * c.clone_batch, seed).to(x.device)  # [B*c, N]
+    keep = (~mask).nonzero()[:, 1].view(len(mask), -1)  # [B*c, K] visible patches in grid order
+    cls, pred = self.model(x, keep, c.clone_batch, c.mask_noise_std)
+    y_rep = y.repeat_interleave(c.clone_batch, 0)  # [B*c, N, D]
+    err = (pred.float() - y_rep)[mask]  # [M, D] masked positions only
+    reg = (err ** 2).sum(-1).mean() / D ** 0.5
+    cls_err = cls.float() - y.mean(1).repeat_interleave(c.clone_batch, 0)  # [B*c, D]
+    cls_term = c.cls_loss * (cls_err ** 2).sum(-1).sum() / D ** 0.5  # summed over the batch, as fairseq
+    with torch.no_grad():
+        spread = lambda t: torch.sqrt(t.float().var(0) + 1e-6).mean()
+        logs = {"reg_loss": reg.detach(), "cls_loss": cls_term.detach(), "target_var": spread(y_rep[mask]),
+                "pred_var": spread(pred[mask]), "masked_pct": mask.float().mean()}
+    return {"loss": reg + cls_term, **logs}
 
-    def _rank(self): return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    def forward(self, batch):
-        x, _ = batch  # the labels are never read
-        out = self.loss(x, derive_seed(self.cfg.seed, "mask", self.step, self._rank()))
-        c = self.cfg  # the decay of the EMA update that follows this step
-        decay = ema_decay_at(self.step + 1, c.ema_decay, c.ema_end_decay, c.ema_anneal_end_step)
-        return {**out, "ema_decay": torch.tensor(decay, dtype=torch.float64)}
-    def eval_step(self, batch):
-        x, _ = batch
-        self._val_batch += 1
-        out = self.loss(x, derive_seed(self.cfg.seed, "val-mask", self._val_batch, self._rank()))
-        return {"val_loss": out["loss"].float() * len(x), "val_target_var": out["target_var"] * len(x), "n": len(x)}
-    def summarize(self, sums):
-        self._val_batch = 0  # the next evaluation draws the same masks
-        return super().summarize(sums)
-    def after_update(self, step: int):
-        c = self.cfg
-        self.decay = ema_decay_at(step, c.ema_decay, c.ema_end_decay, c.ema_anneal_end_step)
-        if self.decay < 1:
-            m = self.trained_module()
-            ema_update_(m.ema, m.encoder, self.decay)
+# %% ../nbs/14_pretrain.ipynb #8eeaefd1
+@patch
+def _rank(self: PretrainTask): return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+@patch
+def forward(self: PretrainTask, batch):
+    x, _ = batch  # the labels are never read
+    out = self.loss(x, derive_seed(self.cfg.seed, "mask", self.step, self._rank()))
+    c = self.cfg  # the decay of the EMA update that follows this step
+    decay = ema_decay_at(self.step + 1, c.ema_decay, c.ema_end_decay, c.ema_anneal_end_step)
+    return {**out, "ema_decay": torch.tensor(decay, dtype=torch.float64)}
+
+@patch
+def eval_step(self: PretrainTask, batch):
+    x, _ = batch
+    self._val_batch += 1
+    out = self.loss(x, derive_seed(self.cfg.seed, "val-mask", self._val_batch, self._rank()))
+    return {"val_loss": out["loss"].float() * len(x), "val_target_var": out["target_var"] * len(x), "n": len(x)}
+
+@patch
+def summarize(self: PretrainTask, sums):
+    self._val_batch = 0  # the next evaluation draws the same masks
+    return super(PretrainTask, self).summarize(sums)
+
+@patch
+def after_update(self: PretrainTask, step: int):
+    c = self.cfg
+    self.decay = ema_decay_at(step, c.ema_decay, c.ema_end_decay, c.ema_anneal_end_step)
+    if self.decay < 1:
+        m = self.trained_module()
+        ema_update_(m.ema, m.encoder, self.decay)
 
 # %% ../nbs/14_pretrain.ipynb #e1074f39
 def build_pretrainer(cfg: PretrainConfig) -> Data2Vec2Pretrainer:
@@ -221,13 +235,14 @@ def export_data2vec2(run: str | Path, # a finished pretraining run folder
     model = Data2Vec2Pretrainer(Data2Vec2Encoder(**wf.backbone_arch), **wf.arch)
     model.load_state_dict(wf.state)
     cfg_path = w.parent / "config.yaml"
-    cfg = PretrainConfig.load(cfg_path) if cfg_path.exists() else None
+    cfg = load_config(cfg_path) if cfg_path.exists() else None
     dst = Path(dst) if dst is not None else run / "data2vec2.pt"
     tmp = dst.with_suffix(".tmp")
     torch.save(fairseq_checkpoint(model, cfg), tmp)
     tmp.replace(dst)
     return dst
 
+# %% ../nbs/14_pretrain.ipynb #77f66175
 def pretrain(cfg: PretrainConfig | None = None, # a config; None = get_config("auto", kind="pretrain", **overrides)
              callbacks=(), # extra engine callbacks
              **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
@@ -248,7 +263,7 @@ def pretrain(cfg: PretrainConfig | None = None, # a config; None = get_config("a
         export_data2vec2(cfg.out_dir)
     return summary
 
-# %% ../nbs/14_pretrain.ipynb #9f82a611
+# %% ../nbs/14_pretrain.ipynb #dad18f42
 register_run(RunKind("pretrain", PretrainConfig, pretrain, command="pretrain",
                      help="data2vec 2.0 pretraining of an image encoder from unlabeled images (a self-supervised "
                           "teacher or student donor)"))

@@ -74,9 +74,13 @@ def provenance(run_dir, # a run folder under results/ (a pipeline's folder, or o
 
 # %% ../nbs/16_report.ipynb #287b26b3
 from .config import get_config, TRAIN_SIZES
+
 from .layer_decay import lr_table
+
 from .models import Classifier, HEAD_NORM_EPS, HEAD_INIT_STD, tiny_data2vec2
+
 from .text import GLUE
+
 from .fkd import FKDConfig  # importing it registers seed 002's presets (ferkd_*)
 
 def fmt(v) -> str:
@@ -98,6 +102,7 @@ def rand_augment_parts(s: str | None) -> dict:
 def _warmup(cfg) -> str:
     return f"{cfg.warmup_steps} steps" if cfg.warmup_steps is not None else f"{cfg.warmup_frac:.0%} of total steps"
 
+# %% ../nbs/16_report.ipynb #00d0bc4f
 def distill_table(cfg=None) -> pd.DataFrame:
     "Seed 000, Table 1, from the `distill` preset."
     c = cfg or get_config("distill")
@@ -143,6 +148,7 @@ def finetune_table() -> pd.DataFrame:
     df.index.names = ["type", "hyperparameter"]
     return df
 
+# %% ../nbs/16_report.ipynb #06752e1b
 def seed_comparison_table() -> pd.DataFrame:
     "The two seeds that describe finetuning, side by side (`finetune` = seed 000 T2, `finetune_seed003` = seed 003 T1)."
     a, b = get_config("finetune"), get_config("finetune_seed003")
@@ -172,8 +178,10 @@ def layer_decay_table(base_lr=None, layer_decay=None, num_layers=6) -> pd.DataFr
 
 GLUE_COLUMNS = {"mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B",
                 "cola": "CoLA", "sst2": "SST"}
+
 METRIC_NAMES = {"acc": "Accuracy", "f1": "F1", "spearman": "Spearman", "mcc": "Matthews corr.", "pearson": "Pearson"}
 
+# %% ../nbs/16_report.ipynb #b93a4079
 def glue_table() -> pd.DataFrame:
     "Seed 000, Table 3: GLUE finetuning of the text student, one column per task, from the `glue` preset."
     cols = {}
@@ -258,6 +266,7 @@ PRETRAIN_ROWS = (
     ("Augmentations", "Horizontal flipping prob.", lambda c: c.hflip, None),
 )
 
+# %% ../nbs/16_report.ipynb #96118007
 def pretrain_table(cfg=None) -> pd.DataFrame:
     "data2vec 2.0's image pretraining recipe from the `pretrain` preset, with the fairseq field of each row."
     c = cfg or get_config("pretrain")

@@ -62,6 +62,7 @@ def load_tokenizer(src: str):
     from transformers import AutoTokenizer
     return _hf(AutoTokenizer.from_pretrained, src)
 
+# %% ../nbs/12_text.ipynb #fe045f5d
 class TextEncoder(nn.Module):
     "A BERT-family encoder (no pooler): its last layer or all hidden states; `arch` makes checkpoints self-describing."
     def __init__(self, model: nn.Module, source: str):
@@ -180,6 +181,7 @@ def download_glue(task: str, root: str | Path) -> Path:
                 out.write_bytes(z.read(m))
     return root / spec.folder
 
+# %% ../nbs/12_text.ipynb #d2596637
 def read_glue(root: str | Path, # the glue_data folder
               task: str, # lower-case GLUE task name
               split: str = "train", # "train" or "dev"
@@ -214,6 +216,7 @@ def read_glue(root: str | Path, # the glue_data folder
     if bad: log.warning(f"{path}: skipped {bad} malformed rows")
     return texts, labels
 
+# %% ../nbs/12_text.ipynb #228c6b11
 def glue_sentences(root: str | Path, tasks: str = "all") -> list[str]:
     "The distinct sentences of the GLUE training files found under root (labels unused), in file order."
     if tasks == "all": names = [t for t in GLUE if (Path(root) / GLUE[t].folder / "train.tsv").exists()]
@@ -278,6 +281,6 @@ def distill_text(cfg: TextDistillConfig | None = None, # a config; None = get_co
                 val_source=f"held out from the sentences (seed {cfg.seed})")
     return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info)
 
-# %% ../nbs/12_text.ipynb #30502cc7
+# %% ../nbs/12_text.ipynb #fde54db8
 register_run(RunKind("text_distill", TextDistillConfig, distill_text, command="distill-text",
                      help="distil a BERT-family teacher into its first layers"))
