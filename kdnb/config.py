@@ -92,7 +92,7 @@ def migrate(cls: ConfigBase, d: dict) -> dict:
             d[new] = d.pop(old)
     return d
 
-# %% ../nbs/04_config.ipynb #a07227c7
+# %% ../nbs/04_config.ipynb #0e61cfcb
 @patch(cls_method=True)
 def variants(cls: ConfigBase) -> list:
     "The config classes a run of this kind may have (DistillConfig: one per objective); their fields are flags."
@@ -130,7 +130,7 @@ def replace(self: ConfigBase, **changes):
     "A copy of the same class with some fields changed, validated again; unknown names are an error."
     return type(self).from_dict({**self.to_dict(), **self.migrate(changes)})
 
-# %% ../nbs/04_config.ipynb #48f45278
+# %% ../nbs/04_config.ipynb #d4af137a
 @patch(as_prop=True)
 def kind(self: ConfigBase) -> str:
     "The run kind of this config: the registered kind (RUN_KINDS) whose config class is nearest in the MRO."
@@ -151,7 +151,7 @@ def rebuild(cfg: ConfigBase, # a config
         d = {k: v for k, v in d.items() if k in names or k in changes or k in target.renamed}
     return target.from_dict(d)
 
-# %% ../nbs/04_config.ipynb #b4bfe93b
+# %% ../nbs/04_config.ipynb #6cb845a3
 @dataclass
 class BaseConfig(ConfigBase):
     "Fields shared by every training run. Subclasses add their task's fields."
@@ -198,7 +198,7 @@ class BaseConfig(ConfigBase):
     tensorboard: bool = True # write TensorBoard events to out_dir/tb
     wandb: bool = False # log to Weights & Biases (when installed)
 
-# %% ../nbs/04_config.ipynb #89c28637
+# %% ../nbs/04_config.ipynb #277a72b5
 @patch
 def validate(self: BaseConfig):
     "Raise ConfigError for values outside their allowed range."
@@ -244,7 +244,7 @@ def field_docs(cls) -> dict[str, str]:
         docs |= {name: " ".join(doc.split()) for name, doc in found.items() if doc and name != "return"}
     return docs
 
-# %% ../nbs/04_config.ipynb #c1531083
+# %% ../nbs/04_config.ipynb #fc5759c6
 def check_choice(name, value, allowed):
     "Raise a ConfigError naming the field when `value` is not in `allowed` (with a did-you-mean)."
     if value not in allowed:
@@ -296,7 +296,7 @@ class DistillConfig(BaseConfig):
     unknown_hint = (" (another objective's setting? set `objective` too; importing kdnb.runs registers every "
                     "objective)")
 
-# %% ../nbs/04_config.ipynb #a9383c1a
+# %% ../nbs/04_config.ipynb #9c2a9c2a
 @patch
 def validate(self: DistillConfig):
     super(DistillConfig, self).validate()
@@ -338,7 +338,7 @@ def variant_hint(cls: DistillConfig, key: str, owner: type, d: dict) -> str:
     return (f" (objective={d.get('objective', cls.objective)!r}): set objective to "
             + " or ".join(map(repr, names)) + f" or leave {key} out")
 
-# %% ../nbs/04_config.ipynb #18eb33a4
+# %% ../nbs/04_config.ipynb #f719b984
 @patch(cls_method=True)
 def class_for(cls: DistillConfig, d: dict) -> type:
     "The config class registered for `d['objective']` (DistillConfig for d2v)."
@@ -489,7 +489,7 @@ class PretrainConfig(BaseConfig):
     decoder_kernel: int = 3 # kernel side
     decoder_layers: int = 6 # conv -> LayerNorm -> GELU layers, residual between them
 
-# %% ../nbs/04_config.ipynb #0436ade2
+# %% ../nbs/04_config.ipynb #b0e72845
 @patch
 def validate(self: PretrainConfig):
     super(PretrainConfig, self).validate()
@@ -575,7 +575,7 @@ PRESETS = {p.name: p for p in (
         "The CPU-sized linear probe of a tiny student on digits."),
 )}
 
-# %% ../nbs/04_config.ipynb #6a4b02f9
+# %% ../nbs/04_config.ipynb #1278dfc9
 PRESETS |= {p.name: p for p in (
     Preset("text_distill", TextDistillConfig, dict(
         epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6, betas=(0.9, 0.98), schedule="cosine",
@@ -623,7 +623,7 @@ def register_presets(*presets: Preset):
             raise ValueError(f"preset {p.name!r} is already defined ({old.source}); choose another name")
         PRESETS[p.name] = p
 
-# %% ../nbs/04_config.ipynb #31b50d27
+# %% ../nbs/04_config.ipynb #88083b0a
 @dataclass(frozen=True)
 class RunKind:
     "A kind of run: its config class, its runner and its `kdnb` subcommand."
