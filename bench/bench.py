@@ -77,8 +77,8 @@ def make_step(kind: str, teacher, student, opt, device):
         set_fused(teacher, student, False)
         def step(x):
             with torch.no_grad():
-                t = [l.clone() for l in teacher.forward_layers(x)]
-            loss = F.mse_loss(plain_target(student.forward_layers(x, "ffn")), plain_target(t))
+                t = [l.clone() for l in teacher(x)]
+            loss = F.mse_loss(plain_target(student(x, layers="ffn")), plain_target(t))
             loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
             return loss
         return step

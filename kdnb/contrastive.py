@@ -31,7 +31,7 @@ class ContrastiveStudent(nn.Module):
         self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
     def no_weight_decay(self): return {"logit_scale"}
     def forward(self, x, layers: str | None = None): # -> (layers or None, projected CLS [B, Dt])
-        out, ls = self.encoder.forward_all(x, layers)
+        out, ls = self.encoder(x, layers=layers, with_final=True) if layers else (self.encoder(x), None)
         return ls, self.proj(out[:, 0])
     @torch.no_grad()
     def enqueue(self, keys): # [B, Dt], normalised teacher vectors
@@ -65,15 +65,11 @@ class ContrastiveTask(Task):
         self.student, self.teacher = ContrastiveStudent(encoder, t_dim, bank_size, temperature), teacher
         self.d2v_weight, self.w, self.kind, self.eps = d2v_weight, contrastive_weight, student_kind, eps
     def losses(self, x):
-        last = {}
-        def tap(gen):  # pass the teacher's layers on, keeping the last one for its CLS
-            for h in gen: last["h"] = h; yield h
         s_layers, s_cls = self.student(x, layers=self.kind if self.d2v_weight else None)
+        t_layers = self.teacher(x)
         out = {}
-        if self.d2v_weight: out["d2v"] = d2v_loss(s_layers, tap(self.teacher.iter_layers(x)), self.eps)
-        else:
-            for _ in tap(self.teacher.iter_layers(x)): pass
-        k = F.normalize(last["h"][:, 0].float(), dim=-1).clone()  # [B, Dt] teacher CLS
+        if self.d2v_weight: out["d2v"] = d2v_loss(s_layers, t_layers, self.eps)
+        k = F.normalize(t_layers[-1][:, 0].float(), dim=-1).clone()  # [B, Dt] teacher CLS, from its last layer
         m = self.trained_module()
         out["nce"] = info_nce(F.normalize(s_cls.float(), dim=-1), k, m.bank.clone(), m.logit_scale)
         out["loss"] = self.d2v_weight * out.get("d2v", 0.0) + self.w * out["nce"]

@@ -34,7 +34,7 @@ class DistillTask(Task):
         self.student, self.teacher, self.student_kind, self.eps = student, teacher, student_kind, eps
         self.ddp_find_unused = student_kind == "ffn"  # the last block's norm2 is not part of an FFN-output target
     def loss(self, x): # [B, C, H, W] -> scalar
-        return d2v_loss(self.student(x, layers=self.student_kind), self.teacher.iter_layers(x), self.eps)
+        return d2v_loss(self.student(x, layers=self.student_kind), self.teacher(x), self.eps)
     def forward(self, batch):
         x, _ = batch  # labels are not used
         return {"loss": self.loss(x)}

@@ -5,15 +5,16 @@
 # %% ../nbs/01_models.ipynb #7bc9a641
 from __future__ import annotations
 from fastcore.basics import patch
-import difflib, logging, math, pickle, re, urllib.error, zipfile
+import difflib, inspect, logging, math, pickle, re, urllib.error, zipfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import timm
 from timm.layers import PatchEmbed, Mlp, DropPath, trunc_normal_
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models._features import feature_take_indices
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -23,9 +24,9 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'LAYER_KINDS', 'D2V2_PREFIX', 'D2V2_KEY_MAP', 'D2V2_IGNORED', 'CHECKPOINT_URLS', 'BEIT_MIM_ONLY',
            'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'sincos_pos_embed_2d', 'Attention', 'PostLNBlock', 'Data2Vec2Encoder',
            'tiny_data2vec2', 'd2v2_split_wrapper', 'd2v2_checkpoint_filter_fn', 'd2v2_arch', 'download_checkpoint',
-           'load_checkpoint_file', 'convert_checkpoint', 'load_data2vec2', 'to_fairseq_state_dict', 'fairseq_cfg',
-           'FrozenTeacher', 'check_timm_name', 'offline_hint', 'warn_timm_weights', 'beitv2_teacher', 'timm_teacher',
-           'Classifier']
+           'load_checkpoint_file', 'convert_checkpoint', 'encoder_from_state', 'load_data2vec2',
+           'to_fairseq_state_dict', 'fairseq_cfg', 'FrozenTeacher', 'check_timm_name', 'offline_hint',
+           'warn_timm_weights', 'beitv2_teacher', 'timm_teacher', 'Classifier']
 
 # %% ../nbs/01_models.ipynb #059a1d4f
 def sincos_pos_embed_2d(embed_dim: int, # D, a multiple of 4
@@ -136,71 +137,69 @@ def patch_tokens(self: Data2Vec2Encoder, x): # [B, C, H, W] -> [B, N, D] patch e
     return self.patch_embed(x) + self.pos_embed.to(x.dtype)
 
 @patch
-def embed_tokens(self: Data2Vec2Encoder, x, # [B, N, D] from `patch_tokens`
-                 keep: torch.Tensor | None = None, # [B, K] indices of the patches kept (masked pretraining)
-                ): # -> [B, 1+K, D]: the kept patches after CLS, then the pre-block LayerNorm
+def _run_blocks(self: Data2Vec2Encoder, x, # [B, N, D] from `patch_tokens`
+                keep: torch.Tensor | None = None, # [B, K] indices of the patches kept (masked pretraining)
+                take=(), # indices into all_blocks (prenet first) whose activations are returned
+                kind: str = "block", # "block" outputs, or "ffn" (FFN output before the residual add)
+                stop_after: int | None = None, # stop after this block (timm's stop_early)
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]: # ([B, 1+K, D] last tokens, [B, 1+K, D] per taken block)
+    "CLS after the positions, the pre-block LayerNorm, then every block: the one pass behind every entry point."
     if keep is not None: x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-    x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # CLS after positions
-    return self.norm_pre(x)
-
-@patch
-def embed(self: Data2Vec2Encoder, x): # [B, C, H, W] -> [B, 1+N, D]
-    return self.embed_tokens(self.patch_tokens(x))
-
-@patch
-def encode_tokens(self: Data2Vec2Encoder, x, keep=None):
-    # [B, N, D] patch tokens -> [B, 1+K, D] final tokens of the kept patches
-    "All blocks over CLS and the kept patches only (data2vec 2.0's student sees the visible patches alone)."
-    x = self.embed_tokens(x, keep)
-    for blk in self.all_blocks: x = blk(x)
-    return x
-
-@patch
-def _blocks(self: Data2Vec2Encoder, x):
-    # [B, C, H, W] -> yields (block index, block output, FFN output), prenet blocks first
-    x = self.embed(x)
+    x = self.norm_pre(torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1))
+    out = []
     for i, blk in enumerate(self.all_blocks):
         x, m = blk.forward_with_ffn(x)
-        yield i, x, m
+        if i in take: out.append(m if kind == "ffn" else x)
+        if i == stop_after: break
+    return x, out
 
 @patch
-def iter_layers(self: Data2Vec2Encoder, x, # [B, C, H, W] images
-                kind: str = "ffn", # "ffn": FFN output before the residual (data2vec); "block": block output
-                include_prenet: bool = False, # also yield the prenet blocks' activations
-               ) -> Iterator[torch.Tensor]: # one [B, 1+N, D] per block
-    "Yield each block's activation as it is computed."
-    if kind not in LAYER_KINDS: raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
-    for i, out, m in self._blocks(x):
-        if include_prenet or i >= len(self.prenet): yield m if kind == "ffn" else out
-
-# %% ../nbs/01_models.ipynb #500a5d5b
-@patch
-def forward_all(self: Data2Vec2Encoder, x, kind: str | None = "ffn") -> tuple[torch.Tensor, list | None]:
-    "The final tokens [B, 1+N, D] and, unless `kind` is None, the main blocks' activations, in one pass."
-    if kind is not None and kind not in LAYER_KINDS:
-        raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
-    layers = [] if kind is not None else None
-    for i, out, m in self._blocks(x):
-        if layers is not None and i >= len(self.prenet): layers.append(m if kind == "ffn" else out)
-    return out, layers
+def encode_tokens(self: Data2Vec2Encoder, x, keep=None): # [B, N, D] patch tokens -> [B, 1+K, D] final tokens
+    "All blocks over CLS and the kept patches only (data2vec 2.0's student sees the visible patches alone)."
+    return self._run_blocks(x, keep)[0]
 
 @patch
-def forward_layers(self: Data2Vec2Encoder, x, kind: str = "ffn", include_prenet: bool = False) -> list[torch.Tensor]:
-    "All blocks' activations as a list of [B, 1+N, D] (see `iter_layers`)."
-    return list(self.iter_layers(x, kind, include_prenet))
-
-@patch
-def forward_features(self: Data2Vec2Encoder, x): # [B, C, H, W] -> [B, 1+N, D]
-    x = self.embed(x)
-    for blk in self.all_blocks: x = blk(x)
-    return x
+def forward_features(self: Data2Vec2Encoder, x): # [B, C, H, W] -> [B, 1+N, D] final tokens
+    return self.encode_tokens(self.patch_tokens(x))
 
 @patch
 def forward(self: Data2Vec2Encoder, x, # [B, C, H, W]
-            layers: str | None = None, # None: the final tokens; "ffn"/"block": the list of layer activations
+            layers: str | None = None, # None: the final tokens; "ffn"/"block": every main block's activation
+            with_final: bool = False, # with `layers`: (final tokens, activations) from the one pass
            ):
-    "Final tokens [B, 1+N, D], or with `layers` the per-block activations (so that DDP sees the call)."
-    return self.forward_features(x) if layers is None else self.forward_layers(x, layers)
+    "Final tokens [B, 1+N, D], or each main block's [B, 1+N, D], CLS included (the target's input); DDP sees it."
+    if layers is None: return self.forward_features(x)
+    if layers not in LAYER_KINDS: raise ValueError(f"kind must be one of {LAYER_KINDS}, got {layers!r}")
+    main = range(len(self.prenet), len(self.all_blocks))
+    final, acts = self._run_blocks(self.patch_tokens(x), take=set(main), kind=layers)
+    return (final, acts) if with_final else acts
+
+# %% ../nbs/01_models.ipynb #500a5d5b
+@patch
+def forward_intermediates(self: Data2Vec2Encoder, x, # [B, C, H, W]
+                          indices: int | list | None = None, # as timm: n = the last n blocks, a list = those, None = all
+                          return_prefix_tokens: bool = False, # (patch tokens, CLS) pairs instead of patch tokens
+                          norm: bool = False, # timm's final norm: this encoder has none (its blocks are post-LN)
+                          stop_early: bool = False, # stop after the last block asked for
+                          output_fmt: str = "NLC", # "NLC": [B, N, D]; "NCHW": [B, D, h, w]
+                          intermediates_only: bool = False, # only the intermediates, not (final tokens, them)
+                          kind: str = "block", # kdnb's: "block" outputs, or "ffn" (data2vec's layer results)
+                          include_prenet: bool = False, # kdnb's: index the prenet blocks too (they come first)
+                         ):
+    "timm's feature contract (`forward_intermediates`): the blocks' activations as timm's ViTs give them."
+    if kind not in LAYER_KINDS: raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
+    if norm: raise ValueError("Data2Vec2Encoder has no final norm (its blocks are post-LN): pass norm=False")
+    if output_fmt not in ("NLC", "NCHW"): raise ValueError(f"output_fmt={output_fmt!r}: use 'NLC' or 'NCHW'")
+    first = 0 if include_prenet else len(self.prenet)
+    take, last = feature_take_indices(len(self.all_blocks) - first, indices)
+    final, acts = self._run_blocks(self.patch_tokens(x), take={first + i for i in take}, kind=kind,
+                                   stop_after=first + last if stop_early else None)
+    spatial, prefix = [a[:, 1:] for a in acts], [a[:, :1] for a in acts]  # [B, N, D], [B, 1, D]
+    if output_fmt == "NCHW":
+        h, w = x.shape[-2] // self.arch["patch_size"], x.shape[-1] // self.arch["patch_size"]
+        spatial = [s.reshape(s.shape[0], h, w, -1).permute(0, 3, 1, 2) for s in spatial]
+    inter = list(zip(spatial, prefix)) if return_prefix_tokens else spatial
+    return inter if intermediates_only else (final, inter)
 
 # timm's model contract, used by layer decay and optimisers
 @patch
@@ -253,7 +252,6 @@ def d2v2_split_wrapper(state_dict: dict, # a fairseq `model` state dict
     return encoder, {k: v for k, v in state_dict.items() if not k.startswith("model.")}  # fc_norm.*, head.*
 
 def d2v2_checkpoint_filter_fn(state_dict: dict, # the fairseq `model` state dict
-                              depth: int | None = None, # keep the first `depth` main blocks (None: all)
                              ) -> tuple[dict, list[str], list[str]]: # (kdnb state dict, ignored keys, unknown keys)
     "Map fairseq data2vec 2.0 keys to `Data2Vec2Encoder` keys."
     state_dict, wrapper = d2v2_split_wrapper(state_dict)
@@ -264,10 +262,6 @@ def d2v2_checkpoint_filter_fn(state_dict: dict, # the fairseq `model` state dict
         if D2V2_IGNORED.match(k): ignored.append(k); continue
         new = next((dst + k[len(src):] for src, dst in D2V2_KEY_MAP if k.startswith(src)), None)
         if new is None: unknown.append(k); continue
-        m = re.match(r"blocks\.(\d+)\.", new)
-        if m and depth is not None and int(m.group(1)) >= depth:
-            ignored.append(k)
-            continue
         out[new] = v
     return out, ignored, unknown
 
@@ -383,6 +377,31 @@ def convert_checkpoint(src: str | Path, # a trusted checkpoint that weights_only
 def _describe(src) -> str:
     return "the checkpoint dict" if isinstance(src, dict) else f"checkpoint {src}"
 
+def encoder_from_state(arch: dict, # Data2Vec2Encoder arguments, as the checkpoint describes the encoder
+                       sd: dict, # its state dict under kdnb's keys
+                       src, # where it came from (named in every error)
+                       depth: int | None = None, # keep the first `depth` main blocks (every prenet block stays)
+                       **overrides, # Data2Vec2Encoder arguments that win (img_size, drop_path_rate)
+                      ) -> Data2Vec2Encoder:
+    "The one place that cuts an encoder's depth and loads its weights, for fairseq checkpoints and kdnb files alike."
+    if depth is not None:
+        if not 0 < depth <= arch["depth"]:
+            raise ValueError(f"depth={depth}, but {_describe(src)} has {arch['depth']} main blocks "
+                             f"(+{arch.get('prenet_depth', 0)} prenet); choose 1..{arch['depth']}")
+        arch = {**arch, "depth": depth}
+        sd = {k: v for k, v in sd.items() if not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth)}
+    arch = {**arch, **overrides}
+    model = Data2Vec2Encoder(**arch)
+    if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
+        sd = {**sd, "pos_embed": model.pos_embed.clone()}  # fixed sin-cos positions: recomputed for the new grid
+        log.info(f"positions recomputed for img_size={model.img_size}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{_describe(src)} does not fit Data2Vec2Encoder({arch}): missing keys {list(missing)}, "
+                       f"unexpected keys {list(unexpected)}. Is it an image model? Pass overrides for the "
+                       "architecture if its cfg is wrong.")
+    return model
+
 def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL, named default, or loaded fairseq dict
                    depth: int | None = None, # keep the first `depth` main blocks; None keeps all
                    **overrides, # Data2Vec2Encoder arguments that win over the checkpoint's (img_size, drop_path_rate)
@@ -396,27 +415,14 @@ def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL
     if "num_heads" not in overrides and ((ckpt.get("cfg") or {}).get("model") or {}).get("num_heads") is None:
         log.warning(f"{_describe(checkpoint)} has no cfg.model.num_heads: assumed num_heads={arch['num_heads']} "
                     f"(embed_dim {arch['embed_dim']} / 64); pass num_heads=... if the model has another head count")
-    n_main = arch["depth"]
-    if depth is not None:
-        if not 0 < depth <= n_main:
-            raise ValueError(f"depth={depth} but the checkpoint has {n_main} main blocks (+{arch['prenet_depth']} "
-                             f"prenet); choose 1..{n_main}")
-        arch["depth"] = depth
-    arch.update(overrides)
-    sd, ignored, unknown = d2v2_checkpoint_filter_fn(ckpt["model"], arch["depth"])
-    model = Data2Vec2Encoder(**arch)
-    if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
-        sd["pos_embed"] = model.pos_embed.clone()  # fixed encoding: recompute it for the new grid instead of resizing
-        log.info(f"positions recomputed for img_size={model.img_size}")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    unexpected = list(unexpected) + unknown
-    if missing or unexpected:
-        raise KeyError(f"{_describe(checkpoint)} does not fit Data2Vec2Encoder({arch}): missing keys {list(missing)}, "
-                       f"unexpected keys {unexpected}. Is it an image model? Pass overrides for the architecture if "
-                       f"its cfg is wrong.")
-    log.info(f"data2vec2 checkpoint: {arch['prenet_depth']} prenet + {n_main} main blocks, D={arch['embed_dim']}, "
-             f"heads={arch['num_heads']}, patch={arch['patch_size']}; kept {arch['prenet_depth']} prenet + "
-             f"{arch['depth']} main blocks; ignored {len(ignored)} keys "
+    sd, ignored, unknown = d2v2_checkpoint_filter_fn(ckpt["model"])
+    if unknown:
+        raise KeyError(f"{_describe(checkpoint)} does not fit Data2Vec2Encoder({arch}): missing keys [], unexpected "
+                       f"keys {unknown}. Is it an image model? Pass overrides for the architecture if its cfg is wrong.")
+    model = encoder_from_state(arch, sd, checkpoint, depth, **overrides)
+    log.info(f"data2vec2 checkpoint: {arch['prenet_depth']} prenet + {arch['depth']} main blocks, "
+             f"D={arch['embed_dim']}, heads={arch['num_heads']}, patch={arch['patch_size']}; kept "
+             f"{len(model.prenet)} prenet + {len(model.blocks)} main blocks; ignored {len(ignored)} keys "
              f"({', '.join(sorted({k.split('.')[0] for k in ignored})) or 'none'})")
     return model
 
@@ -446,9 +452,9 @@ class FrozenTeacher(nn.Module):
                  data_std: Sequence[float] = IMAGENET_DEFAULT_STD):
         super().__init__()
         if kind not in LAYER_KINDS: raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
-        if kind == "ffn" and not hasattr(model, "iter_layers"):
-            raise ValueError(f"kind='ffn' needs a model with iter_layers (Data2Vec2Encoder); {type(model).__name__} "
-                             "gives block outputs only: use kind='block'")
+        if kind == "ffn" and "kind" not in inspect.signature(model.forward_intermediates).parameters:
+            raise ValueError(f"kind='ffn' needs a model whose forward_intermediates gives FFN outputs "
+                             f"(Data2Vec2Encoder); {type(model).__name__} gives block outputs only: use kind='block'")
         self.model, self.kind = model.eval().requires_grad_(False), kind
         t = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
         # x_teacher = (x * data_std + data_mean - mean) / std = x * scale + shift
@@ -469,30 +475,20 @@ class FrozenTeacher(nn.Module):
         self.model.to(dtype)
         return self
 
-    @torch.inference_mode()  # on a generator, torch enters the mode around each step only, never across a yield
-    def iter_layers(self, x, # [B, C, H, W] images in the data pipeline's normalisation
-                    num_layers: int | None = None, # only the first `num_layers` layers: the forward stops there
-                   ) -> Iterator[torch.Tensor]: # num_layers x [B, T, D], inference tensors
-        "Per-layer activations, computed under inference_mode, yielded one at a time where the model allows."
+    @torch.inference_mode()
+    def forward(self, x, # [B, C, H, W] images in the data pipeline's normalisation
+                num_layers: int | None = None, # only the first `num_layers` layers: the forward stops there
+               ) -> list[torch.Tensor]: # num_layers x [B, T, D] (prefix tokens first), inference tensors
+        "Per-layer activations through timm's `forward_intermediates` (the same call for timm's models and kdnb's)."
         n = self.num_layers if num_layers is None else num_layers
         if not 0 < n <= self.num_layers:
             raise ValueError(f"num_layers={n}, but the teacher has {self.num_layers} layers")
         if self.renormalise: x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
-        x = x.to(self.dtype)
-        if hasattr(self.model, "iter_layers"):
-            for i, h in enumerate(self.model.iter_layers(x, self.kind)):
-                yield h
-                if i + 1 == n: return  # the generator is not resumed: later blocks never run
-            return
-        feats = self.model.forward_intermediates(x, indices=list(range(n)), return_prefix_tokens=True, norm=False,
-                                                 stop_early=True, output_fmt="NLC", intermediates_only=True)
-        for spatial, prefix in feats: yield torch.cat([prefix, spatial], dim=1)  # [B, prefix + N, D]
-
-    def forward_layers(self, x) -> list[torch.Tensor]:
-        "All per-layer activations as a list (see `iter_layers`)."
-        return list(self.iter_layers(x))
-
-    def forward(self, x): return self.forward_layers(x)
+        kw = {"kind": self.kind} if self.kind == "ffn" else {}
+        feats = self.model.forward_intermediates(x.to(self.dtype), indices=list(range(n)), return_prefix_tokens=True,
+                                                 norm=False, stop_early=True, output_fmt="NLC",
+                                                 intermediates_only=True, **kw)
+        return [torch.cat([prefix, spatial], dim=1) for spatial, prefix in feats]  # [B, prefix + N, D] each
 
 # %% ../nbs/01_models.ipynb #8714644f
 BEIT_MIM_ONLY = re.compile(r"^(mask_token|lm_head\.|cls_pt_layers\.|cls_pt_norm\.|head\.|fc_norm\.)")

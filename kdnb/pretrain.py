@@ -5,7 +5,7 @@
 # %% ../nbs/14_pretrain.ipynb #22e722b7
 from __future__ import annotations
 from fastcore.basics import patch
-import copy, itertools, logging
+import copy, logging
 from pathlib import Path
 import torch
 import torch.distributed as dist
@@ -135,9 +135,8 @@ class PretrainTask(Task):
 def targets(self: PretrainTask, x) -> torch.Tensor: # [B, C, H, W] -> [B, N, D] float32, the patches' target
     "The EMA teacher's last `average_top_k_layers` FFN outputs, CLS dropped, through kdnb.targets."
     ema = self.trained_module().ema
-    depth = len(ema.blocks)
-    top = itertools.islice(ema.iter_layers(x, kind="ffn"), depth - self.cfg.average_top_k_layers, None)
-    return layer_averaged_target((h[:, 1:] for h in top), self.cfg.target_eps)
+    top = ema.forward_intermediates(x, indices=self.cfg.average_top_k_layers, kind="ffn", intermediates_only=True)
+    return layer_averaged_target(top, self.cfg.target_eps)  # the last K blocks' [B, N, D] patch tokens
 
 @patch
 def masks(self: PretrainTask, n: int, seed: int) -> torch.Tensor: # [n, N] bool, True = masked

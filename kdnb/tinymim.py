@@ -88,7 +88,7 @@ class TinyMIMTask(Task):
         self.s_index = block % len(blocks_of(student))
     def loss(self, x_teacher, x_student):
         with attention_input(self.t_block) as tb:
-            for _ in self.teacher.iter_layers(x_teacher, num_layers=self.t_index + 1): pass  # stops at the block
+            self.teacher(x_teacher, num_layers=self.t_index + 1)  # the forward stops at the block
         with torch.inference_mode(): t_qkv = qkv_from_input(self.t_block.attn, tb["x"])
         s_block = blocks_of(self.trained_module())[self.s_index]
         with attention_input(s_block) as sb: self.student(x_student)

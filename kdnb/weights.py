@@ -10,7 +10,8 @@ from pathlib import Path
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, load_file
-from .models import Data2Vec2Encoder, Classifier, load_data2vec2, load_checkpoint_file, d2v2_split_wrapper
+from .models import (Data2Vec2Encoder, Classifier, encoder_from_state, load_data2vec2, load_checkpoint_file,
+                         d2v2_split_wrapper)
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +97,7 @@ def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 
     if wf.backbone_class != "Data2Vec2Encoder":
         raise ValueError(f"{src} holds a {wf.cls} whose backbone is a {wf.backbone_class}, not a Data2Vec2 image "
                          "encoder: point to an image run (distillation or finetuning)")
-    arch, sd = wf.backbone_arch, wf.backbone_state()
-    if depth is not None:
-        if not 0 < depth <= arch["depth"]: raise ValueError(f"depth={depth}, but {src} has {arch['depth']} blocks")
-        arch = {**arch, "depth": depth}
-        sd = {k: v for k, v in sd.items() if not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth)}
-    model = Data2Vec2Encoder(**{**arch, **overrides})
-    if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
-        sd["pos_embed"] = model.pos_embed  # fixed sin-cos positions: recomputed for the new grid
-    model.load_state_dict(sd)
-    return model
+    return encoder_from_state(wf.backbone_arch, wf.backbone_state(), p, depth, **overrides)
 
 # %% ../nbs/02_weights.ipynb #0a747cc0
 def load_classifier(src: str | Path, # finetuning run folder, kdnb .safetensors, or finetuned data2vec 2.0 checkpoint
