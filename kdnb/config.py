@@ -158,7 +158,9 @@ class BaseConfig(ConfigBase):
     preset: str = "custom" # the preset these values came from (informational)
     # --- data
     dataset: str = "digits" # one of DATASETS
-    data_root: str = "data" # folder of the data set (torchvision files or an ImageFolder tree)
+    # folder of the data set (torchvision files or an ImageFolder tree); "data" means data/<dataset> in a run set up
+    # by kdnb.runs.setup_run (the CLI, the run notebooks)
+    data_root: str = "data"
     img_size: int = 224 # input resolution
     val_size: float = 0.1 # held-out split carved from train when no test split exists (fraction, or count if > 1)
     train_subset: typing.Optional[int] = None # use only this many training images (stratified); None = all
