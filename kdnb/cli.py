@@ -10,6 +10,7 @@ import yaml
 import torch
 from .config import DistillConfig, ConfigError, OBJECTIVES, PRESETS, RUN_KINDS, RunKind, field_docs
 from .runs import run, setup_run
+from .engine import DistInfo, Preempted, PREEMPTED_EXIT
 from .site import report_main
 
 # %% auto #0
@@ -85,21 +86,23 @@ def main(argv=None):
     if args.command == "presets":
         print_presets()
         return 0
-    cfg = None
+    cfg, di = None, DistInfo()
+    who = f"kdnb {args.command}" + (f" (rank {di.rank} of {di.world_size})" if di.enabled else "")
     try:
         cfg = config_from_args(args)
         summary = run(cfg)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Preempted) as e:
         where = f" --out_dir {cfg.out_dir} --resume true" if cfg is not None else ""
-        print(f"kdnb {args.command}: interrupted; continue it with the same command and{where}", file=sys.stderr)
-        return 130
+        what = f"preempted ({e}), checkpoint saved" if isinstance(e, Preempted) else "interrupted"
+        print(f"{who}: {what}; continue it with the same command and{where} (or --resume auto)", file=sys.stderr)
+        return PREEMPTED_EXIT if isinstance(e, Preempted) else 130
     except USER_ERRORS as e:
         if args.debug: raise
-        print(f"kdnb {args.command}: {error_message(e)}", file=sys.stderr)
+        print(f"{who}: {error_message(e)}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except Exception as e:
         if args.debug: raise
-        print(f"kdnb {args.command}: {type(e).__name__}: {error_message(e)} (an error kdnb does not explain: rerun "
+        print(f"{who}: {type(e).__name__}: {error_message(e)} (an error kdnb does not explain: rerun "
               "with --debug and report the traceback)", file=sys.stderr)
         return 1
     finally:

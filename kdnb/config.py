@@ -14,15 +14,35 @@ import kdnb
 
 # %% auto #0
 __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'RUN_KINDS', 'OBJECTIVES', 'RUN_ONLY_PARAMS',
-           'REPO', 'PORTABLE_SUFFIXES', 'ConfigError', 'ConfigBase', 'rebuild', 'BaseConfig', 'field_docs',
-           'check_choice', 'check_positive', 'check_non_negative', 'DistillConfig', 'FinetuneConfig', 'TextConfig',
-           'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective',
-           'register_run', 'register_objective', 'run_kind', 'get_config', 'load_config', 'params_from_namespace',
-           'portable', 'make_portable']
+           'REPO', 'PORTABLE_SUFFIXES', 'ConfigError', 'disk_error', 'write_atomic', 'ConfigBase', 'rebuild',
+           'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'DistillConfig',
+           'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset',
+           'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective', 'run_kind', 'get_config',
+           'load_config', 'params_from_namespace', 'portable', 'make_portable']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
     "A config value that is not allowed; the message names the field and the fix."
+
+def disk_error(path, e: OSError, what: str = "") -> OSError:
+    "An OSError that names the file, its folder and the fix (ENOSPC, EIO, a quota: the same message)."
+    path = Path(path)
+    return OSError(e.errno, f"cannot write {what or path.name} to {path.parent} ({e.strerror or e}): the disk is full "
+                   "or failing; nothing half-written was left, the last checkpoint is intact: free space (or choose "
+                   "another out_dir) and continue with resume=True")
+
+def write_atomic(path, data: str | bytes, what: str = ""):
+    "Write `path` whole or not at all: a temporary file beside it, renamed into place; on error it is removed."
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(path, e, what) from e
+    return path
 
 def _check_type(name, value, tp):
     "Coerce `value` to the annotation `tp` where lossless, else raise ConfigError."
@@ -78,9 +98,7 @@ def save(self: ConfigBase, path):
     d = self.to_dict()
     d["_class"] = type(self).__name__
     text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    return write_atomic(path, text, "the config")
 
 @patch(cls_method=True)
 def migrate(cls: ConfigBase, d: dict) -> dict:
@@ -191,7 +209,10 @@ class BaseConfig(ConfigBase):
     # box; the training device resizes), "auto" (device on CUDA)
     augment_on: str = "auto"
     out_dir: str = "runs/run" # run folder: config, metrics, summary, checkpoints
-    resume: bool = False # continue from out_dir's last checkpoint (the saved config must match, see resume_changes)
+    # True: continue out_dir's run from its last checkpoint (the saved config must match, see resume_changes);
+    # "auto": continue when out_dir holds a checkpoint, start when it holds none (one command line for every start
+    # of `torchrun --max-restarts`); False: a new run
+    resume: typing.Union[bool, str] = False
     # on resume, fields allowed to differ from the saved config, e.g. "lr,seed"
     resume_changes: typing.Optional[str] = None
     log_every: int = 10 # steps between logged metrics (each log syncs the device once)
@@ -208,6 +229,8 @@ def validate(self: BaseConfig):
     check_choice("schedule", self.schedule, ("cosine", "constant"))
     check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
     check_choice("augment_on", self.augment_on, ("auto", "loader", "device"))
+    if isinstance(self.resume, str) and self.resume != "auto":
+        raise ConfigError(f"resume={self.resume!r}: use True, False or 'auto'")
     if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
         raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     check_positive(self, "lr", "epochs", "batch_size", "img_size", "log_every", "eval_every")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_data.ipynb #08252238
 from __future__ import annotations
-import contextlib, hashlib, logging, os, random, urllib.error
+import contextlib, hashlib, logging, os, random, signal, urllib.error
 from pathlib import Path
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ __all__ = ['log', 'ArrayImages', 'load_digits_images', 'load_cifar', 'image_fold
            'targets_of', 'stratified_split', 'derive_seed', 'seeded', 'UnreadableImage', 'source_path', 'SplitDataset',
            'ResumableSampler', 'eval_transform', 'distill_transform', 'finetune_transform', 'mixup_fn', 'CropBatch',
            'DeviceCrop', 'augment_on_device', 'RunData', 'build_data', 'skipped_images_file', 'loader_settings',
-           'make_loader']
+           'worker_signals', 'make_loader']
 
 # %% ../nbs/05_data.ipynb #c5d3ccd4
 class ArrayImages(Dataset):
@@ -339,7 +339,13 @@ def loader_settings(device: torch.device | str, dataset: Dataset, num_workers: i
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         num_workers = 0 if in_memory else (min(8, cores) if cuda else max(1, cores // 2))
     return dict(num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
-                **({"prefetch_factor": 4} if num_workers > 0 else {}))
+                **({"prefetch_factor": 4, "worker_init_fn": worker_signals} if num_workers > 0 else {}))
+
+def worker_signals(worker_id: int):
+    "A loader worker ignores SIGUSR1 (the scheduler's warning, for the main process) and dies on SIGTERM as usual."
+    # (a worker that ignored SIGTERM would hang the interpreter's exit, which ends its workers with SIGTERM)
+    if hasattr(signal, "SIGUSR1"): signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's preemption handler, inherited by fork
 
 def make_loader(dataset: Dataset, batch_size: int, # per process
                 train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,

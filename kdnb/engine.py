@@ -4,7 +4,8 @@
 
 # %% ../nbs/06_engine.ipynb #aa227bd7
 from __future__ import annotations
-import contextlib, functools, importlib.util, json, logging, math, os, random, shutil, subprocess, sys, time
+import contextlib, datetime, functools, importlib.util, json, logging, math, os, random, shutil, signal, subprocess
+import sys, threading, time
 from pathlib import Path
 from typing import Iterable
 from fastcore.basics import patch
@@ -15,9 +16,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm import tqdm as terminal_bar
 from tqdm.notebook import tqdm as notebook_bar
-from .weights import save_weights
+from .weights import load_state, save_weights
 from .layer_decay import param_groups
-from .config import ConfigError, load_config
+from .config import ConfigError, disk_error, load_config, write_atomic
 from .data import make_loader
 from .models import PostLNBlock
 from timm.models.beit import Block as BeitBlock
@@ -26,10 +27,12 @@ from timm.models.vision_transformer import Block as ViTBlock
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'EVENTS', 'TIMM_BLOCKS', 'RESUME_MAY_CHANGE', 'resolve_device', 'autocast_dtype', 'precision_name', 'DistInfo',
-           'setup_distributed', 'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'compile_blocks',
+__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'PREEMPTED_EXIT', 'TIMM_BLOCKS', 'RESUME_MAY_CHANGE', 'PREEMPT_SIGNALS',
+           'resolve_device', 'autocast_dtype', 'precision_name', 'DistInfo', 'setup_distributed', 'attempt_store',
+           'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Preempted', 'compile_blocks',
            'Trainer', 'progress_mode', 'Progress', 'dumps', 'MetricsLogger', 'check_resume_config', 'Checkpointer',
-           'git_commit', 'code_commit', 'Summary', 'default_callbacks', 'ensure_writable', 'fit_task']
+           'Preemption', 'append_line', 'git_commit', 'code_commit', 'Summary', 'default_callbacks', 'ensure_writable',
+           'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -61,14 +64,27 @@ class DistInfo:
     @property
     def main(self): return self.rank == 0
 
+# a collective that waits longer than this fails (a dead or stuck rank) instead of hanging for torch's default
+# 10-30 minutes; KDNB_DIST_TIMEOUT_S overrides it (a rank writing a huge checkpoint may need longer)
+DIST_TIMEOUT_S = 300
+
 def setup_distributed(device: str = "auto") -> DistInfo:
-    "Initialise torch.distributed when launched by torchrun: NCCL on CUDA, gloo on CPU."
+    "Initialise torch.distributed when launched by torchrun: NCCL on CUDA, gloo on CPU, a bounded timeout."
     info = DistInfo()
     if info.enabled and not dist.is_initialized():
         cuda = device != "cpu" and torch.cuda.is_available()
         if cuda: torch.cuda.set_device(info.local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        timeout = datetime.timedelta(seconds=float(os.environ.get("KDNB_DIST_TIMEOUT_S", DIST_TIMEOUT_S)))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, store=attempt_store(info, timeout),
+                                rank=info.rank, world_size=info.world_size)
     return info
+
+def attempt_store(info: DistInfo, timeout: datetime.timedelta):
+    "The rendezvous store under a prefix per torchrun restart: a restarted round never reads the last one's addresses."
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it (c10d rendezvous)
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)),
+                          info.world_size, is_master=info.rank == 0 and not agent, timeout=timeout)
+    return dist.PrefixStore(f"kdnb/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 # %% ../nbs/06_engine.ipynb #144b8dc6
 def lr_factor(step: int, # optimiser step, from 0
@@ -123,10 +139,15 @@ class Callback:
     def __repr__(self): return type(self).__name__
 
 EVENTS = ("before_fit", "before_epoch", "before_batch", "after_loss", "after_step", "after_batch",
-          "after_eval", "after_epoch", "after_fit")
+          "after_eval", "after_epoch", "after_preempt", "after_fit")
 
 class NonFiniteLoss(RuntimeError):
     "The loss became NaN or Inf; the last good checkpoint is kept."
+
+class Preempted(BaseException):
+    "The run was asked to stop (SIGTERM, SIGUSR1): it finished its step and saved a checkpoint; it is not finished."
+
+PREEMPTED_EXIT = 143  # the CLI's exit code after a preemption (128 + SIGTERM, what schedulers expect)
 
 # %% ../nbs/06_engine.ipynb #79a1be91
 TIMM_BLOCKS = (ViTBlock, BeitBlock)  # timm blocks that compile_blocks compiles
@@ -186,6 +207,7 @@ def reset_state(self: Trainer):
     self.epoch_losses = []  # the logged losses of this epoch
     self.images_seen, self.train_time_s, self.started = 0, 0.0, None  # started: time.perf_counter() of fit
     self.completed, self.error, self.summary = False, None, None  # `finished` only when the loop ran to its end
+    self.preempted = None  # the signal that stopped the run early (a Preemption callback), else None
     self._loss_sum = None  # device-side sum of losses since the last sync
     self._n_loss = 0  # steps in _loss_sum
     self._bad_input = torch.zeros((), dtype=torch.bool, device=self.device)  # a non-finite value in a batch
@@ -360,6 +382,15 @@ def fit(self: Trainer) -> dict:
             self("after_epoch")
         self.completed = True
     except BaseException as e:
+        pre = self.cb(Preemption)
+        # preempted; or the signal also ended the loader's workers while the next batch was awaited: the steps done
+        # are whole, so they are saved all the same
+        if isinstance(e, Preempted) or (isinstance(e, RuntimeError) and pre and pre.signal
+                                        and "DataLoader worker" in str(e)):
+            self.preempted = str(e) if isinstance(e, Preempted) else pre.signal
+            self._mean_loss()  # never checkpoint a NaN
+            self("after_preempt")  # the Checkpointer saves `last` at this step
+            raise Preempted(f"{self.preempted} at step {self.step}") from None
         self.error = f"{type(e).__name__}: {e}".strip()
         raise
     finally:
@@ -380,6 +411,7 @@ def make_summary(self: Trainer) -> dict:
          "world_size": self.dist.world_size, "device": str(self.device), "precision": precision_name(self.amp_dtype),
          "preset": self.cfg.preset, "git_commit": code_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     if self.error: s["error"] = self.error
+    if self.preempted: s["preempted"] = self.preempted
     skipped = self.out_dir / "skipped_images.txt"
     if skipped.exists(): s["skipped_images"] = len(set(skipped.read_text().splitlines()))
     return s
@@ -482,7 +514,7 @@ class MetricsLogger(Callback):
     def write(self, t, rec):
         t.history.append(rec)
         if not self.main: return
-        with open(self.path, "a") as f: f.write(dumps(rec) + "\n")
+        append_line(self.path, dumps(rec), "a metrics record")
         for k, v in rec.items():
             if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                 if self.tb: self.tb.add_scalar(f"{rec['kind']}/{k}", v, rec["step"])
@@ -552,13 +584,19 @@ class Checkpointer(Callback):
 def before_fit(self: Checkpointer, t):
     self.dir = t.out_dir / "checkpoints"
     last = self.find(self.dir)
-    if last is not None and not t.cfg.resume:
+    resume = t.cfg.resume
+    if resume == "auto":  # every start of an elastic job has the same command line: continue, or start
+        resume = last is not None
+        stale = t.out_dir / "metrics.jsonl"
+        if last is None and stale.exists():  # an earlier start died before its first checkpoint: kept, not appended
+            stale.replace(t.out_dir / f"metrics.before-restart-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    if last is not None and not resume:
         raise FileExistsError(f"{t.out_dir} already holds a run (checkpoint {last}); pass resume=True to "
                               "continue it, or choose another out_dir")
-    if last is None and not t.cfg.resume and (t.out_dir / "metrics.jsonl").exists():  # never append to it
+    if last is None and not resume and (t.out_dir / "metrics.jsonl").exists():  # never append to it
         raise FileExistsError(f"{t.out_dir} holds the metrics of an earlier run that stopped before its first "
                               "checkpoint; delete that folder or choose another out_dir")
-    if t.cfg.resume:
+    if resume:
         if last is None:
             what = "does not exist" if not t.out_dir.exists() else "holds no checkpoint"
             raise FileNotFoundError(f"resume=True, but {t.out_dir} {what}: nothing to continue. Pass the out_dir "
@@ -571,14 +609,20 @@ def save(self: Checkpointer, t, tag: str):
     # the Trainer checked the loss is finite before this event: never save weights that a NaN has touched
     if not t.dist.main: return
     tmp, final, old = self.dir / f".{tag}.tmp", self.dir / tag, self.dir / f".{tag}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(t.task.trained_module(), tmp / "model.safetensors")
-    torch.save({"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
-                "rng": _rng_state(), "step": t.step, "epoch": t.epoch, "step_in_epoch": t.step_in_epoch,
-                "best": t.best, "images_seen": t.images_seen, "train_time_s": t.train_time_s,
-                "history": dumps(t.history), "metrics": dumps(t.metrics)}, tmp / "state.pt")
-    t.cfg.save(tmp / "config.yaml")
+    try:  # everything goes into .tmp first: a failed write (a full disk) leaves the previous checkpoint as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights(t.task.trained_module(), tmp / "model.safetensors")
+        torch.save({"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
+                    "scaler": t.scaler.state_dict(), "rng": _rng_state(), "step": t.step, "epoch": t.epoch,
+                    "step_in_epoch": t.step_in_epoch, "best": t.best, "images_seen": t.images_seen,
+                    "train_time_s": t.train_time_s, "history": dumps(t.history), "metrics": dumps(t.metrics)},
+                   tmp / "state.pt")
+        t.cfg.save(tmp / "config.yaml")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = e if isinstance(e, OSError) else OSError(28 if "space" in str(e).lower() else 5, str(e).split("\n")[0])
+        raise disk_error(tmp, err, f"the {tag!r} checkpoint at step {t.step}") from e
     if final.exists(): final.replace(old) if not old.exists() else shutil.rmtree(final)
     tmp.replace(final); shutil.rmtree(old, ignore_errors=True)
     if tag == "last": self.last_step = t.step
@@ -586,7 +630,8 @@ def save(self: Checkpointer, t, tag: str):
 # %% ../nbs/06_engine.ipynb #d3ccaeec
 @patch
 def load(self: Checkpointer, t, path: Path):
-    t.task.trained_module().load_state_dict(load_file(str(path / "model.safetensors"), device=str(t.device)))
+    load_state(t.task.trained_module(), load_file(str(path / "model.safetensors"), device=str(t.device)),
+               path / "model.safetensors")
     s = torch.load(path / "state.pt", map_location=t.device, weights_only=True)
     t.opt.load_state_dict(s["optimizer"])
     t.sched.load_state_dict(s["scheduler"])
@@ -612,6 +657,60 @@ def after_epoch(self: Checkpointer, t):
         self.save(t, "best")  # before `last`: a resumed run never believes an older, worse best
     self.save(t, "last")
     if t.dist.enabled: dist.barrier()
+
+@patch
+def after_preempt(self: Checkpointer, t):
+    self.save(t, "last")
+    if t.dist.enabled: dist.barrier()  # no rank exits (and has torchrun stop the others) before rank 0 has written
+
+# %% ../nbs/06_engine.ipynb #a207704f
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+class Preemption(Callback):
+    "SIGTERM/SIGUSR1: finish the step, agree on it over the ranks, then stop (the Checkpointer saves `last`)."
+    order = 5
+    def __init__(self):
+        self.signal, self._old = None, {}  # the signal received; the handlers to restore
+    def before_fit(self, t):
+        if threading.current_thread() is not threading.main_thread(): return  # signals reach the main thread only
+        for name in PREEMPT_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None: self._old[sig] = signal.signal(sig, self.on_signal)
+    def on_signal(self, signum, frame):
+        if self.signal is not None:  # the second signal: the default action, now
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signal = signal.Signals(signum).name
+        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._old:  # the scheduler may have ended the loader
+            # workers too: torch's SIGCHLD handler would raise at once; the step is finished first, and a wait for a
+            # batch that no worker will bring becomes a checkpoint all the same (Trainer.fit)
+            self._old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        print(f"{self.signal} received: the run stops after this step and saves a checkpoint", file=sys.stderr,
+              flush=True)
+    def after_step(self, t):
+        asked = self.signal is not None
+        if t.dist.enabled:
+            if t.step % t.cfg.log_every: return
+            flag = torch.tensor(float(asked), device=t.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # any rank asked: all stop here
+            asked = flag.item() > 0
+        if asked: raise Preempted(self.signal or "a signal to another rank")
+    def after_fit(self, t): self.restore()
+    def restore(self):
+        for sig, handler in self._old.items(): signal.signal(sig, handler)
+        self._old = {}
+
+def append_line(path: Path, line: str, what: str = ""):
+    "Append one line to a JSONL file, or nothing: a failed write (a full disk) is cut back to the last whole line."
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError): os.truncate(path, size)
+        raise disk_error(path, e, what) from e
 
 # %% ../nbs/06_engine.ipynb #ffeb4790
 def git_commit(path=None) -> str | None:
@@ -654,14 +753,11 @@ class Summary(Callback):
         if t.dist.main: t.cfg.save(t.out_dir / "config.yaml")  # after the Checkpointer refused to overwrite a run
     def after_fit(self, t):
         if not t.dist.main: return
-        t.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = t.out_dir / "summary.json.tmp"
-        tmp.write_text(dumps(t.summary, indent=2))
-        tmp.replace(t.out_dir / "summary.json")
+        write_atomic(t.out_dir / "summary.json", dumps(t.summary, indent=2), "the summary")
 
 def default_callbacks() -> list[Callback]:
-    "The callbacks every run has: metrics, checkpoints, summary (and the resolved config), progress."
-    return [MetricsLogger(), Checkpointer(), Summary(), Progress()]
+    "The callbacks every run has: preemption, metrics, checkpoints, summary (and the resolved config), progress."
+    return [Preemption(), MetricsLogger(), Checkpointer(), Summary(), Progress()]
 
 # %% ../nbs/06_engine.ipynb #ba6e5c52
 def ensure_writable(folder: Path):

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .targets import layer_averaged_target
 from .models import D2V2_PREFIX, Data2Vec2Encoder, fairseq_cfg, to_fairseq_state_dict
-from .weights import load_backbone, read_weights, run_weights
+from .weights import load_backbone, load_state, read_weights, run_weights
 from .engine import Task, fit_task
 from .data import build_data, derive_seed
 from .config import PretrainConfig, RunKind, get_config, load_config, register_run
@@ -232,7 +232,7 @@ def export_data2vec2(run: str | Path, # a finished pretraining run folder
     if wf.cls != "Data2Vec2Pretrainer":
         raise ValueError(f"{run} holds a {wf.cls}, not a Data2Vec2Pretrainer: point to a pretraining run")
     model = Data2Vec2Pretrainer(Data2Vec2Encoder(**wf.backbone_arch), **wf.arch)
-    model.load_state_dict(wf.state)
+    load_state(model, wf.state, w)
     cfg_path = w.parent / "config.yaml"
     cfg = load_config(cfg_path) if cfg_path.exists() else None
     dst = Path(dst) if dst is not None else run / "data2vec2.pt"

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 from .targets import d2v_loss
-from .weights import read_weights, run_weights
+from .weights import load_state, read_weights, run_weights
 from .engine import Task, fit_task
 from .config import TextDistillConfig, RunKind, get_config, register_run
 
@@ -77,7 +77,7 @@ class TextEncoder(nn.Module):
                          output_hidden_states=all_layers)
         return out.hidden_states if all_layers else out.last_hidden_state  # (L+1) x [B, T, D] or [B, T, D]
 
-def _encoder_from_arch(arch: dict, state: dict, num_layers: int | None) -> TextEncoder:
+def _encoder_from_arch(arch: dict, state: dict, num_layers: int | None, src) -> TextEncoder:
     from transformers import AutoConfig, AutoModel
     c = dict(arch["config"])
     if num_layers is not None:
@@ -88,7 +88,7 @@ def _encoder_from_arch(arch: dict, state: dict, num_layers: int | None) -> TextE
         state = {k: v for k, v in state.items() if not (".encoder.layer." in k and layer_of(k) >= num_layers)}
     model = AutoModel.from_config(AutoConfig.for_model(**c), add_pooling_layer=False)
     enc = TextEncoder(model, arch["source"])
-    enc.load_state_dict(state)
+    load_state(enc, state, src)
     return enc
 
 def load_text_encoder(src: str | Path, # a kdnb text run folder or weights file, a Hugging Face name or folder, "minilm"
@@ -102,7 +102,7 @@ def load_text_encoder(src: str | Path, # a kdnb text run folder or weights file,
         if wf.backbone_class != "TextEncoder":
             raise ValueError(f"{src} holds a {wf.cls} of a {wf.backbone_class}, not a text encoder: "
                              "point to a text run (kdnb distill-text or kdnb glue)")
-        return _encoder_from_arch(wf.backbone_arch, wf.backbone_state(), num_layers)
+        return _encoder_from_arch(wf.backbone_arch, wf.backbone_state(), num_layers, ck)
     from transformers import AutoModel
     kw = {"num_hidden_layers": num_layers} if num_layers is not None else {}
     return TextEncoder(_hf(AutoModel.from_pretrained, str(src), add_pooling_layer=False, **kw), str(src))

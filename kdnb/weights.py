@@ -16,7 +16,7 @@ from .models import (Data2Vec2Encoder, Classifier, encoder_from_state, load_data
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'weights_metadata', 'save_weights', 'WeightsFile', 'read_weights', 'run_weights', 'weights_path',
+__all__ = ['log', 'weights_metadata', 'save_weights', 'WeightsFile', 'read_weights', 'load_state', 'run_weights', 'weights_path',
            'load_backbone', 'load_classifier']
 
 # %% ../nbs/02_weights.ipynb #5b538fcc
@@ -73,6 +73,15 @@ def read_weights(path: str | Path) -> WeightsFile:
                        json.loads(meta.get("backbone_arch", meta["arch"])),
                        state)
 
+def load_state(module: nn.Module, state: dict, src) -> nn.Module:
+    "`module.load_state_dict(state)`, with missing, unexpected or misshapen keys named together with the file `src`."
+    try: module.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:600]
+        raise KeyError(f"{src} does not fit {type(module).__name__}: {detail}. Point to a file that this kind of run "
+                       "wrote, or rerun the run that wrote it") from None
+    return module
+
 def run_weights(run: str | Path) -> Path | None:
     "The weights file of a kdnb run folder: checkpoints/best, else checkpoints/last; None when it has neither."
     files = (Path(run) / "checkpoints" / tag / "model.safetensors" for tag in ("best", "last"))
@@ -110,12 +119,10 @@ def load_classifier(src: str | Path, # finetuning run folder, kdnb .safetensors,
             raise ValueError(f"{src} has no classification head (head.weight): it is a pretrained, not a finetuned, "
                              "data2vec 2.0 checkpoint; finetune it first (kdnb finetune --checkpoint ...)")
         model = Classifier(load_data2vec2(str(src)), head["head.weight"].shape[0])
-        model.load_state_dict({**model.state_dict(), **{k: v for k, v in head.items()
-                                                         if k.startswith(("fc_norm.", "head."))}})
+        load_state(model, {**model.state_dict(), **{k: v for k, v in head.items()
+                                                  if k.startswith(("fc_norm.", "head."))}}, src)
         return model
     wf = read_weights(p)
     if wf.cls != "Classifier" or wf.backbone_class != "Data2Vec2Encoder":
         raise ValueError(f"{src} holds a {wf.cls}, not an image Classifier: point to a finetuning run")
-    model = Classifier(Data2Vec2Encoder(**wf.backbone_arch), wf.arch["num_classes"])
-    model.load_state_dict(wf.state)
-    return model
+    return load_state(Classifier(Data2Vec2Encoder(**wf.backbone_arch), wf.arch["num_classes"]), wf.state, p)

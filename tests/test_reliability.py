@@ -223,3 +223,25 @@ def test_pipeline_parameters_refuse_run_only_names():
     from kdnb.pipeline import PipelineConfig
     with pytest.raises(ConfigError, match="'preset'"):
         params_from_namespace({"preset": "distill"}, set(), PipelineConfig)
+
+
+def test_every_weights_reading_error_names_the_file(tmp_path):
+    "A kdnb weights file without one key: backbone, classifier and resume each name the file (not a bare key list)."
+    from safetensors.torch import save_file
+    from safetensors import safe_open
+    from kdnb.weights import load_backbone, load_classifier
+    from kdnb.finetune import finetune
+    run = tmp_path / "ft"
+    cfg = get_config("finetune_cpu", out_dir=str(run), max_steps=2, train_subset=64, tensorboard=False)
+    finetune(cfg)
+    w = run / "checkpoints" / "last" / "model.safetensors"
+    with safe_open(str(w), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in state if k.endswith("blocks.1.mlp.fc2.weight"))
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: v for k, v in state.items() if k != key}, str(bad), metadata=meta)
+    for load in (load_backbone, load_classifier):
+        with pytest.raises(KeyError, match=f"{bad}.*blocks.1.mlp.fc2.weight"): load(bad)
+    save_file({k: v for k, v in state.items() if k != key}, str(w), metadata=meta)  # the run's own checkpoint
+    with pytest.raises(KeyError, match="last/model.safetensors does not fit"):
+        finetune(cfg.replace(resume=True, max_steps=3))
