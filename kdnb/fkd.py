@@ -32,9 +32,9 @@ from .config import (DistillConfig, ConfigError, Objective, Preset, check_choice
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'STORE_FORMAT', 'FKDConfig', 'sample_crops', 'render_crop', 'soft_targets', 'smoothed_onehot', 'LabelStore',
-           'ClassifierTeacher', 'build_classifier_teacher', 'weights_fingerprint', 'store_meta', 'generate_soft_labels',
-           'calibrate', 'ReplayCrops', 'SoftMix', 'FKDTask', 'distill_fkd']
+__all__ = ['log', 'STORE_FORMAT', 'FKDConfig', 'sample_crops', 'render_crop', 'soft_targets', 'smoothed_onehot', 'read_index',
+           'LabelStore', 'ClassifierTeacher', 'build_classifier_teacher', 'weights_fingerprint', 'store_meta',
+           'generate_soft_labels', 'calibrate', 'ReplayCrops', 'SoftMix', 'FKDTask', 'distill_fkd']
 
 # %% ../nbs/11_fkd.ipynb #a6f48709
 @dataclass
@@ -138,6 +138,13 @@ def smoothed_onehot(y: torch.Tensor, num_classes: int, eps: float) -> torch.Tens
 # %% ../nbs/11_fkd.ipynb #19e102c8
 STORE_FORMAT = "kdnb-soft-labels/1"
 
+def read_index(idx: Path) -> dict:
+    "A label store's index.json; an unreadable one is an error that names it."
+    try: return json.loads(idx.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{idx} is not a readable soft-label store index ({e}): delete the store folder to "
+                         "regenerate it, or point label_store elsewhere") from e
+
 class LabelStore:
     "Sharded, resumable store of crop records and top-k soft labels (see the table above)."
     def __init__(self, root: str | Path, meta: dict):
@@ -145,7 +152,7 @@ class LabelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         idx = self.root / "index.json"
         if idx.exists():
-            old = json.loads(idx.read_text())
+            old = read_index(idx)
             if old.get("format") != STORE_FORMAT:
                 raise ValueError(f"{idx} is not a kdnb soft-label store ({old.get('format')!r})")
             diff = {k: (old["meta"].get(k), v) for k, v in self.meta.items() if old["meta"].get(k) != v}
@@ -164,7 +171,7 @@ def open(cls: LabelStore, root) -> "LabelStore":
     "An existing store, with the settings it was made with."
     idx = Path(root) / "index.json"
     if not idx.exists(): raise FileNotFoundError(f"{root} has no index.json: not a kdnb soft-label store")
-    return cls(root, json.loads(idx.read_text())["meta"])
+    return cls(root, read_index(idx)["meta"])
 
 @patch(as_prop=True)
 def num_images(self: LabelStore) -> int: return self.meta["num_images"]
@@ -211,8 +218,13 @@ def row(self: LabelStore,
     if not self.done(k):
         raise RuntimeError(f"shard {k} of {self.root} is missing: rerun the label generation (it resumes)")
     h = self._handles.get(k)
-    if h is None: h = self._handles[k] = safe_open(str(self.root / self.shard_name(k)), "pt")
-    return {n: h.get_slice(n)[r] for n in ("boxes", "flips", "topk_idx", "topk_prob", "gt_prob", "labels")}
+    path = self.root / self.shard_name(k)
+    try:
+        if h is None: h = self._handles[k] = safe_open(str(path), "pt")
+        return {n: h.get_slice(n)[r] for n in ("boxes", "flips", "topk_idx", "topk_prob", "gt_prob", "labels")}
+    except Exception as e:  # safetensors' errors name neither the file nor the fix
+        raise ValueError(f"{path} is not a readable soft-label shard ({type(e).__name__}: {e}): delete it and rerun "
+                         "the label generation, which remakes the missing shards") from e
 
 # %% ../nbs/11_fkd.ipynb #8677fd52
 class ClassifierTeacher(nn.Module):

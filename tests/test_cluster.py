@@ -230,3 +230,22 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kdnb.cli", *args, "--resume", "auto", "--max_steps", str(s["steps"] + 3)],
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_preemption_under_torchrun_stops_every_rank_at_one_step(tmp_path):
+    "SIGTERM to one rank of two: both stop after the same step, one checkpoint; the restart ends as an uninterrupted run."
+    extra = ("--resume", "auto")
+    r = subprocess.run(torchrun("-m", "kdnb.cli", *distill_args(tmp_path / "full", *extra), port=29535), env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(torchrun(*driver(tmp_path, 4, "SIGTERM", "1"), *distill_args(tmp_path / "p", *extra),
+                                port=29536), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "kdnb distill (rank 1 of 2): preempted (SIGTERM at step 4)" in r.stderr, r.stderr[-3000:]
+    assert "kdnb distill (rank 0 of 2): preempted (a signal to another rank at step 4)" in r.stderr, r.stderr[-3000:]
+    assert torch.load(tmp_path / "p" / "checkpoints" / "last" / "state.pt", weights_only=True)["step"] == 4
+    assert json.loads((tmp_path / "p" / "summary.json").read_text())["finished"] is False
+    r = subprocess.run(torchrun("-m", "kdnb.cli", *distill_args(tmp_path / "p", *extra), port=29537), env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert same(weights(tmp_path / "full"), weights(tmp_path / "p"))
