@@ -739,7 +739,11 @@ def load_config(path) -> BaseConfig:
 def _drop_old_defaults(cls: type, d: dict) -> dict:
     "A config saved when one class held every objective's fields: other objectives' fields at their defaults go."
     names = {f.name for f in fields(cls)} | set(cls.renamed)
-    others = {f.name: f for v in cls.variants() if v is not cls for f in fields(v) if f.name not in names}
+    others = {}  # a field of another objective's class, under its name now or an old one (FKD's `mixup`)
+    for v in cls.variants():
+        own = {f.name: f for f in fields(v)}
+        others |= {n: f for n, f in own.items() if n not in names}
+        others |= {old: own[new] for old, new in v.renamed.items() if old not in names and new in own}
     return {k: v for k, v in d.items() if not (k in others and v == _default(others[k]))}
 
 # %% ../nbs/04_config.ipynb #c4a8bf7e
