@@ -202,6 +202,9 @@ class BaseConfig(ConfigBase):
     grad_clip: typing.Optional[float] = None # max gradient norm; None = off (the seeds), 2.0 used in the thesis notes
     # --- run
     seed: int = 0 # seeds data order, augmentation and init
+    # seeds the validation split and the training subset; None = `seed`. Runs that differ only in `seed` but share
+    # it see the same images (the pipeline's student seeds)
+    split_seed: typing.Optional[int] = None
     device: str = "auto" # "auto", "cpu", "cuda", "cuda:N"
     precision: str = "auto" # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
     compile: bool = False # torch.compile each transformer block of student and teacher (engine.compile_blocks)
@@ -286,6 +289,12 @@ def check_non_negative(cfg, *names):
     "Raise a ConfigError naming the first of the fields `names` of `cfg` that is < 0."
     for n in names:
         if getattr(cfg, n) < 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be >= 0")
+
+# %% ../nbs/04_config.ipynb #804e8bbb
+@patch(as_prop=True)
+def data_seed(self: BaseConfig) -> int:
+    "The seed of the validation split and the training subset: `split_seed`, or `seed` when it is None."
+    return self.seed if self.split_seed is None else self.split_seed
 
 # %% ../nbs/04_config.ipynb #fb0539ff
 @dataclass
@@ -482,7 +491,7 @@ class GlueConfig(TextConfig):
 class PretrainConfig(BaseConfig):
     "data2vec 2.0 image pretraining: no labels; an EMA teacher's layer-averaged target regressed at masked patches."
     # --- the encoder (the EMA teacher is a copy of it)
-    # weights to start from (a data2vec 2.0 checkpoint or kdnb run); None = random init
+    # weights to start from (a data2vec 2.0 checkpoint or kdnb run; its first `depth` main blocks); None = random init
     checkpoint: typing.Optional[str] = None
     depth: int = 10 # main blocks (fairseq `depth`); the targets come from these
     prenet_depth: int = 2 # blocks inside the image encoder, before the main ones (fairseq `prenet_depth`)
@@ -658,6 +667,8 @@ class RunKind:
     command: str # its `kdnb` subcommand ("probe" for linear_probe)
     help: str # one line for `kdnb --help`
     values: dict = dataclasses.field(default_factory=dict) # fields the kind fixes (linear_probe: mode)
+    # what nbdev's test run of its run notebook changes (setup_run(test=True)): a few steps on a small subset
+    test: dict = dataclasses.field(default_factory=lambda: dict(max_steps=10, train_subset=320, tensorboard=False))
 
 @dataclass(frozen=True)
 class Objective:
@@ -690,7 +701,8 @@ def run_kind(name: str) -> RunKind:
     if name not in RUN_KINDS:
         hint = difflib.get_close_matches(name, list(RUN_KINDS), 1)
         raise ConfigError(f"unknown run kind {name!r}; registered: {list(RUN_KINDS)}"
-                          + (f" (did you mean {hint[0]!r}?)" if hint else " (import kdnb.runs to register all)"))
+                          + (f" (did you mean {hint[0]!r}?)" if hint else " (import kdnb.runs to register every training kind, "
+                          "kdnb.pipeline for the pipeline)"))
     return RUN_KINDS[name]
 
 # %% ../nbs/04_config.ipynb #b8646970

@@ -307,14 +307,15 @@ def build_data(cfg, kind: str = "finetune") -> RunData:
     train_src = load_source(cfg.dataset, cfg.data_root, True, cfg.download)
     test_src = load_source(cfg.dataset, cfg.data_root, False, cfg.download)
     targets = targets_of(train_src)
+    split_seed = cfg.data_seed
     if test_src is None:
-        tr_idx, va_idx = stratified_split(targets, cfg.val_size, cfg.seed)
-        val_src, val_source = train_src, f"carved from train (seed {cfg.seed}, {len(va_idx)} images, stratified)"
+        tr_idx, va_idx = stratified_split(targets, cfg.val_size, split_seed)
+        val_src, val_source = train_src, f"carved from train (seed {split_seed}, {len(va_idx)} images, stratified)"
     else:
         tr_idx, va_idx = np.arange(len(train_src)), np.arange(len(test_src))
         val_src, val_source = test_src, "test split"
     if cfg.train_subset is not None and cfg.train_subset < len(tr_idx):
-        keep, _ = stratified_split([targets[i] for i in tr_idx], len(tr_idx) - cfg.train_subset, cfg.seed)
+        keep, _ = stratified_split([targets[i] for i in tr_idx], len(tr_idx) - cfg.train_subset, split_seed)
         tr_idx = tr_idx[keep]
     ev = eval_transform(cfg.img_size, getattr(cfg, "crop_pct", 0.875))
     distill_tf = DeviceCrop if kind == "distill" and augment_on_device(cfg) else distill_transform

@@ -99,7 +99,7 @@ def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("
     tr_x, tr_y = read_glue(cfg.data_root, cfg.dataset, "train", cfg.download)
     dev_x, dev_y = read_glue(cfg.data_root, cfg.dataset, "dev", cfg.download)
     if cfg.train_subset is not None and cfg.train_subset < len(tr_x):
-        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(tr_x))[:cfg.train_subset])
+        keep = np.sort(np.random.default_rng(cfg.data_seed).permutation(len(tr_x))[:cfg.train_subset])
         tr_x, tr_y = [tr_x[i] for i in keep], [tr_y[i] for i in keep]
     enc = load_text_encoder(cfg.checkpoint, num_layers=cfg.layers)
     tok = load_tokenizer(enc.source)
@@ -116,7 +116,8 @@ def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("
 
 # %% ../nbs/13_glue.ipynb #0548d6c2
 register_run(RunKind("glue", GlueConfig, finetune_glue, command="glue",
-                     help="finetune a (distilled) text encoder on a GLUE task"))
+                     help="finetune a (distilled) text encoder on a GLUE task",
+                     test=dict(max_steps=10, train_subset=320, tensorboard=False, layers=2)))
 
 # %% ../nbs/13_glue.ipynb #13320c43
 def glue_demo(out: str | Path, # results folder

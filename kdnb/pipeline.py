@@ -9,28 +9,36 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 import typing
+from fastcore.basics import patch
 import pandas as pd
 import matplotlib.pyplot as plt
 from .config import (load_config, make_portable, portable, ConfigBase, ConfigError, get_config, check_choice,
-                         check_positive, DATASETS)
+                         check_positive, DATASETS, Preset, RunKind, register_run, write_atomic)
 from .runs import run
-from .report import read_metrics, read_summary
-from .engine import code_commit, Checkpointer
+from .report import read_metrics, read_summary, interval_table, paired_differences
+from .engine import code_commit, Checkpointer, check_resume_config
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MODEL_LABELS', 'TEACHER_KINDS', 'KEEP', 'PipelineConfig', 'stage_configs', 'run_pipeline', 'results_table',
-           'plot_pipeline', 'export_results', 'pipeline_command']
+__all__ = ['log', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'PipelineConfig',
+           'student_seeds', 'teacher_stages', 'student_stages', 'evaluated_models', 'stage_configs', 'run_pipeline',
+           'pipeline', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'export_results',
+           'pipeline_command']
 
 # %% ../nbs/17_pipeline.ipynb #e7f250e8
 @dataclass
 class PipelineConfig(ConfigBase):
     "The chain teacher -> students -> distillation -> probe/finetune of the teacher and each student, distilled or not."
+    preset: str = "custom" # the preset these values came from (informational)
     dataset: str = "digits" # one of DATASETS
     data_root: str = "data" # folder of the data set
     val_size: float = 0.2 # held-out split carved from train (fraction, or count if > 1)
-    train_subset: typing.Optional[int] = None # training images used (stratified); None = all
+    # training images of the student stages, probes and finetunes (stratified, the same for every seed); None = all
+    train_subset: typing.Optional[int] = None
+    # images of the teacher's (and the other donor's) pretraining: "same" as the students' (train_subset), or "all"
+    # the training images that are not validation
+    teacher_images: str = "same"
     # "pretrain": data2vec 2.0 pretraining here, no labels; "train": supervised on the labels (leaks them into the
     # comparison); "beitv2": seed 000, needs its weights
     teacher: str = "pretrain"
@@ -40,187 +48,352 @@ class PipelineConfig(ConfigBase):
     student: str = "both"
     # data2vec 2.0 checkpoint for student="data2vec2" (None: official URL)
     student_checkpoint: typing.Optional[str] = None
+    # arm (c): the teacher's first half trained for the distillation's budget with data2vec 2.0's objective instead
+    d2v_baseline: bool = False
+    random_reference: bool = False # also the student from random weights, distilled and not (a reference)
     img_size: int = 16 # input resolution (embedded default: 16 px digits)
     patch_size: int = 4 # patch side of the models trained here (teacher 'pretrain'/'train')
     embed_dim: int = 64 # width of the trained teacher
     num_heads: int = 4 # attention heads of the models trained here
     teacher_depth: int = 4 # blocks of the trained teacher; the student keeps half
-    teacher_epochs: int = 15 # pretraining (or supervised training) of the teacher, and of the other donor
+    teacher_epochs: int = 15 # pretraining (or supervised training) of the teacher
+    donor_epochs: typing.Optional[int] = None # pretraining of the other donor; None = teacher_epochs
     teacher_mlp_ratio: float = 4.0 # FFN width / D of the teacher
     donor_mlp_ratio: float = 2.0 # FFN width / D of the other donor (student="other"/"both"): another size
     clone_batch: int = 4 # pretraining: masked copies of each image per teacher pass
-    distill_epochs: int = 10 # distillation of each student
+    distill_epochs: int = 10 # distillation of each student (and arm (c)'s data2vec 2.0 training)
     probe_epochs: int = 10 # linear probe of the teacher and of each student, distilled or not
     finetune_epochs: int = 8 # finetuning of the teacher and of each student, distilled or not
     batch_size: int = 32 # batch size of every stage
     teacher_lr: float = 3e-3 # lr of the supervised teacher
-    pretrain_lr: float = 1e-3 # lr of the pretraining runs
+    pretrain_lr: float = 1e-3 # lr of the pretraining runs (and of arm (c))
     distill_lr: float = 1e-3 # lr of the distillations (teacher 'beitv2': the seed preset's)
     probe_lr: float = 1e-2 # lr of the linear probes (teacher 'beitv2': the seed preset's)
     finetune_lr: float = 3e-3 # lr of the finetunings (teacher 'beitv2': the seed preset's)
-    seed: int = 0 # seed of every stage (the other donor pretrains with seed + 1)
+    # seed of the teacher's pretraining, of the validation split and of the first student seed (the other donor
+    # pretrains with seed + 1)
+    seed: int = 0
+    seeds: int = 1 # student seeds: every student stage, probe and finetune runs with seed, seed + 1, ...
     device: str = "auto" # "auto", "cpu", "cuda" or "cuda:N", for every stage
     num_workers: int = -1 # -1: automatic
     out_dir: str = "runs/pipeline" # the pipeline's folder; every stage is a subfolder
-    resume: bool = False # skip stages whose summary says they finished; continue the unfinished one
+    # True: skip the stages that finished, continue the unfinished one from its checkpoint (the saved pipeline.yaml
+    # must match); "auto": continue when out_dir holds a pipeline, start otherwise; False: a new pipeline
+    resume: typing.Union[bool, str] = False
 
-    def validate(self):
-        check_choice("dataset", self.dataset, DATASETS)
-        check_choice("teacher", self.teacher, ("pretrain", "train", "beitv2"))
-        check_choice("student", self.student, ("half", "other", "both", "data2vec2"))
-        if self.teacher == "train" and self.student != "half":
-            raise ConfigError("a trained teacher pairs with student='half' (the first half of its blocks)")
-        if self.teacher == "pretrain" and self.student == "data2vec2":
-            raise ConfigError("a teacher pretrained here pairs with student='half', 'other' or 'both'")
-        if self.teacher == "beitv2" and self.student != "data2vec2":
-            raise ConfigError("teacher='beitv2' pairs with student='data2vec2' (the seeds' setting)")
-        check_positive(self, "img_size", "patch_size", "embed_dim", "num_heads", "teacher_depth", "teacher_epochs",
-                  "distill_epochs", "probe_epochs", "finetune_epochs", "batch_size")
-        if self.teacher_depth < 2:
-            raise ConfigError(f"teacher_depth={self.teacher_depth}: needs >= 2 blocks to keep half")
+# %% ../nbs/17_pipeline.ipynb #e3d729de
+@patch
+def validate(self: PipelineConfig):
+    check_choice("dataset", self.dataset, DATASETS)
+    check_choice("teacher", self.teacher, ("pretrain", "train", "beitv2"))
+    check_choice("student", self.student, ("half", "other", "both", "data2vec2"))
+    check_choice("teacher_images", self.teacher_images, ("same", "all"))
+    check_choice("resume", self.resume, (True, False, "auto"))
+    if self.teacher == "train" and self.student != "half":
+        raise ConfigError("a trained teacher pairs with student='half' (the first half of its blocks)")
+    if self.teacher == "pretrain" and self.student == "data2vec2":
+        raise ConfigError("a teacher pretrained here pairs with student='half', 'other' or 'both'")
+    if self.teacher == "beitv2" and self.student != "data2vec2":
+        raise ConfigError("teacher='beitv2' pairs with student='data2vec2' (the seeds' setting)")
+    if self.teacher != "pretrain" and (self.d2v_baseline or self.random_reference or self.teacher_images != "same"):
+        raise ConfigError("d2v_baseline, random_reference and teacher_images='all' need teacher='pretrain' (the "
+                          "teacher and the students' weights made here)")
+    check_positive(self, "img_size", "patch_size", "embed_dim", "num_heads", "teacher_depth", "teacher_epochs",
+                   "distill_epochs", "probe_epochs", "finetune_epochs", "batch_size", "seeds")
+    if self.donor_epochs is not None: check_positive(self, "donor_epochs")
+    if self.teacher_depth < 2:
+        raise ConfigError(f"teacher_depth={self.teacher_depth}: needs >= 2 blocks to keep half")
+
+def student_seeds(p: PipelineConfig) -> list[int]:
+    "The seeds of the student stages, probes and finetunes."
+    return [p.seed + k for k in range(p.seeds)]
 
 # %% ../nbs/17_pipeline.ipynb #63aaa266
-def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
-    "The config of every stage, keyed by its subfolder name."
-    out = Path(p.out_dir)
-    common = dict(dataset=p.dataset, data_root=p.data_root, val_size=p.val_size, train_subset=p.train_subset,
-                  seed=p.seed, device=p.device, num_workers=p.num_workers, batch_size=p.batch_size, resume=p.resume)
+def _sfx(p: PipelineConfig, seed: int) -> str: return "" if p.seeds == 1 else f"_s{seed}"
+
+def _common(p: PipelineConfig, seed: int) -> dict:
+    # every student seed reads the teacher seed's split and subset (`split_seed`; None when it is the seed itself)
+    return dict(dataset=p.dataset, data_root=p.data_root, val_size=p.val_size, train_subset=p.train_subset,
+                seed=seed, split_seed=None if seed == p.seed else p.seed, device=p.device,
+                num_workers=p.num_workers, batch_size=p.batch_size, resume=p.resume is True)
+
+def _size(p: PipelineConfig) -> dict:
     local = p.teacher in ("train", "pretrain")  # sizes and budgets from this config, CPU presets
-    size = dict(img_size=p.img_size, patch_size=p.patch_size, embed_dim=p.embed_dim,
+    return dict(img_size=p.img_size, patch_size=p.patch_size, embed_dim=p.embed_dim,
                 num_heads=p.num_heads) if local else {}
-    sfx = "_cpu" if local else ""
-    st, students = {}, {}  # students: setting suffix -> (donor run or checkpoint, depth)
-    half = p.teacher_depth // 2
+
+def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
+    "The teacher's (and donor's) stages, the students {setting suffix: (start weights, depth)}, and the teacher."
+    out, st, students, half = Path(p.out_dir), {}, {}, p.teacher_depth // 2
+    common = _common(p, p.seed)
     if p.teacher == "pretrain":
-        def pretraining(name, seed, mlp_ratio):
-            return get_config("pretrain_cpu", **{**common, "seed": seed}, **size, depth=p.teacher_depth,
-                              prenet_depth=0, mlp_ratio=mlp_ratio, average_top_k_layers=p.teacher_depth,
-                              clone_batch=p.clone_batch, epochs=p.teacher_epochs, lr=p.pretrain_lr,
-                              out_dir=str(out / name))
-        st["pretrain_teacher"] = pretraining("pretrain_teacher", p.seed, p.teacher_mlp_ratio)
+        def pretraining(name, seed, mlp_ratio, epochs):
+            images = {"train_subset": None} if p.teacher_images == "all" else {}
+            return get_config("pretrain_cpu", **{**common, "seed": seed, **images,
+                                                 "split_seed": None if seed == p.seed else p.seed}, **_size(p),
+                              depth=p.teacher_depth, prenet_depth=0, mlp_ratio=mlp_ratio,
+                              average_top_k_layers=p.teacher_depth, clone_batch=p.clone_batch, epochs=epochs,
+                              lr=p.pretrain_lr, out_dir=str(out / name))
+        st["pretrain_teacher"] = pretraining("pretrain_teacher", p.seed, p.teacher_mlp_ratio, p.teacher_epochs)
         t_run = out / "pretrain_teacher"
         if p.student in ("half", "both"): students[""] = (str(t_run), half)
         if p.student in ("other", "both"):
-            st["pretrain_donor"] = pretraining("pretrain_donor", p.seed + 1, p.donor_mlp_ratio)
+            st["pretrain_donor"] = pretraining("pretrain_donor", p.seed + 1, p.donor_mlp_ratio,
+                                               p.donor_epochs or p.teacher_epochs)
             students["_other"] = (str(out / "pretrain_donor"), half)
-        teacher, t_ckpt, t_kind, t_model = f"run:{t_run}", None, "ffn", str(t_run)
-    elif p.teacher == "train":
-        st["teacher"] = get_config("finetune" + sfx, **common, **size, model="tiny", checkpoint=None,
-                                   depth=p.teacher_depth,
-                                   epochs=p.teacher_epochs, lr=p.teacher_lr, out_dir=str(out / "teacher"))
-        teacher, t_ckpt, t_kind, t_model = f"run:{out / 'teacher'}", None, "ffn", str(out / "teacher")
+        if p.random_reference: students["_random"] = (None, half)
+        return st, students, (f"run:{t_run}", None, "ffn", str(t_run))
+    if p.teacher == "train":
+        st["teacher"] = get_config("finetune_cpu", **common, **_size(p), model="tiny", checkpoint=None,
+                                   depth=p.teacher_depth, epochs=p.teacher_epochs, lr=p.teacher_lr,
+                                   out_dir=str(out / "teacher"))
         students[""] = (str(out / "teacher"), half)
-    else:
-        teacher, t_ckpt, t_kind, t_model = "beitv2", p.teacher_checkpoint or "beitv2_base_pt1k", "block", None
-        students[""] = (p.student_checkpoint or "data2vec2_base", 6)
+        return st, students, (f"run:{out / 'teacher'}", None, "ffn", str(out / "teacher"))
+    students[""] = (p.student_checkpoint or "data2vec2_base", 6)
+    return st, students, ("beitv2", p.teacher_checkpoint or "beitv2_base_pt1k", "block", None)
+
+# %% ../nbs/17_pipeline.ipynb #d9b40412
+def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int) -> dict:
+    "One seed's distillations (one per setting) and arm (c)'s data2vec 2.0 training."
+    out, st, local = Path(p.out_dir), {}, p.teacher in ("train", "pretrain")
+    (t_name, t_ckpt, t_kind, t_run), ss, sfx = teacher, _sfx(p, seed), "_cpu" if local else ""
     for sx, (s_ckpt, s_depth) in students.items():
-        st["distill" + sx] = get_config("distill" + sfx, **common, **size,
-                                        **({"mlp_dim": 4 * p.embed_dim} if local else {}),
-                                        teacher=teacher, teacher_checkpoint=t_ckpt, teacher_layer_kind=t_kind,
-                                        model="data2vec2", checkpoint=s_ckpt, depth=s_depth,
-                                        student_layer_kind="ffn", epochs=p.distill_epochs,
-                                        **({"lr": p.distill_lr} if local else {}), out_dir=str(out / f"distill{sx}"))
-    models = {"teacher": (t_model, p.teacher_depth)} if t_model else {}
+        st[f"distill{sx}{ss}"] = get_config("distill" + sfx, **_common(p, seed), **_size(p),
+                                            **({"mlp_dim": 4 * p.embed_dim} if local else {}),
+                                            teacher=t_name, teacher_checkpoint=t_ckpt, teacher_layer_kind=t_kind,
+                                            model="data2vec2", checkpoint=s_ckpt, depth=s_depth,
+                                            student_layer_kind="ffn", epochs=p.distill_epochs,
+                                            **({"lr": p.distill_lr} if local else {}),
+                                            out_dir=str(out / f"distill{sx}{ss}"))
+    if p.d2v_baseline:
+        half = p.teacher_depth // 2
+        st[f"d2v{ss}"] = get_config("pretrain_cpu", **_common(p, seed), **_size(p), checkpoint=t_run, depth=half,
+                                    prenet_depth=0, mlp_ratio=p.teacher_mlp_ratio, average_top_k_layers=half,
+                                    clone_batch=p.clone_batch, epochs=p.distill_epochs, lr=p.pretrain_lr,
+                                    out_dir=str(out / f"d2v{ss}"))
+    return st
+
+def evaluated_models(p: PipelineConfig, students: dict, teacher: tuple, seed: int) -> dict:
+    "Name -> (weights, depth) of every model one seed evaluates: the teacher, and each arm's student."
+    out, ss, t_run = Path(p.out_dir), _sfx(p, seed), teacher[3]
+    models = {"teacher": (t_run, p.teacher_depth)} if t_run else {}
     for sx, (s_ckpt, s_depth) in students.items():
-        models["distilled" + sx] = (str(out / f"distill{sx}"), s_depth)
+        models["distilled" + sx] = (str(out / f"distill{sx}{ss}"), s_depth)
         models["baseline" + sx] = (s_ckpt, s_depth)  # the same blocks, not distilled
-    for mode, epochs, lr in (("linear_probe", p.probe_epochs, p.probe_lr),
-                             ("finetune", p.finetune_epochs, p.finetune_lr)):
-        for name, (ckpt, depth) in models.items():
-            st[f"{mode}_{name}"] = get_config(mode + sfx, **common, **size, model="data2vec2", checkpoint=ckpt,
-                                              depth=depth, epochs=epochs,
-                                              **({"lr": lr, "cache_features": mode == "linear_probe"} if local else {}),
-                                              out_dir=str(out / f"{mode}_{name}"))
+        if sx == "" and p.d2v_baseline: models["d2v"] = (str(out / f"d2v{ss}"), s_depth)
+    return models
+
+def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
+    "The config of every stage, keyed by its subfolder name, in the order they run: the teacher's, then seed by seed."
+    st, students, teacher = teacher_stages(p)
+    local = p.teacher in ("train", "pretrain")
+    sfx = "_cpu" if local else ""
+    for seed in student_seeds(p):  # seed by seed: a pipeline stopped early has whole seeds
+        st |= student_stages(p, students, teacher, seed)
+        for mode, epochs, lr in (("linear_probe", p.probe_epochs, p.probe_lr),
+                                 ("finetune", p.finetune_epochs, p.finetune_lr)):
+            for name, (ckpt, depth) in evaluated_models(p, students, teacher, seed).items():
+                st[f"{mode}_{name}{_sfx(p, seed)}"] = get_config(
+                    mode + sfx, **_common(p, seed), **_size(p), model="data2vec2", checkpoint=ckpt, depth=depth,
+                    epochs=epochs, **({"lr": lr, "cache_features": mode == "linear_probe"} if local else {}),
+                    out_dir=str(Path(p.out_dir) / f"{mode}_{name}{_sfx(p, seed)}"))
     return st
 
 # %% ../nbs/17_pipeline.ipynb #29f67fbc
-def _finished(run_dir: Path) -> bool:
+def _finished(run_dir: Path, cfg) -> bool:
+    "Whether a stage's folder holds a finished run of `cfg` (a finished run of another config is refused)."
     p = run_dir / "summary.json"
-    return p.exists() and json.loads(p.read_text()).get("finished", False)
+    if not (p.exists() and json.loads(p.read_text()).get("finished", False)): return False
+    check_resume_config(load_config(run_dir / "config.yaml"), cfg, run_dir)
+    return True
 
-def run_pipeline(p: PipelineConfig | None = None, **overrides) -> pd.DataFrame:
-    "Run every stage (skipping finished ones when resuming) and return the results table."
-    p = PipelineConfig(**overrides) if p is None else (p.replace(**overrides) if overrides else p)
+PIPELINE_MAY_CHANGE = {"resume", "out_dir", "preset", "device", "num_workers"}
+
+def _start(p: PipelineConfig) -> Path:
+    "The pipeline's folder, checked against what it holds: a new pipeline, or the same one continued."
     out = Path(p.out_dir)
-    if out.exists() and any(out.iterdir()) and not p.resume:
+    saved = out / "pipeline.yaml"
+    if out.exists() and any(out.iterdir()) and p.resume is False:
         raise FileExistsError(f"{out} already holds a pipeline run; pass resume=True to continue it, or another "
                               "out_dir")
+    if saved.exists() and p.resume is not False:
+        old, new = load_config(saved).to_dict(), p.to_dict()
+        changed = [k for k in new if k not in PIPELINE_MAY_CHANGE and old.get(k) != new[k]]
+        if changed:
+            raise ConfigError(f"resume with a pipeline config that differs from {saved}: "
+                              + ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+                              + ". Resume with the saved values, or start a new pipeline in another out_dir")
     out.mkdir(parents=True, exist_ok=True)
-    p.save(out / "pipeline.yaml")
-    t0 = time.perf_counter()
-    for name, cfg in stage_configs(p).items():
-        folder = Path(cfg.out_dir)
-        if _finished(folder):
-            log.info(f"{name}: finished before, skipped")
-            continue
-        log.info(f"stage {name}")
-        last = Checkpointer.find(folder / "checkpoints")
-        if folder.exists() and last is None:  # the stage stopped before its first checkpoint: nothing to continue
-            log.info(f"{name}: stopped before its first checkpoint, started again")
-            shutil.rmtree(folder)
-        try:
-            run(cfg.replace(resume=last is not None))
-        except (RuntimeError, FileNotFoundError) as e:
-            if p.teacher == "beitv2" and ("download" in str(e) or "no checkpoint" in str(e) or "is not in" in str(e)):
-                raise RuntimeError(f"{e}\n\nThe pipeline with teacher={p.teacher!r}, student={p.student!r} needs "
-                                   "the seeds' weights and data. Offline, pass local files: -p teacher_checkpoint "
-                                   "/path/beitv2_base_patch16_224_pt1k.pth "
-                                   "-p student_checkpoint /path/base_imagenet.pt -p data_root /path/to/data "
-                                   "(CIFAR: torchvision's files or an ImageFolder train/ tree)") from e
-            raise
+    p.save(saved)
+    return out
+
+# %% ../nbs/17_pipeline.ipynb #70f26dfc
+def _run_stage(p: PipelineConfig, name: str, cfg, callbacks=()):
+    folder = Path(cfg.out_dir)
+    if _finished(folder, cfg):
+        log.info(f"{name}: finished before, skipped")
+        return
+    log.info(f"stage {name}")
+    last = Checkpointer.find(folder / "checkpoints")
+    if folder.exists() and last is None:  # the stage stopped before its first checkpoint: nothing to continue
+        log.info(f"{name}: stopped before its first checkpoint, started again")
+        shutil.rmtree(folder)
+    try:
+        run(cfg.replace(resume=last is not None), callbacks=callbacks)
+    except (RuntimeError, FileNotFoundError) as e:
+        if p.teacher == "beitv2" and ("download" in str(e) or "no checkpoint" in str(e) or "is not in" in str(e)):
+            raise RuntimeError(f"{e}\n\nThe pipeline with teacher={p.teacher!r}, student={p.student!r} needs "
+                               "the seeds' weights and data. Offline, pass local files: -p teacher_checkpoint "
+                               "/path/beitv2_base_patch16_224_pt1k.pth "
+                               "-p student_checkpoint /path/base_imagenet.pt -p data_root /path/to/data "
+                               "(CIFAR: torchvision's files or an ImageFolder train/ tree)") from e
+        raise
+
+def run_pipeline(p: PipelineConfig | None = None, # a config; None = PipelineConfig(**overrides)
+                 callbacks=(), # engine callbacks, passed to every stage
+                 **overrides) -> pd.DataFrame: # the results table (also out_dir/results.csv)
+    "Run every stage (skipping finished ones when resuming) and return the results table."
+    p = PipelineConfig(**overrides) if p is None else (p.replace(**overrides) if overrides else p)
+    out, t0 = _start(p), time.perf_counter()
+    for name, cfg in stage_configs(p).items(): _run_stage(p, name, cfg, callbacks)
     table = results_table(out)
     table.to_csv(out / "results.csv")
+    stages = [read_summary(Path(c.out_dir)) for c in stage_configs(p).values()]
     summary = {"config": p.to_dict(), "results": table.reset_index().to_dict(orient="records"),
-               "wall_time_s": round(time.perf_counter() - t0, 1), "git_commit": code_commit()}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+               "wall_time_s": round(time.perf_counter() - t0, 1),  # this call's (a resumed one skips finished stages)
+               "stages_wall_time_s": round(sum(s.get("wall_time_s", 0) for s in stages), 1),  # every stage's, summed
+               "stage_commits": sorted({s.get("git_commit") for s in stages if s.get("git_commit")}),
+               "git_commit": code_commit(), "finished": True}
+    write_atomic(out / "results.json", json.dumps(summary, indent=2), "the pipeline's results")
     return table
+
+# %% ../nbs/17_pipeline.ipynb #3f0e2e50
+def pipeline(cfg: PipelineConfig | None = None, # a config; None = get_config("pipeline_cpu", **overrides)
+             callbacks=(), # engine callbacks, passed to every stage
+             **overrides) -> dict: # the pipeline's results.json
+    "The pipeline as a run kind: every stage (resuming as `cfg.resume` says), then its table."
+    cfg = get_config("pipeline_cpu", **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    run_pipeline(cfg, callbacks=callbacks)
+    return json.loads((Path(cfg.out_dir) / "results.json").read_text())
+
+_CIFAR = dict(dataset="cifar10", data_root="../shared/data/cifar10", val_size=2500, img_size=32, patch_size=8,
+              embed_dim=128, num_heads=4, teacher_depth=6, batch_size=64, device="cpu")
+register_run(
+    RunKind("pipeline", PipelineConfig, pipeline, command="pipeline",
+            help="the whole chain: a teacher, its students, distillation, then probes and finetunes of each",
+            test=dict(train_subset=300, teacher_epochs=1, donor_epochs=None, distill_epochs=1, probe_epochs=1,
+                      finetune_epochs=1, seeds=1)),
+    Preset("pipeline_cpu", PipelineConfig, dict(out_dir="runs/pipeline"),
+           "The embedded default: scikit-learn's digits, offline, a few minutes on 2 CPU cores (README command 1)."),
+    Preset("pipeline", PipelineConfig, dict(teacher="beitv2", student="data2vec2", dataset="cifar10",
+                                            data_root="data/cifar10", img_size=224, batch_size=256,
+                                            out_dir="runs/pipeline_seeds"),
+           "The seeds' pair (BEiTv2 -> the first 6 blocks of Data2Vec2) on CIFAR-10 at 224 px: a GPU and the "
+           "weights; the stages use seed 000's presets, the epochs are the pipeline's defaults."),
+    Preset("pipeline_cifar10", PipelineConfig, dict(
+        **_CIFAR, train_subset=20000, teacher_epochs=10, distill_epochs=5, probe_epochs=10, finetune_epochs=3,
+        finetune_lr=2e-3, out_dir="runs/pipeline_cifar10"),
+        "results/cifar10 (one seed): a 6-block ViT pretrained here on 20,000 CIFAR-10 images, 32 px, 2 CPU cores."),
+    Preset("evidence_cifar10", "pipeline_cifar10", dict(
+        teacher_images="all", train_subset=10000, donor_epochs=3, distill_epochs=2, finetune_epochs=2, seeds=3,
+        d2v_baseline=True, random_reference=True, out_dir="runs/evidence_cifar10"),
+        "results/evidence_cifar10: the teacher pretrained on all 47,500 non-validation images; arms (a), (b), (c) "
+        "and a random student at one budget, 3 seeds; about 2 h on 2 CPU cores."))
 
 # %% ../nbs/17_pipeline.ipynb #0189e208
 MODEL_LABELS = {"teacher": "teacher", "distilled": "student, distilled", "baseline": "student, not distilled",
+                "d2v": "student, data2vec 2.0 instead (c)",
                 "distilled_other": "other donor's student, distilled",
-                "baseline_other": "other donor's student, not distilled"}
+                "baseline_other": "other donor's student, not distilled",
+                "distilled_random": "random student, distilled", "baseline_random": "random student, not distilled"}
 TEACHER_KINDS = {"pretrain": "self-supervised (data2vec 2.0 pretraining here, no labels)",
                  "train": "supervised on the training labels: labels leak into the distilled student",
                  "beitv2": "BEiTv2 (self-supervised, the seeds' teacher)"}
+# paired differences the report shows (A minus B, seed by seed), when both arms ran
+PAIRS = {"(a) distilled - not distilled": ("distilled", "baseline"),
+         "(a) distilled - (c) data2vec 2.0 instead": ("distilled", "d2v"),
+         "(c) data2vec 2.0 instead - not distilled": ("d2v", "baseline"),
+         "(b) distilled - not distilled": ("distilled_other", "baseline_other"),
+         "random: distilled - not distilled": ("distilled_random", "baseline_random"),
+         "teacher - (a) not distilled (the gap)": ("teacher", "baseline")}
+MODES = ("linear_probe", "finetune")
 
-def results_table(out_dir) -> pd.DataFrame:
-    "Top-1 accuracy (%) on the validation split of every model, linear probe and finetune, read from the run folders."
-    out, rows = Path(out_dir), []
-    for name, label in MODEL_LABELS.items():
-        row = {"model": label}
-        for mode in ("linear_probe", "finetune"):
-            run = out / f"{mode}_{name}"
-            if (run / "summary.json").exists():
-                s = read_summary(run)
-                row[f"{mode} top-1 (%)"] = s["metrics"].get("acc1")
-                row[f"{mode} steps"] = s["steps"]
-        if len(row) > 1: rows.append(row)
-    table = pd.DataFrame(rows).set_index("model")
-    for stage in ("distill", "distill_other", "pretrain_teacher", "pretrain_donor"):
+def seed_results(out_dir) -> pd.DataFrame:
+    "One row per evaluation run of a pipeline folder: model (label), mode, seed, top-1 (%) and steps."
+    out = Path(out_dir)
+    p = load_config(out / "pipeline.yaml")
+    _, students, teacher = teacher_stages(p)
+    rows = []
+    for seed in student_seeds(p):
+        names = evaluated_models(p, students, teacher, seed)
+        for mode in MODES:
+            for name in MODEL_LABELS:
+                run = out / f"{mode}_{name}{_sfx(p, seed)}"
+                if name in names and (run / "summary.json").exists():
+                    s = read_summary(run)
+                    if s.get("finished"):
+                        rows.append(dict(model=MODEL_LABELS[name], mode=mode, seed=seed,
+                                         acc1=s["metrics"].get("acc1"), steps=s["steps"]))
+    if not rows: raise FileNotFoundError(f"{out} holds no finished probe or finetune: run the pipeline first")
+    return pd.DataFrame(rows)
+
+# %% ../nbs/17_pipeline.ipynb #30fe630c
+def _stage_attrs(out: Path, p: PipelineConfig) -> dict:
+    attrs = {}
+    for stage in ("pretrain_teacher", "pretrain_donor", "teacher",
+                  *[f"{s}{_sfx(p, seed)}" for seed in student_seeds(p)
+                    for s in ("distill", "distill_other", "distill_random", "d2v")]):
         if (out / stage / "summary.json").exists():
             s = read_summary(out / stage)
-            table.attrs[stage] = {"steps": s["steps"], "val_loss": s["metrics"].get("val_loss"),
-                                  "train_time_s": s["train_time_s"]}
-    if (out / "pipeline.yaml").exists():
-        table.attrs["teacher_kind"] = TEACHER_KINDS[load_config(out / "pipeline.yaml").teacher]
+            attrs[stage] = {"steps": s["steps"], "val_loss": s["metrics"].get("val_loss"),
+                            "train_time_s": s["train_time_s"]}
+    return attrs
+
+def results_table(out_dir) -> pd.DataFrame:
+    "Top-1 accuracy (%) on the validation split of every model, linear probe and finetune (mean over the seeds)."
+    out = Path(out_dir)
+    runs, p = seed_results(out), load_config(out / "pipeline.yaml")
+    rows = {}
+    for (model, mode), g in runs.groupby(["model", "mode"], sort=False):
+        r = rows.setdefault(model, {"model": model})
+        r[f"{mode} top-1 (%)"] = g.acc1.mean()
+        if p.seeds > 1: r[f"{mode} ±95%"] = interval_table(g).iloc[0][(mode, "±95%")]
+        r[f"{mode} steps"] = int(g.steps.iloc[0])
+    order = [m for m in MODEL_LABELS.values() if m in rows]
+    table = pd.DataFrame([rows[m] for m in order]).set_index("model")
+    table = table[[c for mode in MODES for c in table.columns if c.startswith(mode)]]
+    table.attrs |= _stage_attrs(out, p)
+    table.attrs["teacher_kind"] = TEACHER_KINDS[p.teacher]
     return table
 
+def paired_table(out_dir) -> pd.DataFrame:
+    "Each paired difference of PAIRS that the folder's arms allow: mean over the seeds, its 95 % interval, seeds."
+    runs = seed_results(out_dir)
+    have = set(runs.model)
+    pairs = {k: (MODEL_LABELS[a], MODEL_LABELS[b]) for k, (a, b) in PAIRS.items()
+             if MODEL_LABELS[a] in have and MODEL_LABELS[b] in have}
+    return paired_differences(runs, pairs)
+
+# %% ../nbs/17_pipeline.ipynb #979f81dc
 def plot_pipeline(out_dir, path=None):
-    "Distillation loss, and probe / finetune accuracy per epoch of every model."
+    "Distillation loss (the first seed's), and probe / finetune accuracy per epoch of every model."
     out = Path(out_dir)
+    p = load_config(out / "pipeline.yaml")
+    ss = _sfx(p, p.seed)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for stage, who in (("distill", "teacher's half"), ("distill_other", "other donor")):
-        if not (out / stage / "metrics.jsonl").exists(): continue
-        d = read_metrics(out / stage)
+    for stage, who in (("distill", "teacher's half"), ("distill_other", "other donor"),
+                       ("distill_random", "random student")):
+        if not (out / f"{stage}{ss}" / "metrics.jsonl").exists(): continue
+        d = read_metrics(out / f"{stage}{ss}")
         for kind, key, style in (("step", "loss", "-"), ("epoch", "val_loss", "o-")):
             r = d[(d.kind == kind) & d.get(key, pd.Series(dtype=float)).notna()] if key in d else d.iloc[:0]
             if len(r): axes[0].plot(r.step, r[key], style, ms=4,
                                     label=f"{who}: {'train' if kind == 'step' else 'validation'}")
-    axes[0].set(title="distillation loss (d2v_loss)", xlabel="step")
-    axes[0].legend()
-    for ax, mode in zip(axes[1:], ("linear_probe", "finetune")):
+    axes[0].set(title="distillation loss (d2v_loss)" + (f", seed {p.seed}" if ss else ""), xlabel="step")
+    axes[0].legend(fontsize=7)
+    for ax, mode in zip(axes[1:], MODES):
         for name, label in MODEL_LABELS.items():
-            run = out / f"{mode}_{name}"
+            run = out / f"{mode}_{name}{ss}"
             if not (run / "metrics.jsonl").exists(): continue
             e = read_metrics(run, "epoch")
             ax.plot(e.epoch, e.acc1, "o-", ms=4, label=label)
@@ -249,9 +422,17 @@ def export_results(run_dir, dst) -> list[Path]:
     return out
 
 # %% ../nbs/17_pipeline.ipynb #c198c43a
+from .config import PRESETS
+
 def pipeline_command(run_dir) -> str:
-    "The papermill command that runs a pipeline folder's configuration again (its parameters unlike the defaults)."
-    p, default = load_config(Path(run_dir) / "pipeline.yaml"), PipelineConfig()
+    "The command that runs a pipeline folder's configuration again: its preset's, or papermill with its parameters."
+    p = load_config(Path(run_dir) / "pipeline.yaml")
+    skip = PIPELINE_MAY_CHANGE
+    if p.preset in PRESETS:
+        ref = get_config(p.preset)
+        if all(getattr(p, f.name) == getattr(ref, f.name) for f in dataclasses.fields(p) if f.name not in skip):
+            return f"kdnb pipeline --preset {p.preset}"
+    default = PipelineConfig()
     params = [f"-p {f.name} {getattr(p, f.name)}" for f in dataclasses.fields(p)
-              if f.name not in ("out_dir", "resume") and getattr(p, f.name) != getattr(default, f.name)]
+              if f.name not in skip and getattr(p, f.name) != getattr(default, f.name)]
     return " ".join(["papermill nbs/run_pipeline.ipynb out.ipynb", *params])

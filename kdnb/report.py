@@ -13,9 +13,9 @@ from .config import REPO, field_docs, portable
 
 # %% auto #0
 __all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'PRETRAIN_ROWS', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics',
-           'commit_date', 'provenance', 'fmt', 'rand_augment_parts', 'distill_table', 'finetune_table',
-           'seed_comparison_table', 'head_table', 'layer_decay_table', 'glue_table', 'ferkd_table', 'pretrain_table',
-           'plot_pretraining']
+           'commit_date', 'provenance', 'mean_interval', 'interval_table', 'paired_differences', 'plot_intervals',
+           'fmt', 'rand_augment_parts', 'distill_table', 'finetune_table', 'seed_comparison_table', 'head_table',
+           'layer_decay_table', 'glue_table', 'ferkd_table', 'pretrain_table', 'plot_pretraining']
 
 # %% ../nbs/16_report.ipynb #51903a4a
 def config_table(cfg, only: list[str] | None = None) -> pd.DataFrame:
@@ -71,6 +71,76 @@ def provenance(run_dir, # a run folder under results/ (a pipeline's folder, or o
                       (f" (+{len(configs) - 4} more)" if len(configs) > 4 else ""),
                       "git commit": s.get("git_commit"), "device": s.get("device", "unknown"),
                       "date": s.get("date") or commit_date(s.get("git_commit")), "rerun": command})
+
+# %% ../nbs/16_report.ipynb #2d1c08a9
+import numpy as np
+from scipy import stats
+
+def mean_interval(values, # one number per seed (None / NaN: a run that did not finish, left out)
+                  level: float = 0.95, # coverage of the interval
+                 ) -> dict: # mean, ci (half-width; None for one value), n, low, high
+    "Mean of independent runs with its Student-t interval."
+    x = np.asarray([v for v in values if v is not None and not np.isnan(v)], dtype=float)
+    if len(x) == 0: raise ValueError("no values to average: none of these runs has finished")
+    n, mean = len(x), float(x.mean())
+    ci = float(stats.t.ppf((1 + level) / 2, n - 1) * x.std(ddof=1) / np.sqrt(n)) if n > 1 else None
+    return {"mean": mean, "ci": ci, "n": n, "low": mean - (ci or 0.0), "high": mean + (ci or 0.0)}
+
+# %% ../nbs/16_report.ipynb #c0a32d09
+def interval_table(runs: pd.DataFrame, # long table: one row per run, with columns `by`, `over`, "seed" and `value`
+                   by: str = "model", # the arm
+                   over: str = "mode", # the evaluation (linear_probe, finetune): one column group each
+                   value: str = "acc1", level: float = 0.95) -> pd.DataFrame:
+    "Per arm and evaluation: mean, the half-width of its interval and the number of seeds."
+    rows = {}
+    for (arm, ev), g in runs.groupby([by, over], sort=False):
+        r = mean_interval(g[value], level)
+        rows.setdefault(arm, {}).update({(ev, "mean"): r["mean"], (ev, f"±{level:.0%}"): r["ci"], (ev, "seeds"): r["n"]})
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    out.index.name = by
+    return out
+
+def paired_differences(runs: pd.DataFrame, # long table as for interval_table
+                       pairs: dict, # label -> (arm A, arm B): A minus B, seed by seed
+                       by: str = "model", over: str = "mode", value: str = "acc1",
+                       level: float = 0.95) -> pd.DataFrame:
+    "Per pair and evaluation: the mean of A - B over the seeds both ran, its interval, and the seeds paired."
+    rows = {}
+    for label, (a, b) in pairs.items():
+        for ev in runs[over].unique():
+            sel = lambda arm: runs[(runs[by] == arm) & (runs[over] == ev)].set_index("seed")[value]
+            d = (sel(a) - sel(b)).dropna()  # only the seeds both arms finished
+            if len(d) == 0: continue
+            r = mean_interval(d, level)
+            rows.setdefault(label, {}).update({(ev, "mean"): r["mean"], (ev, f"±{level:.0%}"): r["ci"],
+                                               (ev, "seeds"): r["n"]})
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    if len(out): out.columns = pd.MultiIndex.from_tuples(out.columns)
+    out.index.name = "difference"
+    return out
+
+# %% ../nbs/16_report.ipynb #c51f45a4
+def plot_intervals(runs: pd.DataFrame, by: str = "model", over: str = "mode", value: str = "acc1",
+                   level: float = 0.95, titles: dict | None = None, path=None):
+    "One panel per evaluation: each arm's mean with its interval, and each seed as a dot."
+    evs = list(runs[over].unique())
+    arms = list(dict.fromkeys(runs[by]))
+    fig, axes = plt.subplots(1, len(evs), figsize=(6.5 * len(evs), 0.45 * len(arms) + 1.4), squeeze=False)
+    for ax, ev in zip(axes[0], evs):
+        for y, arm in enumerate(arms):
+            v = runs[(runs[by] == arm) & (runs[over] == ev)][value].dropna()
+            if not len(v): continue
+            r = mean_interval(v, level)
+            ax.errorbar(r["mean"], y, xerr=r["ci"] or 0, fmt="o", color="C0", capsize=4)
+            ax.plot(v, [y + 0.18] * len(v), ".", color="C1", alpha=0.8)
+        ax.set_yticks(range(len(arms)), arms)
+        ax.invert_yaxis()
+        ax.set(title=(titles or {}).get(ev, ev), xlabel=f"{value} (mean, {level:.0%} interval; dots: seeds)")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    if path: fig.savefig(path, dpi=110)
+    return fig
 
 # %% ../nbs/16_report.ipynb #287b26b3
 from .config import get_config, TRAIN_SIZES

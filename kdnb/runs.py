@@ -45,8 +45,7 @@ def setup_run(kind: str, # a registered run kind: pretrain, distill, finetune, l
             raise ConfigError("resume=True needs out_dir: the folder of the run to continue")
         cfg = cfg.replace(out_dir=tempfile.mkdtemp() if test else default_out_dir(cfg))
     if test:
-        cfg = cfg.replace(max_steps=min(cfg.max_steps or 10, 10), train_subset=320, tensorboard=False,
-                          **({"layers": 2} if kind == "glue" else {}))
+        cfg = cfg.replace(**run_kind(kind).test)
     return cfg
 
 def notebook_run(kind: str, # the run notebook's kind

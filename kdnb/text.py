@@ -270,7 +270,7 @@ def distill_text(cfg: TextDistillConfig | None = None, # a config; None = get_co
     if cfg.student_layers > teacher.num_layers:
         raise ValueError(f"student_layers={cfg.student_layers} exceeds the teacher's {teacher.num_layers} layers")
     tok = load_tokenizer(cfg.teacher)
-    train, val = split_sentences(glue_sentences(cfg.data_root, cfg.sentence_tasks), cfg.val_size, cfg.seed,
+    train, val = split_sentences(glue_sentences(cfg.data_root, cfg.sentence_tasks), cfg.val_size, cfg.data_seed,
                                  cfg.max_sentences)
     train_ds, val_ds = (TextSet([(s,) for s in part], None, tok, cfg.max_len) for part in (train, val))
     task = TextDistillTask(student, teacher, cfg.include_embeddings, cfg.target_eps)
@@ -278,7 +278,7 @@ def distill_text(cfg: TextDistillConfig | None = None, # a config; None = get_co
                                                                   f"{teacher.num_layers} layers",
                 teacher_layers=teacher.num_layers, train_sentences=len(train), val_sentences=len(val),
                 student_params=sum(p.numel() for p in student.parameters()),
-                val_source=f"held out from the sentences (seed {cfg.seed})")
+                val_source=f"held out from the sentences (seed {cfg.data_seed})")
     return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info)
 
 # %% ../nbs/12_text.ipynb #fde54db8

@@ -26,7 +26,8 @@ def registries():
     "nbdev runs every notebook in this process: what a notebook registers (its own copies of kdnb's run kinds,\n"
     "objectives and presets, or toys) is undone after it, so that no notebook sees another's."
     import kdnb.config as c
-    import kdnb.runs  # noqa: F401  kdnb's own registrations first: a module imported during a notebook stays registered
+    import kdnb.runs, kdnb.pipeline  # noqa: F401  kdnb's own registrations first: a module imported during a notebook
+    # stays registered
     saved = [(t, dict(t)) for t in (c.RUN_KINDS, c.OBJECTIVES, c.PRESETS)]
     yield
     for t, before in saved:

@@ -11,6 +11,7 @@ from kdnb.config import PRESETS, DistillConfig, GlueConfig, PretrainConfig, Text
 from kdnb.fkd import FKDConfig
 from kdnb.runs import run  # imports every objective, so PRESETS holds their presets too
 from kdnb.distill import distill
+from kdnb.pipeline import PipelineConfig, stage_configs  # registers the pipeline's presets
 
 GLUE_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
 
@@ -41,6 +42,10 @@ def shrink(name, out):
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_runs_end_to_end(name, tmp_path):
+    if isinstance(get_config(name), PipelineConfig):  # its miniature runs in nbs/17_pipeline.ipynb
+        stages = stage_configs(get_config(name, out_dir=str(tmp_path)))  # every stage's config builds and validates
+        assert all(c.out_dir.startswith(str(tmp_path)) for c in stages.values())
+        return
     cfg = shrink(name, tmp_path / name)
     if isinstance(cfg, (TextDistillConfig, GlueConfig)) and not (GLUE_ROOT / "RTE").is_dir():
         pytest.skip("../shared/data/glue is not here")

@@ -219,10 +219,12 @@ def test_glue_files_that_are_not_tab_separated(tmp_path):
         read_glue(tmp_path, "rte", "train")
 
 
-def test_pipeline_parameters_refuse_run_only_names():
+def test_pipeline_parameters_refuse_a_training_runs_fields():
+    "`lr` is a field of the training runs, not of the pipeline (it has one lr per stage): refused, naming it."
     from kdnb.pipeline import PipelineConfig
-    with pytest.raises(ConfigError, match="'preset'"):
-        params_from_namespace({"preset": "distill"}, set(), PipelineConfig)
+    with pytest.raises(ConfigError, match="'lr'"):
+        params_from_namespace({"lr": 1e-3}, set(), PipelineConfig)
+    assert params_from_namespace({"preset": "evidence_cifar10"}, set(), PipelineConfig) == {"preset": "evidence_cifar10"}
 
 
 def test_every_weights_reading_error_names_the_file(tmp_path):
