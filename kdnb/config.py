@@ -200,6 +200,9 @@ class BaseConfig(ConfigBase):
     warmup_steps: typing.Optional[int] = None # warmup in steps; wins over warmup_frac
     min_lr_ratio: float = 0.0 # final lr / peak lr of the cosine
     grad_clip: typing.Optional[float] = None # max gradient norm; None = off (the seeds), 2.0 used in the thesis notes
+    # decay of an EMA copy of the trained weights, updated after every optimiser step and evaluated beside them
+    # (metrics ema_*; FerKD Table 2: 0.9999); None = off
+    model_ema: typing.Optional[float] = None
     # --- run
     seed: int = 0 # seeds data order, augmentation and init
     # seeds the validation split and the training subset; None = `seed`. Runs that differ only in `seed` but share
@@ -246,6 +249,8 @@ def validate(self: BaseConfig):
     if not all(0 <= b < 1 for b in self.betas): raise ConfigError(f"betas={self.betas} must lie in [0, 1)")
     if self.grad_clip is not None and self.grad_clip <= 0:
         raise ConfigError(f"grad_clip={self.grad_clip} must be > 0 or None (off)")
+    if self.model_ema is not None and not 0 <= self.model_ema < 1:
+        raise ConfigError(f"model_ema={self.model_ema} is an EMA decay in [0, 1) (e.g. 0.9999), or None (off)")
     if self.train_subset is not None and self.train_subset <= 0:
         raise ConfigError(f"train_subset={self.train_subset} must be > 0 (a number of training images) or None "
                           "(all)")

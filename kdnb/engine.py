@@ -31,8 +31,8 @@ __all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'PREEMPTED_EXIT', 'TIMM_BLOCKS', '
            'resolve_device', 'autocast_dtype', 'precision_name', 'DistInfo', 'setup_distributed', 'attempt_store',
            'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Preempted', 'compile_blocks',
            'Trainer', 'progress_mode', 'Progress', 'dumps', 'MetricsLogger', 'check_resume_config', 'Checkpointer',
-           'Preemption', 'append_line', 'git_commit', 'code_commit', 'Summary', 'default_callbacks', 'ensure_writable',
-           'fit_task']
+           'Preemption', 'append_line', 'ModelEma', 'git_commit', 'code_commit', 'Summary', 'default_callbacks',
+           'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -192,7 +192,10 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(
             s, self.total_steps, self.warmup_steps, cfg.min_lr_ratio, cfg.schedule))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.callbacks = sorted(list(callbacks), key=lambda c: c.order)
+        callbacks = list(callbacks)
+        if getattr(cfg, "model_ema", None) is not None and not any(type(c).__name__ == "ModelEma" for c in callbacks):
+            callbacks.append(ModelEma(cfg.model_ema))  # the config asks for an EMA of the weights (defined below)
+        self.callbacks = sorted(callbacks, key=lambda c: c.order)
         self.reset_state()
 
 # %% ../nbs/06_engine.ipynb #228d9f26
@@ -324,9 +327,8 @@ def _after_epoch_state(self: Trainer):
 # %% ../nbs/06_engine.ipynb #fb977e8a
 @patch
 @torch.no_grad()
-def evaluate(self: Trainer) -> dict:
-    "Run the task's eval_step over the validation loader; sums are reduced over processes."
-    if self.val_dl is None: return {}
+def eval_metrics(self: Trainer) -> dict:
+    "The task's metrics on the validation loader: eval_step summed over batches and processes, then summarised."
     self.task.eval()
     sums = {}
     for batch in self.val_dl:
@@ -338,7 +340,13 @@ def evaluate(self: Trainer) -> dict:
     if self.dist.enabled:
         for v in sums.values(): dist.all_reduce(v)
     self.task.train()
-    res = self.task.summarize({k: v.item() for k, v in sums.items()})
+    return self.task.summarize({k: v.item() for k, v in sums.items()})
+
+@patch
+def evaluate(self: Trainer) -> dict:
+    "Evaluate (eval_metrics), refuse non-finite metrics, record them, then the after_eval event."
+    if self.val_dl is None: return {}
+    res = self.eval_metrics()
     bad = {k: v for k, v in res.items() if not math.isfinite(v)}
     if bad:
         raise NonFiniteLoss(f"validation metrics {bad} after epoch {self.epoch}: the model or the validation "
@@ -613,6 +621,8 @@ def save(self: Checkpointer, t, tag: str):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_weights(t.task.trained_module(), tmp / "model.safetensors")
+        for cb in t.callbacks:  # callbacks with weights of their own (ModelEma) save them into the same folder
+            if hasattr(cb, "save_into"): cb.save_into(t, tmp)
         torch.save({"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
                     "scaler": t.scaler.state_dict(), "rng": _rng_state(), "step": t.step, "epoch": t.epoch,
                     "step_in_epoch": t.step_in_epoch, "best": t.best, "images_seen": t.images_seen,
@@ -632,6 +642,8 @@ def save(self: Checkpointer, t, tag: str):
 def load(self: Checkpointer, t, path: Path):
     load_state(t.task.trained_module(), load_file(str(path / "model.safetensors"), device=str(t.device)),
                path / "model.safetensors")
+    for cb in t.callbacks:
+        if hasattr(cb, "load_from"): cb.load_from(t, path)
     s = torch.load(path / "state.pt", map_location=t.device, weights_only=True)
     t.opt.load_state_dict(s["optimizer"])
     t.sched.load_state_dict(s["scheduler"])
@@ -711,6 +723,48 @@ def append_line(path: Path, line: str, what: str = ""):
     except OSError as e:
         with contextlib.suppress(OSError): os.truncate(path, size)
         raise disk_error(path, e, what) from e
+
+# %% ../nbs/06_engine.ipynb #be5b87fc
+from safetensors.torch import save_file
+from .weights import weights_metadata
+
+class ModelEma(Callback):
+    "An EMA copy of the trained weights: updated after each optimiser step, evaluated beside them, checkpointed."
+    order = 1  # before Preemption (5) can stop the step, before the Checkpointer (20) saves it
+    def __init__(self, decay: float): self.decay, self.ema, self._pairs = decay, None, []
+    def _bind(self, t):
+        live = t.task.trained_module().state_dict()
+        if set(live) != set(self.ema):
+            raise KeyError(f"the EMA weights do not fit {type(t.task.trained_module()).__name__}: missing "
+                           f"{sorted(set(live) - set(self.ema))[:5]}, unexpected {sorted(set(self.ema) - set(live))[:5]}")
+        self._pairs = [(self.ema[k], live[k]) for k in live]  # state_dict tensors share the parameters' storage
+    def before_fit(self, t):  # the starting weights (a resumed run loads its average from the checkpoint next)
+        self.ema = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                    for k, v in t.task.trained_module().state_dict().items()}
+        self._bind(t)
+    @torch.no_grad()
+    def after_step(self, t):
+        fl = [(e, p) for e, p in self._pairs if e.is_floating_point()]
+        if fl: torch._foreach_lerp_([e for e, _ in fl], [p.float() for _, p in fl], 1.0 - self.decay)
+        for e, p in self._pairs:
+            if not e.is_floating_point(): e.copy_(p)
+    def after_eval(self, t):
+        m = t.task.trained_module()
+        raw = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        m.load_state_dict(self.ema)
+        try: res = t.eval_metrics()
+        finally: m.load_state_dict(raw)
+        t.metrics.update({f"ema_{k}": v for k, v in res.items()})
+    def save_into(self, t, folder: Path):
+        save_file({k: v.contiguous().cpu() for k, v in self.ema.items()}, str(folder / "ema.safetensors"),
+                  metadata=weights_metadata(t.task.trained_module()))
+    def load_from(self, t, folder: Path):
+        p = folder / "ema.safetensors"
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing: that checkpoint was written without model_ema (or is "
+                                    "incomplete); resume with the saved config's model_ema")
+        self.ema = load_file(str(p), device=str(t.device))
+        self._bind(t)
 
 # %% ../nbs/06_engine.ipynb #ffeb4790
 def git_commit(path=None) -> str | None:

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'PipelineConfig',
            'student_seeds', 'teacher_stages', 'student_stages', 'evaluated_models', 'stage_configs', 'run_pipeline',
-           'pipeline', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'export_results',
-           'pipeline_command']
+           'pipeline', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'first_stage',
+           'describe_pipeline', 'export_results', 'pipeline_command']
 
 # %% ../nbs/17_pipeline.ipynb #e7f250e8
 @dataclass
@@ -81,7 +81,7 @@ class PipelineConfig(ConfigBase):
     # must match); "auto": continue when out_dir holds a pipeline, start otherwise; False: a new pipeline
     resume: typing.Union[bool, str] = False
 
-# %% ../nbs/17_pipeline.ipynb #e3d729de
+# %% ../nbs/17_pipeline.ipynb #c70e6d89
 @patch
 def validate(self: PipelineConfig):
     check_choice("dataset", self.dataset, DATASETS)
@@ -152,7 +152,7 @@ def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
     students[""] = (p.student_checkpoint or "data2vec2_base", 6)
     return st, students, ("beitv2", p.teacher_checkpoint or "beitv2_base_pt1k", "block", None)
 
-# %% ../nbs/17_pipeline.ipynb #d9b40412
+# %% ../nbs/17_pipeline.ipynb #3297b02a
 def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int) -> dict:
     "One seed's distillations (one per setting) and arm (c)'s data2vec 2.0 training."
     out, st, local = Path(p.out_dir), {}, p.teacher in ("train", "pretrain")
@@ -227,7 +227,7 @@ def _start(p: PipelineConfig) -> Path:
     p.save(saved)
     return out
 
-# %% ../nbs/17_pipeline.ipynb #70f26dfc
+# %% ../nbs/17_pipeline.ipynb #9af2e52b
 def _run_stage(p: PipelineConfig, name: str, cfg, callbacks=()):
     folder = Path(cfg.out_dir)
     if _finished(folder, cfg):
@@ -267,7 +267,7 @@ def run_pipeline(p: PipelineConfig | None = None, # a config; None = PipelineCon
     write_atomic(out / "results.json", json.dumps(summary, indent=2), "the pipeline's results")
     return table
 
-# %% ../nbs/17_pipeline.ipynb #3f0e2e50
+# %% ../nbs/17_pipeline.ipynb #25dd989b
 def pipeline(cfg: PipelineConfig | None = None, # a config; None = get_config("pipeline_cpu", **overrides)
              callbacks=(), # engine callbacks, passed to every stage
              **overrides) -> dict: # the pipeline's results.json
@@ -337,7 +337,7 @@ def seed_results(out_dir) -> pd.DataFrame:
     if not rows: raise FileNotFoundError(f"{out} holds no finished probe or finetune: run the pipeline first")
     return pd.DataFrame(rows)
 
-# %% ../nbs/17_pipeline.ipynb #30fe630c
+# %% ../nbs/17_pipeline.ipynb #9333f038
 def _stage_attrs(out: Path, p: PipelineConfig) -> dict:
     attrs = {}
     for stage in ("pretrain_teacher", "pretrain_donor", "teacher",
@@ -374,7 +374,7 @@ def paired_table(out_dir) -> pd.DataFrame:
              if MODEL_LABELS[a] in have and MODEL_LABELS[b] in have}
     return paired_differences(runs, pairs)
 
-# %% ../nbs/17_pipeline.ipynb #979f81dc
+# %% ../nbs/17_pipeline.ipynb #25e267c4
 def plot_pipeline(out_dir, path=None):
     "Distillation loss (the first seed's), and probe / finetune accuracy per epoch of every model."
     out = Path(out_dir)
@@ -402,6 +402,36 @@ def plot_pipeline(out_dir, path=None):
     fig.tight_layout()
     if path: fig.savefig(path, dpi=110)
     return fig
+
+# %% ../nbs/17_pipeline.ipynb #3f3ed3a9
+def first_stage(out_dir) -> str:
+    "The stage that trained the teacher (its summary names the validation split)."
+    return "pretrain_teacher" if (Path(out_dir) / "pretrain_teacher").is_dir() else "teacher"
+
+def describe_pipeline(out_dir) -> pd.Series:
+    "The setting of a pipeline folder: data, teacher, students, arms, seeds, budgets, wall time and commit."
+    run = Path(out_dir)
+    p, info = load_config(run / "pipeline.yaml"), json.loads((run / "results.json").read_text())
+    how = ("pretrained here without labels (data2vec 2.0)" if p.teacher == "pretrain"
+           else "trained here on the labels (supervised: the labels leak into the distilled student)")
+    students = {"half": "(a) first half of the teacher", "other": "(b) first half of another pretraining run",
+                "both": "(a) first half of the teacher; (b) first half of another pretraining run (seed "
+                        f"{p.seed + 1}, FFN {p.donor_mlp_ratio:g}x instead of {p.teacher_mlp_ratio:g}x, "
+                        f"{p.donor_epochs or p.teacher_epochs} epochs)"}
+    extra = ["(c) the teacher's first half trained with data2vec 2.0 for the distillation's budget"] * p.d2v_baseline
+    extra += ["a student from random weights, distilled and not"] * p.random_reference
+    teacher_imgs = "all that are not validation" if p.teacher_images == "all" else (p.train_subset or "all")
+    return pd.Series({
+        "data set": p.dataset, "validation images": read_summary(run / first_stage(run))["val_source"],
+        "teacher's training images": teacher_imgs, "students' training images": p.train_subset or "all",
+        "image size / patch": f"{p.img_size} / {p.patch_size}",
+        "teacher": f"{p.teacher_depth} blocks, width {p.embed_dim}, {how}, {p.teacher_epochs} epochs",
+        "students": f"{students.get(p.student, p.student)}: {p.teacher_depth // 2} blocks",
+        **({"more arms": "; ".join(extra)} if extra else {}),
+        "seeds": ", ".join(map(str, student_seeds(p))) + " (data order, masks, augmentation, heads)",
+        "distillation epochs": p.distill_epochs, "probe / finetune epochs": f"{p.probe_epochs} / {p.finetune_epochs}",
+        "pipeline wall time (s)": info.get("stages_wall_time_s", info["wall_time_s"]),
+        "git commit": ", ".join(info.get("stage_commits") or [info["git_commit"]])})
 
 # %% ../nbs/17_pipeline.ipynb #0d8a19e2
 KEEP = ("config.yaml", "metrics.jsonl", "summary.json")

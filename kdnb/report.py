@@ -13,9 +13,10 @@ from .config import REPO, field_docs, portable
 
 # %% auto #0
 __all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'PRETRAIN_ROWS', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics',
-           'commit_date', 'provenance', 'mean_interval', 'interval_table', 'paired_differences', 'plot_intervals',
-           'fmt', 'rand_augment_parts', 'distill_table', 'finetune_table', 'seed_comparison_table', 'head_table',
-           'layer_decay_table', 'glue_table', 'ferkd_table', 'pretrain_table', 'plot_pretraining']
+           'commit_date', 'provenance', 'mean_interval', 'interval_table', 'paired_differences', 'format_intervals',
+           'resolved', 'plot_intervals', 'fmt', 'rand_augment_parts', 'distill_table', 'finetune_table',
+           'seed_comparison_table', 'head_table', 'layer_decay_table', 'glue_table', 'ferkd_table', 'pretrain_table',
+           'plot_pretraining']
 
 # %% ../nbs/16_report.ipynb #51903a4a
 def config_table(cfg, only: list[str] | None = None) -> pd.DataFrame:
@@ -72,7 +73,7 @@ def provenance(run_dir, # a run folder under results/ (a pipeline's folder, or o
                       "git commit": s.get("git_commit"), "device": s.get("device", "unknown"),
                       "date": s.get("date") or commit_date(s.get("git_commit")), "rerun": command})
 
-# %% ../nbs/16_report.ipynb #2d1c08a9
+# %% ../nbs/16_report.ipynb #2ebaf0d5
 import numpy as np
 from scipy import stats
 
@@ -86,7 +87,7 @@ def mean_interval(values, # one number per seed (None / NaN: a run that did not 
     ci = float(stats.t.ppf((1 + level) / 2, n - 1) * x.std(ddof=1) / np.sqrt(n)) if n > 1 else None
     return {"mean": mean, "ci": ci, "n": n, "low": mean - (ci or 0.0), "high": mean + (ci or 0.0)}
 
-# %% ../nbs/16_report.ipynb #c0a32d09
+# %% ../nbs/16_report.ipynb #53248913
 def interval_table(runs: pd.DataFrame, # long table: one row per run, with columns `by`, `over`, "seed" and `value`
                    by: str = "model", # the arm
                    over: str = "mode", # the evaluation (linear_probe, finetune): one column group each
@@ -120,7 +121,38 @@ def paired_differences(runs: pd.DataFrame, # long table as for interval_table
     out.index.name = "difference"
     return out
 
-# %% ../nbs/16_report.ipynb #c51f45a4
+# %% ../nbs/16_report.ipynb #c52478a7
+def _ci_col(table: pd.DataFrame, ev: str) -> str: return next(c for c in table[ev].columns if c.startswith("±"))
+
+def _fmt_interval(m: float, h, signed: bool, digits: int) -> str:
+    mean = f"{m:+.{digits}f}" if signed else f"{m:.{digits}f}"
+    return mean if h is None or h != h else f"{mean} ± {h:.{digits}f}"  # one seed: no interval
+
+def format_intervals(table: pd.DataFrame, # from interval_table or paired_differences
+                     digits: int = 2) -> pd.DataFrame:
+    "One cell per evaluation: 'mean ± half-width' (the interval and the seeds in the column name), for the page."
+    out, signed = {}, table.index.name == "difference"
+    for ev in dict.fromkeys(table.columns.get_level_values(0)):
+        ci = _ci_col(table, ev)
+        n = "/".join(map(str, sorted(set(table[(ev, "seeds")].dropna().astype(int)))))
+        out[f"{ev} ({ci[1:]} interval, {n} seeds)"] = [_fmt_interval(m, h, signed, digits)
+                                                     for m, h in zip(table[(ev, "mean")], table[(ev, ci)])]
+    return pd.DataFrame(out, index=table.index)
+
+def resolved(pairs: pd.DataFrame) -> list[str]:
+    "One sentence per paired difference and evaluation: whether its interval excludes 0 at these seeds."
+    out = []
+    for label, row in pairs.iterrows():
+        for ev in dict.fromkeys(pairs.columns.get_level_values(0)):
+            m, h = row[(ev, "mean")], row[(ev, _ci_col(pairs, ev))]
+            if m != m: continue
+            if h is None or h != h: verdict = "one seed: no interval"
+            elif abs(m) > h: verdict = "resolved: the interval excludes 0"
+            else: verdict = "not resolved: the interval includes 0"
+            out.append(f"{label}, {ev.replace('_', ' ')}: {_fmt_interval(m, h, True, 2)} points, {verdict}.")
+    return out
+
+# %% ../nbs/16_report.ipynb #683b1233
 def plot_intervals(runs: pd.DataFrame, by: str = "model", over: str = "mode", value: str = "acc1",
                    level: float = 0.95, titles: dict | None = None, path=None):
     "One panel per evaluation: each arm's mean with its interval, and each seed as a dot."
