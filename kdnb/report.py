@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_report.ipynb #3a204f62
 from __future__ import annotations
-import json, re, subprocess
+import json, math, re, subprocess
 from dataclasses import fields
 from pathlib import Path
 import pandas as pd
@@ -15,8 +15,8 @@ from .config import REPO, field_docs, portable
 __all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'PRETRAIN_ROWS', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics',
            'commit_date', 'provenance', 'mean_interval', 'interval_table', 'paired_differences', 'format_intervals',
            'resolved', 'plot_intervals', 'fmt', 'rand_augment_parts', 'distill_table', 'finetune_table',
-           'seed_comparison_table', 'head_table', 'layer_decay_table', 'glue_table', 'ferkd_table', 'pretrain_table',
-           'plot_pretraining']
+           'seed_comparison_table', 'head_table', 'layer_decay_table', 'glue_table', 'ferkd_table', 'tinymim_table',
+           'tinymim_finetune_table', 'pretrain_table', 'plot_pretraining']
 
 # %% ../nbs/16_report.ipynb #51903a4a
 def config_table(cfg, only: list[str] | None = None) -> pd.DataFrame:
@@ -185,11 +185,15 @@ from .text import GLUE
 
 from .fkd import FKDConfig  # importing it registers seed 002's presets (ferkd_*)
 
+import kdnb.tinymim  # registers seed 001's presets (tinymim_*)
+
 def fmt(v) -> str:
     "A value as the seeds write it: 1e-4, (0.9, 0.98), 0.81."
     if isinstance(v, bool): return str(v)
     if isinstance(v, float):
-        if v != 0 and abs(v) < 1e-2: return f"{v:.0e}".replace("e-0", "e-")
+        if v != 0 and abs(v) < 1e-2:  # the shortest mantissa that gives v back: 1e-4, 2.4e-3
+            s = next((f"{v:.{p}e}" for p in range(6) if math.isclose(float(f"{v:.{p}e}"), v, rel_tol=1e-9)), f"{v:e}")
+            return s.replace("e-0", "e-")
         return f"{v:g}" if v != int(v) or abs(v) < 1e4 else f"{int(v)}"
     if isinstance(v, tuple): return "(" + ", ".join(fmt(x) for x in v) + ")"
     return str(v)
@@ -324,6 +328,47 @@ def ferkd_table() -> pd.DataFrame:
     df = pd.DataFrame(cols)
     df.index.name = "hyperparameter"
     return df
+
+# %% ../nbs/16_report.ipynb #0b667aa8
+_SIZES = (("t", "ViT-T"), ("s", "ViT-S"), ("b", "ViT-B"))
+_x = lambda v: "×" if not v else v
+
+def _rand_augment_short(s: str | None) -> str:
+    p = rand_augment_parts(s)
+    return "×" if p["# ops"] == "-" else f"{p['Magnitude']}/{p['Magnitude std.']}"
+
+def tinymim_table() -> pd.DataFrame:
+    "Seed 001 (TinyMIM), Table 1: pre-training (kdnb's `tinymim` distillation), from presets tinymim_vit_t/s/b."
+    cols = {}
+    for size, name in _SIZES:
+        c = get_config(f"tinymim_vit_{size}")
+        rows = [("Layers", c.depth), ("Hidden size", c.embed_dim), ("FFN inner hidden size", c.mlp_dim),
+                ("Attention heads", c.num_heads), ("Patch size", f"{c.patch_size}×{c.patch_size}"),
+                ("Pre-training epochs", c.epochs), ("Batch size", c.batch_size), ("Adam ϵ", c.adam_eps),
+                ("Adam β", c.betas), ("Peak learning rate", c.lr), ("Minimal learning rate", c.lr * c.min_lr_ratio),
+                ("Learning rate schedule", c.schedule.capitalize()),
+                ("Warmup epochs", round(c.warmup_frac * c.epochs)), ("Stochastic depth", c.drop_path),
+                ("Dropout", "×"), ("Weight decay", c.weight_decay), ("Data augment", "RandomResizeAndCrop"),
+                ("Input resolution", f"{c.img_size}×{c.img_size}"),
+                ("Color jitter (student only)", c.student_color_jitter)]
+        cols[f"{name} (preset tinymim_vit_{size})"] = {h: fmt(v) for h, v in rows}
+    return pd.DataFrame(cols).rename_axis("hyperparameter")
+
+def tinymim_finetune_table() -> pd.DataFrame:
+    "Seed 001 (TinyMIM), Table 2: ImageNet-1K finetuning, from presets tinymim_ft_vit_t/s/b."
+    cols = {}
+    for size, name in _SIZES:
+        c = get_config(f"tinymim_ft_vit_{size}")
+        rows = [("Peak learning rate", c.lr), ("Fine-tuning epochs", c.epochs),
+                ("Warmup epochs", round(c.warmup_frac * c.epochs)), ("Layer-wise learning rate decay", c.layer_decay),
+                ("Batch size", c.batch_size), ("Adam ϵ", c.adam_eps), ("Adam β", c.betas),
+                ("Learning rate schedule", c.schedule.capitalize()), ("Stochastic depth", c.drop_path),
+                ("Weight decay", c.weight_decay), ("Label smoothing ϵ", c.label_smoothing), ("Dropout", "×"),
+                ("Gradient clipping", _x(c.grad_clip)), ("Erasing", c.reprob),
+                ("Input resolution", f"{c.img_size} × {c.img_size}"),
+                ("Rand augment", _rand_augment_short(c.rand_augment)), ("Mixup", c.mixup), ("Cutmix", c.cutmix)]
+        cols[f"{name} (preset tinymim_ft_vit_{size})"] = {h: fmt(v) for h, v in rows}
+    return pd.DataFrame(cols).rename_axis("hyperparameter")
 
 # %% ../nbs/16_report.ipynb #800059a2
 # (section, hyperparameter, value of a PretrainConfig, the yaml field(s) it reproduces)

@@ -126,6 +126,21 @@ def _tinymim(size: str, D: int, H: int) -> Preset:
 
 register_presets(_tinymim("t", 192, 3), _tinymim("s", 384, 6), _tinymim("b", 768, 12))
 
+# %% ../nbs/09_tinymim.ipynb #760012af
+_SEED001_FT = ("Seed 001 (TinyMIM), Table 2: ImageNet-1K finetuning of a TinyMIM ViT-{} (MAE's augmentation, layer "
+               "decay 0.65); pass the distillation run as checkpoint.")
+
+def _tinymim_ft(size: str, D: int, H: int, lr: float, epochs: int, batch: int, drop_path: float) -> Preset:
+    return Preset(f"tinymim_ft_vit_{size}", "finetune", dict(
+        lr=lr, epochs=epochs, warmup_frac=5 / epochs, layer_decay=0.65, batch_size=batch, adam_eps=1e-8,
+        betas=(0.9, 0.95), schedule="cosine", drop_path=drop_path, weight_decay=0.05, label_smoothing=0.1,
+        grad_clip=None, reprob=0.25, img_size=224, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
+        mixup_prob=1.0, checkpoint=None, depth=12, embed_dim=D, num_heads=H, patch_size=16,
+        out_dir=f"runs/tinymim_ft_vit_{size}"), _SEED001_FT.format(size.upper()))
+
+register_presets(_tinymim_ft("t", 192, 3, 5e-3, 200, 2048, 0.1), _tinymim_ft("s", 384, 6, 5e-3, 200, 2048, 0.1),
+                 _tinymim_ft("b", 768, 12, 2e-3, 100, 1024, 0.2))
+
 # %% ../nbs/09_tinymim.ipynb #48b77411
 def tinymim_task(cfg: TinyMIMConfig, student, teacher, data=None) -> TinyMIMTask:
     "The `tinymim` objective: relations at `cfg.relation_block`; the student sees a jittered view when asked."

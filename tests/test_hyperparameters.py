@@ -173,3 +173,59 @@ def test_pretrain_check_can_fail():
            if field and not field.endswith("._name") and field != "optimization.lr"
            and not isinstance(yaml_value(doc, field), list) and value(cfg) != yaml_value(doc, field)]
     assert bad == ["Clones per image", "Decay at end"], bad
+
+
+def seed_grid(name: str, table_caption: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    "Columns and (label, one value per column) of a seed table without a section column (seed 001's)."
+    text = next(SEEDS.glob(f"{name}_*.txt")).read_text()
+    block = text[:text.index(table_caption)]
+    block = block[block.rindex("\n\n", 0, len(block) - 2):].strip().splitlines()
+    columns = block[0].split("\t")[1:]
+    rows = []
+    for line in block[1:]:
+        cells = line.split("\t")
+        values = [v for v in cells[1:] if v.strip()]
+        if not values: continue
+        rows.append((cells[0], values * len(columns) if len(values) == 1 else values))  # one value: every column
+    return columns, rows
+
+
+# rows where the seed gives one value per schedule ("100/300", "5/15"); the presets take the 300-epoch one
+TWO_SCHEDULES = {"Pre-training epochs", "Warmup epochs", "Stochastic depth"}
+
+
+def check_grid(rows, table) -> int:
+    checked = 0
+    for label, values in rows:
+        assert label in table.index, f"no row {label!r} in the generated table"
+        for col, want in zip(table.columns, values):
+            got = table.loc[label, col]
+            if want.strip() in ("\\times", "$\\times$"):
+                assert got == "×", (label, col, got)
+            elif "/" in want and label in TWO_SCHEDULES:
+                assert numbers(got)[0] == numbers(want)[-1], (label, col, got, want)  # the 300-epoch schedule's
+            elif numbers(want):
+                assert numbers(got) == numbers(want), (label, col, got, want)
+            else:
+                assert got.lower() == want.strip().lower(), (label, col, got, want)
+            checked += 1
+    return checked
+
+
+def test_tinymim_tables_match_seed_001():
+    from kdnb.report import tinymim_table, tinymim_finetune_table
+    cols, rows = seed_grid("001", "Table 1. Hyper-parameters of ImageNet-1K Pre-training.")
+    assert cols == ["ViT-T", "ViT-S", "ViT-B"]
+    assert check_grid(rows, tinymim_table()) >= 19 * 3
+    cols, rows = seed_grid("001", "Table 2. Hyper-parameters of ImageNet-1K image classification fine-tuning.")
+    assert check_grid(rows, tinymim_finetune_table()) >= 18 * 3
+
+
+def test_tinymim_check_can_fail():
+    "A preset value unlike the seed's is caught (the comparison above is not vacuous)."
+    from kdnb.report import tinymim_finetune_table
+    _, rows = seed_grid("001", "Table 2. Hyper-parameters of ImageNet-1K image classification fine-tuning.")
+    t = tinymim_finetune_table()
+    t.loc["Layer-wise learning rate decay", t.columns[1]] = "0.75"
+    with pytest.raises(AssertionError, match="Layer-wise"):
+        check_grid(rows, t)
