@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'ArrayImages', 'load_digits_images', 'load_cifar', 'image_folder', 'load_imagefolder', 'load_source',
            'targets_of', 'stratified_split', 'derive_seed', 'seeded', 'UnreadableImage', 'source_path', 'SplitDataset',
-           'ResumableSampler', 'eval_transform', 'distill_transform', 'finetune_transform', 'mixup_fn', 'CropBatch',
-           'DeviceCrop', 'augment_on_device', 'RunData', 'build_data', 'skipped_images_file', 'loader_settings',
-           'worker_signals', 'make_loader']
+           'ResumableSampler', 'eval_transform', 'distill_transform', 'finetune_transform', 'rand_augment', 'mixup_fn',
+           'CropBatch', 'DeviceCrop', 'augment_on_device', 'RunData', 'build_data', 'skipped_images_file',
+           'loader_settings', 'worker_signals', 'make_loader']
 
 # %% ../nbs/05_data.ipynb #c5d3ccd4
 class ArrayImages(Dataset):
@@ -237,6 +237,16 @@ def finetune_transform(cfg):
         for op in getattr(t, "ops", []):
             if "Posterize" in op.name: op.aug_fn = _posterize_at_least_1_bit
     return tf
+
+def rand_augment(spec: str, # a timm RandAugment string, e.g. "rand-m9-mstd0.5" (seed 002 Table 2's RandAug (9, 0.5))
+                 img_size: int, mean=IMAGENET_DEFAULT_MEAN):
+    "timm's RandAugment alone (PIL in, PIL out), with the hyperparameters create_transform gives it."
+    from timm.data.auto_augment import rand_augment_transform
+    ra = rand_augment_transform(spec, dict(translate_const=int(img_size * 0.45),
+                                           img_mean=tuple(round(255 * x) for x in mean)))
+    for op in ra.ops:
+        if "Posterize" in op.name: op.aug_fn = _posterize_at_least_1_bit
+    return ra
 
 # %% ../nbs/05_data.ipynb #6c28ae14
 def mixup_fn(cfg, num_classes: int) -> Mixup | None:

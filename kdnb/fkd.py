@@ -20,7 +20,7 @@ from torchvision.transforms import RandomResizedCrop, InterpolationMode
 from torchvision.transforms import functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import cutmix_bbox_and_lam
-from .data import derive_seed, seeded, build_data, targets_of
+from .data import derive_seed, seeded, build_data, targets_of, rand_augment
 from .engine import autocast_dtype, resolve_device, fit_task, DistInfo
 from .finetune import FinetuneTask
 from .distill import build_student
@@ -58,6 +58,10 @@ class FKDConfig(DistillConfig):
     fkd_cutmix: float = 0.0 # CutMix alpha across images (1.0 in seed 002 for ViT-S)
     # SelfMix alpha: CutMix between two crops of the same image (1.0 in seed 002 for ResNet-50)
     fkd_selfmix: float = 0.0
+    # timm RandAugment of each replayed crop, e.g. "rand-m9-mstd0.5" (seed 002 Table 2: RandAug (9, 0.5)); None = off
+    rand_augment: typing.Optional[str] = None
+    layer_decay: float = 1.0 # lr_l = lr * layer_decay ** (L + 1 - l) of the student (seed 002 Table 2: 0.95); 1 = off
+    crop_pct: float = 0.875 # evaluation: resize to img_size / crop_pct, then center crop (seed 002 Table 2: 1.0)
 
     def validate(self):
         super().validate()
@@ -75,6 +79,11 @@ class FKDConfig(DistillConfig):
         check_non_negative(self, "fkd_mixup", "fkd_cutmix", "fkd_selfmix")
         if self.fkd_selfmix > 0 and self.replay_crops < 2:
             raise ConfigError(f"fkd_selfmix={self.fkd_selfmix} mixes two crops of one image: set replay_crops >= 2")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
+        if not 0 < self.crop_pct <= 1: raise ConfigError(f"crop_pct={self.crop_pct} must be in (0, 1]")
+        if self.rand_augment is not None and not self.rand_augment.startswith("rand-"):
+            raise ConfigError(f"rand_augment={self.rand_augment!r} is not a timm RandAugment string ('rand-m9-mstd0.5')")
 
 _SEED002 = ("Seed 002 (FerKD), Table 1: ImageNet-1K training from scratch on stored crop soft labels (300 epochs, "
             "1,024 crops per step = 256 images x 4 crops, AdamW lr 2e-3, wd 0.05, cosine, 5 warmup epochs); {}.")
@@ -96,6 +105,17 @@ register_presets(
            "ViT-S/16 with Mixup 0.8 / CutMix 1.0 and drop path 0.1"),
     _ferkd("selfmix", dict(fkd_mixup=0.0, fkd_cutmix=0.0, fkd_selfmix=1.0, drop_path=0.0),
            "SelfMix 1.0 (the table's ResNet-50 column) on the ViT-S student"),
+    Preset("ferkd_finetune", "distill", dict(
+        objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k", teacher_checkpoint=None, label_img_size=384,
+        model="data2vec2", checkpoint="data2vec2_base", depth=10, img_size=336, epochs=15, batch_size=256,
+        replay_crops=2, lr=3e-5, betas=(0.9, 0.999), adam_eps=1e-8, layer_decay=0.95, weight_decay=0.05,
+        schedule="cosine", warmup_frac=2 / 15, drop_path=0.4, rand_augment="rand-m9-mstd0.5", fkd_mixup=0.0,
+        fkd_cutmix=0.0, fkd_selfmix=1.0, crop_scale=(0.08, 1.0), model_ema=0.9999, crop_pct=1.0,
+        out_dir="runs/ferkd_finetune"),
+        "Seed 002 (FerKD), Table 2: finetuning at 336 px on stored crop labels (2 crops x 256 images = 512 per step, "
+        "lr 3e-5, layer decay 0.95, RandAug (9, 0.5), SelfMix, model EMA 0.9999, test crop ratio 1.0). ViT-G/14 "
+        "(EVA) is substituted by the whole Data2Vec2 ViT-B/16 (data2vec2_base: 2 prenet + 10 main blocks), whose "
+        "weights kdnb loads"),
     Preset("ferkd_cpu", "distill_cpu", dict(
         objective="ferkd", label_crops=16, label_shard_images=256, replay_crops=4, batch_size=16, lr=2e-3,
         weight_decay=0.05, fkd_selfmix=1.0, out_dir="runs/ferkd_cpu"),
@@ -113,11 +133,14 @@ def sample_crops(width: int, height: int, n: int, seed: int, scale=(0.08, 1.0), 
     return torch.tensor(boxes, dtype=torch.int32), flips
 
 def render_crop(img, # a PIL image
-                box, flip: bool, size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+                box, flip: bool, size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                augment=None, # PIL -> PIL after the crop (RandAugment), or None
+               ) -> torch.Tensor:
     "The normalised [3, size, size] tensor of one stored crop."
     t, l, h, w = (int(v) for v in box)
     out = TF.resized_crop(img, t, l, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
     if flip: out = TF.hflip(out)
+    if augment is not None: out = augment(out)
     return TF.normalize(TF.to_tensor(out), mean, std)
 
 # %% ../nbs/11_fkd.ipynb #6a3b00b4
@@ -350,13 +373,13 @@ class ReplayCrops(Dataset):
                  crops: int, img_size: int, num_classes: int,
                  ferkd: dict | None = None, # calibrate()'s arguments + smoothing
                  crop_scale=(0.08, 1.0), hflip: float = 0.5, seed: int = 0, mean=IMAGENET_DEFAULT_MEAN,
-                 std=IMAGENET_DEFAULT_STD):
+                 std=IMAGENET_DEFAULT_STD, augment=None): # augment: PIL -> PIL of each crop (RandAugment)
         if store is not None and len(split) != store.num_images:
             raise ValueError(f"the store holds {store.num_images} images, the training split {len(split)}: same "
                              "train_subset and seed?")
         self.split, self.store, self.crops, self.img_size, self.num_classes = split, store, crops, img_size, num_classes
         self.ferkd, self.crop_scale, self.hflip, self.seed = ferkd, crop_scale, hflip, seed
-        self.mean, self.std = mean, std
+        self.mean, self.std, self.augment = mean, std, augment
         self.targets = split.targets
     def __len__(self): return len(self.split)
     def __getitem__(self, key):
@@ -375,7 +398,9 @@ class ReplayCrops(Dataset):
             soft = soft_targets(r["topk_idx"][pick], r["topk_prob"][pick], self.num_classes)
             if hard[pick].any():
                 soft[hard[pick]] = smoothed_onehot(torch.tensor(y), self.num_classes, self.ferkd["smoothing"])
-        x = torch.stack([render_crop(img, b, f, self.img_size, self.mean, self.std) for b, f in zip(boxes, flips)])
+        with seeded(derive_seed(s, "augment")):  # RandAugment draws from `random`: the same key, the same crops
+            x = torch.stack([render_crop(img, b, f, self.img_size, self.mean, self.std, self.augment)
+                             for b, f in zip(boxes, flips)])
         return x, soft, y
 
 # %% ../nbs/11_fkd.ipynb #d63fdd59
@@ -445,7 +470,8 @@ def distill_fkd(cfg: FKDConfig, # objective fkd or ferkd
                   smoothing=cfg.ferkd_smoothing)
              if cfg.objective == "ferkd" else None)
     train = ReplayCrops(data.train, store, cfg.replay_crops, cfg.img_size, data.num_classes, ferkd,
-                        cfg.crop_scale, cfg.hflip, cfg.seed)
+                        cfg.crop_scale, cfg.hflip, cfg.seed,
+                        augment=rand_augment(cfg.rand_augment, cfg.img_size) if cfg.rand_augment else None)
     student = Classifier(build_student(cfg), data.num_classes)
     task = FKDTask(student, SoftMix(cfg.fkd_mixup, cfg.fkd_cutmix, cfg.fkd_selfmix), cfg.seed,
                    teacher if cfg.label_mode == "online" else None, cfg.label_top_k, cfg.label_temperature)

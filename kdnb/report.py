@@ -15,8 +15,8 @@ from .config import REPO, field_docs, portable
 __all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'PRETRAIN_ROWS', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics',
            'commit_date', 'provenance', 'mean_interval', 'interval_table', 'paired_differences', 'format_intervals',
            'resolved', 'plot_intervals', 'fmt', 'rand_augment_parts', 'distill_table', 'finetune_table',
-           'seed_comparison_table', 'head_table', 'layer_decay_table', 'glue_table', 'ferkd_table', 'tinymim_table',
-           'tinymim_finetune_table', 'pretrain_table', 'plot_pretraining']
+           'seed_comparison_table', 'head_table', 'layer_decay_table', 'glue_table', 'ferkd_table',
+           'ferkd_finetune_table', 'tinymim_table', 'tinymim_finetune_table', 'pretrain_table', 'plot_pretraining']
 
 # %% ../nbs/16_report.ipynb #51903a4a
 def config_table(cfg, only: list[str] | None = None) -> pd.DataFrame:
@@ -328,6 +328,24 @@ def ferkd_table() -> pd.DataFrame:
     df = pd.DataFrame(cols)
     df.index.name = "hyperparameter"
     return df
+
+def ferkd_finetune_table() -> pd.DataFrame:
+    "Seed 002 (FerKD), Table 2: finetuning on stored crop labels, from the preset `ferkd_finetune`."
+    c: FKDConfig = get_config("ferkd_finetune")
+    ra, _x = rand_augment_parts(c.rand_augment), lambda v: "×" if not v else v
+    rows = [("Backbone", f"{c.model} depth {c.depth} ({c.checkpoint}; stands in for ViT-G/14)"),
+            ("Peak learning rate", c.lr), ("Optimizer", "AdamW"),
+            ("Optimizer hyper-parameters", f"β1, β2, ε = {fmt(c.betas[0])}, {fmt(c.betas[1])}, {fmt(c.adam_eps)}"),
+            ("Layer-wise lr decay", c.layer_decay), ("Learning rate schedule", f"{c.schedule} decay"),
+            ("Weight decay", c.weight_decay), ("Input resolution", c.img_size),
+            ("Batch size", c.batch_size * c.replay_crops), ("Warmup epochs", round(c.warmup_frac * c.epochs)),
+            ("Training epochs", c.epochs), ("Num crops", c.replay_crops), ("Drop path", c.drop_path),
+            ("Augmentation", f"RandAug ({ra['Magnitude']}, {ra['Magnitude std.']})" if c.rand_augment else "×"),
+            ("Label smoothing", "×"), ("Cutmix", _x(c.fkd_cutmix)), ("Mixup", _x(c.fkd_mixup)),
+            ("Random erasing", "×"), ("SelfMix prob.", _x(c.fkd_selfmix)), ("Random resized crop", c.crop_scale),
+            ("Ema", _x(c.model_ema)), ("Test crop ratio", c.crop_pct), ("Images per step", c.batch_size),
+            ("Teacher", c.teacher)]
+    return pd.DataFrame({"value (preset ferkd_finetune)": {h: fmt(v) for h, v in rows}}).rename_axis("hyperparameter")
 
 # %% ../nbs/16_report.ipynb #0b667aa8
 _SIZES = (("t", "ViT-T"), ("s", "ViT-S"), ("b", "ViT-B"))

@@ -229,3 +229,20 @@ def test_tinymim_check_can_fail():
     t.loc["Layer-wise learning rate decay", t.columns[1]] = "0.75"
     with pytest.raises(AssertionError, match="Layer-wise"):
         check_grid(rows, t)
+
+
+def test_ferkd_finetune_table_matches_seed_002_table_2():
+    from kdnb.report import ferkd_finetune_table
+    t = ferkd_finetune_table().iloc[:, 0]
+    text = next(SEEDS.glob("002_*.txt")).read_text()
+    block = text[text.index("Backbone\tViT-G/14"):text.index("Table 2: Fine-tuning setting")]
+    checked = 0
+    for line in block.strip().splitlines()[1:]:  # the Backbone row: ViT-G/14 is substituted (the row says by what)
+        label, want = line.split("\t")
+        got = t[label]
+        if want.strip() == "\\times": assert got == "×", (label, got)
+        elif label == "Drop path": assert numbers(got) == numbers(want)[:1], (label, got, want)  # the ViT-G column
+        else: assert numbers(got) == numbers(want) or got.lower() == want.lower(), (label, got, want)
+        checked += 1
+    assert checked == 21, checked
+    assert "ViT-G/14" in t["Backbone"]
