@@ -81,7 +81,7 @@ class PipelineConfig(ConfigBase):
     # must match); "auto": continue when out_dir holds a pipeline, start otherwise; False: a new pipeline
     resume: typing.Union[bool, str] = False
 
-# %% ../nbs/17_pipeline.ipynb #c70e6d89
+# %% ../nbs/17_pipeline.ipynb #e64027e6
 @patch
 def validate(self: PipelineConfig):
     check_choice("dataset", self.dataset, DATASETS)
@@ -152,7 +152,7 @@ def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
     students[""] = (p.student_checkpoint or "data2vec2_base", 6)
     return st, students, ("beitv2", p.teacher_checkpoint or "beitv2_base_pt1k", "block", None)
 
-# %% ../nbs/17_pipeline.ipynb #3297b02a
+# %% ../nbs/17_pipeline.ipynb #fe469935
 def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int) -> dict:
     "One seed's distillations (one per setting) and arm (c)'s data2vec 2.0 training."
     out, st, local = Path(p.out_dir), {}, p.teacher in ("train", "pretrain")
@@ -227,7 +227,7 @@ def _start(p: PipelineConfig) -> Path:
     p.save(saved)
     return out
 
-# %% ../nbs/17_pipeline.ipynb #9af2e52b
+# %% ../nbs/17_pipeline.ipynb #308e7a90
 def _run_stage(p: PipelineConfig, name: str, cfg, callbacks=()):
     folder = Path(cfg.out_dir)
     if _finished(folder, cfg):
@@ -267,7 +267,7 @@ def run_pipeline(p: PipelineConfig | None = None, # a config; None = PipelineCon
     write_atomic(out / "results.json", json.dumps(summary, indent=2), "the pipeline's results")
     return table
 
-# %% ../nbs/17_pipeline.ipynb #25dd989b
+# %% ../nbs/17_pipeline.ipynb #493febe9
 def pipeline(cfg: PipelineConfig | None = None, # a config; None = get_config("pipeline_cpu", **overrides)
              callbacks=(), # engine callbacks, passed to every stage
              **overrides) -> dict: # the pipeline's results.json
@@ -337,7 +337,7 @@ def seed_results(out_dir) -> pd.DataFrame:
     if not rows: raise FileNotFoundError(f"{out} holds no finished probe or finetune: run the pipeline first")
     return pd.DataFrame(rows)
 
-# %% ../nbs/17_pipeline.ipynb #9333f038
+# %% ../nbs/17_pipeline.ipynb #89c0a7dc
 def _stage_attrs(out: Path, p: PipelineConfig) -> dict:
     attrs = {}
     for stage in ("pretrain_teacher", "pretrain_donor", "teacher",
@@ -374,7 +374,7 @@ def paired_table(out_dir) -> pd.DataFrame:
              if MODEL_LABELS[a] in have and MODEL_LABELS[b] in have}
     return paired_differences(runs, pairs)
 
-# %% ../nbs/17_pipeline.ipynb #25e267c4
+# %% ../nbs/17_pipeline.ipynb #6bb612dc
 def plot_pipeline(out_dir, path=None):
     "Distillation loss (the first seed's), and probe / finetune accuracy per epoch of every model."
     out = Path(out_dir)
@@ -403,7 +403,7 @@ def plot_pipeline(out_dir, path=None):
     if path: fig.savefig(path, dpi=110)
     return fig
 
-# %% ../nbs/17_pipeline.ipynb #3f3ed3a9
+# %% ../nbs/17_pipeline.ipynb #ef8155f0
 def first_stage(out_dir) -> str:
     "The stage that trained the teacher (its summary names the validation split)."
     return "pretrain_teacher" if (Path(out_dir) / "pretrain_teacher").is_dir() else "teacher"
