@@ -196,6 +196,7 @@ class Trainer:
         if getattr(cfg, "model_ema", None) is not None and not any(type(c).__name__ == "ModelEma" for c in callbacks):
             callbacks.append(ModelEma(cfg.model_ema))  # the config asks for an EMA of the weights (defined below)
         self.callbacks = sorted(callbacks, key=lambda c: c.order)
+        code_commit()  # read (and cached) as the run starts: a summary names the code that ran, not a later HEAD
         self.reset_state()
 
 # %% ../nbs/06_engine.ipynb #228d9f26
@@ -797,7 +798,7 @@ def _head_without_git(cwd: Path) -> str | None:
 
 @functools.cache
 def code_commit() -> str | None:
-    "The commit of kdnb's code, read once per process at the first run (nothing runs when kdnb is imported)."
+    "The commit of kdnb's code, read once per process when the first Trainer is made (nothing runs at import)."
     return git_commit()
 
 class Summary(Callback):
