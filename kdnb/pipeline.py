@@ -396,6 +396,7 @@ def plot_pipeline(out_dir, path=None):
             run = out / f"{mode}_{name}{ss}"
             if not (run / "metrics.jsonl").exists(): continue
             e = read_metrics(run, "epoch")
+            if "acc1" not in e: continue  # a stage still in its first epoch
             ax.plot(e.epoch, e.acc1, "o-", ms=4, label=label)
         ax.set(title=f"{mode.replace('_', ' ')}: top-1 on validation (%)", xlabel="epoch")
         ax.legend(fontsize=7)
