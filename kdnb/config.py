@@ -13,12 +13,12 @@ import yaml
 import kdnb
 
 # %% auto #0
-__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'RUN_KINDS', 'OBJECTIVES', 'RUN_ONLY_PARAMS',
-           'REPO', 'PORTABLE_SUFFIXES', 'ConfigError', 'disk_error', 'write_atomic', 'ConfigBase', 'rebuild',
-           'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'DistillConfig',
-           'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset',
-           'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective', 'run_kind', 'get_config',
-           'load_config', 'params_from_namespace', 'portable', 'make_portable']
+__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES',
+           'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES', 'ConfigError', 'disk_error', 'write_atomic', 'ConfigBase',
+           'rebuild', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative',
+           'DistillConfig', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig',
+           'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective', 'run_kind',
+           'get_config', 'load_config', 'config_class', 'params_from_namespace', 'portable', 'make_portable']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -663,6 +663,9 @@ def register_presets(*presets: Preset):
         PRESETS[p.name] = p
 
 # %% ../nbs/04_config.ipynb #88083b0a
+# what a kind's nbdev test run changes unless it registers its own: a few steps on a small subset
+TEST_RUN = dict(max_steps=10, train_subset=320, tensorboard=False)
+
 @dataclass(frozen=True)
 class RunKind:
     "A kind of run: its config class, its runner and its `kdnb` subcommand."
@@ -673,7 +676,7 @@ class RunKind:
     help: str # one line for `kdnb --help`
     values: dict = dataclasses.field(default_factory=dict) # fields the kind fixes (linear_probe: mode)
     # what nbdev's test run of its run notebook changes (setup_run(test=True)): a few steps on a small subset
-    test: dict = dataclasses.field(default_factory=lambda: dict(max_steps=10, train_subset=320, tensorboard=False))
+    test: dict = dataclasses.field(default_factory=lambda: dict(TEST_RUN))
 
 @dataclass(frozen=True)
 class Objective:
@@ -745,13 +748,23 @@ def load_config(path) -> BaseConfig:
         raise ConfigError(f"{path} is not a YAML/JSON config ({type(e).__name__}); pass a config.yaml that a kdnb "
                           "run wrote") from e
     if not isinstance(d, dict): raise ConfigError(f"{path} holds no key: value config; pass a kdnb run's config.yaml")
-    cls = {c.__name__: c for c in _subclasses(ConfigBase)}.get(d.get("_class"))
+    cls = config_class(d.get("_class"))
     if cls is None:
         raise ConfigError(f"{path} does not say which config it holds (no valid '_class' key): it was not written "
                           "by kdnb; start from a preset (--preset) instead")
     cls = cls.class_for(d)  # a DistillConfig saved before its objective had a class of its own
     try: return cls.from_dict(_drop_old_defaults(cls, d))
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from e
+
+def config_class(name) -> type | None:
+    "The config class called `name`: a registered run kind's or objective's class (or a base of one) first, then "
+    "any other that its module still holds. A notebook's own copy of a class (nbdev runs notebooks in one process) "
+    "never shadows the registered one once the registration is undone."
+    registered = [c for e in [*RUN_KINDS.values(), *OBJECTIVES.values()] for c in e.config.__mro__
+                  if isinstance(c, type) and issubclass(c, ConfigBase)]
+    def live(c): return getattr(sys.modules.get(c.__module__), c.__qualname__, None) is c
+    rest = sorted(_subclasses(ConfigBase), key=lambda c: not live(c))  # stable: defined order within each group
+    return next((c for c in [*registered, *rest] if c.__name__ == name), None)
 
 def _drop_old_defaults(cls: type, d: dict) -> dict:
     "A config saved when one class held every objective's fields: other objectives' fields at their defaults go."

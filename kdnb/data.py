@@ -233,10 +233,13 @@ def finetune_transform(cfg):
                           auto_augment=cfg.rand_augment, interpolation="bicubic", re_prob=cfg.reprob,
                           re_mode=cfg.remode, re_count=cfg.recount, mean=IMAGENET_DEFAULT_MEAN,
                           std=IMAGENET_DEFAULT_STD)
-    for t in getattr(tf, "transforms", []):  # RandAugment's posterize reaches 0 bits at magnitude 10 (m9, std 0.5)
-        for op in getattr(t, "ops", []):
-            if "Posterize" in op.name: op.aug_fn = _posterize_at_least_1_bit
+    for t in getattr(tf, "transforms", []): _fix_posterize(t)
     return tf
+
+def _fix_posterize(ra):
+    "RandAugment's posterize reaches 0 bits at magnitude 10 (m9, std 0.5): at least 1 (any transform: no-op)."
+    for op in getattr(ra, "ops", []):
+        if "Posterize" in op.name: op.aug_fn = _posterize_at_least_1_bit
 
 def rand_augment(spec: str, # a timm RandAugment string, e.g. "rand-m9-mstd0.5" (seed 002 Table 2's RandAug (9, 0.5))
                  img_size: int, mean=IMAGENET_DEFAULT_MEAN):
@@ -244,8 +247,7 @@ def rand_augment(spec: str, # a timm RandAugment string, e.g. "rand-m9-mstd0.5" 
     from timm.data.auto_augment import rand_augment_transform
     ra = rand_augment_transform(spec, dict(translate_const=int(img_size * 0.45),
                                            img_mean=tuple(round(255 * x) for x in mean)))
-    for op in ra.ops:
-        if "Posterize" in op.name: op.aug_fn = _posterize_at_least_1_bit
+    _fix_posterize(ra)
     return ra
 
 # %% ../nbs/05_data.ipynb #6c28ae14

@@ -193,7 +193,7 @@ class Trainer:
             s, self.total_steps, self.warmup_steps, cfg.min_lr_ratio, cfg.schedule))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         callbacks = list(callbacks)
-        if getattr(cfg, "model_ema", None) is not None and not any(type(c).__name__ == "ModelEma" for c in callbacks):
+        if getattr(cfg, "model_ema", None) is not None and not any(isinstance(c, ModelEma) for c in callbacks):
             callbacks.append(ModelEma(cfg.model_ema))  # the config asks for an EMA of the weights (defined below)
         self.callbacks = sorted(callbacks, key=lambda c: c.order)
         code_commit()  # read (and cached) as the run starts: a summary names the code that ran, not a later HEAD
@@ -732,23 +732,24 @@ from .weights import weights_metadata
 class ModelEma(Callback):
     "An EMA copy of the trained weights: updated after each optimiser step, evaluated beside them, checkpointed."
     order = 1  # before Preemption (5) can stop the step, before the Checkpointer (20) saves it
-    def __init__(self, decay: float): self.decay, self.ema, self._pairs = decay, None, []
+    def __init__(self, decay: float): self.decay, self.ema, self._float, self._other = decay, None, [], []
     def _bind(self, t):
         live = t.task.trained_module().state_dict()
         if set(live) != set(self.ema):
             raise KeyError(f"the EMA weights do not fit {type(t.task.trained_module()).__name__}: missing "
                            f"{sorted(set(live) - set(self.ema))[:5]}, unexpected {sorted(set(self.ema) - set(live))[:5]}")
-        self._pairs = [(self.ema[k], live[k]) for k in live]  # state_dict tensors share the parameters' storage
+        pairs = [(self.ema[k], live[k]) for k in live]  # state_dict tensors share the parameters' storage
+        self._float = [(e, p) for e, p in pairs if e.is_floating_point()]  # averaged
+        self._other = [(e, p) for e, p in pairs if not e.is_floating_point()]  # integer buffers: copied
     def before_fit(self, t):  # the starting weights (a resumed run loads its average from the checkpoint next)
         self.ema = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
                     for k, v in t.task.trained_module().state_dict().items()}
         self._bind(t)
     @torch.no_grad()
     def after_step(self, t):
-        fl = [(e, p) for e, p in self._pairs if e.is_floating_point()]
-        if fl: torch._foreach_lerp_([e for e, _ in fl], [p.float() for _, p in fl], 1.0 - self.decay)
-        for e, p in self._pairs:
-            if not e.is_floating_point(): e.copy_(p)
+        if self._float:
+            torch._foreach_lerp_([e for e, _ in self._float], [p.float() for _, p in self._float], 1.0 - self.decay)
+        for e, p in self._other: e.copy_(p)
     def after_eval(self, t):
         m = t.task.trained_module()
         raw = {k: v.detach().clone() for k, v in m.state_dict().items()}

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from timm.layers import trunc_normal_
-from .config import GlueConfig, RunKind, get_config, make_portable, register_run
+from .config import GlueConfig, RunKind, TEST_RUN, get_config, make_portable, register_run
 from .engine import Task, fit_task
 from .models import HEAD_NORM_EPS, HEAD_INIT_STD
 from .text import GLUE, TextEncoder, TextSet, distill_text, load_text_encoder, load_tokenizer, read_glue
@@ -117,7 +117,7 @@ def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("
 # %% ../nbs/13_glue.ipynb #0548d6c2
 register_run(RunKind("glue", GlueConfig, finetune_glue, command="glue",
                      help="finetune a (distilled) text encoder on a GLUE task",
-                     test=dict(max_steps=10, train_subset=320, tensorboard=False, layers=2)))
+                     test={**TEST_RUN, "layers": 2}))
 
 # %% ../nbs/13_glue.ipynb #13320c43
 def glue_demo(out: str | Path, # results folder

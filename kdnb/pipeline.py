@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 from .config import (load_config, make_portable, portable, ConfigBase, ConfigError, get_config, check_choice,
                          check_positive, DATASETS, Preset, RunKind, register_run, write_atomic)
 from .runs import run
-from .report import read_metrics, read_summary, interval_table, paired_differences
+from .report import read_metrics, read_summary, mean_interval, paired_differences
 from .engine import code_commit, Checkpointer, check_resume_config
 
 log = logging.getLogger(__name__)
@@ -117,10 +117,13 @@ def _common(p: PipelineConfig, seed: int) -> dict:
                 seed=seed, split_seed=None if seed == p.seed else p.seed, device=p.device,
                 num_workers=p.num_workers, batch_size=p.batch_size, resume=p.resume is True)
 
+def _local(p: PipelineConfig) -> bool:
+    "Models trained here: sizes and budgets come from this config and the CPU presets."
+    return p.teacher in ("train", "pretrain")
+
 def _size(p: PipelineConfig) -> dict:
-    local = p.teacher in ("train", "pretrain")  # sizes and budgets from this config, CPU presets
     return dict(img_size=p.img_size, patch_size=p.patch_size, embed_dim=p.embed_dim,
-                num_heads=p.num_heads) if local else {}
+                num_heads=p.num_heads) if _local(p) else {}
 
 def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
     "The teacher's (and donor's) stages, the students {setting suffix: (start weights, depth)}, and the teacher."
@@ -129,8 +132,7 @@ def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
     if p.teacher == "pretrain":
         def pretraining(name, seed, mlp_ratio, epochs):
             images = {"train_subset": None} if p.teacher_images == "all" else {}
-            return get_config("pretrain_cpu", **{**common, "seed": seed, **images,
-                                                 "split_seed": None if seed == p.seed else p.seed}, **_size(p),
+            return get_config("pretrain_cpu", **{**_common(p, seed), **images}, **_size(p),
                               depth=p.teacher_depth, prenet_depth=0, mlp_ratio=mlp_ratio,
                               average_top_k_layers=p.teacher_depth, clone_batch=p.clone_batch, epochs=epochs,
                               lr=p.pretrain_lr, out_dir=str(out / name))
@@ -155,7 +157,7 @@ def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
 # %% ../nbs/17_pipeline.ipynb #fe469935
 def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int) -> dict:
     "One seed's distillations (one per setting) and arm (c)'s data2vec 2.0 training."
-    out, st, local = Path(p.out_dir), {}, p.teacher in ("train", "pretrain")
+    out, st, local = Path(p.out_dir), {}, _local(p)
     (t_name, t_ckpt, t_kind, t_run), ss, sfx = teacher, _sfx(p, seed), "_cpu" if local else ""
     for sx, (s_ckpt, s_depth) in students.items():
         st[f"distill{sx}{ss}"] = get_config("distill" + sfx, **_common(p, seed), **_size(p),
@@ -186,7 +188,7 @@ def evaluated_models(p: PipelineConfig, students: dict, teacher: tuple, seed: in
 def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
     "The config of every stage, keyed by its subfolder name, in the order they run: the teacher's, then seed by seed."
     st, students, teacher = teacher_stages(p)
-    local = p.teacher in ("train", "pretrain")
+    local = _local(p)
     sfx = "_cpu" if local else ""
     for seed in student_seeds(p):  # seed by seed: a pipeline stopped early has whole seeds
         st |= student_stages(p, students, teacher, seed)
@@ -357,7 +359,7 @@ def results_table(out_dir) -> pd.DataFrame:
     for (model, mode), g in runs.groupby(["model", "mode"], sort=False):
         r = rows.setdefault(model, {"model": model})
         r[f"{mode} top-1 (%)"] = g.acc1.mean()
-        if p.seeds > 1: r[f"{mode} ±95%"] = interval_table(g).iloc[0][(mode, "±95%")]
+        if p.seeds > 1: r[f"{mode} ±95%"] = mean_interval(g.acc1)["ci"]
         r[f"{mode} steps"] = int(g.steps.iloc[0])
     order = [m for m in MODEL_LABELS.values() if m in rows]
     table = pd.DataFrame([rows[m] for m in order]).set_index("model")
