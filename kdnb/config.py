@@ -195,7 +195,7 @@ class BaseConfig(ConfigBase):
     weight_decay: float = 0.01 # AdamW weight decay on matrices
     adam_eps: float = 1e-8 # AdamW epsilon
     betas: tuple[float, float] = (0.9, 0.999) # AdamW betas
-    schedule: str = "cosine" # "cosine" (with linear warmup) or "constant"
+    schedule: str = "cosine" # after the linear warmup: "cosine" or "linear" decay to min_lr_ratio, or "constant"
     warmup_frac: float = 0.1 # warmup as a fraction of all steps (used when warmup_steps is None)
     warmup_steps: typing.Optional[int] = None # warmup in steps; wins over warmup_frac
     min_lr_ratio: float = 0.0 # final lr / peak lr of the cosine
@@ -232,7 +232,7 @@ class BaseConfig(ConfigBase):
 def validate(self: BaseConfig):
     "Raise ConfigError for values outside their allowed range."
     check_choice("dataset", self.dataset, getattr(type(self), "datasets", DATASETS))
-    check_choice("schedule", self.schedule, ("cosine", "constant"))
+    check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
     check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
     check_choice("augment_on", self.augment_on, ("auto", "loader", "device"))
     if isinstance(self.resume, str) and self.resume != "auto":
@@ -264,8 +264,12 @@ def _subclasses(c: type) -> list:
 def _default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
+_HINTS: dict[type, dict] = {}  # per class: typing.get_type_hints evaluates every annotation of the class
+
 def _resolve(cls, f):
-    return typing.get_type_hints(cls)[f.name]
+    "The resolved type of field `f` (computed once per class: per field it made each config cost O(fields^2))."
+    if cls not in _HINTS: _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls][f.name]
 
 def field_docs(cls) -> dict[str, str]:
     "Each field's comment (on its line, or the lines above it) in `cls` and its bases: the CLI's --help and the tables."
@@ -313,6 +317,7 @@ class DistillConfig(BaseConfig):
     # activation per teacher layer: "block", "ffn", or "auto" (ffn for data2vec 2.0 teachers: data2vec2, run:; block
     # otherwise)
     teacher_layer_kind: str = "auto"
+    teacher_embed_dim: typing.Optional[int] = None # width of the "tiny" teacher; None = the student's (embed_dim)
     model: str = "data2vec2" # the student's architecture: "data2vec2" (ViT-B sizes) or "tiny"
     # the student's blocks: data2vec 2.0 checkpoint or kdnb run folder; None = random
     checkpoint: typing.Optional[str] = "data2vec2_base"
@@ -348,6 +353,9 @@ def validate(self: DistillConfig):
     check_positive(self, "depth", "embed_dim", "mlp_dim", "num_heads", "patch_size")
     if self.embed_dim % self.num_heads:
         raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+    if self.teacher_embed_dim is not None and (self.teacher_embed_dim <= 0 or self.teacher_embed_dim % self.num_heads):
+        raise ConfigError(f"teacher_embed_dim={self.teacher_embed_dim} must be > 0 and divisible by num_heads="
+                          f"{self.num_heads}, or None (the student's width)")
     if self.img_size % self.patch_size:
         raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
     if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")

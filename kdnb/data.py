@@ -28,6 +28,7 @@ __all__ = ['log', 'ArrayImages', 'load_digits_images', 'load_cifar', 'image_fold
 # %% ../nbs/05_data.ipynb #c5d3ccd4
 class ArrayImages(Dataset):
     "In-memory uint8 images [N, H, W] or [N, H, W, 3] with integer labels, served as PIL RGB images."
+    in_memory = True  # loaders read it without workers (loader_settings)
     def __init__(self, images: np.ndarray, targets, classes=None):
         self.images, self.targets = images, [int(t) for t in targets]
         self.classes = classes or [str(c) for c in sorted(set(self.targets))]
@@ -348,7 +349,9 @@ def loader_settings(device: torch.device | str, dataset: Dataset, num_workers: i
     "DataLoader keyword arguments for a device: workers, pinned memory, persistent workers."
     cuda = torch.device(device).type == "cuda"
     if num_workers < 0:
-        in_memory = isinstance(getattr(dataset, "source", dataset), ArrayImages)
+        # data already in memory (ArrayImages, cached features, scenes made in memory): no worker pays its start and
+        # its 5 s shutdown
+        in_memory = getattr(getattr(dataset, "source", dataset), "in_memory", False)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         num_workers = 0 if in_memory else (min(8, cores) if cuda else max(1, cores // 2))
     return dict(num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,

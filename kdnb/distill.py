@@ -18,7 +18,8 @@ from .config import (ConfigError, DistillConfig, get_config, Objective, OBJECTIV
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DistillTask', 'teacher_layer_kind', 'build_teacher', 'build_student', 'd2v_task', 'distill']
+__all__ = ['log', 'DistillTask', 'MappedStudent', 'teacher_layer_kind', 'build_teacher', 'build_student', 'check_pair',
+           'd2v_task', 'distill']
 
 # %% ../nbs/07_distill.ipynb #5f446098
 class DistillTask(Task):
@@ -34,13 +35,26 @@ class DistillTask(Task):
         self.student, self.teacher, self.student_kind, self.eps = student, teacher, student_kind, eps
         self.ddp_find_unused = student_kind == "ffn"  # the last block's norm2 is not part of an FFN-output target
     def loss(self, x): # [B, C, H, W] -> scalar
-        return d2v_loss(self.student(x, layers=self.student_kind), self.teacher(x), self.eps)
+        width_map = getattr(self.trained_module(), "width_map", None)  # a MappedStudent's (widths differ)
+        return d2v_loss(self.student(x, layers=self.student_kind), self.teacher(x), self.eps, width_map=width_map)
     def forward(self, batch):
         x, _ = batch  # labels are not used
         return {"loss": self.loss(x)}
     def eval_step(self, batch):
         x, _ = batch
         return {"val_loss": self.loss(x).float() * len(x), "n": len(x)}
+
+# %% ../nbs/07_distill.ipynb #ecec9463
+class MappedStudent(nn.Module):
+    "A student encoder and the linear map from its width to the teacher's (kept out of the exported student)."
+    backbone_attr = "backbone"  # recorded in weight files: the encoder is the backbone, the map is not
+    def __init__(self, backbone: nn.Module, teacher_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.width_map = nn.Linear(backbone.embed_dim, teacher_dim)
+        self.arch = dict(teacher_dim=teacher_dim)
+    def forward(self, x, **kw): return self.backbone(x, **kw)  # the encoder's layers; the loss applies the map
+    def no_weight_decay(self): return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
 # %% ../nbs/07_distill.ipynb #c41ac091
 def teacher_layer_kind(cfg: DistillConfig) -> str:
@@ -55,13 +69,16 @@ def build_teacher(cfg: DistillConfig) -> FrozenTeacher:
         return beitv2_teacher(ckpt, pretrained=ckpt is None, img_size=cfg.img_size)
     if name == "data2vec2":
         return FrozenTeacher(load_data2vec2(ckpt or "data2vec2_base", img_size=cfg.img_size), kind=kind)
-    if name.startswith("timm:"):
-        return timm_teacher(name[5:], pretrained=ckpt is None, checkpoint=ckpt, img_size=cfg.img_size)
+    if name.startswith("timm:"):  # teacher_checkpoint: None = timm's weights, "random" = none (tests, mechanics)
+        return timm_teacher(name[5:], pretrained=ckpt is None, checkpoint=None if ckpt == "random" else ckpt,
+                            img_size=cfg.img_size)
     if name.startswith("run:"):
         return FrozenTeacher(load_backbone(name[4:]), kind=kind)
-    # "tiny": a randomly initialised Data2Vec2Encoder of twice the student's depth (tests, mechanics)
-    return FrozenTeacher(Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, 2 * cfg.depth,
-                                          cfg.num_heads, cfg.mlp_dim / cfg.embed_dim), kind=kind)
+    # "tiny": a randomly initialised Data2Vec2Encoder of twice the student's depth (tests, mechanics), as wide as
+    # the student unless teacher_embed_dim says otherwise
+    D = cfg.teacher_embed_dim or cfg.embed_dim
+    return FrozenTeacher(Data2Vec2Encoder(cfg.img_size, cfg.patch_size, D, 2 * cfg.depth, cfg.num_heads,
+                                          cfg.mlp_dim / cfg.embed_dim), kind=kind)
 
 def build_student(cfg: DistillConfig) -> Data2Vec2Encoder:
     "The student: the first `depth` blocks of a checkpoint (data2vec 2.0, or a kdnb run), or random weights."
@@ -71,8 +88,25 @@ def build_student(cfg: DistillConfig) -> Data2Vec2Encoder:
                             cfg.mlp_dim / cfg.embed_dim, drop_path_rate=cfg.drop_path)
 
 # %% ../nbs/07_distill.ipynb #e955f8c4
+def check_pair(student: nn.Module, teacher: FrozenTeacher, img_size: int):
+    "Stop before training when a student and its teacher give different tokens (a grid or extra tokens differ)."
+    x = torch.zeros(1, 3, img_size, img_size, dtype=teacher.dtype)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # drop path draws nothing from the run's generator
+        t, s = teacher(x, num_layers=1)[0], student(x.float(), layers="block")[0]
+    if t.shape[1] != s.shape[1]:
+        def grid(m):
+            m = getattr(m, "model", getattr(m, "backbone", m))
+            return f"{m.patch_embed.grid_size[0]}x{m.patch_embed.grid_size[1]} patches + {m.num_prefix_tokens} prefix"
+        raise ConfigError(f"at img_size={img_size} the teacher gives {t.shape[1]} tokens ({grid(teacher)}) and the "
+                          f"student {s.shape[1]} ({grid(student)}): the target is compared token by token, so give "
+                          "both the same patch grid (patch_size, img_size) and the same prefix tokens (a teacher "
+                          "with register or distillation tokens does not fit a CLS-only student)")
+    return t.shape[-1], s.shape[-1]
+
 def d2v_task(cfg: DistillConfig, student, teacher, data=None) -> Task:
-    "The layer-averaged target of seed 004: the `d2v` objective's task."
+    "The layer-averaged target of seed 004: the `d2v` objective's task (a width map when the widths differ)."
+    d_t, d_s = check_pair(student, teacher, cfg.img_size)
+    if d_t != d_s: student = MappedStudent(student, d_t)
     return DistillTask(student, teacher, cfg.student_layer_kind, cfg.target_eps)
 
 # %% ../nbs/07_distill.ipynb #a87607c7
@@ -94,8 +128,10 @@ def distill(cfg: DistillConfig | None = None, # a config; None = get_config("aut
     data = build_data(cfg, kind="distill")
     task = objective.make_task(cfg, student, teacher, data)
     n_s = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    width_map = getattr(task.trained_module(), "width_map", None)
     info = dict(task="distill", objective=cfg.objective, dataset=cfg.dataset, teacher=cfg.teacher,
                 student=f"{cfg.model} depth {cfg.depth}",
+                width_map=None if width_map is None else f"{width_map.in_features} -> {width_map.out_features}",
                 student_params=n_s, teacher_layers=teacher.num_layers, val_source=data.val_source)
     return fit_task(task, cfg, data.train, data.val, callbacks, info=info)
 

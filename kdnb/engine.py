@@ -89,10 +89,11 @@ def attempt_store(info: DistInfo, timeout: datetime.timedelta):
 # %% ../nbs/06_engine.ipynb #144b8dc6
 def lr_factor(step: int, # optimiser step, from 0
               total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0, schedule: str = "cosine") -> float:
-    "Multiplier of every group's lr at `step`: linear warmup, then cosine to min_lr_ratio (or constant)."
+    "Multiplier of every group's lr at `step`: linear warmup, then cosine (or linear) to min_lr_ratio, or constant."
     if step < warmup_steps: return (step + 1) / warmup_steps
     if schedule == "constant": return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear": return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress)  # mmseg's poly, power 1
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 def warmup_steps_of(cfg, total_steps: int) -> int:
@@ -341,7 +342,8 @@ def eval_metrics(self: Trainer) -> dict:
     if self.dist.enabled:
         for v in sums.values(): dist.all_reduce(v)
     self.task.train()
-    return self.task.summarize({k: v.item() for k, v in sums.items()})
+    # a scalar sum becomes a float; a vector or matrix (a confusion matrix) a float64 tensor on the CPU
+    return self.task.summarize({k: v.item() if v.numel() == 1 else v.cpu() for k, v in sums.items()})
 
 @patch
 def evaluate(self: Trainer) -> dict:

@@ -19,7 +19,7 @@ from .config import FinetuneConfig, RunKind, get_config, register_run
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'FinetuneTask', 'FeatureSet', 'extract_features', 'build_classifier', 'finetune']
+__all__ = ['log', 'FinetuneTask', 'FeatureSet', 'extract_features', 'build_backbone', 'build_classifier', 'finetune']
 
 # %% ../nbs/08_finetune.ipynb #1aa02f5f
 class FinetuneTask(Task):
@@ -56,6 +56,7 @@ class FinetuneTask(Task):
 # %% ../nbs/08_finetune.ipynb #eea4d638
 class FeatureSet(torch.utils.data.Dataset):
     "Cached features [N, D] with labels, indexed like the image sets (index or (index, seed))."
+    in_memory = True  # loaders read it without workers (loader_settings)
     def __init__(self, feats, targets): self.feats, self.targets = feats, list(targets)
     def __len__(self): return len(self.feats)
     def __getitem__(self, key):
@@ -76,8 +77,8 @@ def extract_features(model: Classifier, dataset, batch_size: int = 256, device="
     return FeatureSet(torch.cat(out), dataset.targets)
 
 # %% ../nbs/08_finetune.ipynb #7fffe63c
-def build_classifier(cfg: FinetuneConfig, num_classes: int) -> Classifier:
-    "The config's backbone (from its checkpoint, or random) with a fresh head."
+def build_backbone(cfg) -> Data2Vec2Encoder:
+    "The backbone of a finetuning (or segmentation) config: from its checkpoint, or random; with its drop path."
     if cfg.checkpoint is not None:
         backbone = load_backbone(cfg.checkpoint, depth=cfg.depth, img_size=cfg.img_size)
     else:
@@ -85,7 +86,11 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> Classifier:
     if cfg.drop_path > 0:
         for i, b in enumerate(backbone.all_blocks):
             b.drop_path = DropPath(cfg.drop_path * i / max(1, len(backbone.all_blocks) - 1))
-    return Classifier(backbone, num_classes)
+    return backbone
+
+def build_classifier(cfg: FinetuneConfig, num_classes: int) -> Classifier:
+    "The config's backbone (from its checkpoint, or random) with a fresh head."
+    return Classifier(build_backbone(cfg), num_classes)
 
 def finetune(cfg: FinetuneConfig | None = None, # a config; None = get_config("auto", kind="finetune", **overrides)
              callbacks=(), # extra engine callbacks

@@ -56,15 +56,20 @@ def d2v_loss(student_layers: Iterable[torch.Tensor], # L_s tensors [B, T, D] wit
              teacher_layers: Iterable[torch.Tensor], # L_t tensors [B, T, D], no gradient needed
              eps: float = 1e-5, # epsilon of the instance and layer norms
              mask: torch.Tensor | None = None, # [B, T] real tokens (text): statistics and the mean use only them
+             width_map: torch.nn.Module | None = None, # D_s -> D_t on the student's averaged layers (widths differ)
             ) -> torch.Tensor: # scalar float32
     "MSE between the student's and the teacher's layer-averaged targets over all tokens incl. CLS (eq. 6)."
     with torch.no_grad():
         y = layer_averaged_target(teacher_layers, eps, mask=mask)  # [B, T, D]
     if y.is_inference(): y = y.clone()  # inference tensors cannot be saved for backward
-    y_hat = layer_averaged_target(student_layers, eps, mask=mask)  # [B, T, D]
+    if width_map is None: y_hat = layer_averaged_target(student_layers, eps, mask=mask)  # [B, T, D]
+    else:  # eq. 5 after the map: LN(W mean_l IN(h_l) + b), [B, T, D_t]
+        z = width_map(layer_averaged_target(student_layers, eps, final_layer_norm=False, mask=mask))
+        y_hat = F.layer_norm(z.float(), z.shape[-1:], eps=eps)
     if y_hat.shape != y.shape:
         raise ValueError(f"student target {tuple(y_hat.shape)} and teacher target {tuple(y.shape)} differ; "
-                         "student and teacher must see the same image size and patch size, and share the width D")
+                         "student and teacher must see the same image size and patch size (the same tokens), and "
+                         "share the width D unless a width map is given")
     if mask is None: return F.mse_loss(y_hat, y)
     m = mask.to(device=y.device, dtype=torch.float32)[..., None]  # [B, T, 1]
     return ((y_hat - y) ** 2 * m).sum() / (m.sum() * y.shape[-1]).clamp(min=1)

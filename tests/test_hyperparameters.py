@@ -221,6 +221,19 @@ def test_tinymim_tables_match_seed_001():
     assert check_grid(rows, tinymim_finetune_table()) >= 18 * 3
 
 
+def test_tinymim_segmentation_table_matches_seed_001_table_3():
+    from kdnb.report import tinymim_segment_table
+    from kdnb.segment import SEG_LAYER_DECAYS
+    cols, rows = seed_grid("001", "Table 3. Hyper-parameters of ADE20K semantic segmentation fine-tuning.")
+    assert cols == ["ViT-S", "ViT-B"]
+    t = tinymim_segment_table()
+    choice = [(l, v) for l, v in rows if l == "Layer-wise learning rate decay"]
+    assert len(choice) == 1 and numbers(choice[0][1][0]) == list(SEG_LAYER_DECAYS)  # the seed's set {0.65, 0.75, 0.8}
+    for got in t.loc["Layer-wise learning rate decay"]:  # the preset's value, then the set it was taken from
+        assert numbers(got)[0] in SEG_LAYER_DECAYS and numbers(got)[1:] == list(SEG_LAYER_DECAYS), got
+    assert check_grid([(l, v) for l, v in rows if l != "Layer-wise learning rate decay"], t) >= 12 * 2
+
+
 def test_tinymim_check_can_fail():
     "A preset value unlike the seed's is caught (the comparison above is not vacuous)."
     from kdnb.report import tinymim_finetune_table

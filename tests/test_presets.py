@@ -12,6 +12,7 @@ from kdnb.fkd import FKDConfig
 from kdnb.runs import run  # imports every objective, so PRESETS holds their presets too
 from kdnb.distill import distill
 from kdnb.pipeline import PipelineConfig, stage_configs  # registers the pipeline's presets
+from kdnb.segment import SegmentConfig
 
 GLUE_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
 
@@ -37,12 +38,15 @@ def shrink(name, out):
     if isinstance(cfg, PretrainConfig):  # a 2-block encoder and a small decoder; masking, EMA and loss as preset
         return cfg.replace(**SMALL, checkpoint=None, depth=2, prenet_depth=0, average_top_k_layers=2, clone_batch=2,
                            decoder_dim=16, decoder_groups=4, decoder_layers=2, out_dir=str(out))
+    if isinstance(cfg, SegmentConfig):  # four blocks (one per UperNet scale) on a few in-memory digit scenes
+        return cfg.replace(**{**SMALL, "dataset": "digit_scenes"}, scenes=80, model="tiny", checkpoint=None, depth=4,
+                           decoder_channels=16, out_dir=str(out))
     return cfg.replace(**SMALL, model="tiny", checkpoint=None, depth=1, out_dir=str(out))
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_runs_end_to_end(name, tmp_path):
-    if isinstance(get_config(name), PipelineConfig):  # its miniature runs in nbs/17_pipeline.ipynb
+    if isinstance(get_config(name), PipelineConfig):  # its miniature runs in nbs/18_pipeline.ipynb
         stages = stage_configs(get_config(name, out_dir=str(tmp_path)))  # every stage's config builds and validates
         assert all(c.out_dir.startswith(str(tmp_path)) for c in stages.values())
         return

@@ -19,6 +19,9 @@ FLAGS = ["--headless", "--no-sandbox", "--window-size=1280,900", "--disable-gpu"
          "--disable-component-update", "--disable-sync", "--virtual-time-budget=10000"]
 
 
+REPORT_PAGES = {"index", "hyperparameters", "results", "benchmarks"}
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     if not CHROMIUM:
@@ -26,7 +29,9 @@ def site(tmp_path_factory):
         pytest.skip("chromium is not installed (apt-get install chromium libjs-mathjax)")
     from kdnb.site import build_site
     out = tmp_path_factory.mktemp("site")
-    pages = build_site(out, ROOT / "nbs", keep_notebooks=True, log=lambda *a: None)
+    # the report's own pages run; the library pages render as stored (tests/test_notebooks.py runs each of them,
+    # and running them all a second time here doubled CI's time)
+    pages = build_site(out, ROOT / "nbs", execute=REPORT_PAGES, keep_notebooks=True, log=lambda *a: None)
     return out, pages
 
 
