@@ -16,7 +16,7 @@ from torchvision.transforms import functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .config import (BaseConfig, ConfigError, Preset, RunKind, check_choice, check_non_negative, check_positive,
                          get_config, register_run)
-from .data import SplitDataset, load_digits_images, stratified_split, make_loader
+from .data import SplitDataset, load_digits_images, stratified_split, seeded
 from .engine import Task, fit_task
 from .finetune import build_backbone
 
@@ -220,7 +220,6 @@ class SegmentationSet(SplitDataset):
     @property
     def collate_fn(self): return collate_padded
     def __getitem__(self, key):
-        from kdnb.data import seeded
         i, s = key if isinstance(key, tuple) else (key, None)
         img, mask = self.read(i)
         if s is None: return self.transform(img, mask)
@@ -441,4 +440,4 @@ register_run(RunKind("segment", SegmentConfig, segment, command="segment",
         val_size=0.2, num_workers=0, precision="fp32", log_every=10, out_dir="runs/segment_cpu"),
            "A CPU-sized segmentation: a random tiny ViT (4 blocks, width 64, patch 4) with UperNet on 640 digit "
            "scenes of 32 px (11 classes), Table 3's schedule shape, rescaling softened to 0.75-1.5 for 32 px "
-           "scenes (~8 min on 2 CPU cores)."))
+           "scenes (about 6 min on 2 CPU cores)."))
