@@ -745,6 +745,7 @@ def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on
         overrides = {**entry.values, **overrides}
     return rebuild(cfg, **overrides) if overrides else cfg
 
+# %% ../nbs/04_config.ipynb #7f541c85
 def load_config(path) -> BaseConfig:
     "Load a saved config of any class (the class is recorded in the file)."
     path = Path(path)

@@ -55,6 +55,7 @@ class SegmentationSource(torch.utils.data.Dataset):
                              f"above the {len(self.classes)} classes of this data set: is it an ADE20K annotation?")
         return img, Image.fromarray(m.astype(np.uint8))
 
+# %% ../nbs/15_segment.ipynb #afa8cd82
 ADE20K_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"  # the scene parsing release
 
 def _ade_root(root: Path, download: bool = False) -> Path:
@@ -198,6 +199,7 @@ def pad_to(img: torch.Tensor, mask: torch.Tensor, # [..., 3, H, W] and [..., H, 
     if not (ph or pw): return img, mask
     return F.pad(img, (0, pw, 0, ph)), F.pad(mask, (0, pw, 0, ph), value=IGNORE)
 
+# %% ../nbs/15_segment.ipynb #d7ffb0f3
 class SegEvalTransform:
     "Evaluation: rescale so the short side is `short` (the long side at most 4x), normalise; the mask alike (nearest)."
     def __init__(self, short: int): self.short = short
