@@ -4,7 +4,7 @@ Run by hand, not in CI (minutes on a laptop CPU):
 
     .venv/bin/python bench/bench.py                 # everything, writes results/bench/
     .venv/bin/python bench/bench.py --quick         # small sizes only (about a minute)
-    .venv/bin/python bench/bench.py --only step     # sections: peak, step, profile, scaling, data, loader, probe, fkd
+    .venv/bin/python bench/bench.py --only step     # sections: peak, step, pair, profile, scaling, data, loader, probe, fkd
     python bench/bench.py --only peak step profile loader --jpeg-src <ImageFolder>   # on a GPU machine
 
 Every ratio is measured in one run on one machine: "ours" and "plain" alternate in the same process.
@@ -183,6 +183,65 @@ def run_sub(**kw) -> dict:
         print(f"  failed {kw}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}", flush=True)
         return None
     return json.loads(line[7:])
+
+
+def pair_step(pair: str, img: int, batch: int, steps: int, device) -> dict:
+    """One kdnb distillation step (DistillTask, as the runner builds it) for a teacher/student pair: `thesis` (the
+    BEiTv2-shaped ViT-B/16, 12 blocks, into 6 Data2Vec2 blocks, both 768 wide) or `mismatch` (DINOv2 ViT-B/14 with
+    4 registers, 12 blocks, 768 wide, into the first 6 blocks of timm's ViT-S/16, 384 wide: the width map, the teacher
+    resized to the student's grid, registers left out). Random weights; fp32 on CPU, bf16 autocast on CUDA."""
+    import timm
+    from kdnb.distill import DistillTask, MappedStudent, check_pair
+    from kdnb.models import FrozenTeacher, TimmEncoder
+    device = torch.device(device)
+    torch.manual_seed(0)
+    if pair == "thesis":
+        teacher, student = make_models(img)
+    else:
+        teacher = FrozenTeacher(timm.create_model("vit_base_patch14_reg4_dinov2", num_classes=0, img_size=img))
+        student = TimmEncoder("vit_small_patch16_224", depth=6, img_size=img)
+    d_t, d_s = check_pair(student, teacher, img)
+    if d_t != d_s: student = MappedStudent(student, d_t)
+    teacher.to(device); student.to(device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    if amp is not None: teacher.cast(amp)
+    task = DistillTask(student, teacher, "auto")
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, img, img, device=device)
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = task((x, None))["loss"]
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        return loss
+    step(); flops = count_flops(step)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync(); t0 = time.perf_counter()
+    for _ in range(steps): loss = step()
+    loss.item(); sync()
+    dt = (time.perf_counter() - t0) / steps
+    return dict(pair=pair, img=img, batch=batch, teacher_input=list(teacher.input_size or (img, img)),
+                width_map=f"{d_s} -> {d_t}" if d_t != d_s else None,
+                student_params_m=round(sum(p.numel() for p in student.parameters()) / 1e6, 1),
+                step_s=round(dt, 4), images_per_s=round(batch / dt, 2), gflop_per_step=round(flops / 1e9, 2),
+                peak_mem_mb=round(peak_mem_mb(device), 1), device=str(device), gpu=_gpu_name(device))
+
+
+def section_pair(device, quick):
+    "The thesis pair beside a mismatched one (width, patch size, register tokens), each in a fresh process."
+    img, batch, steps = (224, 64, 15) if device.type == "cuda" else ((64, 8, 3) if quick else (224, 8, 2))
+    rows = []
+    for pair in ("thesis", "mismatch"):
+        code = (f"import json,sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); from bench import pair_step; "
+                f"print('RESULT', json.dumps(pair_step({pair!r}, {img}, {batch}, {steps}, {str(device)!r})))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"  failed {pair}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            continue
+        rows.append(json.loads(line[7:]))
+        print(f"  {pair:9s} img {img} batch {batch}: {rows[-1]['images_per_s']} img/s, "
+              f"{rows[-1]['gflop_per_step']} GFLOP/step, teacher input {rows[-1]['teacher_input']}", flush=True)
+    return rows
 
 
 # ----------------------------------------------------------------------------- sections
@@ -438,7 +497,7 @@ def section_fkd(device, quick):
     return rows
 
 
-SECTIONS = ["peak", "step", "profile", "scaling", "data", "loader", "probe", "fkd"]
+SECTIONS = ["peak", "step", "pair", "profile", "scaling", "data", "loader", "probe", "fkd"]
 
 
 def main(argv=None):
@@ -468,6 +527,7 @@ def main(argv=None):
     save = lambda: path.write_text(json.dumps({**old, **res}, indent=1))
     save()
     for name, fn in (("step", lambda: section_step(device, a.quick)),
+                     ("pair", lambda: section_pair(device, a.quick)),
                      ("profile", lambda: section_profile(device, a.quick, out)),
                      ("scaling", lambda: section_scaling(device, a.quick)),
                      ("data", lambda: section_data(a.quick)),
@@ -542,7 +602,7 @@ def print_tables(res: dict):
             print(f"\nthe seeds' ImageNet-1K runs projected at these rates (thesis: {THESIS['distill_hours']} h for "
                   f"the 10-epoch distillation on one {THESIS['gpu']})")
             print(pd.DataFrame(projection(res)).to_string(index=False))
-    for name in ("profile", "scaling", "data", "loader", "probe", "fkd"):
+    for name in ("pair", "profile", "scaling", "data", "loader", "probe", "fkd"):
         if res.get(name): print(f"\n{name}"); print(pd.DataFrame(res[name]).to_string(index=False))
 
 

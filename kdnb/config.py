@@ -15,7 +15,7 @@ import kdnb
 # %% auto #0
 __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES',
            'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES', 'ConfigError', 'disk_error', 'write_atomic', 'ConfigBase',
-           'rebuild', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative',
+           'rebuild', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'check_model',
            'DistillConfig', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig',
            'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective', 'run_kind',
            'get_config', 'load_config', 'config_class', 'params_from_namespace', 'portable', 'make_portable']
@@ -299,6 +299,16 @@ def check_non_negative(cfg, *names):
     for n in names:
         if getattr(cfg, n) < 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be >= 0")
 
+def check_model(name: str, value: str):
+    "An image encoder's architecture: kdnb's 'data2vec2' or 'tiny', or 'timm:<name>' of a model timm has."
+    if not value.startswith("timm:"): return check_choice(name, value, ("data2vec2", "tiny", "timm:<model name>"))
+    import timm  # only for timm students: a config stays light to import
+    if not timm.is_model(value[5:]):
+        close = difflib.get_close_matches(value[5:], timm.list_models(), 3)
+        raise ConfigError(f"{name}={value!r}: timm has no model {value[5:]!r}" + (
+            f"; did you mean {', '.join(repr('timm:' + c) for c in close)}?" if close else
+            "; list them with timm.list_models('*vit*')"))
+
 # %% ../nbs/04_config.ipynb #804e8bbb
 @patch(as_prop=True)
 def data_seed(self: BaseConfig) -> int:
@@ -318,11 +328,15 @@ class DistillConfig(BaseConfig):
     # otherwise)
     teacher_layer_kind: str = "auto"
     teacher_embed_dim: typing.Optional[int] = None # width of the "tiny" teacher; None = the student's (embed_dim)
-    model: str = "data2vec2" # the student's architecture: "data2vec2" (ViT-B sizes) or "tiny"
-    # the student's blocks: data2vec 2.0 checkpoint or kdnb run folder; None = random
+    # the student's architecture: "data2vec2" (ViT-B sizes), "tiny", or "timm:<name>" (its first `depth` blocks)
+    model: str = "data2vec2"
+    # the student's blocks: data2vec 2.0 checkpoint or kdnb run folder; None = random. For a timm model: None = timm's
+    # pretrained weights, "random" = random ones, or a local timm weights file
     checkpoint: typing.Optional[str] = "data2vec2_base"
     depth: int = 6 # blocks of the student
-    student_layer_kind: str = "ffn" # activation per student layer: "ffn" (data2vec) or "block"
+    # activation per student layer: "ffn" (data2vec), "block", or "auto" (ffn for kdnb's post-LN encoders, block for
+    # timm's pre-LN ones)
+    student_layer_kind: str = "auto"
     embed_dim: int = 768 # width D (hidden size)
     mlp_dim: int = 3072 # FFN inner size
     num_heads: int = 12 # attention heads
@@ -345,11 +359,11 @@ class DistillConfig(BaseConfig):
 def validate(self: DistillConfig):
     super(DistillConfig, self).validate()
     check_choice("teacher_layer_kind", self.teacher_layer_kind, ("auto", "block", "ffn"))
-    check_choice("student_layer_kind", self.student_layer_kind, ("block", "ffn"))
+    check_choice("student_layer_kind", self.student_layer_kind, ("auto", "block", "ffn"))
     if not (self.teacher in ("beitv2", "data2vec2", "tiny") or self.teacher.startswith(("timm:", "run:"))):
         raise ConfigError(f"teacher={self.teacher!r}: use 'beitv2', 'data2vec2', 'timm:<model name>', "
                           "'run:<run folder>' or 'tiny'")
-    check_choice("model", self.model, ("data2vec2", "tiny"))
+    check_model("model", self.model)
     check_positive(self, "depth", "embed_dim", "mlp_dim", "num_heads", "patch_size")
     if self.embed_dim % self.num_heads:
         raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
@@ -402,8 +416,9 @@ class FinetuneConfig(BaseConfig):
     "Full finetuning or linear probing of the (distilled) student (seed 000 Table 2, seed 003 Table 1)."
     mode: str = "finetune" # "finetune" (all layers) or "linear_probe" (frozen backbone, only the head)
     kind = property(lambda self: self.mode)  # one config class, two run kinds (not a field)
-    model: str = "data2vec2" # backbone architecture: "data2vec2" (ViT-B sizes) or "tiny"
-    # backbone weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint, or None
+    model: str = "data2vec2" # backbone architecture: "data2vec2" (ViT-B sizes), "tiny" or "timm:<name>"
+    # backbone weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint, or None; for a timm model: None =
+    # timm's pretrained weights, "random", or a local timm weights file
     checkpoint: typing.Optional[str] = "data2vec2_base"
     depth: int = 6 # backbone blocks (when not read from a run folder)
     embed_dim: int = 768 # backbone width (when not read from a run folder)
@@ -429,7 +444,7 @@ class FinetuneConfig(BaseConfig):
     def validate(self):
         super().validate()
         check_choice("mode", self.mode, ("finetune", "linear_probe"))
-        check_choice("model", self.model, ("data2vec2", "tiny"))
+        check_model("model", self.model)
         check_choice("mixup_mode", self.mixup_mode, ("batch", "pair", "elem"))
         check_choice("remode", self.remode, ("pixel", "rand", "const"))
         if not 0 < self.layer_decay <= 1:

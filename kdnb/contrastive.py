@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from .engine import Task
 from .targets import d2v_loss
+from .distill import check_pair, layer_kind
 from .config import DistillConfig, Objective, check_positive, check_non_negative, register_objective
 
 # %% auto #0
@@ -63,7 +64,8 @@ class ContrastiveTask(Task):
         super().__init__()
         t_dim = teacher.model.embed_dim
         self.student, self.teacher = ContrastiveStudent(encoder, t_dim, bank_size, temperature), teacher
-        self.d2v_weight, self.w, self.kind, self.eps = d2v_weight, contrastive_weight, student_kind, eps
+        self.d2v_weight, self.w, self.eps = d2v_weight, contrastive_weight, eps
+        self.kind = layer_kind(student_kind, encoder)  # "auto": ffn for a Data2Vec2 student, block for a timm one
     def losses(self, x):
         s_layers, s_cls = self.student(x, layers=self.kind if self.d2v_weight else None)
         t_layers = self.teacher(x)
@@ -99,6 +101,7 @@ class ContrastiveConfig(DistillConfig):
 
 def contrastive_task(cfg: ContrastiveConfig, student, teacher, data=None) -> ContrastiveTask:
     "The `contrastive` and `d2v+contrastive` objectives."
+    check_pair(student, teacher, cfg.img_size)  # the student's grid for the teacher, or one line before training
     return ContrastiveTask(student, teacher, cfg.bank_size, cfg.temperature,
                            d2v_weight=1.0 if cfg.objective == "d2v+contrastive" else 0.0,
                            contrastive_weight=cfg.contrastive_weight, student_kind=cfg.student_layer_kind,

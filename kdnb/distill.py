@@ -8,8 +8,9 @@ import logging
 import torch
 import torch.nn as nn
 from .targets import d2v_loss
-from .models import Data2Vec2Encoder, FrozenTeacher, beitv2_teacher, timm_teacher, load_data2vec2
-from .weights import load_backbone
+from .models import (Data2Vec2Encoder, FrozenTeacher, beitv2_teacher, timm_teacher, load_data2vec2,
+                         set_drop_path, has_cls_token)
+from .weights import load_backbone, timm_student
 from .engine import Task, fit_task, autocast_dtype, resolve_device
 from .data import build_data
 from .config import (ConfigError, DistillConfig, get_config, Objective, OBJECTIVES, RunKind, register_objective,
@@ -18,8 +19,15 @@ from .config import (ConfigError, DistillConfig, get_config, Objective, OBJECTIV
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DistillTask', 'MappedStudent', 'teacher_layer_kind', 'build_teacher', 'build_student', 'check_pair',
-           'd2v_task', 'distill']
+__all__ = ['log', 'layer_kind', 'DistillTask', 'MappedStudent', 'teacher_layer_kind', 'build_teacher', 'build_student',
+           'check_pair', 'd2v_task', 'distill']
+
+# %% ../nbs/07_distill.ipynb #5e1c0c01
+def layer_kind(setting: str, # "ffn", "block", or "auto"
+               encoder: nn.Module) -> str:
+    "A model's activation per layer: `auto` is the FFN output for kdnb's post-LN encoders, the block output else."
+    if setting != "auto": return setting
+    return "ffn" if isinstance(getattr(encoder, "backbone", encoder), Data2Vec2Encoder) else "block"
 
 # %% ../nbs/07_distill.ipynb #5f446098
 class DistillTask(Task):
@@ -29,9 +37,10 @@ class DistillTask(Task):
     best_metric = ("val_loss", "min")
     def __init__(self, student: nn.Module, # returns its layers from student(x, layers=kind)
                  teacher: FrozenTeacher, # frozen; never wrapped by DDP
-                 student_kind: str = "ffn", # which activation is a student layer
+                 student_kind: str = "ffn", # which activation is a student layer; "auto": `layer_kind`
                  eps: float = 1e-5):
         super().__init__()
+        student_kind = layer_kind(student_kind, student)
         self.student, self.teacher, self.student_kind, self.eps = student, teacher, student_kind, eps
         self.ddp_find_unused = student_kind == "ffn"  # the last block's norm2 is not part of an FFN-output target
     def loss(self, x): # [B, C, H, W] -> scalar
@@ -57,9 +66,10 @@ class MappedStudent(nn.Module):
     def no_weight_decay(self): return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
 # %% ../nbs/07_distill.ipynb #c41ac091
-def teacher_layer_kind(cfg: DistillConfig) -> str:
+def teacher_layer_kind(cfg: DistillConfig, encoder: nn.Module | None = None) -> str:
     "The teacher's activation per layer: `ffn` for data2vec 2.0 teachers (as in the thesis code), else `block`."
     if cfg.teacher_layer_kind != "auto": return cfg.teacher_layer_kind
+    if cfg.teacher.startswith("run:") and encoder is not None: return layer_kind("auto", encoder)  # by its class
     return "ffn" if cfg.teacher == "data2vec2" or cfg.teacher.startswith("run:") else "block"
 
 def build_teacher(cfg: DistillConfig) -> FrozenTeacher:
@@ -72,35 +82,41 @@ def build_teacher(cfg: DistillConfig) -> FrozenTeacher:
     if name.startswith("timm:"):  # teacher_checkpoint: None = timm's weights, "random" = none (tests, mechanics)
         return timm_teacher(name[5:], pretrained=ckpt is None, checkpoint=None if ckpt == "random" else ckpt,
                             img_size=cfg.img_size)
-    if name.startswith("run:"):
-        return FrozenTeacher(load_backbone(name[4:]), kind=kind)
+    if name.startswith("run:"):  # a kdnb run's encoder: a data2vec 2.0 model gives FFN layers, a timm one blocks
+        encoder = load_backbone(name[4:])
+        return FrozenTeacher(encoder, kind=teacher_layer_kind(cfg, encoder))
     # "tiny": a randomly initialised Data2Vec2Encoder of twice the student's depth (tests, mechanics), as wide as
     # the student unless teacher_embed_dim says otherwise
     D = cfg.teacher_embed_dim or cfg.embed_dim
     return FrozenTeacher(Data2Vec2Encoder(cfg.img_size, cfg.patch_size, D, 2 * cfg.depth, cfg.num_heads,
                                           cfg.mlp_dim / cfg.embed_dim), kind=kind)
 
-def build_student(cfg: DistillConfig) -> Data2Vec2Encoder:
-    "The student: the first `depth` blocks of a checkpoint (data2vec 2.0, or a kdnb run), or random weights."
-    if cfg.model == "data2vec2" and cfg.checkpoint is not None:
-        return load_backbone(cfg.checkpoint, depth=cfg.depth, img_size=cfg.img_size)
-    return Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
-                            cfg.mlp_dim / cfg.embed_dim, drop_path_rate=cfg.drop_path)
+def build_student(cfg: DistillConfig) -> nn.Module:
+    "The student: the first `depth` blocks of a checkpoint (data2vec 2.0, a kdnb run, a timm model), or random."
+    if cfg.model.startswith("timm:"):  # checkpoint: None = timm's pretrained weights, "random", a file, a kdnb run
+        student = timm_student(cfg.model[5:], cfg.checkpoint, cfg.depth, cfg.img_size)
+    elif cfg.model == "data2vec2" and cfg.checkpoint is not None:
+        student = load_backbone(cfg.checkpoint, depth=cfg.depth, img_size=cfg.img_size)
+    else:
+        return Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
+                                cfg.mlp_dim / cfg.embed_dim, drop_path_rate=cfg.drop_path)
+    return set_drop_path(student, cfg.drop_path) if cfg.drop_path > 0 else student
 
 # %% ../nbs/07_distill.ipynb #e955f8c4
 def check_pair(student: nn.Module, teacher: FrozenTeacher, img_size: int):
-    "Stop before training when a student and its teacher give different tokens (a grid or extra tokens differ)."
+    "Give the teacher the student's patch grid; stop before training when their target tokens still differ."
+    s_grid = tuple(getattr(student, "backbone", student).patch_embed.grid_size)
+    try: teacher.match_grid(s_grid)
+    except ValueError as e: raise ConfigError(str(e)) from None
     x = torch.zeros(1, 3, img_size, img_size, dtype=teacher.dtype)
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # drop path draws nothing from the run's generator
         t, s = teacher(x, num_layers=1)[0], student(x.float(), layers="block")[0]
     if t.shape[1] != s.shape[1]:
-        def grid(m):
-            m = getattr(m, "model", getattr(m, "backbone", m))
-            return f"{m.patch_embed.grid_size[0]}x{m.patch_embed.grid_size[1]} patches + {m.num_prefix_tokens} prefix"
-        raise ConfigError(f"at img_size={img_size} the teacher gives {t.shape[1]} tokens ({grid(teacher)}) and the "
-                          f"student {s.shape[1]} ({grid(student)}): the target is compared token by token, so give "
-                          "both the same patch grid (patch_size, img_size) and the same prefix tokens (a teacher "
-                          "with register or distillation tokens does not fit a CLS-only student)")
+        has = lambda yes: "has a CLS token" if yes else "has none"
+        raise ConfigError(f"the teacher gives {t.shape[1]} target tokens and the student {s.shape[1]} on the same "
+                          f"{s_grid[0]}x{s_grid[1]} grid: the teacher {has(teacher.has_cls)}, the student "
+                          f"{has(has_cls_token(getattr(student, 'backbone', student)))}; pair models that both have a "
+                          "CLS token or neither")
     return t.shape[-1], s.shape[-1]
 
 def d2v_task(cfg: DistillConfig, student, teacher, data=None) -> Task:

@@ -8,10 +8,9 @@ import logging
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
 from timm.loss import SoftTargetCrossEntropy, LabelSmoothingCrossEntropy
-from .models import Data2Vec2Encoder, Classifier
-from .weights import load_backbone
+from .models import Data2Vec2Encoder, Classifier, set_drop_path
+from .weights import load_backbone, timm_student
 from .engine import Task, fit_task, resolve_device, autocast_dtype
 from .data import build_data, mixup_fn, derive_seed, seeded, make_loader
 from .config import FinetuneConfig, RunKind, get_config, register_run
@@ -77,16 +76,15 @@ def extract_features(model: Classifier, dataset, batch_size: int = 256, device="
     return FeatureSet(torch.cat(out), dataset.targets)
 
 # %% ../nbs/08_finetune.ipynb #7fffe63c
-def build_backbone(cfg) -> Data2Vec2Encoder:
+def build_backbone(cfg) -> nn.Module:
     "The backbone of a finetuning (or segmentation) config: from its checkpoint, or random; with its drop path."
-    if cfg.checkpoint is not None:
+    if cfg.model.startswith("timm:"):  # checkpoint: None = timm's pretrained weights, "random", a file, a kdnb run
+        backbone = timm_student(cfg.model[5:], cfg.checkpoint, cfg.depth, cfg.img_size)
+    elif cfg.checkpoint is not None:
         backbone = load_backbone(cfg.checkpoint, depth=cfg.depth, img_size=cfg.img_size)
     else:
         backbone = Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads)
-    if cfg.drop_path > 0:
-        for i, b in enumerate(backbone.all_blocks):
-            b.drop_path = DropPath(cfg.drop_path * i / max(1, len(backbone.all_blocks) - 1))
-    return backbone
+    return set_drop_path(backbone, cfg.drop_path) if cfg.drop_path > 0 else backbone
 
 def build_classifier(cfg: FinetuneConfig, num_classes: int) -> Classifier:
     "The config's backbone (from its checkpoint, or random) with a fresh head."

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from .config import (BaseConfig, ConfigError, Preset, RunKind, check_choice, check_non_negative, check_positive,
-                         get_config, register_run)
+from .config import (BaseConfig, ConfigError, Preset, RunKind, check_choice, check_model, check_non_negative,
+                         check_positive, get_config, register_run)
 from .data import SplitDataset, load_digits_images, stratified_split, seeded
 from .engine import Task, fit_task
 from .finetune import build_backbone
@@ -234,7 +234,7 @@ class SegmentConfig(BaseConfig):
     datasets = ("ade20k", "digit_scenes")  # a class attribute, not a field: the allowed `dataset` values
     kind = "segment"
     dataset: str = "ade20k" # "ade20k" (its release layout under data_root) or "digit_scenes" (made in memory)
-    model: str = "data2vec2" # backbone architecture: "data2vec2" (ViT-B sizes) or "tiny"
+    model: str = "data2vec2" # backbone architecture: "data2vec2" (ViT-B sizes), "tiny" or "timm:<name>"
     # backbone weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint, or None (random)
     checkpoint: typing.Optional[str] = "data2vec2_base"
     depth: int = 6 # backbone blocks (when not read from a run folder)
@@ -257,7 +257,7 @@ class SegmentConfig(BaseConfig):
 
     def validate(self):
         super().validate()
-        check_choice("model", self.model, ("data2vec2", "tiny"))
+        check_model("model", self.model)
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
         if not 0 <= self.drop_path < 1: raise ConfigError(f"drop_path={self.drop_path} must be in [0, 1)")

@@ -10,14 +10,15 @@ from pathlib import Path
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, load_file
-from .models import (Data2Vec2Encoder, Classifier, encoder_from_state, load_data2vec2, load_checkpoint_file,
-                         d2v2_split_wrapper)
+from .models import (Data2Vec2Encoder, TimmEncoder, Classifier, encoder_from_state, load_data2vec2,
+                         load_checkpoint_file, d2v2_split_wrapper)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'weights_metadata', 'save_weights', 'WeightsFile', 'read_weights', 'load_state', 'run_weights', 'weights_path',
-           'load_backbone', 'load_classifier']
+__all__ = ['log', 'ENCODERS', 'weights_metadata', 'save_weights', 'WeightsFile', 'read_weights', 'load_state', 'run_weights',
+           'weights_path', 'timm_from_state', 'new_encoder', 'load_backbone', 'is_kdnb_weights', 'timm_student',
+           'load_classifier']
 
 # %% ../nbs/02_weights.ipynb #5b538fcc
 def weights_metadata(module: nn.Module) -> dict[str, str]:
@@ -95,18 +96,58 @@ def weights_path(src: str | Path) -> Path:
     if w is None: raise FileNotFoundError(f"{src} is not a finished kdnb run: no checkpoints/best or checkpoints/last")
     return w
 
+# %% ../nbs/02_weights.ipynb #5e1c0b01
+def timm_from_state(arch: dict, # a TimmEncoder's arch (timm name, depth, img_size, timm arguments)
+                    sd: dict, # its state dict
+                    src, # where it came from (named in every error)
+                    depth: int | None = None, # keep the first `depth` blocks
+                    img_size: int | None = None, # another input size: timm resamples the learned positions
+                   ) -> TimmEncoder:
+    "A timm student rebuilt from a kdnb weight file: the same depth cut and resize as a Data2Vec2 encoder's."
+    if depth is not None:
+        if not 0 < depth <= arch["depth"]:
+            raise ValueError(f"depth={depth}, but {src} has {arch['depth']} blocks; choose 1..{arch['depth']}")
+        sd = {k: v for k, v in sd.items() if not (k.startswith("model.blocks.") and int(k.split(".")[2]) >= depth)}
+        arch = {**arch, "depth": depth}
+    encoder = load_state(TimmEncoder(**arch), sd, src)
+    return encoder if img_size in (None, encoder.img_size) else encoder.set_input_size(img_size)
+
+ENCODERS = {"Data2Vec2Encoder": encoder_from_state, "TimmEncoder": timm_from_state}  # image encoders of kdnb files
+
+def new_encoder(cls: str, arch: dict) -> nn.Module:
+    "A randomly initialised image encoder of a weight file's recorded class and arch."
+    return Data2Vec2Encoder(**arch) if cls == "Data2Vec2Encoder" else TimmEncoder(**arch)
+
 # %% ../nbs/02_weights.ipynb #f1b0d52b
 def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 2.0 checkpoint
                   depth: int | None = None, # keep the first `depth` main blocks (None: all)
-                  **overrides) -> Data2Vec2Encoder:
-    "A Data2Vec2Encoder from a kdnb run folder or weights file, or from a fairseq data2vec 2.0 checkpoint."
+                  **overrides) -> nn.Module: # a Data2Vec2Encoder, or the TimmEncoder a timm student's run saved
+    "The image encoder of a kdnb run folder or weights file, or a Data2Vec2Encoder from a fairseq checkpoint."
     p = weights_path(src)
     if p.suffix != ".safetensors": return load_data2vec2(str(src), depth=depth, **overrides)
     wf = read_weights(p)
-    if wf.backbone_class != "Data2Vec2Encoder":
-        raise ValueError(f"{src} holds a {wf.cls} whose backbone is a {wf.backbone_class}, not a Data2Vec2 image "
-                         "encoder: point to an image run (distillation or finetuning)")
-    return encoder_from_state(wf.backbone_arch, wf.backbone_state(), p, depth, **overrides)
+    if wf.backbone_class not in ENCODERS:
+        raise ValueError(f"{src} holds a {wf.cls} whose backbone is a {wf.backbone_class}, not an image encoder "
+                         f"({', '.join(ENCODERS)}): point to an image run (distillation or finetuning)")
+    return ENCODERS[wf.backbone_class](wf.backbone_arch, wf.backbone_state(), p, depth, **overrides)
+
+def is_kdnb_weights(src) -> bool:
+    "Whether `src` is a kdnb run folder or weight file (and not a fairseq or timm checkpoint)."
+    p = Path(str(src))
+    if p.is_dir(): return True
+    if p.suffix != ".safetensors" or not p.is_file(): return False
+    try:
+        with safe_open(str(p), "pt") as f: return "kdnb_class" in (f.metadata() or {})
+    except (SafetensorError, OSError): return False
+
+def timm_student(name: str, # a timm model name
+                 checkpoint: str | None, # None: timm's weights; "random"; a local timm file; a kdnb run or file
+                 depth: int, img_size: int, **model_kwargs) -> TimmEncoder: # timm arguments (small test models)
+    "A config's timm student: timm's pretrained weights, random ones, a local timm file's, or a kdnb run's encoder."
+    if checkpoint not in (None, "random") and is_kdnb_weights(checkpoint):
+        return load_backbone(checkpoint, depth=depth, img_size=img_size)
+    return TimmEncoder(name, depth, img_size, pretrained=checkpoint is None,
+                       checkpoint=None if checkpoint in (None, "random") else checkpoint, **model_kwargs)
 
 # %% ../nbs/02_weights.ipynb #0a747cc0
 def load_classifier(src: str | Path, # finetuning run folder, kdnb .safetensors, or finetuned data2vec 2.0 checkpoint
@@ -123,6 +164,6 @@ def load_classifier(src: str | Path, # finetuning run folder, kdnb .safetensors,
                                                   if k.startswith(("fc_norm.", "head."))}}, src)
         return model
     wf = read_weights(p)
-    if wf.cls != "Classifier" or wf.backbone_class != "Data2Vec2Encoder":
+    if wf.cls != "Classifier" or wf.backbone_class not in ENCODERS:
         raise ValueError(f"{src} holds a {wf.cls}, not an image Classifier: point to a finetuning run")
-    return load_state(Classifier(Data2Vec2Encoder(**wf.backbone_arch), wf.arch["num_classes"]), wf.state, p)
+    return load_state(Classifier(new_encoder(wf.backbone_class, wf.backbone_arch), wf.arch["num_classes"]), wf.state, p)

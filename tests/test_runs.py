@@ -190,28 +190,28 @@ def test_cli_ferkd_and_text(tmp_path):
     assert (s["task"], s["steps"], s["train_sentences"]) == ("text_distill", 3, 160)
 
 
-def test_cli_wider_timm_teacher_then_finetune_and_segment_the_student(tmp_path):
-    "A 384-wide timm teacher (random weights, offline) into a 64-wide student, then its encoder finetuned and segmented."
-    run = tmp_path / "wide"
-    r = subprocess.run(KDNB + ["distill", "--preset", "distill_cpu", "--teacher", "timm:vit_small_patch16_224",
-                               "--teacher_checkpoint", "random", "--model", "tiny", "--checkpoint", "None", "--depth", "4",
-                               "--img_size", "32", "--patch_size", "16", "--max_steps", "3", "--tensorboard", "false",
-                               "--out_dir", str(run)], env=ENV, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads((run / "summary.json").read_text())
-    assert s["finished"] and s["width_map"] == "64 -> 384"
-    for cmd in (["finetune", "--preset", "finetune_cpu"], ["segment", "--preset", "segment_cpu", "--scenes", "60"]):
-        out = tmp_path / cmd[0]
-        r = subprocess.run(KDNB + cmd + ["--checkpoint", str(run), "--model", "data2vec2", "--img_size", "32",
-                                         "--max_steps", "3", "--tensorboard", "false", "--out_dir", str(out)],
+def test_cli_timm_teacher_into_timm_student_then_finetune(tmp_path):
+    "Issue 25's done line: a timm ViT-S (patch 16, then DINOv2's patch 14) into a 2-block timm ViT-Ti, then finetuned."
+    common = ["--preset", "distill_cpu", "--teacher_checkpoint", "random", "--model", "timm:vit_tiny_patch16_224",
+              "--checkpoint", "random", "--depth", "2", "--img_size", "32", "--max_steps", "3", "--tensorboard", "false"]
+    for teacher in ("timm:vit_small_patch16_224", "timm:vit_small_patch14_dinov2"):
+        run = tmp_path / teacher.split("_")[-1]
+        r = subprocess.run(KDNB + ["distill", "--teacher", teacher, *common, "--out_dir", str(run)], env=ENV,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        s = json.loads((run / "summary.json").read_text())
+        assert s["finished"] and s["width_map"] == "192 -> 384", s
+        if "dinov2" in teacher: assert "teacher input 28x28 px" in r.stderr, r.stderr[-3000:]
+        out = tmp_path / f"finetune_{run.name}"
+        r = subprocess.run(KDNB + ["finetune", "--preset", "finetune_cpu", "--checkpoint", str(run), "--img_size", "32",
+                                   "--max_steps", "3", "--tensorboard", "false", "--out_dir", str(out)],
                            env=ENV, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
         s = json.loads((out / "summary.json").read_text())
         assert s["finished"] and s["steps"] == 3, s
-    assert "mIoU" in s["metrics"]
-    # a pair whose patch grids differ stops before training, in one line that says what to set
-    r = subprocess.run(KDNB + ["distill", "--preset", "distill_cpu", "--teacher", "timm:vit_small_patch14_dinov2",
-                               "--teacher_checkpoint", "random", "--img_size", "28", "--patch_size", "4",
-                               "--out_dir", str(tmp_path / "bad")], env=ENV, capture_output=True, text=True)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "the same patch grid" in r.stderr, r.stderr[-2000:]
+    # a pair that cannot be matched stops before training, in one line that says what differs
+    r = subprocess.run(KDNB + ["distill", "--teacher", "timm:vit_base_patch16_siglip_224", *common, "--out_dir",
+                               str(tmp_path / "bad")], env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "pair models that both have a CLS token" in r.stderr, \
+        r.stderr[-2000:]
     assert not (tmp_path / "bad" / "checkpoints").exists()
