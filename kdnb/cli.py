@@ -8,7 +8,7 @@ import argparse, json, logging, sys
 from dataclasses import fields
 import yaml
 import torch
-from .config import DistillConfig, ConfigError, OBJECTIVES, PRESETS, RUN_KINDS, RunKind, field_docs
+from .config import DistillBase, ConfigError, OBJECTIVES, PRESETS, RUN_KINDS, RunKind, field_docs
 from .runs import run, setup_run
 import kdnb.pipeline  # registers the pipeline run kind: `kdnb pipeline`
 from .engine import DistInfo, Preempted, PREEMPTED_EXIT
@@ -29,8 +29,8 @@ def _add_run_parser(sub, kind: RunKind):
     sp.add_argument("--config", default=None, help="a saved config (YAML/JSON) to start from instead of a preset")
     sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     seen, cls = {"preset", *kind.values}, kind.config  # a value the kind fixes (linear_probe: mode) is no flag
-    for v in cls.variants():  # DistillConfig: then each objective's class, its settings in a group of their own
-        names = " or ".join(o.name for o in OBJECTIVES.values() if o.config is v)
+    for v in cls.variants():  # DistillBase: then each objective's class, its settings in a group of their own
+        names = " or ".join(o.name for o in OBJECTIVES.values() if issubclass(o.config, v))
         group = sp if v is cls else sp.add_argument_group(f"{v.__name__} (--objective {names})", v.__doc__)
         docs = field_docs(v)  # the field comments of the config class: one text for --help and the report
         for f in fields(v):
@@ -63,7 +63,7 @@ def print_presets():
     "`kdnb presets`: each preset, the run it configures (kind and objective) and the seed table it comes from."
     for name, p in PRESETS.items():
         cfg = p.build()
-        what = cfg.kind + (f"/{cfg.objective}" if isinstance(cfg, DistillConfig) else "")
+        what = cfg.kind + (f"/{cfg.objective}" if isinstance(cfg, DistillBase) else "")
         print(f"{name:18s} {what:22s} {p.source}")
 
 # errors that say what the user has to change; anything else is a bug of kdnb's and keeps its traceback hint

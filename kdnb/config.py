@@ -13,12 +13,13 @@ import yaml
 import kdnb
 
 # %% auto #0
-__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES',
+__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES',
            'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES', 'ConfigError', 'disk_error', 'write_atomic', 'ConfigBase',
            'rebuild', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'check_model',
-           'DistillConfig', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig',
-           'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective', 'run_kind',
-           'get_config', 'load_config', 'config_class', 'params_from_namespace', 'portable', 'make_portable']
+           'DistillBase', 'DistillConfig', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig',
+           'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective',
+           'run_kind', 'get_config', 'load_config', 'config_class', 'params_from_namespace', 'portable',
+           'make_portable']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -83,7 +84,7 @@ class ConfigBase:
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name), _resolve(type(self), f)))
         self.validate()
     renamed = {} # old field name -> its name now: old run folders, presets and command lines keep working
-    unknown_hint = ""  # appended to the unknown-keys error (DistillConfig: where the other objectives live)
+    unknown_hint = ""  # appended to the unknown-keys error (DistillBase: where the other objectives live)
 
 @patch
 def validate(self: ConfigBase): pass
@@ -113,12 +114,12 @@ def migrate(cls: ConfigBase, d: dict) -> dict:
 # %% ../nbs/04_config.ipynb #0e61cfcb
 @patch(cls_method=True)
 def variants(cls: ConfigBase) -> list:
-    "The config classes a run of this kind may have (DistillConfig: one per objective); their fields are flags."
+    "The config classes a run of this kind may have (DistillBase: one per objective); their fields are flags."
     return [cls]
 
 @patch(cls_method=True)
 def class_for(cls: ConfigBase, d: dict) -> type:
-    "The class that holds a config with the values `d` (DistillConfig: the class of `d['objective']`)."
+    "The class that holds a config with the values `d` (DistillBase: the class of `d['objective']`)."
     return cls
 
 @patch(cls_method=True)
@@ -126,7 +127,10 @@ def from_dict(cls: ConfigBase, d: dict):
     "Build a `cls` (never another class) from a dict, old field names translated, unknown keys refused."
     d = cls.migrate({k: v for k, v in d.items() if k != "_class"})
     names = [f.name for f in fields(cls)]
-    others = {f.name: v for v in cls.variants() if v is not cls for f in fields(v) if f.name not in names}
+    others = {}  # a field of another variant -> the first (most basic) variant that has it
+    for v in cls.variants():
+        for f in fields(v):
+            if v is not cls and f.name not in names: others.setdefault(f.name, v)
     for k in [k for k in d if k in others]:
         raise ConfigError(f"{k}={d[k]!r} is a setting of {others[k].__name__}, not of {cls.__name__}"
                           + cls.variant_hint(k, others[k], d))
@@ -140,7 +144,7 @@ def from_dict(cls: ConfigBase, d: dict):
 
 @patch(cls_method=True)
 def variant_hint(cls: ConfigBase, key: str, owner: type, d: dict) -> str:
-    "Appended to the error for `key`, a field of the variant `owner` (DistillConfig: how to pick its objective)."
+    "Appended to the error for `key`, a field of the variant `owner` (DistillBase: how to pick its objective)."
     return ""
 
 @patch
@@ -317,16 +321,13 @@ def data_seed(self: BaseConfig) -> int:
 
 # %% ../nbs/04_config.ipynb #fb0539ff
 @dataclass
-class DistillConfig(BaseConfig):
-    "Feature distillation of a frozen teacher into a half-depth student (seed 000, Table 1)."
+class DistillBase(BaseConfig):
+    "What every distillation objective shares: a frozen teacher, the student, the crops both see (seed 000, Table 1)."
     renamed = {"student": "model", "student_depth": "depth", "student_checkpoint": "checkpoint"}
     teacher: str = "beitv2" # "beitv2", "data2vec2", "timm:<name>", "run:<folder>", "tiny"
     # path, URL or named default (the seeds' self-supervised pt1k weights); None = timm's own weights, which for BEiTv2
     # are finetuned on ImageNet labels (supervised)
     teacher_checkpoint: typing.Optional[str] = "beitv2_base_pt1k"
-    # activation per teacher layer: "block", "ffn", or "auto" (ffn for data2vec 2.0 teachers: data2vec2, run:; block
-    # otherwise)
-    teacher_layer_kind: str = "auto"
     teacher_embed_dim: typing.Optional[int] = None # width of the "tiny" teacher; None = the student's (embed_dim)
     # the student's architecture: "data2vec2" (ViT-B sizes), "tiny", or "timm:<name>" (its first `depth` blocks)
     model: str = "data2vec2"
@@ -334,32 +335,39 @@ class DistillConfig(BaseConfig):
     # pretrained weights, "random" = random ones, or a local timm weights file
     checkpoint: typing.Optional[str] = "data2vec2_base"
     depth: int = 6 # blocks of the student
-    # activation per student layer: "ffn" (data2vec), "block", or "auto" (ffn for kdnb's post-LN encoders, block for
-    # timm's pre-LN ones)
-    student_layer_kind: str = "auto"
     embed_dim: int = 768 # width D (hidden size)
     mlp_dim: int = 3072 # FFN inner size
     num_heads: int = 12 # attention heads
     patch_size: int = 16 # patch side
     hflip: float = 0.5 # horizontal flip probability
     crop_scale: tuple[float, float] = (0.08, 1.0) # RandomResizedCrop scale range
-    target_eps: float = 1e-5 # epsilon of the target's instance and layer norms
-    # "d2v" (layer-averaged target, this class); the others register their own config class in their notebook,
+    # "d2v" (layer-averaged target, DistillConfig); the others register their own config class in their notebook,
     # which get_config, rebuild and load_config pick by this name: "tinymim" (TinyMIMConfig), "contrastive" and
     # "d2v+contrastive" (ContrastiveConfig), "fkd" and "ferkd" (FKDConfig)
     objective: str = "d2v"
     drop_path: float = 0.0 # stochastic depth of the student
 
-
     unknown_hint = (" (another objective's setting? set `objective` too; importing kdnb.runs registers every "
                     "objective)")
 
+@dataclass
+class DistillConfig(DistillBase):
+    "Feature distillation: the student regresses a target made of the teacher's layers (`d2v`; seed 004)."
+    # activation per teacher layer: "block", "ffn", or "auto" (ffn for data2vec 2.0 teachers: data2vec2, run:; block
+    # otherwise)
+    teacher_layer_kind: str = "auto"
+    # activation per student layer: "ffn" (data2vec), "block", or "auto" (ffn for kdnb's post-LN encoders, block for
+    # timm's pre-LN ones)
+    student_layer_kind: str = "auto"
+    target_eps: float = 1e-5 # epsilon of the target's instance and layer norms
+
 # %% ../nbs/04_config.ipynb #9c2a9c2a
 @patch
-def validate(self: DistillConfig):
-    super(DistillConfig, self).validate()
-    check_choice("teacher_layer_kind", self.teacher_layer_kind, ("auto", "block", "ffn"))
-    check_choice("student_layer_kind", self.student_layer_kind, ("auto", "block", "ffn"))
+def validate(self: DistillBase):
+    super(DistillBase, self).validate()
+    if type(self) is DistillBase:
+        raise ConfigError("DistillBase holds what every objective shares: build DistillConfig or an objective's "
+                          "class (get_config, rebuild and load_config pick it by `objective`)")
     if not (self.teacher in ("beitv2", "data2vec2", "tiny") or self.teacher.startswith(("timm:", "run:"))):
         raise ConfigError(f"teacher={self.teacher!r}: use 'beitv2', 'data2vec2', 'timm:<model name>', "
                           "'run:<run folder>' or 'tiny'")
@@ -383,25 +391,31 @@ def validate(self: DistillConfig):
                               f"{own.__name__} (get_config(..., objective=...), rebuild(cfg, objective=...) and "
                               "load_config pick it)")
 
-@patch(cls_method=True)
-def variants(cls: DistillConfig) -> list:
-    "DistillConfig and the config class of every registered objective (their notebooks subclass it)."
-    return list(dict.fromkeys([DistillConfig] + [o.config for o in OBJECTIVES.values()]))
+@patch
+def validate(self: DistillConfig):
+    super(DistillConfig, self).validate()
+    check_choice("teacher_layer_kind", self.teacher_layer_kind, ("auto", "block", "ffn"))
+    check_choice("student_layer_kind", self.student_layer_kind, ("auto", "block", "ffn"))
 
 @patch(cls_method=True)
-def all_objectives(cls: DistillConfig) -> list:
+def variants(cls: DistillBase) -> list:
+    "The shared fields, DistillConfig, and the config class of every registered objective (each subclasses one)."
+    return list(dict.fromkeys([DistillBase, DistillConfig] + [o.config for o in OBJECTIVES.values()]))
+
+@patch(cls_method=True)
+def all_objectives(cls: DistillBase) -> list:
     "Every registered objective (d2v first, also before its notebook registers it)."
     return list(dict.fromkeys([DistillConfig.objective, *OBJECTIVES]))
 
 @patch(cls_method=True)
-def variant_hint(cls: DistillConfig, key: str, owner: type, d: dict) -> str:
-    names = [o.name for o in OBJECTIVES.values() if o.config is owner] or [owner.objective]
+def variant_hint(cls: DistillBase, key: str, owner: type, d: dict) -> str:
+    names = [o.name for o in OBJECTIVES.values() if issubclass(o.config, owner)] or [owner.objective]
     return (f" (objective={d.get('objective', cls.objective)!r}): set objective to "
             + " or ".join(map(repr, names)) + f" or leave {key} out")
 
 # %% ../nbs/04_config.ipynb #f719b984
 @patch(cls_method=True)
-def class_for(cls: DistillConfig, d: dict) -> type:
+def class_for(cls: DistillBase, d: dict) -> type:
     "The config class registered for `d['objective']` (DistillConfig for d2v)."
     objective = d.get("objective", cls.objective)
     if objective in OBJECTIVES: return OBJECTIVES[objective].config
@@ -601,82 +615,11 @@ class Preset:
     def __call__(self) -> BaseConfig: return self.build()
 
 # the shared size of the CPU presets: 16x16 digits, small batches, no workers, fp32
-_CPU = dict(dataset="digits", img_size=16, patch_size=4, batch_size=32, num_workers=0, precision="fp32",
-            val_size=0.2, log_every=5)
-PRESETS = {p.name: p for p in (
-    Preset("distill", DistillConfig, dict(
-        dataset="imagenet", img_size=224, epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6,
-        betas=(0.9, 0.98), schedule="cosine", warmup_frac=0.1, hflip=0.5, crop_scale=(0.08, 1.0), depth=6,
-        embed_dim=768, mlp_dim=3072, num_heads=12, patch_size=16, out_dir="runs/distill"),
-        "Seed 000, Table 1: distilling BEiTv2 ViT-B/16 into the first 6 blocks of Data2Vec2 (ImageNet-1K)."),
-    Preset("finetune", FinetuneConfig, dict(
-        mode="finetune", dataset="imagenet", img_size=224, epochs=15, batch_size=256, lr=1e-3, weight_decay=0.01,
-        adam_eps=1e-8, betas=(0.9, 0.999), layer_decay=0.81, schedule="cosine", warmup_frac=0.1, mixup=0.8,
-        cutmix=1.0, mixup_prob=0.9, mixup_switch_prob=0.5, label_smoothing=0.1,
-        rand_augment="rand-m9-mstd0.5-inc1-n2", reprob=0.25, remode="pixel", recount=1, out_dir="runs/finetune"),
-        "Seed 000, Table 2: finetuning / linear probing of the distilled student on ImageNet-1K, CIFAR-10, CIFAR-100."),
-    Preset("linear_probe", "finetune", dict(mode="linear_probe", out_dir="runs/linear_probe"),
-        "Seed 000, Table 2: linear probing (frozen backbone, only the head trains) with the finetuning table's "
-        "values."),
-    Preset("finetune_seed003", "finetune", dict(
-        adam_eps=1e-6, betas=(0.9, 0.95), warmup_steps=5000, mixup=0.7, cutmix=1.0, mixup_prob=0.9,
-        mixup_switch_prob=0.5, mixup_mode="batch", label_smoothing=0.1, out_dir="runs/finetune_seed003"),
-        "Seed 003, Table 1: the thesis notes' ImageNet finetuning (AdamW eps 1e-6, betas (0.9, 0.95), 5k warmup "
-        "steps, Mixup alpha 0.7)."),
-    Preset("distill_cpu", "distill", dict(
-        **_CPU, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny", teacher_checkpoint=None,
-        teacher_layer_kind="block", model="tiny", checkpoint=None, depth=2, embed_dim=64,
-        mlp_dim=256, num_heads=4, out_dir="runs/distill_cpu"),
-        "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."),
-    Preset("finetune_cpu", "finetune", dict(
-        **_CPU, epochs=10, lr=3e-3, warmup_frac=0.05, model="tiny", checkpoint=None, depth=2, embed_dim=64,
-        num_heads=4, crop_pct=1.0, crop_scale=(0.8, 1.0), rand_augment=None, mixup_prob=0.0, reprob=0.0,
-        out_dir="runs/finetune_cpu"),
-        "A CPU-sized finetuning / linear probe of a tiny student on digits (augmentation softened for 8x8 digits)."),
-    Preset("linear_probe_cpu", "finetune_cpu", dict(mode="linear_probe", out_dir="runs/linear_probe_cpu"),
-        "The CPU-sized linear probe of a tiny student on digits."),
-)}
+CPU_RUN = dict(dataset="digits", img_size=16, patch_size=4, batch_size=32, num_workers=0, precision="fp32",
+               val_size=0.2, log_every=5)
+PRESETS = {}  # name -> Preset; each run kind's and objective's notebook registers its seed tables here
 
 # %% ../nbs/04_config.ipynb #1278dfc9
-PRESETS |= {p.name: p for p in (
-    Preset("text_distill", TextDistillConfig, dict(
-        epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6, betas=(0.9, 0.98), schedule="cosine",
-        warmup_frac=0.1, val_size=2000, out_dir="runs/text_distill"),
-        "Distilling bert-base-uncased into its first 6 layers on GLUE's training sentences. The seeds give no "
-        "text-distillation table: the optimiser and schedule are seed 000 Table 1's (image distillation)."),
-    Preset("text_distill_cpu", "text_distill", dict(
-        teacher="minilm", student_layers=3, max_len=64, batch_size=32, epochs=2, lr=5e-4, max_sentences=4000,
-        val_size=500, num_workers=0, precision="fp32", log_every=5, out_dir="runs/text_distill_cpu"),
-        "The CPU-sized text distillation: the offline MiniLM teacher (6 layers) into its first 3, 64 tokens, "
-        "4,000 sentences."),
-    Preset("glue", GlueConfig, dict(
-        dataset="rte", epochs=15, batch_size=256, lr=1e-3, adam_eps=1e-8, betas=(0.9, 0.999), weight_decay=0.01,
-        layer_decay=0.81, schedule="cosine", warmup_frac=0.1, out_dir="runs/glue"),
-        "Seed 000, Table 3: GLUE finetuning of the distilled text student (15 epochs, batch 256, AdamW 1e-3, eps "
-        "1e-8, betas (0.9, 0.999), wd 0.01, layer decay 0.81, cosine, 10 % warmup)."),
-    Preset("pretrain", PretrainConfig, dict(
-        dataset="imagenet", img_size=224, patch_size=16, embed_dim=768, num_heads=12, depth=10, prenet_depth=2,
-        mlp_ratio=4.0, norm_eps=1e-6, batch_size=256, epochs=75, max_steps=375300, lr=1e-3, betas=(0.9, 0.95),
-        adam_eps=1e-8, weight_decay=0.05, schedule="cosine", warmup_steps=50040, min_lr_ratio=0.0, grad_clip=4.0,
-        mask_prob=0.8, mask_prob_adjust=0.07, mask_length=3, inverse_mask=True, mask_noise_std=0.01,
-        clone_batch=16, average_top_k_layers=10, ema_decay=0.9998, ema_end_decay=0.99999,
-        ema_anneal_end_step=100000, cls_loss=0.01, decoder_dim=768, decoder_groups=16, decoder_kernel=3,
-        decoder_layers=6, out_dir="runs/pretrain"),
-        "data2vec 2.0, fairseq examples/data2vec/config/v2/base_images_only_task.yaml (ImageNet-1K, 16 GPUs x 16 "
-        "images = batch 256, each cloned 16 times; 375,300 updates = 75 epochs; fairseq's fp16 becomes kdnb's bf16)."),
-    Preset("pretrain_cpu", "pretrain", dict(
-        **_CPU, embed_dim=64, num_heads=4, depth=4, prenet_depth=0, average_top_k_layers=4, clone_batch=4,
-        decoder_dim=64, decoder_layers=3, epochs=10, max_steps=None, warmup_steps=None, warmup_frac=0.1, lr=1e-3,
-        ema_decay=0.99, ema_end_decay=0.999, ema_anneal_end_step=500, out_dir="runs/pretrain_cpu"),
-        "A CPU-sized data2vec 2.0 pretraining on digits: a 4-block, 64-wide encoder on 16 px (4x4 patches), 4 clones "
-        "per image, the EMA schedule shortened to the run's few hundred updates; otherwise the base recipe."),
-    Preset("glue_cpu", "glue", dict(
-        checkpoint="minilm", max_len=64, batch_size=32, epochs=3, num_workers=0, precision="fp32", log_every=5,
-        out_dir="runs/glue_cpu"),
-        "The CPU-sized GLUE finetuning: the offline MiniLM (all 6 layers), 64 tokens, batch 32, 3 epochs, otherwise "
-        "Table 3's optimiser and schedule."),
-)}
-
 def register_presets(*presets: Preset):
     "Add presets to PRESETS: an objective's notebook adds its seed table's (as timm's models register themselves)."
     for p in presets:
@@ -798,7 +741,10 @@ def _drop_old_defaults(cls: type, d: dict) -> dict:
         own = {f.name: f for f in fields(v)}
         others |= {n: f for n, f in own.items() if n not in names}
         others |= {old: own[new] for old, new in v.renamed.items() if old not in names and new in own}
-    return {k: v for k, v in d.items() if not (k in others and v == _default(others[k]))}
+    old = lambda k, v: v == _default(others[k]) or v in _FORMER_DEFAULTS.get(k, ())
+    return {k: v for k, v in d.items() if not (k in others and old(k, v))}
+
+_FORMER_DEFAULTS = {"student_layer_kind": ("ffn",)}  # defaults that older files hold (before "auto": timm students)
 
 # %% ../nbs/04_config.ipynb #c4a8bf7e
 RUN_ONLY_PARAMS = {"preset"}

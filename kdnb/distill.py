@@ -13,14 +13,27 @@ from .models import (Data2Vec2Encoder, FrozenTeacher, beitv2_teacher, timm_teach
 from .weights import load_backbone, timm_student
 from .engine import Task, fit_task, autocast_dtype, resolve_device
 from .data import build_data
-from .config import (ConfigError, DistillConfig, get_config, Objective, OBJECTIVES, RunKind, register_objective,
-                         register_run)
+from .config import (CPU_RUN, ConfigError, DistillBase, DistillConfig, get_config, Objective, OBJECTIVES, Preset,
+                         RunKind, register_objective, register_presets, register_run)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'layer_kind', 'DistillTask', 'MappedStudent', 'teacher_layer_kind', 'build_teacher', 'build_student',
            'check_pair', 'd2v_task', 'distill']
+
+# %% ../nbs/07_distill.ipynb #5e1c0d01
+register_presets(
+    Preset("distill", DistillConfig, dict(
+        dataset="imagenet", img_size=224, epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6,
+        betas=(0.9, 0.98), schedule="cosine", warmup_frac=0.1, hflip=0.5, crop_scale=(0.08, 1.0), depth=6,
+        embed_dim=768, mlp_dim=3072, num_heads=12, patch_size=16, out_dir="runs/distill"),
+        "Seed 000, Table 1: distilling BEiTv2 ViT-B/16 into the first 6 blocks of Data2Vec2 (ImageNet-1K)."),
+    Preset("distill_cpu", "distill", dict(
+        **CPU_RUN, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny", teacher_checkpoint=None,
+        teacher_layer_kind="block", model="tiny", checkpoint=None, depth=2, embed_dim=64,
+        mlp_dim=256, num_heads=4, out_dir="runs/distill_cpu"),
+        "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."))
 
 # %% ../nbs/07_distill.ipynb #5e1c0c01
 def layer_kind(setting: str, # "ffn", "block", or "auto"
@@ -91,7 +104,7 @@ def build_teacher(cfg: DistillConfig) -> FrozenTeacher:
     return FrozenTeacher(Data2Vec2Encoder(cfg.img_size, cfg.patch_size, D, 2 * cfg.depth, cfg.num_heads,
                                           cfg.mlp_dim / cfg.embed_dim), kind=kind)
 
-def build_student(cfg: DistillConfig) -> nn.Module:
+def build_student(cfg: DistillBase) -> nn.Module:
     "The student: the first `depth` blocks of a checkpoint (data2vec 2.0, a kdnb run, a timm model), or random."
     if cfg.model.startswith("timm:"):  # checkpoint: None = timm's pretrained weights, "random", a file, a kdnb run
         student = timm_student(cfg.model[5:], cfg.checkpoint, cfg.depth, cfg.img_size)
@@ -126,7 +139,7 @@ def d2v_task(cfg: DistillConfig, student, teacher, data=None) -> Task:
     return DistillTask(student, teacher, cfg.student_layer_kind, cfg.target_eps)
 
 # %% ../nbs/07_distill.ipynb #a87607c7
-def distill(cfg: DistillConfig | None = None, # a config; None = get_config("auto", kind="distill", **overrides)
+def distill(cfg: DistillBase | None = None, # a config; None = get_config("auto", kind="distill", **overrides)
             callbacks=(), # extra engine callbacks
             **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
     "Distil the config's teacher into its student with the registered runner of `cfg.objective`."
@@ -145,13 +158,13 @@ def distill(cfg: DistillConfig | None = None, # a config; None = get_config("aut
     task = objective.make_task(cfg, student, teacher, data)
     n_s = sum(p.numel() for p in student.parameters() if p.requires_grad)
     width_map = getattr(task.trained_module(), "width_map", None)
-    info = dict(task="distill", objective=cfg.objective, dataset=cfg.dataset, teacher=cfg.teacher,
+    info = dict(kind="distill", objective=cfg.objective, dataset=cfg.dataset, teacher=cfg.teacher,
                 student=f"{cfg.model} depth {cfg.depth}",
                 width_map=None if width_map is None else f"{width_map.in_features} -> {width_map.out_features}",
                 student_params=n_s, teacher_layers=teacher.num_layers, val_source=data.val_source)
     return fit_task(task, cfg, data.train, data.val, callbacks, info=info)
 
 # %% ../nbs/07_distill.ipynb #829c129c
-register_run(RunKind("distill", DistillConfig, distill, command="distill",
+register_run(RunKind("distill", DistillBase, distill, command="distill",
                      help="distil a teacher into a student (see --objective)"))
 register_objective(Objective("d2v", DistillConfig, make_task=d2v_task))

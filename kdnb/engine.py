@@ -171,7 +171,7 @@ def compile_blocks(module: nn.Module, **kwargs) -> int:
 class Trainer:
     "The one training loop: a Task, a config, loaders, and callbacks. All its state is declared here."
     def __init__(self, task: Task, cfg, train_dl, val_dl=None, callbacks: Iterable[Callback] = (), out_dir=None,
-                 info: dict | None = None): # `info`: the runner's facts for summary.json (task, model, dataset...)
+                 info: dict | None = None): # `info`: the runner's facts for summary.json (kind, model, dataset...)
         self.task, self.cfg, self.train_dl, self.val_dl, self.info = task, cfg, train_dl, val_dl, dict(info or {})
         self.dist = DistInfo()
         self.device = resolve_device(cfg.device, self.dist.local_rank)

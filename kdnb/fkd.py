@@ -26,7 +26,7 @@ from .finetune import FinetuneTask
 from .distill import build_student
 from .weights import load_classifier
 from .models import Data2Vec2Encoder, Classifier, offline_hint
-from .config import (DistillConfig, ConfigError, Objective, Preset, check_choice, check_positive,
+from .config import (DistillBase, ConfigError, Objective, Preset, check_choice, check_positive,
                          check_non_negative, register_objective, register_presets)
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,10 @@ __all__ = ['log', 'STORE_FORMAT', 'FKDConfig', 'sample_crops', 'render_crop', 's
 
 # %% ../nbs/11_fkd.ipynb #a6f48709
 @dataclass
-class FKDConfig(DistillConfig):
+class FKDConfig(DistillBase):
     "FKD / FerKD (seed 002): crop-level soft labels of a classifier teacher, generated once and replayed."
     # FKD's soft-label mixes were once called mixup/cutmix/selfmix (not FinetuneConfig's Mixup/CutMix)
-    renamed = {**DistillConfig.renamed, "mixup": "fkd_mixup", "cutmix": "fkd_cutmix", "selfmix": "fkd_selfmix"}
+    renamed = {**DistillBase.renamed, "mixup": "fkd_mixup", "cutmix": "fkd_cutmix", "selfmix": "fkd_selfmix"}
     objective: str = "fkd" # "fkd" (the teacher's soft labels) or "ferkd" (least confident crops get the softened GT)
     label_mode: str = "replay" # "replay" (stored soft labels, no teacher in training) or "online" (teacher per step)
     label_store: typing.Optional[str] = None # folder of the soft-label store; None = <out_dir>/soft_labels
@@ -303,7 +303,7 @@ def store_meta(cfg, teacher: ClassifierTeacher, dataset, num_classes: int) -> di
 
 # %% ../nbs/11_fkd.ipynb #fa1abf39
 @torch.no_grad()
-def generate_soft_labels(cfg, # a DistillConfig (label_* fields, crop_scale, hflip, seed)
+def generate_soft_labels(cfg, # an FKDConfig (label_* fields, crop_scale, hflip, seed)
                          teacher: ClassifierTeacher,
                          dataset, # serves (PIL image, label): a SplitDataset without transform
                          num_classes: int,
@@ -475,7 +475,7 @@ def distill_fkd(cfg: FKDConfig, # objective fkd or ferkd
     student = Classifier(build_student(cfg), data.num_classes)
     task = FKDTask(student, SoftMix(cfg.fkd_mixup, cfg.fkd_cutmix, cfg.fkd_selfmix), cfg.seed,
                    teacher if cfg.label_mode == "online" else None, cfg.label_top_k, cfg.label_temperature)
-    info = dict(task="distill", objective=cfg.objective, label_mode=cfg.label_mode, dataset=cfg.dataset,
+    info = dict(kind="distill", objective=cfg.objective, label_mode=cfg.label_mode, dataset=cfg.dataset,
                 teacher=cfg.teacher,
                 student=f"{cfg.model} depth {cfg.depth}", num_classes=data.num_classes,
                 val_source=data.val_source,

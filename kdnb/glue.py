@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from timm.layers import trunc_normal_
-from .config import GlueConfig, RunKind, TEST_RUN, get_config, make_portable, register_run
+from .config import GlueConfig, Preset, RunKind, TEST_RUN, get_config, make_portable, register_presets, register_run
 from .engine import Task, fit_task
 from .models import HEAD_NORM_EPS, HEAD_INIT_STD
 from .text import GLUE, TextEncoder, TextSet, distill_text, load_text_encoder, load_tokenizer, read_glue
@@ -22,6 +22,19 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'glue_metrics', 'TextClassifier', 'GlueTask', 'finetune_glue', 'glue_demo']
+
+# %% ../nbs/13_glue.ipynb #5e1c0d04
+register_presets(
+    Preset("glue", GlueConfig, dict(
+        dataset="rte", epochs=15, batch_size=256, lr=1e-3, adam_eps=1e-8, betas=(0.9, 0.999), weight_decay=0.01,
+        layer_decay=0.81, schedule="cosine", warmup_frac=0.1, out_dir="runs/glue"),
+        "Seed 000, Table 3: GLUE finetuning of the distilled text student (15 epochs, batch 256, AdamW 1e-3, eps "
+        "1e-8, betas (0.9, 0.999), wd 0.01, layer decay 0.81, cosine, 10 % warmup)."),
+    Preset("glue_cpu", "glue", dict(
+        checkpoint="minilm", max_len=64, batch_size=32, epochs=3, num_workers=0, precision="fp32", log_every=5,
+        out_dir="runs/glue_cpu"),
+        "The CPU-sized GLUE finetuning: the offline MiniLM (all 6 layers), 64 tokens, batch 32, 3 epochs, otherwise "
+        "Table 3's optimiser and schedule."))
 
 # %% ../nbs/13_glue.ipynb #f6dec91a
 def glue_metrics(task: str, preds, labels) -> dict: # metric name -> value in percent
@@ -107,7 +120,7 @@ def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("
     train_ds, dev_ds = TextSet(tr_x, tr_y, tok, cfg.max_len, reg), TextSet(dev_x, dev_y, tok, cfg.max_len, reg)
     model = TextClassifier(enc, spec.num_outputs, cfg.pooling)
     task = GlueTask(model, cfg.dataset)
-    info = dict(task="glue", glue_task=cfg.dataset, checkpoint=cfg.checkpoint, layers=enc.num_layers,
+    info = dict(kind="glue", glue_task=cfg.dataset, checkpoint=cfg.checkpoint, layers=enc.num_layers,
                 pooling=cfg.pooling,
                 train_examples=len(tr_x), dev_examples=len(dev_x), seed_metric=spec.seed_metric,
                 glue_metric=spec.glue_metric,

@@ -187,6 +187,7 @@ from .text import GLUE
 from .fkd import FKDConfig  # importing it registers seed 002's presets (ferkd_*)
 
 import kdnb.tinymim  # registers seed 001's presets (tinymim_*)
+import kdnb.glue, kdnb.pretrain  # register the GLUE (seed 000 Table 3) and data2vec 2.0 presets
 
 from .segment import SEG_LAYER_DECAYS  # importing it registers Table 3's presets (tinymim_seg_*)
 

@@ -5,7 +5,7 @@
 # %% ../nbs/16_runs.ipynb #03abb72a
 from __future__ import annotations
 import tempfile, time
-from .config import (ConfigError, DistillConfig, FinetuneConfig, PretrainConfig, OBJECTIVES, RUN_KINDS, get_config,
+from .config import (ConfigError, DistillBase, FinetuneConfig, PretrainConfig, OBJECTIVES, RUN_KINDS, get_config,
                          load_config, params_from_namespace, rebuild, run_kind)
 import kdnb.distill, kdnb.finetune, kdnb.tinymim, kdnb.contrastive, kdnb.fkd, kdnb.text, kdnb.glue, kdnb.pretrain, kdnb.segment
 from .segment import SegmentConfig
@@ -38,7 +38,7 @@ def setup_run(kind: str, # a registered run kind: pretrain, distill, finetune, l
         cfg = rebuild(load_config(config), **{**run_kind(kind).values, **params})
     else:
         cfg = get_config(preset, kind=kind, **params)
-    if isinstance(cfg, (PretrainConfig, DistillConfig, FinetuneConfig, SegmentConfig)) \
+    if isinstance(cfg, (PretrainConfig, DistillBase, FinetuneConfig, SegmentConfig)) \
             and cfg.dataset not in ("digits", "digit_scenes") \
             and cfg.data_root == "data":
         cfg = cfg.replace(data_root=f"data/{cfg.dataset}")

@@ -409,7 +409,7 @@ def segment(cfg: SegmentConfig | None = None, # a config; None = get_config("aut
     k = cfg.num_classes or data.num_classes
     model = build_segmenter(cfg, k)
     task = SegmentTask(model, k, cfg.img_size, cfg.eval_stride)
-    info = dict(task="segment", dataset=cfg.dataset, model=cfg.model, checkpoint=cfg.checkpoint, num_classes=k,
+    info = dict(kind="segment", dataset=cfg.dataset, model=cfg.model, checkpoint=cfg.checkpoint, num_classes=k,
                 out_indices=list(model.out_indices), trainable_params=sum(p.numel() for p in model.parameters()),
                 val_source=data.val_source, eval_stride=task.stride)
     return fit_task(task, cfg, data.train, data.val, callbacks, info=info)

@@ -7,7 +7,7 @@ import pytest
 
 from pathlib import Path
 
-from kdnb.config import PRESETS, DistillConfig, GlueConfig, PretrainConfig, TextDistillConfig, get_config, load_config
+from kdnb.config import PRESETS, DistillBase, GlueConfig, PretrainConfig, TextDistillConfig, get_config, load_config
 from kdnb.fkd import FKDConfig
 from kdnb.runs import run  # imports every objective, so PRESETS holds their presets too
 from kdnb.distill import distill
@@ -31,7 +31,7 @@ def shrink(name, out):
                            out_dir=str(out))
     if isinstance(cfg, GlueConfig):
         return cfg.replace(**TEXT, checkpoint="minilm", layers=1, dataset="rte", train_subset=64, out_dir=str(out))
-    if isinstance(cfg, DistillConfig):  # FKD presets: a few stored crops at the student's size
+    if isinstance(cfg, DistillBase):  # every objective; FKD presets: a few stored crops at the student's size
         fkd = dict(label_crops=8, label_img_size=None) if isinstance(cfg, FKDConfig) else {}
         return cfg.replace(**SMALL, mlp_dim=64, depth=1, teacher="tiny", teacher_checkpoint=None,
                            checkpoint=None, out_dir=str(out), **fkd)

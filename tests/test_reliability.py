@@ -208,7 +208,7 @@ def test_a_text_run_given_to_image_finetuning(tmp_path, capsys):
     save_weights(TextEncoder(), tmp_path / "text" / "checkpoints" / "last" / "model.safetensors")
     assert main(["finetune", "--preset", "finetune_cpu", "--checkpoint", str(tmp_path / "text"),
                  "--out_dir", str(tmp_path / "ft")]) == 1
-    assert "not a Data2Vec2 image encoder" in one_line(capsys)
+    assert "not an image encoder (Data2Vec2Encoder, TimmEncoder)" in one_line(capsys)
 
 
 def test_glue_files_that_are_not_tab_separated(tmp_path):
