@@ -13,7 +13,7 @@ from fastcore.basics import patch
 import pandas as pd
 import matplotlib.pyplot as plt
 from .config import (load_config, make_portable, portable, ConfigBase, ConfigError, get_config, check_choice,
-                         check_positive, DATASETS, Preset, RunKind, register_run, write_atomic)
+                         check_model, check_positive, DATASETS, Preset, RunKind, register_run, write_atomic)
 from .runs import run
 from .report import read_metrics, read_summary, mean_interval, paired_differences
 from .engine import code_commit, Checkpointer, check_resume_config
@@ -44,9 +44,11 @@ class PipelineConfig(ConfigBase):
     teacher: str = "pretrain"
     teacher_checkpoint: typing.Optional[str] = None # weights of a named teacher (None: the official URL)
     # "half": first half of the teacher's blocks; "other": of another pretraining run (other seed and size); "both";
-    # "data2vec2": first 6 blocks of Data2Vec2
+    # "data2vec2": first 6 blocks of Data2Vec2; "timm:<name>": the first blocks (as many as "half" keeps, 6 for
+    # beitv2) of a timm ViT, with any teacher
     student: str = "both"
-    # data2vec 2.0 checkpoint for student="data2vec2" (None: official URL)
+    # data2vec 2.0 checkpoint for student="data2vec2" (None: official URL); for a timm student: None = timm's
+    # pretrained weights, "random", or a local timm weights file
     student_checkpoint: typing.Optional[str] = None
     # arm (c): the teacher's first half trained for the distillation's budget with data2vec 2.0's objective instead
     d2v_baseline: bool = False
@@ -86,15 +88,21 @@ class PipelineConfig(ConfigBase):
 def validate(self: PipelineConfig):
     check_choice("dataset", self.dataset, DATASETS)
     check_choice("teacher", self.teacher, ("pretrain", "train", "beitv2"))
-    check_choice("student", self.student, ("half", "other", "both", "data2vec2"))
+    if not self.student.startswith("timm:"):
+        check_choice("student", self.student, ("half", "other", "both", "data2vec2", "timm:<model name>"))
+    else: check_model("student", self.student)
     check_choice("teacher_images", self.teacher_images, ("same", "all"))
     check_choice("resume", self.resume, (True, False, "auto"))
-    if self.teacher == "train" and self.student != "half":
-        raise ConfigError("a trained teacher pairs with student='half' (the first half of its blocks)")
+    timm_student = self.student.startswith("timm:")
+    if self.teacher == "train" and not (self.student == "half" or timm_student):
+        raise ConfigError("a trained teacher pairs with student='half' (the first half of its blocks) or a timm one")
     if self.teacher == "pretrain" and self.student == "data2vec2":
         raise ConfigError("a teacher pretrained here pairs with student='half', 'other' or 'both'")
-    if self.teacher == "beitv2" and self.student != "data2vec2":
-        raise ConfigError("teacher='beitv2' pairs with student='data2vec2' (the seeds' setting)")
+    if self.teacher == "beitv2" and not (self.student == "data2vec2" or timm_student):
+        raise ConfigError("teacher='beitv2' pairs with student='data2vec2' (the seeds' setting) or a timm one")
+    if timm_student and self.d2v_baseline:
+        raise ConfigError("d2v_baseline trains the teacher's first half, not the timm student: use student='half' "
+                          "or 'both' for arm (c)")
     if self.teacher != "pretrain" and (self.d2v_baseline or self.random_reference or self.teacher_images != "same"):
         raise ConfigError("d2v_baseline, random_reference and teacher_images='all' need teacher='pretrain' (the "
                           "teacher and the students' weights made here)")
@@ -126,8 +134,9 @@ def _size(p: PipelineConfig) -> dict:
                 num_heads=p.num_heads) if _local(p) else {}
 
 def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
-    "The teacher's (and donor's) stages, the students {setting suffix: (start weights, depth)}, and the teacher."
+    "The teacher's (and donor's) stages, the students {setting suffix: (start weights, depth, model)}, the teacher."
     out, st, students, half = Path(p.out_dir), {}, {}, p.teacher_depth // 2
+    timm_student = p.student.startswith("timm:")
     common = _common(p, p.seed)
     if p.teacher == "pretrain":
         def pretraining(name, seed, mlp_ratio, epochs):
@@ -138,20 +147,24 @@ def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
                               lr=p.pretrain_lr, out_dir=str(out / name))
         st["pretrain_teacher"] = pretraining("pretrain_teacher", p.seed, p.teacher_mlp_ratio, p.teacher_epochs)
         t_run = out / "pretrain_teacher"
-        if p.student in ("half", "both"): students[""] = (str(t_run), half)
+        if p.student in ("half", "both"): students[""] = (str(t_run), half, "data2vec2")
+        if timm_student: students[""] = (p.student_checkpoint, half, p.student)
         if p.student in ("other", "both"):
             st["pretrain_donor"] = pretraining("pretrain_donor", p.seed + 1, p.donor_mlp_ratio,
                                                p.donor_epochs or p.teacher_epochs)
-            students["_other"] = (str(out / "pretrain_donor"), half)
-        if p.random_reference: students["_random"] = (None, half)
+            students["_other"] = (str(out / "pretrain_donor"), half, "data2vec2")
+        if p.random_reference:  # the student's architecture from random weights
+            students["_random"] = ("random", half, p.student) if timm_student else (None, half, "data2vec2")
         return st, students, (f"run:{t_run}", None, "ffn", str(t_run))
     if p.teacher == "train":
         st["teacher"] = get_config("finetune_cpu", **common, **_size(p), model="tiny", checkpoint=None,
                                    depth=p.teacher_depth, epochs=p.teacher_epochs, lr=p.teacher_lr,
                                    out_dir=str(out / "teacher"))
-        students[""] = (str(out / "teacher"), half)
+        students[""] = (p.student_checkpoint, half, p.student) if timm_student else (str(out / "teacher"), half,
+                                                                                      "data2vec2")
         return st, students, (f"run:{out / 'teacher'}", None, "ffn", str(out / "teacher"))
-    students[""] = (p.student_checkpoint or "data2vec2_base", 6)
+    students[""] = (p.student_checkpoint, 6, p.student) if timm_student else (p.student_checkpoint or
+                                                                            "data2vec2_base", 6, "data2vec2")
     return st, students, ("beitv2", p.teacher_checkpoint or "beitv2_base_pt1k", "block", None)
 
 # %% ../nbs/18_pipeline.ipynb #fe469935
@@ -159,12 +172,13 @@ def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int)
     "One seed's distillations (one per setting) and arm (c)'s data2vec 2.0 training."
     out, st, local = Path(p.out_dir), {}, _local(p)
     (t_name, t_ckpt, t_kind, t_run), ss, sfx = teacher, _sfx(p, seed), "_cpu" if local else ""
-    for sx, (s_ckpt, s_depth) in students.items():
+    for sx, (s_ckpt, s_depth, s_model) in students.items():
         st[f"distill{sx}{ss}"] = get_config("distill" + sfx, **_common(p, seed), **_size(p),
                                             **({"mlp_dim": 4 * p.embed_dim} if local else {}),
                                             teacher=t_name, teacher_checkpoint=t_ckpt, teacher_layer_kind=t_kind,
-                                            model="data2vec2", checkpoint=s_ckpt, depth=s_depth,
-                                            student_layer_kind="ffn", epochs=p.distill_epochs,
+                                            model=s_model, checkpoint=s_ckpt, depth=s_depth,
+                                            student_layer_kind="ffn" if s_model == "data2vec2" else "block",
+                                            epochs=p.distill_epochs,
                                             **({"lr": p.distill_lr} if local else {}),
                                             out_dir=str(out / f"distill{sx}{ss}"))
     if p.d2v_baseline:
@@ -176,13 +190,13 @@ def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int)
     return st
 
 def evaluated_models(p: PipelineConfig, students: dict, teacher: tuple, seed: int) -> dict:
-    "Name -> (weights, depth) of every model one seed evaluates: the teacher, and each arm's student."
+    "Name -> (weights, depth, model) of every model one seed evaluates: the teacher, and each arm's student."
     out, ss, t_run = Path(p.out_dir), _sfx(p, seed), teacher[3]
-    models = {"teacher": (t_run, p.teacher_depth)} if t_run else {}
-    for sx, (s_ckpt, s_depth) in students.items():
-        models["distilled" + sx] = (str(out / f"distill{sx}{ss}"), s_depth)
-        models["baseline" + sx] = (s_ckpt, s_depth)  # the same blocks, not distilled
-        if sx == "" and p.d2v_baseline: models["d2v"] = (str(out / f"d2v{ss}"), s_depth)
+    models = {"teacher": (t_run, p.teacher_depth, "data2vec2")} if t_run else {}
+    for sx, (s_ckpt, s_depth, s_model) in students.items():
+        models["distilled" + sx] = (str(out / f"distill{sx}{ss}"), s_depth, s_model)
+        models["baseline" + sx] = (s_ckpt, s_depth, s_model)  # the same blocks, not distilled
+        if sx == "" and p.d2v_baseline: models["d2v"] = (str(out / f"d2v{ss}"), s_depth, "data2vec2")
     return models
 
 def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
@@ -194,9 +208,9 @@ def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
         st |= student_stages(p, students, teacher, seed)
         for mode, epochs, lr in (("linear_probe", p.probe_epochs, p.probe_lr),
                                  ("finetune", p.finetune_epochs, p.finetune_lr)):
-            for name, (ckpt, depth) in evaluated_models(p, students, teacher, seed).items():
+            for name, (ckpt, depth, model) in evaluated_models(p, students, teacher, seed).items():
                 st[f"{mode}_{name}{_sfx(p, seed)}"] = get_config(
-                    mode + sfx, **_common(p, seed), **_size(p), model="data2vec2", checkpoint=ckpt, depth=depth,
+                    mode + sfx, **_common(p, seed), **_size(p), model=model, checkpoint=ckpt, depth=depth,
                     epochs=epochs, **({"lr": lr, "cache_features": mode == "linear_probe"} if local else {}),
                     out_dir=str(Path(p.out_dir) / f"{mode}_{name}{_sfx(p, seed)}"))
     return st

@@ -1,6 +1,7 @@
 """Integration tests of whole runs through the command line: DDP with torchrun (gloo, 2 processes) and a
 run killed with SIGKILL and resumed."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -118,7 +119,7 @@ def test_papermill_run_finetune(tmp_path):
                    "out_dir", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert (s["task"], s["dataset"], s["steps"]) == ("finetune", "digits", 3)
+    assert (s["kind"], s["dataset"], s["steps"]) == ("finetune", "digits", 3)
 
 
 def test_papermill_run_pretrain_and_cli(tmp_path):
@@ -126,7 +127,7 @@ def test_papermill_run_pretrain_and_cli(tmp_path):
     r = _papermill(tmp_path, "run_pretrain.ipynb", "epochs", 1, "max_steps", 3, "out_dir", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert (s["task"], s["steps"], s["labels_used"], s["finished"]) == ("pretrain", 3, False, True)
+    assert (s["kind"], s["steps"], s["labels_used"], s["finished"]) == ("pretrain", 3, False, True)
     assert (tmp_path / "run" / "data2vec2.pt").exists()
     r = subprocess.run(KDNB + ["pretrain", "--preset", "pretrain_cpu", "--mask_prob", "0.99", "--out_dir",
                                str(tmp_path / "bad")], capture_output=True, text=True, env=ENV)
@@ -168,7 +169,7 @@ def test_papermill_run_glue(tmp_path):
                    "epochs", 1, "max_steps", 3, "max_len", 48, "out_dir", tmp_path / "run")
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert (s["task"], s["glue_task"], s["steps"], s["layers"], s["dev_examples"]) == ("glue", "rte", 3, 2, 277)
+    assert (s["kind"], s["glue_task"], s["steps"], s["layers"], s["dev_examples"]) == ("glue", "rte", 3, 2, 277)
     assert 0 <= s["metrics"]["acc"] <= 100
 
 
@@ -187,31 +188,30 @@ def test_cli_ferkd_and_text(tmp_path):
                                "--out_dir", str(tmp_path / "text")], env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "text" / "summary.json").read_text())
-    assert (s["task"], s["steps"], s["train_sentences"]) == ("text_distill", 3, 160)
+    assert (s["kind"], s["steps"], s["train_sentences"]) == ("text_distill", 3, 160)
 
 
-def test_cli_timm_teacher_into_timm_student_then_finetune(tmp_path):
+def test_cli_timm_teacher_into_timm_student_then_finetune(tmp_path, capsys, caplog):
     "Issue 25's done line: a timm ViT-S (patch 16, then DINOv2's patch 14) into a 2-block timm ViT-Ti, then finetuned."
+    from kdnb.cli import main  # in this process: the subprocess tests above cover the console entry point
     common = ["--preset", "distill_cpu", "--teacher_checkpoint", "random", "--model", "timm:vit_tiny_patch16_224",
               "--checkpoint", "random", "--depth", "2", "--img_size", "32", "--max_steps", "3", "--tensorboard", "false"]
+    caplog.set_level(logging.INFO)
     for teacher in ("timm:vit_small_patch16_224", "timm:vit_small_patch14_dinov2"):
         run = tmp_path / teacher.split("_")[-1]
-        r = subprocess.run(KDNB + ["distill", "--teacher", teacher, *common, "--out_dir", str(run)], env=ENV,
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert main(["distill", "--teacher", teacher, *common, "--out_dir", str(run)]) == 0, capsys.readouterr().err
         s = json.loads((run / "summary.json").read_text())
         assert s["finished"] and s["width_map"] == "192 -> 384", s
-        if "dinov2" in teacher: assert "teacher input 28x28 px" in r.stderr, r.stderr[-3000:]
-        out = tmp_path / f"finetune_{run.name}"
-        r = subprocess.run(KDNB + ["finetune", "--preset", "finetune_cpu", "--checkpoint", str(run), "--img_size", "32",
-                                   "--max_steps", "3", "--tensorboard", "false", "--out_dir", str(out)],
-                           env=ENV, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-3000:]
-        s = json.loads((out / "summary.json").read_text())
-        assert s["finished"] and s["steps"] == 3, s
+    assert "teacher input 28x28 px" in caplog.text  # DINOv2's 14-px patches at the student's 2x2 grid
+    out = tmp_path / "finetune"
+    assert main(["finetune", "--preset", "finetune_cpu", "--checkpoint", str(run), "--img_size", "32",
+                 "--max_steps", "3", "--tensorboard", "false", "--out_dir", str(out)]) == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["finished"] and s["steps"] == 3, s
+    capsys.readouterr()
     # a pair that cannot be matched stops before training, in one line that says what differs
-    r = subprocess.run(KDNB + ["distill", "--teacher", "timm:vit_base_patch16_siglip_224", *common, "--out_dir",
-                               str(tmp_path / "bad")], env=ENV, capture_output=True, text=True)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "pair models that both have a CLS token" in r.stderr, \
-        r.stderr[-2000:]
+    assert main(["distill", "--teacher", "timm:vit_base_patch16_siglip_224", *common, "--out_dir",
+                 str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and "pair models that both have a CLS token" in err[-1], err
     assert not (tmp_path / "bad" / "checkpoints").exists()
