@@ -11,7 +11,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, load_file
 from .models import (Data2Vec2Encoder, TimmEncoder, Classifier, encoder_from_state, load_data2vec2,
-                         load_checkpoint_file, d2v2_split_wrapper)
+                         load_checkpoint_file, d2v2_split_wrapper, CHECKPOINT_URLS)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,10 @@ def timm_student(name: str, # a timm model name
                  checkpoint: str | None, # None: timm's weights; "random"; a local timm file; a kdnb run or file
                  depth: int, img_size: int, **model_kwargs) -> TimmEncoder: # timm arguments (small test models)
     "A config's timm student: timm's pretrained weights, random ones, a local timm file's, or a kdnb run's encoder."
+    if checkpoint in CHECKPOINT_URLS:  # e.g. the seed presets' data2vec2_base, left in place when --model changed
+        raise ValueError(f"checkpoint={checkpoint!r} names a kdnb checkpoint of another model, not weights of timm's "
+                         f"{name}: pass checkpoint=None (timm's pretrained weights), random, a local timm file or a "
+                         "kdnb run folder")
     if checkpoint not in (None, "random") and is_kdnb_weights(checkpoint):
         return load_backbone(checkpoint, depth=depth, img_size=img_size)
     return TimmEncoder(name, depth, img_size, pretrained=checkpoint is None,
