@@ -174,9 +174,10 @@ def _gpu_name(device) -> str | None:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
-def run_sub(**kw) -> dict:
-    "one_config in a fresh process (its own peak memory); None when it fails (e.g. out of memory)."
-    code = f"import json,sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); from bench import one_config; print('RESULT', json.dumps(one_config(**{kw!r})))"
+def run_sub(fn: str = "one_config", **kw) -> dict:
+    """A measuring function of this file (one_config, pair_step) in a fresh process (its own peak memory); None when it
+    fails (e.g. out of memory)."""
+    code = f"import json,sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); from bench import {fn}; print('RESULT', json.dumps({fn}(**{kw!r})))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
@@ -231,14 +232,9 @@ def section_pair(device, quick):
     img, batch, steps = (224, 64, 15) if device.type == "cuda" else ((64, 8, 3) if quick else (224, 8, 2))
     rows = []
     for pair in ("thesis", "mismatch"):
-        code = (f"import json,sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); from bench import pair_step; "
-                f"print('RESULT', json.dumps(pair_step({pair!r}, {img}, {batch}, {steps}, {str(device)!r})))")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(f"  failed {pair}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-            continue
-        rows.append(json.loads(line[7:]))
+        r = run_sub("pair_step", pair=pair, img=img, batch=batch, steps=steps, device=str(device))
+        if r is None: continue
+        rows.append(r)
         print(f"  {pair:9s} img {img} batch {batch}: {rows[-1]['images_per_s']} img/s, "
               f"{rows[-1]['gflop_per_step']} GFLOP/step, teacher input {rows[-1]['teacher_input']}", flush=True)
     return rows

@@ -25,9 +25,9 @@ __all__ = ['log', 'LAYER_KINDS', 'D2V2_PREFIX', 'D2V2_KEY_MAP', 'D2V2_IGNORED', 
            'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'sincos_pos_embed_2d', 'Attention', 'PostLNBlock', 'Data2Vec2Encoder',
            'tiny_data2vec2', 'd2v2_split_wrapper', 'd2v2_checkpoint_filter_fn', 'd2v2_arch', 'download_checkpoint',
            'load_checkpoint_file', 'convert_checkpoint', 'encoder_from_state', 'load_data2vec2',
-           'to_fairseq_state_dict', 'fairseq_cfg', 'input_renorm', 'has_cls_token', 'target_tokens', 'FrozenTeacher',
-           'check_timm_name', 'offline_hint', 'warn_timm_weights', 'beitv2_teacher', 'create_timm', 'timm_teacher',
-           'TimmEncoder', 'set_drop_path', 'Classifier']
+           'to_fairseq_state_dict', 'fairseq_cfg', 'input_renorm', 'renormalised', 'has_cls_token', 'target_tokens',
+           'FrozenTeacher', 'check_timm_name', 'offline_hint', 'warn_timm_weights', 'create_timm', 'beitv2_teacher',
+           'timm_teacher', 'TimmEncoder', 'set_drop_path', 'Classifier']
 
 # %% ../nbs/01_models.ipynb #059a1d4f
 def sincos_pos_embed_2d(embed_dim: int, # D, a multiple of 4
@@ -464,6 +464,9 @@ def input_renorm(module: nn.Module, mean, std, data_mean=IMAGENET_DEFAULT_MEAN, 
     module.register_buffer("shift", (t(data_mean) - t(mean)) / t(std), persistent=False)
     return not (torch.allclose(module.scale, torch.ones(1)) and torch.allclose(module.shift, torch.zeros(1)))
 
+def renormalised(module: nn.Module, x): # [B, C, H, W] in the data's statistics -> the model's (`input_renorm`)
+    return x * module.scale.to(x.dtype) + module.shift.to(x.dtype) if module.renormalise else x
+
 def has_cls_token(model: nn.Module) -> bool:
     "Whether a ViT has a CLS token (timm's `cls_token` is None without one; a distillation token is not one)."
     return getattr(model, "cls_token", None) is not None
@@ -513,7 +516,7 @@ class FrozenTeacher(nn.Module):
         n = self.num_layers if num_layers is None else num_layers
         if not 0 < n <= self.num_layers:
             raise ValueError(f"num_layers={n}, but the teacher has {self.num_layers} layers")
-        if self.renormalise: x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        x = renormalised(self, x)
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:  # the student's grid (match_grid)
             x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False, antialias=True)
         kw = {"kind": self.kind} if self.kind == "ffn" else {}
@@ -563,38 +566,6 @@ def warn_timm_weights(name: str, role: str = "teacher"):
                 "or a local .pth) for the seeds' teacher")
     log.warning(msg)
 
-# %% ../nbs/01_models.ipynb #7d2e3fa4
-def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoint: path, URL, "beitv2_base_pt1k", dict
-                   name: str = "beitv2_base_patch16_224", # timm architecture
-                   pretrained: bool = False, # use timm's own weights for `name` (needs the network)
-                   **model_kwargs, # timm.create_model arguments (img_size, ...)
-                  ) -> FrozenTeacher:
-    "A frozen timm `Beit` teacher, from a self-supervised unilm BEiTv2 checkpoint or timm's weights."
-    from timm.models.beit import checkpoint_filter_fn
-    shared = checkpoint is not None  # unilm pretraining checkpoints share the relative position bias
-    kw = dict(num_classes=0, global_pool="token",
-              **(dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False) if shared else {}))
-    kw.update(model_kwargs)
-    check_timm_name(name)
-    if pretrained and checkpoint is None: warn_timm_weights(name)
-    try:
-        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kw)
-    except (OSError, RuntimeError) as e:
-        if pretrained: raise offline_hint(name, e) from e
-        raise
-    if checkpoint is not None:
-        sd = load_checkpoint_file(checkpoint)
-        sd = sd.get("model", sd.get("module", sd))
-        sd = checkpoint_filter_fn({k: v for k, v in sd.items() if not BEIT_MIM_ONLY.match(k)}, model)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith("norm.")]  # the final norm is not used by the layers
-        if missing or unexpected:
-            what = "the BEiT checkpoint dict" if isinstance(checkpoint, dict) else f"BEiT checkpoint {checkpoint}"
-            raise KeyError(f"{what} does not fit timm '{name}' ({kw}): missing {missing}, unexpected "
-                           f"{list(unexpected)}")
-    cfg = model.pretrained_cfg
-    return FrozenTeacher(model, "block", cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
-
 # %% ../nbs/01_models.ipynb #5e1c0a04
 def create_timm(name: str, # a timm model name, checked before anything is downloaded
                 pretrained: bool = False, # timm's weights for `name` (downloaded from the hub)
@@ -612,6 +583,33 @@ def create_timm(name: str, # a timm model name, checked before anything is downl
     if not hasattr(model, "forward_intermediates"):
         raise TypeError(f"timm model {name} has no forward_intermediates; choose a ViT-family model")
     return model
+
+# %% ../nbs/01_models.ipynb #7d2e3fa4
+def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoint: path, URL, "beitv2_base_pt1k", dict
+                   name: str = "beitv2_base_patch16_224", # timm architecture
+                   pretrained: bool = False, # use timm's own weights for `name` (needs the network)
+                   **model_kwargs, # timm.create_model arguments (img_size, ...)
+                  ) -> FrozenTeacher:
+    "A frozen timm `Beit` teacher, from a self-supervised unilm BEiTv2 checkpoint or timm's weights."
+    from timm.models.beit import checkpoint_filter_fn
+    shared = checkpoint is not None  # unilm pretraining checkpoints share the relative position bias
+    kw = dict(num_classes=0, global_pool="token",
+              **(dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False) if shared else {}))
+    kw.update(model_kwargs)
+    if pretrained and checkpoint is None: warn_timm_weights(name)
+    model = create_timm(name, pretrained and checkpoint is None, None, "teacher_checkpoint", **kw)  # unilm's: below
+    if checkpoint is not None:
+        sd = load_checkpoint_file(checkpoint)
+        sd = sd.get("model", sd.get("module", sd))
+        sd = checkpoint_filter_fn({k: v for k, v in sd.items() if not BEIT_MIM_ONLY.match(k)}, model)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("norm.")]  # the final norm is not used by the layers
+        if missing or unexpected:
+            what = "the BEiT checkpoint dict" if isinstance(checkpoint, dict) else f"BEiT checkpoint {checkpoint}"
+            raise KeyError(f"{what} does not fit timm '{name}' ({kw}): missing {missing}, unexpected "
+                           f"{list(unexpected)}")
+    cfg = model.pretrained_cfg
+    return FrozenTeacher(model, "block", cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
 
 # %% ../nbs/01_models.ipynb #2a99944d
 def timm_teacher(name: str, # any timm ViT-family model with forward_intermediates
@@ -656,9 +654,7 @@ TimmEncoder.all_blocks = property(lambda self: list(self.model.blocks))
 TimmEncoder.patch_size = property(lambda self: self.model.patch_embed.patch_size[0])
 TimmEncoder.img_size = property(lambda self: self.arch["img_size"])
 
-@patch
-def normalise(self: TimmEncoder, x): # [B, C, H, W] in the data's statistics -> the model's
-    return x * self.scale.to(x.dtype) + self.shift.to(x.dtype) if self.renormalise else x
+TimmEncoder.normalise = renormalised  # [B, C, H, W] in the data's statistics -> the model's
 
 @patch
 def forward(self: TimmEncoder, x, # [B, C, H, W]

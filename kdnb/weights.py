@@ -17,8 +17,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'ENCODERS', 'weights_metadata', 'save_weights', 'WeightsFile', 'read_weights', 'load_state', 'run_weights',
-           'weights_path', 'timm_from_state', 'new_encoder', 'load_backbone', 'is_kdnb_weights', 'timm_student',
-           'load_classifier']
+           'weights_path', 'timm_from_state', 'load_backbone', 'is_kdnb_weights', 'timm_student', 'load_classifier']
 
 # %% ../nbs/02_weights.ipynb #5b538fcc
 def weights_metadata(module: nn.Module) -> dict[str, str]:
@@ -112,11 +111,8 @@ def timm_from_state(arch: dict, # a TimmEncoder's arch (timm name, depth, img_si
     encoder = load_state(TimmEncoder(**arch), sd, src)
     return encoder if img_size in (None, encoder.img_size) else encoder.set_input_size(img_size)
 
-ENCODERS = {"Data2Vec2Encoder": encoder_from_state, "TimmEncoder": timm_from_state}  # image encoders of kdnb files
-
-def new_encoder(cls: str, arch: dict) -> nn.Module:
-    "A randomly initialised image encoder of a weight file's recorded class and arch."
-    return Data2Vec2Encoder(**arch) if cls == "Data2Vec2Encoder" else TimmEncoder(**arch)
+# the image encoders of kdnb files, by their recorded class name: (the class, its loader from a file's arch and state)
+ENCODERS = {c.__name__: (c, load) for c, load in ((Data2Vec2Encoder, encoder_from_state), (TimmEncoder, timm_from_state))}
 
 # %% ../nbs/02_weights.ipynb #f1b0d52b
 def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 2.0 checkpoint
@@ -129,7 +125,7 @@ def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 
     if wf.backbone_class not in ENCODERS:
         raise ValueError(f"{src} holds a {wf.cls} whose backbone is a {wf.backbone_class}, not an image encoder "
                          f"({', '.join(ENCODERS)}): point to an image run (distillation or finetuning)")
-    return ENCODERS[wf.backbone_class](wf.backbone_arch, wf.backbone_state(), p, depth, **overrides)
+    return ENCODERS[wf.backbone_class][1](wf.backbone_arch, wf.backbone_state(), p, depth, **overrides)
 
 def is_kdnb_weights(src) -> bool:
     "Whether `src` is a kdnb run folder or weight file (and not a fairseq or timm checkpoint)."
@@ -170,4 +166,5 @@ def load_classifier(src: str | Path, # finetuning run folder, kdnb .safetensors,
     wf = read_weights(p)
     if wf.cls != "Classifier" or wf.backbone_class not in ENCODERS:
         raise ValueError(f"{src} holds a {wf.cls}, not an image Classifier: point to a finetuning run")
-    return load_state(Classifier(new_encoder(wf.backbone_class, wf.backbone_arch), wf.arch["num_classes"]), wf.state, p)
+    encoder = ENCODERS[wf.backbone_class][0](**wf.backbone_arch)  # random weights, replaced by the file's
+    return load_state(Classifier(encoder, wf.arch["num_classes"]), wf.state, p)
