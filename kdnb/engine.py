@@ -178,6 +178,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.task.to(self.device)
+        # fp32 matmuls on CUDA use TF32 tensor cores (10-bit mantissa, as timm's and PyTorch's examples set): several
+        # times full fp32's rate for what runs outside autocast (fp32 runs, the loss, the target's statistics)
+        if self.device.type == "cuda": torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if cfg.compile: compile_blocks(task)  # student, teacher and every other block of the task
         self.wrap_ddp()
         # the config's lr, weight decay and layer decay -> one group per (layer, decay) -> AdamW: the one path
@@ -555,10 +558,11 @@ def _rng_state():
             "python": random.getstate()}
 
 def _set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
+    "Restore `_rng_state()`; every generator state must be a CPU byte tensor (CUDA's too), whatever the run's device."
+    torch.set_rng_state(s["torch"].cpu())
+    if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all([c.cpu() for c in s["cuda"]])
     n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    np.random.set_state((n[0], n[1].cpu().numpy().astype(np.uint32), *n[2:]))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
 
 # fields that may differ when a run is resumed: how long it trains and how it is watched, never what it computes
@@ -643,18 +647,20 @@ def save(self: Checkpointer, t, tag: str):
 # %% ../nbs/06_engine.ipynb #d3ccaeec
 @patch
 def load(self: Checkpointer, t, path: Path):
-    load_state(t.task.trained_module(), load_file(str(path / "model.safetensors"), device=str(t.device)),
-               path / "model.safetensors")
+    "Continue from checkpoint `path`. Every file is read onto the CPU: load_state_dict copies weights and optimiser"
+    # state to the device of the parameters they belong to, and the random states must stay CPU byte tensors (read onto
+    # CUDA, torch.cuda.set_rng_state_all refuses them and numpy's state cannot become an array)
+    load_state(t.task.trained_module(), load_file(str(path / "model.safetensors")), path / "model.safetensors")
     for cb in t.callbacks:
         if hasattr(cb, "load_from"): cb.load_from(t, path)
-    s = torch.load(path / "state.pt", map_location=t.device, weights_only=True)
+    s = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     t.opt.load_state_dict(s["optimizer"])
     t.sched.load_state_dict(s["scheduler"])
     t.scaler.load_state_dict(s["scaler"])
     t.step, t.epoch, t.step_in_epoch, t.best = s["step"], s["epoch"], s["step_in_epoch"], s["best"]
     t.images_seen, t.train_time_s, t.history = s["images_seen"], s["train_time_s"], json.loads(s["history"])
     t.metrics = json.loads(s.get("metrics", "{}"))  # a finished run resumed again reports what it measured
-    _set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in s["rng"].items()})
+    _set_rng_state(s["rng"])
     self.last_step = t.step
     log.info(f"resumed from {path} at step {t.step} (epoch {t.epoch}, step {t.step_in_epoch} of the epoch)")
 
@@ -767,7 +773,8 @@ class ModelEma(Callback):
         if not p.exists():
             raise FileNotFoundError(f"{p} is missing: that checkpoint was written without model_ema (or is "
                                     "incomplete); resume with the saved config's model_ema")
-        self.ema = load_file(str(p), device=str(t.device))
+        live = t.task.trained_module().state_dict()  # onto the device of the weights it averages
+        self.ema = {k: v.to(live[k].device) if k in live else v for k, v in load_file(str(p)).items()}
         self._bind(t)
 
 # %% ../nbs/06_engine.ipynb #ffeb4790

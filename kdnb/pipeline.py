@@ -5,6 +5,7 @@
 # %% ../nbs/18_pipeline.ipynb #7c42e4c0
 from __future__ import annotations
 import json, logging, shutil, time
+import torch
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'PipelineConfig',
-           'student_seeds', 'teacher_stages', 'student_stages', 'evaluated_models', 'stage_configs', 'run_pipeline',
-           'pipeline', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'first_stage',
+           'student_seeds', 'stage_precision', 'teacher_stages', 'student_stages', 'evaluated_models', 'stage_configs',
+           'run_pipeline', 'pipeline', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'first_stage',
            'describe_pipeline', 'export_results', 'pipeline_command']
 
 # %% ../nbs/18_pipeline.ipynb #e7f250e8
@@ -77,6 +78,9 @@ class PipelineConfig(ConfigBase):
     seed: int = 0
     seeds: int = 1 # student seeds: every student stage, probe and finetune runs with seed, seed + 1, ...
     device: str = "auto" # "auto", "cpu", "cuda" or "cuda:N", for every stage
+    # every stage's precision: "auto" is bf16 where the stages run on CUDA and the stage presets' own on the CPU (fp32
+    # for the CPU-sized stages); "fp32", "bf16" or "fp16" set it for every stage
+    precision: str = "auto"
     num_workers: int = -1 # -1: automatic
     out_dir: str = "runs/pipeline" # the pipeline's folder; every stage is a subfolder
     # True: skip the stages that finished, continue the unfinished one from its checkpoint (the saved pipeline.yaml
@@ -93,6 +97,7 @@ def validate(self: PipelineConfig):
     else: check_model("student", self.student)
     check_choice("teacher_images", self.teacher_images, ("same", "all"))
     check_choice("resume", self.resume, (True, False, "auto"))
+    check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
     timm_student = self.student.startswith("timm:")
     if self.teacher == "train" and not (self.student == "half" or timm_student):
         raise ConfigError("a trained teacher pairs with student='half' (the first half of its blocks) or a timm one")
@@ -119,11 +124,17 @@ def student_seeds(p: PipelineConfig) -> list[int]:
 # %% ../nbs/18_pipeline.ipynb #63aaa266
 def _sfx(p: PipelineConfig, seed: int) -> str: return "" if p.seeds == 1 else f"_s{seed}"
 
+def stage_precision(p: PipelineConfig) -> dict:
+    "The stages' precision: `p.precision`, and for 'auto' bf16 on CUDA; {} keeps each stage preset's own (the CPU's)."
+    on_cuda = p.device.startswith("cuda") or (p.device == "auto" and torch.cuda.is_available())
+    if p.precision == "auto": return {"precision": "bf16"} if on_cuda else {}
+    return {"precision": p.precision}
+
 def _common(p: PipelineConfig, seed: int) -> dict:
     # every student seed reads the teacher seed's split and subset (`split_seed`; None when it is the seed itself)
     return dict(dataset=p.dataset, data_root=p.data_root, val_size=p.val_size, train_subset=p.train_subset,
                 seed=seed, split_seed=None if seed == p.seed else p.seed, device=p.device,
-                num_workers=p.num_workers, batch_size=p.batch_size, resume=p.resume is True)
+                num_workers=p.num_workers, batch_size=p.batch_size, resume=p.resume is True, **stage_precision(p))
 
 def _local(p: PipelineConfig) -> bool:
     "Models trained here: sizes and budgets come from this config and the CPU presets."
