@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_data.ipynb #08252238
 from __future__ import annotations
-import contextlib, hashlib, logging, os, random, signal, urllib.error
+import contextlib, functools, hashlib, logging, os, random, signal, urllib.error
 from pathlib import Path
 import numpy as np
 import torch
@@ -19,11 +19,11 @@ from sklearn.model_selection import train_test_split
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ArrayImages', 'load_digits_images', 'load_cifar', 'image_folder', 'load_imagefolder', 'load_source',
-           'targets_of', 'stratified_split', 'derive_seed', 'seeded', 'UnreadableImage', 'source_path', 'SplitDataset',
-           'ResumableSampler', 'eval_transform', 'distill_transform', 'finetune_transform', 'rand_augment', 'mixup_fn',
-           'CropBatch', 'DeviceCrop', 'augment_on_device', 'RunData', 'build_data', 'skipped_images_file',
-           'loader_settings', 'worker_signals', 'make_loader']
+__all__ = ['log', 'DEVICE_CROP_MIN_SIZE', 'ArrayImages', 'load_digits_images', 'load_cifar', 'image_folder', 'load_imagefolder',
+           'load_source', 'targets_of', 'stratified_split', 'derive_seed', 'seeded', 'UnreadableImage', 'source_path',
+           'SplitDataset', 'ResumableSampler', 'eval_transform', 'distill_transform', 'finetune_transform',
+           'rand_augment', 'mixup_fn', 'resize_matrices', 'CropBatch', 'DeviceCrop', 'augment_on_device', 'RunData',
+           'build_data', 'skipped_images_file', 'loader_settings', 'worker_signals', 'make_loader']
 
 # %% ../nbs/05_data.ipynb #c5d3ccd4
 class ArrayImages(Dataset):
@@ -259,29 +259,66 @@ def mixup_fn(cfg, num_classes: int) -> Mixup | None:
                  mode=cfg.mixup_mode, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
 
 # %% ../nbs/05_data.ipynb #8b70c9f2
+def resize_matrices(n_in: torch.Tensor, # [B] pixels along one axis of each box
+                    n_max: int, # the longest box along that axis (the padded width)
+                    size: int) -> torch.Tensor: # [B, size, n_max]
+    "Rows that resample n_in[b] pixels to `size`: torch's (and PIL's) antialiased bicubic filter, a = -1/2."
+    n = n_in.float()[:, None, None]                                                   # [B, 1, 1]
+    scale = n / size
+    center = scale * (torch.arange(size, device=n.device)[None, :, None] + 0.5)       # [B, S, 1]
+    j = torch.arange(n_max, device=n.device)[None, None, :]                           # [1, 1, N]
+    t = ((j + 0.5 - center) / scale.clamp(min=1)).abs()  # downscaling widens the filter by the scale: antialiasing
+    w = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, torch.where(t < 2, ((-0.5 * t + 2.5) * t - 4) * t + 2, 0.))
+    w = w * (j < n)                                                                   # past this box's edge
+    return w / w.sum(-1, keepdim=True)
+
+@contextlib.contextmanager
+def _ieee_fp32():
+    "Full fp32 matmuls inside, whatever the run set for TF32 (the Trainer allows it on CUDA)."
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try: yield
+    finally: torch.backends.cuda.matmul.allow_tf32 = old
+
+@functools.cache
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    "ImageNet's mean and std in uint8 levels on `device`, [1, 3, 1, 1]: copied there once, not on every batch."
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return mean.to(device), std.to(device)
+
 class CropBatch:
-    "Uint8 boxes of different sizes cut by `DeviceCrop`; `to_device` finishes the augmentation on the device."
-    def __init__(self, boxes: list, flips: torch.Tensor, size: int):
-        self.boxes, self.flips, self.size = boxes, flips, size  # boxes: [3, h_b, w_b] uint8; flips: [B] bool
-    def __len__(self): return len(self.boxes)
+    "Uint8 boxes of different sizes cut by `DeviceCrop`, packed in one buffer; `to_device` finishes them there."
+    def __init__(self, pixels: torch.Tensor, # [P, 3] uint8: every box's pixels, row after row, box after box
+                 sizes: torch.Tensor, # [B, 2] (h, w) of each box
+                 flips: torch.Tensor, # [B] bool
+                 size: int): # the output side S
+        self.pixels, self.sizes, self.flips, self.size = pixels, sizes, flips, size
+        self.max_hw = tuple(int(v) for v in sizes.amax(0))  # the padded box, known on the host: no device sync
+    @classmethod
+    def pack(cls, boxes: list, flips, size: int) -> "CropBatch":
+        "From [h_b, w_b, 3] uint8 boxes: one tensor of pixels (one shared-memory buffer from a worker, not B)."
+        sizes = torch.tensor([b.shape[:2] for b in boxes], dtype=torch.int64)
+        return cls(torch.cat([b.reshape(-1, 3) for b in boxes]), sizes, torch.as_tensor(flips, dtype=torch.bool), size)
+    def __len__(self): return len(self.sizes)
     def pin_memory(self):
         "Page-locked copies (the DataLoader calls this with pin_memory=True), for asynchronous copies."
-        return CropBatch([b.pin_memory() for b in self.boxes], self.flips.pin_memory(), self.size)
+        return CropBatch(self.pixels.pin_memory(), self.sizes.pin_memory(), self.flips.pin_memory(), self.size)
     def to_device(self, device, non_blocking: bool = False) -> torch.Tensor:
-        "Resize each box to size x size (antialiased bicubic, uint8-rounded), flip, normalise: [B, 3, S, S]."
+        "Resize every box to size x size (antialiased bicubic, uint8-rounded), flip, normalise: [B, 3, S, S]."
         device = torch.device(device)
-        out = torch.empty(len(self.boxes), 3, self.size, self.size, device=device)
-        for k, box in enumerate(self.boxes):
-            x = box.to(device, non_blocking=non_blocking).float()[None]  # [1, 3, h, w]
-            if x.shape[-2:] != (self.size, self.size):
-                x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
-            out[k] = x[0]
-        out = out.clamp_(0, 255).round_()  # PIL returns uint8 pixels
-        flips = self.flips.to(device, non_blocking=non_blocking)
-        out = torch.where(flips[:, None, None, None], out.flip(-1), out)
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255
-        return (out - mean) / std
+        pixels, sizes, flips = (v.to(device, non_blocking=non_blocking) for v in (self.pixels, self.sizes, self.flips))
+        (H, W), h, w = self.max_hw, sizes[:, 0, None, None], sizes[:, 1, None, None]  # h, w: [B, 1, 1]
+        start = torch.cumsum(h * w, 0) - h * w                                                  # [B, 1, 1]
+        y, x = torch.arange(H, device=device)[:, None], torch.arange(W, device=device)[None, :]
+        idx = torch.where((y < h) & (x < w), start + y * w + x, 0)  # [B, H, W]; padding reads pixel 0, weighted 0
+        boxes = pixels[idx].permute(0, 3, 1, 2).float()                                         # [B, 3, H, W]
+        rows = resize_matrices(sizes[:, 0], H, self.size)                                       # [B, S, H]
+        cols = resize_matrices(sizes[:, 1], W, self.size)                                       # [B, S, W]
+        cols = torch.where(flips[:, None, None], cols.flip(1), cols)  # a flip is the columns' order reversed
+        with _ieee_fp32():  # TF32 would move a pixel by a fraction of a level: exact fp32, ~1 ms for 256 boxes
+            out = rows[:, None] @ boxes @ cols[:, None].transpose(-1, -2)                       # [B, 3, S, S]
+        mean, std = _normalisation(device)
+        return (out.clamp_(0, 255).round_() - mean) / std  # rounded to uint8 levels as PIL's output is
 
 class DeviceCrop:
     "The worker half of `distill_transform`: draw its box and flip, cut the box (uint8); the device resizes."
@@ -290,19 +327,21 @@ class DeviceCrop:
     def __call__(self, img: Image.Image):
         i, j, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)  # the same draws, the same order
         flip = bool(torch.rand(1) < self.p)
-        return torchvision.transforms.functional.pil_to_tensor(img.convert("RGB").crop((j, i, j + w, i + h))), flip
+        return torch.from_numpy(np.array(img.convert("RGB").crop((j, i, j + w, i + h)))), flip  # [h, w, 3] uint8
     def collate(self, samples) -> tuple[CropBatch, torch.Tensor]:
         "(CropBatch, labels) from [((box, flip), label), ...]."
-        boxes = [b for (b, _), _ in samples]
-        flips = torch.tensor([f for (_, f), _ in samples], dtype=torch.bool)
-        return CropBatch(boxes, flips, self.size), torch.tensor([y for _, y in samples])
+        boxes, flips = zip(*(b for b, _ in samples))
+        return CropBatch.pack(boxes, flips, self.size), torch.tensor([y for _, y in samples])
+
+DEVICE_CROP_MIN_SIZE = 128  # below it the workers' whole transform costs about what cutting the box does: nothing to move
 
 def augment_on_device(cfg) -> bool:
-    "Does `cfg` finish its crops on the training device? ('auto': when that device is CUDA)."
+    "Does `cfg` finish its crops on the training device? ('auto': on CUDA, for images of DEVICE_CROP_MIN_SIZE px or more)"
     where = getattr(cfg, "augment_on", "loader")
     if where != "auto": return where == "device"
     dev = getattr(cfg, "device", "auto")
-    return (torch.cuda.is_available() if dev == "auto" else torch.device(dev).type == "cuda")
+    cuda = torch.cuda.is_available() if dev == "auto" else torch.device(dev).type == "cuda"
+    return cuda and getattr(cfg, "img_size", DEVICE_CROP_MIN_SIZE) >= DEVICE_CROP_MIN_SIZE
 
 # %% ../nbs/05_data.ipynb #3f143f62
 from dataclasses import dataclass
