@@ -27,6 +27,15 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "bench"
+# --check: the first GPU call's plan (the step at batch 256: timm's peer, kdnb eager, kdnb compiled; no finetuning
+# rows); --tiny: every section at a size a CPU runs in seconds (`bash bench/gpu_session.sh dry-run`, in the test suite)
+PLAN = {"check": False, "tiny": False}
+FULL = dict(depth_t=12, depth_s=6, width=768, heads=12, patch=16)  # BEiTv2-B teacher, 6-block Data2Vec2 student
+TINY = dict(depth_t=2, depth_s=1, width=64, heads=2, patch=16)
+
+
+def dims() -> dict:
+    return TINY if PLAN["tiny"] else FULL
 
 
 # ----------------------------------------------------------------------------- models and steps
@@ -174,11 +183,12 @@ def _gpu_name(device) -> str | None:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
-def run_sub(fn: str = "one_config", **kw) -> dict:
+def run_sub(fn: str = "one_config", env: dict | None = None, **kw) -> dict:
     """A measuring function of this file (one_config, pair_step) in a fresh process (its own peak memory); None when it
-    fails (e.g. out of memory)."""
-    code = f"import json,sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); from bench import {fn}; print('RESULT', json.dumps({fn}(**{kw!r})))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    fails (e.g. out of memory). `env`: variables set for that process (None as a value removes one)."""
+    code = f"import json,sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import kdnb; from bench import {fn}; print('RESULT', json.dumps({fn}(**{kw!r})))"
+    penv = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=penv)
     line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         print(f"  failed {kw}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}", flush=True)
@@ -230,6 +240,7 @@ def pair_step(pair: str, img: int, batch: int, steps: int, device) -> dict:
 def section_pair(device, quick):
     "The thesis pair beside a mismatched one (width, patch size, register tokens), each in a fresh process."
     img, batch, steps = (224, 64, 15) if device.type == "cuda" else ((64, 8, 3) if quick else (224, 8, 2))
+    if PLAN["tiny"]: img, batch, steps = 32, 2, 1
     rows = []
     for pair in ("thesis", "mismatch"):
         r = run_sub("pair_step", pair=pair, img=img, batch=batch, steps=steps, device=str(device))
@@ -243,7 +254,7 @@ def section_pair(device, quick):
 # ----------------------------------------------------------------------------- sections
 def matmul_peak(device, dtype=torch.float32, n=None, reps=10) -> float:
     "Measured matrix-multiply peak in GFLOP/s (a large square matmul of random numbers, after warm-up)."
-    n = n or (8192 if device.type == "cuda" else 4096)
+    n = n or (256 if PLAN["tiny"] else 8192 if device.type == "cuda" else 4096)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3): a @ b
     if device.type == "cuda": torch.cuda.synchronize()
@@ -257,18 +268,21 @@ def section_step(device, quick):
     """The distillation step, ViT-B/16 teacher (BEiTv2-shaped) and 6-block Data2Vec2 student. CPU: ours (fp32, bf16)
     against the plain baseline. CUDA: ours (eager bf16, compiled) against the timm peer, and the finetuning step."""
     rows = []
-    if device.type == "cuda":
+    if PLAN["check"]:  # the first GPU call's plan (any device): batch 256 at 224 px, the peer and both of kdnb's steps
+        size = (32, 4) if PLAN["tiny"] else (224, 256) if device.type == "cuda" else (224, 8)
+        sizes, kinds = [size], ("timm_bf16", "ours_bf16", "ours_compile")
+    elif device.type == "cuda":
         sizes, kinds = [(224, 64), (224, 256)], ("timm_bf16", "ours_bf16", "ours_compile")
         if quick: sizes = [(224, 64)]
     else:
         sizes, kinds = ([(64, 8), (64, 32)] if quick else [(224, 8), (224, 32), (64, 32), (64, 128)]), \
             ("plain", "ours_fp32", "ours_bf16")
     jobs = [(k, img, b) for img, b in sizes for k in kinds]
-    if device.type == "cuda": jobs += [(k, 224, sizes[-1][1]) for k in ("finetune_bf16", "finetune_compile")]
+    if device.type == "cuda" and not PLAN["check"]:
+        jobs += [(k, 224, sizes[-1][1]) for k in ("finetune_bf16", "finetune_compile")]
     for kind, img, batch in jobs:
-        steps = 2 if img == 224 and device.type == "cpu" else (15 if device.type == "cuda" else 5)
-        r = run_sub(kind=kind, img=img, batch=batch, depth_t=12, depth_s=6, width=768, heads=12, patch=16,
-                    steps=steps, device=str(device))
+        steps = 1 if PLAN["tiny"] else 2 if img == 224 and device.type == "cpu" else (15 if device.type == "cuda" else 5)
+        r = run_sub(kind=kind, img=img, batch=batch, **dims(), steps=steps, device=str(device))
         if r:
             rows.append(r)
             print(f"  {kind:16s} img {img} batch {batch}: {r['images_per_s']} img/s, {r['peak_mem_mb']} MB, "
@@ -282,25 +296,30 @@ def section_profile(device, quick, out: Path):
     from kdnb.engine import compile_blocks
     img, batch = (224, 64) if quick or device.type == "cpu" else (224, 256)
     if device.type == "cpu": img, batch = 64, 8
-    teacher, student = make_models(img)
+    if PLAN["tiny"]: img, batch = 32, 4
+    teacher, student = make_models(img, **dims())
     teacher.to(device); student.to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
-    kind = "ours_compile" if device.type == "cuda" else "ours_fp32"
+    kind = "ours_compile" if device.type == "cuda" or PLAN["check"] else "ours_fp32"
     step = make_step(kind, teacher, student, opt, device)
     if kind == "ours_compile": compile_blocks(student); compile_blocks(teacher)
     x = torch.randn(batch, 3, img, img, device=device)
-    for _ in range(3): step(x)
+    for _ in range(1 if PLAN["tiny"] else 3): step(x)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        for _ in range(5): step(x)
+        for _ in range(1 if PLAN["tiny"] else 5): step(x)
         if device.type == "cuda": torch.cuda.synchronize()
     by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=70)
     (out / f"profile_{device.type}.txt").write_text(f"{kind}, img {img}, batch {batch}, 5 steps\n{table}\n")
     print(table)
-    cats = {"matmul (GEMM)": ("gemm", "cutlass", "sm90", "matmul", "aten::mm", "aten::addmm", "nvjet", "cublas"),
-            "attention (flash)": ("flash", "fmha", "attention"), "optimizer (fused AdamW)": ("adam",),
-            "fused elementwise/norm (Triton)": ("triton",)}
+    # first match wins: attention and convolution kernels (cuDNN's SDPA, implicit-GEMM convolutions) also carry
+    # "sm90" or "gemm" in their names, so they are asked for before the matmuls
+    cats = {"attention (flash, cuDNN, efficient)": ("flash", "fmha", "attention", "sdpa", "attn"),
+            "convolution (patch embedding)": ("conv", "fprop", "dgrad", "wgrad", "implicit"),
+            "matmul (GEMM)": ("gemm", "cutlass", "sm90", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "nvjet",
+                              "cublas"),
+            "optimizer (fused AdamW)": ("adam",), "fused elementwise/norm (Triton)": ("triton",)}
     total, parts = 0.0, {k: 0.0 for k in (*cats, "other")}
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None) if device.type == "cuda" else e.self_cpu_time_total
@@ -312,7 +331,43 @@ def section_profile(device, quick, out: Path):
         parts[next((c for c, keys in cats.items() if any(k in name for k in keys)), "other")] += t
     rows = [dict(category=c, share_pct=round(100 * v / total, 1), ms_per_step=round(v / 5 / 1e3, 2))
             for c, v in parts.items()] if total else []
-    for r in rows: print(f"  {r['category']:34s} {r['share_pct']:5.1f} %  {r['ms_per_step']} ms/step")
+    for r in rows: print(f"  {r['category']:36s} {r['share_pct']:5.1f} %  {r['ms_per_step']} ms/step")
+    return rows
+
+
+# OpenMP's wait at the end of a parallel region, set before torch loads libgomp (kdnb/__init__.py sets kdnb's: passive
+# unless the user set one). A spin of 10k iterations was tried too (5.54 img/s alone, 2.43x beside a busy process at
+# 224 px; 4.6x at 32 px): only the passive wait keeps both sizes in proportion.
+WAIT_POLICIES = {"libgomp default (spin 300k)": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "300000"},
+                 "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None},
+                 "kdnb (default)": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}}
+
+
+def section_shared_cores(device, quick):
+    """Shared cores: the 224-px bf16 step (ViT-B/16 teacher, 6-block student, batch 8) and the evidence pipeline's small
+    fp32 step (32 px, width 128, batch 64), alone and beside one busy single-threaded process, under each wait policy.
+    Losing one core of two should cost 2x; threads that spin at their barriers while the other job holds a core cost
+    far more."""
+    if device.type != "cpu": return []
+    sizes = {"224 px bf16": dict(kind="ours_bf16", img=64 if quick else 224, batch=8, depth_t=12, depth_s=6, width=768,
+                                 heads=12, patch=16, steps=2 if quick else 3),
+             "32 px fp32 (pipeline)": dict(kind="ours_fp32", img=32, batch=64, depth_t=6, depth_s=3, width=128,
+                                           heads=4, patch=8, steps=10 if quick else 40)}
+    rows = []
+    for size, kw in sizes.items():
+        for policy, env in WAIT_POLICIES.items():
+            r = {}
+            for beside in (False, True):
+                busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if beside else None
+                try: res = run_sub(env=env, **kw, device="cpu")
+                finally:
+                    if busy: busy.kill(); busy.wait()
+                r["busy" if beside else "alone"] = res["images_per_s"] if res else None
+            slow = round(r["alone"] / r["busy"], 2) if r["alone"] and r["busy"] else None
+            rows.append(dict(size=size, policy=policy, alone_images_per_s=r["alone"], busy_images_per_s=r["busy"],
+                             slowdown=slow))
+            print(f"  {size:22s} {policy:28s} alone {r['alone']} img/s, beside a busy process {r['busy']} img/s: "
+                  f"{slow}x slower", flush=True)
     return rows
 
 
@@ -383,20 +438,23 @@ def section_loader(device, quick, src: Path = JPEG_SRC):
     workers that only decode and cut the box, with the resize, flip and normalisation on `device` (`device`).
     The rate is taken after the first batch (worker start-up excluded), over two passes of the images."""
     import tempfile
+    import kdnb.runs  # noqa: F401  registers every run kind's presets
     from kdnb.config import get_config
     from kdnb.data import build_data, make_loader
     cuda = device.type == "cuda"
-    n = 256 if quick else (2048 if cuda else 768)
+    n = 40 if PLAN["tiny"] else 256 if quick else (2048 if cuda else 768)
     root = imagenet_like_jpegs(Path(tempfile.mkdtemp()) / "train", n, src=src)
     cores = len(os.sched_getaffinity(0))
     plan = ([("loader", w) for w in (8, cores)] + [("device", w) for w in (8, cores)]) if cuda else \
         [(where, w) for where in ("loader", "device") for w in ((0, 2) if quick else (0, 1, 2))]
+    if PLAN["tiny"]: plan = [("loader", 0), ("device", 0)]
     rows = []
     for where, workers in plan:
-        cfg = get_config("distill", dataset="imagenet", data_root=str(root.parent), val_size=0.05, augment_on=where,
+        cfg = get_config("distill", dataset="imagenet", data_root=str(root.parent), augment_on=where,
+                         val_size=10 if PLAN["tiny"] else 0.05,
                          num_workers=workers, device=str(device))
         d = build_data(cfg, "distill")
-        dl = make_loader(d.train, 64, True, num_workers=workers, device=device)
+        dl = make_loader(d.train, 4 if PLAN["tiny"] else 64, True, num_workers=workers, device=device)
         seen, t_load, t_finish, first = 0, 0.0, 0.0, True
         for epoch in range(2):
             dl.sampler.set_epoch(epoch)
@@ -416,6 +474,38 @@ def section_loader(device, quick, src: Path = JPEG_SRC):
         print(f"  {where}, {workers} workers: loader {seen / t_load:.0f} img/s"
               + (f", finishing on {device}: {seen / t_finish:.0f} img/s" if where == "device" else ""), flush=True)
     return rows
+
+
+def section_fit(device, quick, src: Path = JPEG_SRC):
+    """`Trainer.fit` end to end as `kdnb distill` runs it (loader, crops finished on the device, the compiled step, bf16,
+    checkpoints, evaluation) for ~150 steps at 224 px on ImageNet-sized JPEGs: the BEiTv2-shaped teacher and the
+    6-block student, random weights (offline). The run's own images/s beside the loader's rate on the same files."""
+    import tempfile
+    import kdnb.runs  # noqa: F401  registers every run kind's presets
+    from kdnb.distill import distill
+    from kdnb.config import get_config
+    tmp = Path(tempfile.mkdtemp())
+    cuda = device.type == "cuda"
+    root = imagenet_like_jpegs(tmp / "train", 40 if PLAN["tiny"] else 2048 if cuda else 256, src=src)
+    d = dims()
+    size = dict(img_size=32, batch_size=4, max_steps=2, compile=False, num_workers=0) if PLAN["tiny"] else \
+        dict(img_size=224, batch_size=256 if cuda else 8, max_steps=150 if cuda else 4, compile=cuda)
+    teacher = dict(teacher="tiny", teacher_embed_dim=d["width"]) if PLAN["tiny"] else \
+        dict(teacher="timm:beitv2_base_patch16_224", teacher_checkpoint="random")
+    cfg = get_config("distill", dataset="imagenet", data_root=str(root.parent), augment_on="device",
+                     val_size=10 if PLAN["tiny"] else 0.05,
+                     **teacher, model="data2vec2", checkpoint=None, depth=d["depth_s"], embed_dim=d["width"],
+                     num_heads=d["heads"], mlp_dim=4 * d["width"], patch_size=d["patch"], device=str(device),
+                     precision="bf16", epochs=1000, eval_every=1000, tensorboard=False, out_dir=str(tmp / "run"),
+                     **size)
+    t0 = time.perf_counter()
+    s = distill(cfg)
+    row = dict(steps=s["steps"], finished=s["finished"], img=cfg.img_size, batch=cfg.batch_size,
+               compile=cfg.compile, fit_images_per_s=s["images_per_s"], train_time_s=s["train_time_s"],
+               wall_s=round(time.perf_counter() - t0, 1), device=s["device"], gpu=_gpu_name(device))
+    print(f"  Trainer.fit: {row['steps']} steps, {row['fit_images_per_s']} img/s over the run, "
+          f"{row['wall_s']} s in all (compile and evaluation included)", flush=True)
+    return [row]
 
 
 def section_probe(quick):
@@ -493,7 +583,7 @@ def section_fkd(device, quick):
     return rows
 
 
-SECTIONS = ["peak", "step", "pair", "profile", "scaling", "data", "loader", "probe", "fkd"]
+SECTIONS = ["peak", "step", "pair", "profile", "scaling", "shared_cores", "data", "loader", "fit", "probe", "fkd"]
 
 
 def main(argv=None):
@@ -504,9 +594,12 @@ def main(argv=None):
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--jpeg-src", default=str(JPEG_SRC), help="ImageFolder of JPEGs the loader section upscales")
     ap.add_argument("--show", action="store_true", help="only print the tables of the saved results")
+    ap.add_argument("--check", action="store_true", help="the first GPU call's plan: the step at batch 256 only")
+    ap.add_argument("--tiny", action="store_true", help="every section at a tiny size (the CPU dry-run of the plan)")
     a = ap.parse_args(argv)
+    PLAN.update(check=a.check, tiny=a.tiny)
     if a.show:
-        path = Path(a.out) / f"bench_{torch.device(a.device).type}.json"
+        path = Path(a.out) / f"bench_{torch.device(a.device).type}{'_tiny' if a.tiny else ''}.json"
         return print_tables(json.loads(path.read_text()))
     device, out = torch.device(a.device), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -518,7 +611,7 @@ def main(argv=None):
         res["matmul_peak_gflop_s"] = {str(dt).split(".")[-1]: round(matmul_peak(device, dt), 1)
                                       for dt in (torch.float32, torch.bfloat16)}
         print("matmul peak GFLOP/s:", res["matmul_peak_gflop_s"], flush=True)
-    path = out / f"bench_{device.type}{'_quick' if a.quick else ''}.json"
+    path = out / f"bench_{device.type}{'_quick' if a.quick else ''}{'_tiny' if a.tiny else ''}.json"
     old = json.loads(path.read_text()) if path.exists() and a.only else {}
     save = lambda: path.write_text(json.dumps({**old, **res}, indent=1))
     save()
@@ -526,8 +619,10 @@ def main(argv=None):
                      ("pair", lambda: section_pair(device, a.quick)),
                      ("profile", lambda: section_profile(device, a.quick, out)),
                      ("scaling", lambda: section_scaling(device, a.quick)),
+                     ("shared_cores", lambda: section_shared_cores(device, a.quick)),
                      ("data", lambda: section_data(a.quick)),
                      ("loader", lambda: section_loader(device, a.quick, Path(a.jpeg_src))),
+                     ("fit", lambda: section_fit(device, a.quick, Path(a.jpeg_src))),
                      ("probe", lambda: section_probe(a.quick)),
                      ("fkd", lambda: section_fkd(device, a.quick))):
         if want(name):
@@ -598,7 +693,7 @@ def print_tables(res: dict):
             print(f"\nthe seeds' ImageNet-1K runs projected at these rates (thesis: {THESIS['distill_hours']} h for "
                   f"the 10-epoch distillation on one {THESIS['gpu']})")
             print(pd.DataFrame(projection(res)).to_string(index=False))
-    for name in ("pair", "profile", "scaling", "data", "loader", "probe", "fkd"):
+    for name in ("pair", "profile", "scaling", "shared_cores", "data", "loader", "fit", "probe", "fkd"):
         if res.get(name): print(f"\n{name}"); print(pd.DataFrame(res[name]).to_string(index=False))
 
 

@@ -214,7 +214,9 @@ class BaseConfig(ConfigBase):
     split_seed: typing.Optional[int] = None
     device: str = "auto" # "auto", "cpu", "cuda", "cuda:N"
     precision: str = "auto" # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
-    compile: bool = False # torch.compile each transformer block of student and teacher (engine.compile_blocks)
+    # torch.compile: True or "blocks", each transformer block of student and teacher; "step", the task's whole
+    # forward (teacher, targets, student, loss; the backward through AOTAutograd) with a fused AdamW; False, none
+    compile: typing.Union[bool, str] = False
     # distillation/pretraining crops: "loader" (workers resize, flip, normalise), "device" (workers decode and cut the
     # box; the training device resizes), "auto" (device on CUDA)
     augment_on: str = "auto"
@@ -238,6 +240,7 @@ def validate(self: BaseConfig):
     check_choice("dataset", self.dataset, getattr(type(self), "datasets", DATASETS))
     check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
     check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+    check_choice("compile", self.compile, (False, True, "blocks", "step"))
     check_choice("augment_on", self.augment_on, ("auto", "loader", "device"))
     if isinstance(self.resume, str) and self.resume != "auto":
         raise ConfigError(f"resume={self.resume!r}: use True, False or 'auto'")

@@ -27,12 +27,12 @@ from timm.models.vision_transformer import Block as ViTBlock
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'PREEMPTED_EXIT', 'TIMM_BLOCKS', 'RESUME_MAY_CHANGE', 'PREEMPT_SIGNALS',
-           'resolve_device', 'autocast_dtype', 'precision_name', 'DistInfo', 'setup_distributed', 'attempt_store',
-           'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Preempted', 'compile_blocks',
-           'Trainer', 'progress_mode', 'Progress', 'dumps', 'MetricsLogger', 'check_resume_config', 'Checkpointer',
-           'Preemption', 'append_line', 'ModelEma', 'git_commit', 'code_commit', 'Summary', 'default_callbacks',
-           'ensure_writable', 'fit_task']
+__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'PREEMPTED_EXIT', 'TIMM_BLOCKS', 'RECOMPILE_LIMIT', 'RESUME_MAY_CHANGE',
+           'PREEMPT_SIGNALS', 'resolve_device', 'autocast_dtype', 'precision_name', 'DistInfo', 'setup_distributed',
+           'attempt_store', 'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Preempted',
+           'compile_blocks', 'compile_task', 'Trainer', 'progress_mode', 'Progress', 'dumps', 'MetricsLogger',
+           'check_resume_config', 'Checkpointer', 'Preemption', 'append_line', 'ModelEma', 'git_commit', 'code_commit',
+           'Summary', 'default_callbacks', 'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -167,6 +167,24 @@ def compile_blocks(module: nn.Module, **kwargs) -> int:
             n += 1
     return n
 
+# %% ../nbs/06_engine.ipynb #d4176736
+# a compiled block keeps one graph per configuration it meets (each drop-path rate, training and evaluation, a ragged
+# last batch); past torch's default limit of 8, later ones would run eagerly without a word
+RECOMPILE_LIMIT = 64
+
+def compile_task(task: Task, how: bool | str, # config `compile`: False, True or "blocks", "step"
+                 **kwargs) -> str | None: # torch.compile's arguments
+    "Compile each transformer block of the task ('blocks', True), or its whole forward ('step'); the mode used."
+    if not how: return None
+    torch._logging.set_logs(recompiles=True)  # every recompile is logged with the guard that failed
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    if how == "step":  # teacher, both targets, student and loss in one graph; AOTAutograd compiles the backward
+        task.compile(**kwargs)
+        return "step"
+    compile_blocks(task, **kwargs)
+    return "blocks"
+
+
 # %% ../nbs/06_engine.ipynb #c7ef1fee
 class Trainer:
     "The one training loop: a Task, a config, loaders, and callbacks. All its state is declared here."
@@ -181,11 +199,12 @@ class Trainer:
         # fp32 matmuls on CUDA use TF32 tensor cores (10-bit mantissa, as timm's and PyTorch's examples set): several
         # times full fp32's rate for what runs outside autocast (fp32 runs, the loss, the target's statistics)
         if self.device.type == "cuda": torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if cfg.compile: compile_blocks(task)  # student, teacher and every other block of the task
+        self.compiled = compile_task(task, cfg.compile)  # None, "blocks" or "step"
         self.wrap_ddp()
         # the config's lr, weight decay and layer decay -> one group per (layer, decay) -> AdamW: the one path
         groups = param_groups(task.trained_module(), cfg.lr, cfg.weight_decay, getattr(cfg, "layer_decay", 1.0))
-        self.opt = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.adam_eps, fused=self.device.type == "cuda")
+        self.opt = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.adam_eps,
+                                     fused=self.device.type == "cuda" or self.compiled == "step")
         self.steps_per_epoch = len(train_dl)
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training loader yields no full batch: {len(train_dl.dataset)} images for a batch of "

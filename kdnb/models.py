@@ -508,7 +508,7 @@ class FrozenTeacher(nn.Module):
         self.model.to(dtype)
         return self
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors cannot enter a compiled graph (compile="step")
     def forward(self, x, # [B, C, H, W] images in the data pipeline's normalisation
                 num_layers: int | None = None, # only the first `num_layers` layers: the forward stops there
                ) -> list[torch.Tensor]: # num_layers x [B, 1+N, D] (CLS first), inference tensors

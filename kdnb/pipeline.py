@@ -18,14 +18,15 @@ from .config import (load_config, make_portable, portable, ConfigBase, ConfigErr
 from .runs import run
 from .report import read_metrics, read_summary, mean_interval, paired_differences
 from .engine import code_commit, Checkpointer, check_resume_config
+from .models import Data2Vec2Encoder
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'PipelineConfig',
            'student_seeds', 'stage_precision', 'teacher_stages', 'student_stages', 'evaluated_models', 'stage_configs',
-           'run_pipeline', 'pipeline', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'first_stage',
-           'describe_pipeline', 'export_results', 'pipeline_command']
+           'run_pipeline', 'pipeline', 'encoder_gflop', 'stage_gflop', 'seed_results', 'results_table', 'paired_table',
+           'plot_pipeline', 'first_stage', 'describe_pipeline', 'export_results', 'pipeline_command']
 
 # %% ../nbs/18_pipeline.ipynb #e7f250e8
 @dataclass
@@ -325,7 +326,38 @@ register_run(
         teacher_images="all", train_subset=10000, donor_epochs=3, distill_epochs=2, finetune_epochs=2, seeds=3,
         d2v_baseline=True, random_reference=True, out_dir="runs/evidence_cifar10"),
         "results/evidence_cifar10: the teacher pretrained on all 47,500 non-validation images; arms (a), (b), (c) "
-        "and a random student at one budget, 3 seeds; about 2 h on 2 CPU cores."))
+        "and a random student at one budget, 3 seeds; about 2 h on 2 CPU cores."),
+    Preset("evidence_gpu", "evidence_cifar10", dict(
+        device="cuda", precision="bf16", patch_size=4, embed_dim=384, num_heads=6, teacher_depth=12, batch_size=256,
+        num_workers=-1, teacher_epochs=8, distill_epochs=3, probe_epochs=10, finetune_epochs=3, student="half",
+        random_reference=False, pretrain_lr=1.5e-3, distill_lr=1.5e-3, finetune_lr=2e-3, out_dir="runs/evidence_gpu"),
+        "evidence_cifar10 on one GPU in bf16: a 12-block ViT-S-wide teacher (64 patches of 4 px) pretrained on all "
+        "47,500 images, its first half distilled or trained with data2vec 2.0 (arm c), 3 seeds; ~5 min estimated on one H100 "
+        "(sized on the pipeline page)."))
+
+# %% ../nbs/18_pipeline.ipynb #5e01ee5d
+def encoder_gflop(p: PipelineConfig, depth: int) -> float:
+    "Forward GFLOP per image of a `depth`-block encoder of the pipeline's size, every token (FlopCounterMode)."
+    from torch.utils.flop_counter import FlopCounterMode
+    enc = Data2Vec2Encoder(p.img_size, p.patch_size, p.embed_dim, depth, p.num_heads)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc: enc(torch.zeros(1, 3, p.img_size, p.img_size))
+    return fc.get_total_flops() / 1e9
+
+def stage_gflop(p: PipelineConfig, # the pipeline
+                n_train: int, # its data set's training images that are not validation (CIFAR-10: 47,500)
+               ) -> dict: # stage -> training GFLOP
+    "What each stage computes: GFLOP per image of its model, times the images and epochs it trains on."
+    f = {d: encoder_gflop(p, d) for d in {p.teacher_depth, p.teacher_depth // 2}}
+    visible = 1 - 0.8  # data2vec 2.0's students see the unmasked patches (mask_prob 0.8)
+    out = {}
+    for name, cfg in stage_configs(p).items():
+        d = cfg.depth
+        per_image = {"pretrain": f[d] * (1 + 3 * p.clone_batch * visible),
+                     "distill": f[p.teacher_depth] + 3 * f[d], "finetune": 3 * f[d], "linear_probe": f[d]}[cfg.kind]
+        images = min(cfg.train_subset or n_train, n_train)
+        out[name] = per_image * images * (1 if cfg.kind == "linear_probe" else cfg.epochs)  # a probe caches features
+    return out
+
 
 # %% ../nbs/18_pipeline.ipynb #0189e208
 MODEL_LABELS = {"teacher": "teacher", "distilled": "student, distilled", "baseline": "student, not distilled",

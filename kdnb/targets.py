@@ -61,7 +61,8 @@ def d2v_loss(student_layers: Iterable[torch.Tensor], # L_s tensors [B, T, D] wit
     "MSE between the student's and the teacher's layer-averaged targets over all tokens incl. CLS (eq. 6)."
     with torch.no_grad():
         y = layer_averaged_target(teacher_layers, eps, mask=mask)  # [B, T, D]
-    if y.is_inference(): y = y.clone()  # inference tensors cannot be saved for backward
+    if not torch.compiler.is_compiling() and y.is_inference():  # a teacher run under inference_mode (compiled
+        y = y.clone()  # steps take none): inference tensors cannot be saved for backward
     if width_map is None: y_hat = layer_averaged_target(student_layers, eps, mask=mask)  # [B, T, D]
     else:  # eq. 5 after the map: LN(W mean_l IN(h_l) + b), [B, T, D_t]
         z = width_map(layer_averaged_target(student_layers, eps, final_layer_norm=False, mask=mask))

@@ -128,11 +128,11 @@ def _weights(run):
 
 
 def test_sigkill_then_resume_on_cuda(tmp_path):
-    """Killed with SIGKILL inside a checkpoint write on CUDA and resumed: the weights of an uninterrupted run, bitwise
-    where two uninterrupted CUDA runs agree bitwise (as on the CPU); else no further from it than they are apart."""
+    """Killed with SIGKILL inside a checkpoint write on CUDA and resumed (the CUDA random states read back from the
+    checkpoint): the weights of an uninterrupted run, bitwise where two uninterrupted CUDA runs agree bitwise (as on
+    the CPU); else no further from it than they are apart. The second uninterrupted run starts only when needed."""
     a, b, killed = tmp_path / "a", tmp_path / "b", tmp_path / "killed"
-    for run in (a, b):
-        subprocess.run(KDNB + _args(run), check=True, env=ENV, capture_output=True)
+    subprocess.run(KDNB + _args(a), check=True, env=ENV, capture_output=True)
     # the CPU test's kill inside a checkpoint write, on CUDA
     r = subprocess.run([sys.executable, "-c", DIE_IN_CHECKPOINT_WRITE] + _args(killed), env=ENV, capture_output=True,
                        text=True)
@@ -140,9 +140,13 @@ def test_sigkill_then_resume_on_cuda(tmp_path):
     assert torch.load(killed / "checkpoints" / "last" / "state.pt", weights_only=True)["step"] < 16
     r = subprocess.run(KDNB + _args(killed, "--resume", "true"), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    wa, wb, wk = _weights(a), _weights(b), _weights(killed)
-    run_to_run = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    wa, wk = _weights(a), _weights(killed)
     resumed = max((wa[k] - wk[k]).abs().max().item() for k in wa)
+    run_to_run = 0.0
+    if resumed:  # not bitwise: how far apart are two uninterrupted runs?
+        subprocess.run(KDNB + _args(b), check=True, env=ENV, capture_output=True)
+        wb = _weights(b)
+        run_to_run = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     print(f"max |a - b| = {run_to_run:.3g}, max |a - resumed| = {resumed:.3g}")
     if run_to_run == 0: assert resumed == 0
     else: assert resumed <= 4 * run_to_run
@@ -152,7 +156,7 @@ def test_sigkill_then_resume_on_cuda(tmp_path):
 def _papermill(tmp_path, nb, *params):
     args = [sys.executable, "-m", "papermill", str(ROOT / "nbs" / nb), str(tmp_path / "out.ipynb"), "--cwd", str(tmp_path)]
     for k, v in zip(params[::2], params[1::2]): args += ["-p", k, str(v)]
-    return subprocess.run(args, env=ENV, capture_output=True, text=True)
+    return subprocess.run(args, env={**ENV, "IN_TEST": "1"}, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("nb,params,stage", [
@@ -161,7 +165,8 @@ def _papermill(tmp_path, nb, *params):
     ("run_pipeline.ipynb", (), "distill"),
 ])
 def test_run_notebooks_on_cuda(tmp_path, nb, params, stage):
-    "The three run notebooks through papermill on CUDA (small budgets): each writes a finished run on the GPU."
+    """The three run notebooks through papermill on CUDA at their test sizes (IN_TEST, as the notebook tests run them:
+    the pipeline's miniature): each writes a finished run on the GPU."""
     out = tmp_path / "run"
     r = _papermill(tmp_path, nb, *params, "device", "cuda", "out_dir", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
