@@ -79,7 +79,7 @@ def make_step(kind: str, teacher, student, opt, device):
     """One distillation step: teacher forward, student forward/backward, loss, optimizer step.
     kinds: `plain` (fp32, unfused attention, every layer stacked), `ours_fp32`, `ours_bf16` (kdnb's DistillTask:
     fused attention, streamed target, bf16 teacher weights), `ours_compile` (the same; `one_config` compiles every
-    block after counting the FLOPs); `timm_bf16` is the peer: what a timm user writes (timm models, forward hooks,
+    block after counting the FLOPs); `ours_step` (the task's whole step compiled, as compile="step", fused AdamW); `timm_bf16` is the peer: what a timm user writes (timm models, forward hooks,
     bf16 autocast); `finetune_bf16` / `finetune_compile`: the seeds' finetuning step of the student (no teacher)."""
     from kdnb.distill import DistillTask
     if kind == "plain":
@@ -115,13 +115,14 @@ def make_step(kind: str, teacher, student, opt, device):
         return step
     set_fused(teacher, student, True)
     task = DistillTask(student, teacher, "ffn")
-    amp = torch.bfloat16 if kind in ("ours_bf16", "ours_compile") else None
+    amp = torch.bfloat16 if kind in ("ours_bf16", "ours_compile", "ours_step") else None
     if amp is not None: teacher.cast(amp)  # as kdnb.distill.distill does under autocast
     def step(x):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = task((x, None))["loss"]
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         return loss
+    step.task = task  # ours_step compiles it whole after the FLOPs are counted (compile="step")
     return step
 
 
@@ -139,7 +140,7 @@ def count_flops(fn, *args) -> int:
 
 def one_config(kind, img, batch, depth_t, depth_s, width, heads, patch, steps, device) -> dict:
     "Measure one (kind, size) in this process: images/s, peak memory, counted FLOPs (MFU in print_tables)."
-    from kdnb.engine import compile_blocks
+    from kdnb.engine import compile_blocks, compile_task
     device = torch.device(device)
     fused = {"fused": True} if device.type == "cuda" else {}
     if kind == "timm_bf16":
@@ -155,6 +156,7 @@ def one_config(kind, img, batch, depth_t, depth_s, width, heads, patch, steps, d
     else:
         teacher, student = make_models(img, depth_t, depth_s, width, heads, patch)
         teacher.to(device); student.to(device)
+        if kind == "ours_step": fused = {"fused": True}  # as the Trainer's with compile="step", on any device
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4, **fused)  # fused on CUDA, as the Trainer's
     step = make_step(kind, teacher, student, opt, device)
     x = torch.randn(batch, 3, img, img, device=device)
@@ -165,7 +167,9 @@ def one_config(kind, img, batch, depth_t, depth_s, width, heads, patch, steps, d
     if kind.endswith("compile"):
         for m in (student, teacher):
             if m is not None: compile_blocks(m)
-    for _ in range(3 if device.type == "cuda" or kind.endswith("compile") else 0): step(x)  # compiles, autotunes
+    if kind == "ours_step": compile_task(step.task, "step")
+    compiled = kind.endswith("compile") or kind == "ours_step"
+    for _ in range(3 if device.type == "cuda" or compiled else 0): step(x)  # compiles, autotunes
     sync(); warm_s = time.perf_counter() - t0
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -270,7 +274,7 @@ def section_step(device, quick):
     rows = []
     if PLAN["check"]:  # the first GPU call's plan (any device): batch 256 at 224 px, the peer and both of kdnb's steps
         size = (32, 4) if PLAN["tiny"] else (224, 256) if device.type == "cuda" else (224, 8)
-        sizes, kinds = [size], ("timm_bf16", "ours_bf16", "ours_compile")
+        sizes, kinds = [size], ("timm_bf16", "ours_bf16", "ours_compile", "ours_step")
     elif device.type == "cuda":
         sizes, kinds = [(224, 64), (224, 256)], ("timm_bf16", "ours_bf16", "ours_compile")
         if quick: sizes = [(224, 64)]
@@ -281,7 +285,7 @@ def section_step(device, quick):
     if device.type == "cuda" and not PLAN["check"]:
         jobs += [(k, 224, sizes[-1][1]) for k in ("finetune_bf16", "finetune_compile")]
     for kind, img, batch in jobs:
-        steps = 1 if PLAN["tiny"] else 2 if img == 224 and device.type == "cpu" else (15 if device.type == "cuda" else 5)
+        steps = 1 if PLAN["tiny"] else (15 if device.type == "cuda" else 6 if PLAN["check"] else 2 if img == 224 else 5)
         r = run_sub(kind=kind, img=img, batch=batch, **dims(), steps=steps, device=str(device))
         if r:
             rows.append(r)

@@ -55,7 +55,9 @@ class DistillTask(Task):
         super().__init__()
         student_kind = layer_kind(student_kind, student)
         self.student, self.teacher, self.student_kind, self.eps = student, teacher, student_kind, eps
-        self.ddp_find_unused = student_kind == "ffn"  # the last block's norm2 is not part of an FFN-output target
+        if student_kind == "ffn":  # the target takes FFN outputs: the last block's norm2 (after its FFN) never reaches
+            getattr(student, "backbone", student).blocks[-1].norm2.requires_grad_(False)  # the loss: frozen, DDP
+            # needs no search for unused parameters (find_unused_parameters) and AdamW skips them as before
     def loss(self, x): # [B, C, H, W] -> scalar
         width_map = getattr(self.trained_module(), "width_map", None)  # a MappedStudent's (widths differ)
         return d2v_loss(self.student(x, layers=self.student_kind), self.teacher(x), self.eps, width_map=width_map)

@@ -244,6 +244,8 @@ def wrap_ddp(self: Trainer):
     "Wrap the task's trained module in DistributedDataParallel under torchrun (a frozen one is never wrapped)."
     trained = getattr(self.task, self.task.trainable)
     if self.dist.enabled and any(p.requires_grad for p in trained.parameters()):
+        if self.device.type == "cuda":  # BatchNorm statistics over every rank's batch (segmentation's decoder); the
+            trained = nn.SyncBatchNorm.convert_sync_batchnorm(trained)  # same parameters, so before the optimiser
         ids = [self.device.index] if self.device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=ids,
                                                       find_unused_parameters=self.task.ddp_find_unused)

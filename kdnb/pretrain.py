@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'block_mask', 'ChannelLayerNorm', 'ConvDecoder2d', 'Data2Vec2Pretrainer', 'ema_update_', 'ema_decay_at',
-           'PretrainTask', 'build_pretrainer', 'fairseq_checkpoint', 'export_data2vec2', 'pretrain']
+           'PretrainTask', 'masked_spread', 'build_pretrainer', 'fairseq_checkpoint', 'export_data2vec2', 'pretrain']
 
 # %% ../nbs/14_pretrain.ipynb #5e1c0d05
 register_presets(
@@ -121,10 +121,12 @@ class Data2Vec2Pretrainer(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor]: # CLS outputs [B*c, D], predictions [B*c, N, D]
         "The student over the visible patches, then the decoder over the whole grid."
         t = self.encoder.patch_tokens(x)  # [B, N, D], positions added before patches are dropped
-        if clones > 1: t = t.repeat_interleave(clones, 0)  # [B*c, N, D]
-        h = self.encoder.encode_tokens(t, keep)  # [B*c, 1+K, D]
-        full = torch.empty_like(t).normal_(0, noise_std)  # masked positions: noise
-        full = full.scatter(1, keep[..., None].expand(-1, -1, t.shape[-1]), h[:, 1:])
+        (B, N, D), K = t.shape, keep.shape[1]
+        idx = keep.view(B, clones, K, 1).expand(-1, -1, -1, D)  # each clone's visible patches, from the one copy of t
+        vis = t[:, None].expand(-1, clones, -1, -1).gather(2, idx).view(B * clones, K, D)  # [B*c, K, D]
+        h = self.encoder.encode_tokens(vis)  # [B*c, 1+K, D]
+        full = t.new_empty(B * clones, N, D).normal_(0, noise_std)  # masked positions: noise
+        full = full.scatter(1, keep[..., None].expand(-1, -1, D), h[:, 1:])
         return h[:, 0], self.decoder(full)
 
 @torch.no_grad()
@@ -164,23 +166,34 @@ def masks(self: PretrainTask, n: int, seed: int) -> torch.Tensor: # [n, N] bool,
     return block_mask(n, self.grid, c.mask_prob, c.mask_length, c.mask_prob_adjust, c.inverse_mask,
                       torch.Generator().manual_seed(seed))
 
+def masked_spread(x: torch.Tensor, # [B, c, N, D] values (a [B, 1, N, D] target broadcasts over the clones)
+                  m: torch.Tensor, # [B, c, N, 1] float, 1 at masked positions
+                  n: int) -> torch.Tensor: # masked positions in all, counted on the host
+    "Mean over channels of the std over masked positions (unbiased, as `var(0)`), without selecting them (no sync)."
+    s1 = (x * m).sum((0, 1, 2))  # [D]
+    s2 = (x * x * m).sum((0, 1, 2))
+    return torch.sqrt((s2 - s1 * s1 / n) / (n - 1) + 1e-6).mean()
+
 @patch
 def loss(self: PretrainTask, x, seed: int) -> dict:
+    "data2vec 2.0's loss with no host sync: masks and indices are made on the host, masked means use their count."
     c, B = self.cfg, len(x)
     with torch.no_grad(): y = self.targets(x)  # [B, N, D]
-    D = y.shape[-1]
-    mask = self.masks(B * c.clone_batch, seed).to(x.device)  # [B*c, N]
-    keep = (~mask).nonzero()[:, 1].view(len(mask), -1)  # [B*c, K] visible patches in grid order
-    cls, pred = self.model(x, keep, c.clone_batch, c.mask_noise_std)
-    y_rep = y.repeat_interleave(c.clone_batch, 0)  # [B*c, N, D]
-    err = (pred.float() - y_rep)[mask]  # [M, D] masked positions only
-    reg = (err ** 2).sum(-1).mean() / D ** 0.5
-    cls_err = cls.float() - y.mean(1).repeat_interleave(c.clone_batch, 0)  # [B*c, D]
-    cls_term = c.cls_loss * (cls_err ** 2).sum(-1).sum() / D ** 0.5  # summed over the batch, as fairseq
+    N, D = y.shape[1:]
+    mask_h = self.masks(B * c.clone_batch, seed)  # [B*c, N] bool, on the host
+    keep_h = (~mask_h).nonzero()[:, 1].view(len(mask_h), -1)  # [B*c, K] visible patches in grid order
+    n = int(mask_h.sum())  # masked positions
+    up = lambda t: t.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else t.to(x.device)
+    mask, keep = up(mask_h), up(keep_h)
+    cls, pred = self.model(x, keep, c.clone_batch, c.mask_noise_std)  # [B*c, D], [B*c, N, D]
+    m = mask.view(B, c.clone_batch, N, 1).float()
+    pred = pred.float().view(B, c.clone_batch, N, D)
+    reg = ((pred - y[:, None]) ** 2 * m).sum() / n / D ** 0.5  # the target broadcast over the clones, not copied
+    cls_err = cls.float().view(B, c.clone_batch, D) - y.mean(1)[:, None]  # [B, c, D]
+    cls_term = c.cls_loss * (cls_err ** 2).sum() / D ** 0.5  # summed over the batch, as fairseq
     with torch.no_grad():
-        spread = lambda t: torch.sqrt(t.float().var(0) + 1e-6).mean()
-        logs = {"reg_loss": reg.detach(), "cls_loss": cls_term.detach(), "target_var": spread(y_rep[mask]),
-                "pred_var": spread(pred[mask]), "masked_pct": mask.float().mean()}
+        logs = {"reg_loss": reg.detach(), "cls_loss": cls_term.detach(), "target_var": masked_spread(y[:, None], m, n),
+                "pred_var": masked_spread(pred, m, n), "masked_pct": torch.tensor(n / mask_h.numel())}
     return {"loss": reg + cls_term, **logs}
 
 # %% ../nbs/14_pretrain.ipynb #8eeaefd1
