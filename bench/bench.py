@@ -603,19 +603,21 @@ def main(argv=None):
     a = ap.parse_args(argv)
     PLAN.update(check=a.check, tiny=a.tiny)
     if a.show:
-        path = Path(a.out) / f"bench_{torch.device(a.device).type}{'_tiny' if a.tiny else ''}.json"
+        tag = "".join(f"_{k}" for k in ("check", "tiny") if getattr(a, k))
+        path = Path(a.out) / f"bench_{torch.device(a.device).type}{tag}.json"
         return print_tables(json.loads(path.read_text()))
     device, out = torch.device(a.device), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     want = lambda s: a.only is None or s in a.only
     res = {"device": str(device), "gpu": _gpu_name(device), "cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": a.quick,
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": a.quick, "commit": _commit(),
            "date": time.strftime("%Y-%m-%d %H:%M")}
     if want("peak"):
         res["matmul_peak_gflop_s"] = {str(dt).split(".")[-1]: round(matmul_peak(device, dt), 1)
                                       for dt in (torch.float32, torch.bfloat16)}
         print("matmul peak GFLOP/s:", res["matmul_peak_gflop_s"], flush=True)
-    path = out / f"bench_{device.type}{'_quick' if a.quick else ''}{'_tiny' if a.tiny else ''}.json"
+    tag = "".join(f"_{k}" for k in ("quick", "check", "tiny") if getattr(a, k))
+    path = out / f"bench_{device.type}{tag}.json"
     old = json.loads(path.read_text()) if path.exists() and a.only else {}
     save = lambda: path.write_text(json.dumps({**old, **res}, indent=1))
     save()
@@ -699,6 +701,12 @@ def print_tables(res: dict):
             print(pd.DataFrame(projection(res)).to_string(index=False))
     for name in ("pair", "profile", "scaling", "shared_cores", "data", "loader", "fit", "probe", "fkd"):
         if res.get(name): print(f"\n{name}"); print(pd.DataFrame(res[name]).to_string(index=False))
+
+
+def _commit():
+    "The code measured: git's HEAD, '-dirty' with uncommitted changes to tracked files (None outside git)."
+    from kdnb.engine import git_commit
+    return git_commit(ROOT)
 
 
 def _cpu_name():

@@ -36,34 +36,35 @@ else
 fi
 
 failed=()
-step() {  # step NAME COMMAND...: run it, say its exit status, remember a failure
-  local name=$1; shift
-  "$@"; local rc=$?
+step() {  # step NAME LOG COMMAND...: run it with its output in $OUT/LOG, say its exit status, remember a failure
+  local name=$1 log=$2; shift 2
+  "$@" > "$OUT/$log" 2>&1; local rc=$?
   echo "$name exit $rc"
   [ $rc -eq 0 ] || failed+=("$name")
 }
 
 gpu_tests() {  # every test marked gpu (on the CPU: collected only, so that an import that moved fails here)
-  step "gpu tests" timeout 110 $PY -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider "${GPU_TESTS[@]}" \
-    > "$OUT/gpu_tests.log" 2>&1
+  step "gpu tests" gpu_tests.log timeout 110 $PY -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider \
+    "${GPU_TESTS[@]}"
   grep -E "passed|failed|PASSED|FAILED|Error|collected|max \|a" "$OUT/gpu_tests.log" | tail -25
 }
 
 bench_check() {  # the matmul peak, the step at batch 256, both pairs, a profile; then Trainer.fit and the loader
-  step bench timeout 160 $PY bench/bench.py --check "${SIZE[@]}" --only peak step pair profile --out "$OUT/bench" \
-    > "$OUT/bench.log" 2>&1
-  step "fit and loader" timeout 70 $PY bench/bench.py --check "${SIZE[@]}" --only fit loader --out "$OUT/bench" \
-    --jpeg-src "$CIFAR/train" > "$OUT/bench_fit.log" 2>&1
-  step "bench tables" $PY bench/bench.py --show "${SIZE[@]}" --out "$OUT/bench" > "$OUT/bench_tables.txt" 2>&1
+  step bench bench.log timeout 160 $PY bench/bench.py --check "${SIZE[@]}" --only peak step pair profile \
+    --out "$OUT/bench"
+  step "fit and loader" bench_fit.log timeout 70 $PY bench/bench.py --check "${SIZE[@]}" --only fit loader \
+    --out "$OUT/bench" --jpeg-src "$CIFAR/train"
+  step "bench tables" bench_tables.txt $PY bench/bench.py --show --check "${SIZE[@]}" --out "$OUT/bench"
   tail -60 "$OUT/bench_tables.txt"
 }
 
 evidence() {  # the evidence_gpu pipeline (resumable: a later call continues it), its report folder into $OUT
-  step evidence timeout 360 $PY -m kdnb.cli pipeline --preset evidence_gpu --data_root "$CIFAR" \
-    --out_dir "$RUNS/evidence_gpu" --resume auto "${EVIDENCE[@]}" > "$OUT/evidence.log" 2>&1
+  step evidence evidence.log timeout 360 $PY -m kdnb.cli pipeline --preset evidence_gpu --data_root "$CIFAR" \
+    --out_dir "$RUNS/evidence_gpu" --resume auto "${EVIDENCE[@]}"
   tail -15 "$OUT/evidence.log"
   rm -rf "$OUT/evidence_gpu"
-  step export $PY -c "from kdnb.pipeline import export_results; export_results('$RUNS/evidence_gpu', '$OUT/evidence_gpu')"
+  step export export.log $PY -c \
+    "from kdnb.pipeline import export_results; export_results('$RUNS/evidence_gpu', '$OUT/evidence_gpu')"
   [ -d "$OUT/evidence_gpu" ] && tar czf "$OUT/evidence_gpu.tgz" -C "$OUT" evidence_gpu && rm -rf "$OUT/evidence_gpu"
 }
 

@@ -172,3 +172,40 @@ def test_run_notebooks_on_cuda(tmp_path, nb, params, stage):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(((out / stage) if stage else out).joinpath("summary.json").read_text())
     assert s["finished"] and s["device"].startswith("cuda"), s
+
+
+def test_ddp_on_cuda_syncs_batchnorm_across_ranks(monkeypatch):
+    """Under DDP on CUDA the trained module's BatchNorm layers become SyncBatchNorm (segmentation's decoder: statistics
+    over every rank's batch), with the same parameters. One NCCL rank stands in for torchrun's group."""
+    from types import SimpleNamespace
+    import torch.distributed as dist
+    import torch.nn as nn
+    from kdnb.engine import Task, Trainer
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        task = Task()
+        task.model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).to(CUDA)
+        weight = task.model[1].weight
+        Trainer.wrap_ddp(SimpleNamespace(task=task, dist=SimpleNamespace(enabled=True), device=CUDA))
+        bn = task.model.module[1]
+        assert isinstance(bn, nn.SyncBatchNorm) and bn.weight is weight
+        task.model(torch.randn(2, 3, 8, 8, device=CUDA)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pretraining_step_makes_no_host_sync_on_cuda():
+    "The data2vec 2.0 loss and its backward run with CUDA's sync debug mode set to error: no host sync."
+    from kdnb.models import Data2Vec2Encoder
+    from kdnb.pretrain import Data2Vec2Pretrainer, PretrainTask
+    torch.manual_seed(0)
+    cfg = get_config("pretrain_cpu", depth=2, average_top_k_layers=2, clone_batch=2)
+    task = PretrainTask(Data2Vec2Pretrainer(Data2Vec2Encoder(16, 4, 64, 2, 4), 64, 16, 3, 2), cfg).to(CUDA)
+    x = torch.randn(4, 3, 16, 16, device=CUDA)
+    task((x, None))["loss"].backward()  # warm-up: allocations, cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try: task((x, None))["loss"].backward()
+    finally: torch.cuda.set_sync_debug_mode("default")

@@ -24,8 +24,9 @@ def test_gpu_session_dry_run(tmp_path):
     for step in ("gpu tests", "bench", "fit and loader", "bench tables", "evidence", "export"):
         assert f"{step} exit 0" in r.stdout, (step, r.stdout[-3000:])
     assert "tests collected" in (tmp_path / "gpu_tests.log").read_text()
-    res = json.loads((tmp_path / "bench" / "bench_cpu_tiny.json").read_text())
-    assert {row["kind"] for row in res["step"]} == {"timm_bf16", "ours_bf16", "ours_compile"}  # the check's three
+    res = json.loads((tmp_path / "bench" / "bench_cpu_check_tiny.json").read_text())
+    kinds = {"timm_bf16", "ours_bf16", "ours_compile", "ours_step"}  # the check's four steps
+    assert {row["kind"] for row in res["step"]} == kinds
     assert {row["pair"] for row in res["pair"]} == {"thesis", "mismatch"}
     assert res["matmul_peak_gflop_s"]["bfloat16"] > 0 and res["profile"]
     assert res["fit"][0]["finished"] and {row["augment_on"] for row in res["loader"]} == {"loader", "device"}
