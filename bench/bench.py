@@ -79,8 +79,8 @@ def make_step(kind: str, teacher, student, opt, device):
     """One distillation step: teacher forward, student forward/backward, loss, optimizer step.
     kinds: `plain` (fp32, unfused attention, every layer stacked), `ours_fp32`, `ours_bf16` (kdnb's DistillTask:
     fused attention, streamed target, bf16 teacher weights), `ours_compile` (the same; `one_config` compiles every
-    block after counting the FLOPs); `ours_step` (the task's whole step compiled, as compile="step", fused AdamW); `timm_bf16` is the peer: what a timm user writes (timm models, forward hooks,
-    bf16 autocast); `finetune_bf16` / `finetune_compile`: the seeds' finetuning step of the student (no teacher)."""
+    block after counting the FLOPs); `ours_step` (the task's whole step compiled, as compile="step", fused AdamW);
+    `timm_bf16` is the peer: what a timm user writes (timm models, forward hooks, bf16 autocast); `finetune_bf16` / `finetune_compile`: the seeds' finetuning step of the student (no teacher)."""
     from kdnb.distill import DistillTask
     if kind == "plain":
         set_fused(teacher, student, False)
@@ -190,7 +190,8 @@ def _gpu_name(device) -> str | None:
 def run_sub(fn: str = "one_config", env: dict | None = None, **kw) -> dict:
     """A measuring function of this file (one_config, pair_step) in a fresh process (its own peak memory); None when it
     fails (e.g. out of memory). `env`: variables set for that process (None as a value removes one)."""
-    code = f"import json,sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import kdnb; from bench import {fn}; print('RESULT', json.dumps({fn}(**{kw!r})))"
+    code = (f"import json,sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import kdnb; from bench import {fn}; "
+            f"print('RESULT', json.dumps({fn}(**{kw!r})))")  # kdnb first: its OpenMP setting precedes torch
     penv = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=penv)
     line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
