@@ -31,8 +31,8 @@ __all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'PREEMPTED_EXIT', 'TIMM_BLOCKS', '
            'PREEMPT_SIGNALS', 'resolve_device', 'autocast_dtype', 'precision_name', 'DistInfo', 'setup_distributed',
            'attempt_store', 'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Preempted',
            'compile_blocks', 'compile_task', 'Trainer', 'progress_mode', 'Progress', 'dumps', 'MetricsLogger',
-           'check_resume_config', 'Checkpointer', 'Preemption', 'append_line', 'ModelEma', 'git_commit', 'code_commit',
-           'Summary', 'default_callbacks', 'ensure_writable', 'fit_task']
+           'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption', 'append_line', 'ModelEma',
+           'git_commit', 'code_commit', 'Summary', 'default_callbacks', 'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -605,6 +605,24 @@ def check_resume_config(saved, cfg, where):
                           "Resume with the saved values (only epochs/max_steps may grow), start a new run in another "
                           f"out_dir, or allow the change explicitly: resume_changes=\"{','.join(changed + shrunk)}\"")
 
+def non_finite_state(t) -> str | None:
+    "Which of the trained weights and the optimiser's state hold NaN or Inf (one device sync per checkpoint), or None."
+    weights = {n: v for n, v in t.task.trained_module().state_dict().items() if v.is_floating_point()}
+    moments = {f"{k} of {len(t.opt.state)} parameters": [s[k] for s in t.opt.state.values()]
+               for k in ("exp_avg", "exp_avg_sq") if t.opt.state and all(k in s for s in t.opt.state.values())}
+    tensors = list(weights.values()) + [v for vs in moments.values() for v in vs]
+    if not tensors: return None
+    flags = torch.stack([~torch.isfinite(v).all() for v in tensors]).cpu().tolist()
+    if not any(flags): return None
+    bad_w = [n for n, f in zip(weights, flags) if f]
+    bad_m, k = [], len(weights)
+    for name, vs in moments.items():
+        if any(flags[k:k + len(vs)]): bad_m.append(name)
+        k += len(vs)
+    parts = ([f"the weights {', '.join(bad_w[:3])}" + (f" (and {len(bad_w) - 3} more)" if len(bad_w) > 3 else "")]
+             if bad_w else []) + ([f"the optimiser's {' and '.join(bad_m)}"] if bad_m else [])
+    return " and ".join(parts)
+
 class Checkpointer(Callback):
     order = 20
     def __init__(self): self.last_step = None
@@ -642,8 +660,18 @@ def before_fit(self: Checkpointer, t):
 
 @patch
 def save(self: Checkpointer, t, tag: str):
-    # the Trainer checked the loss is finite before this event: never save weights that a NaN has touched
+    # the Trainer checked the loss is finite before this event; the weights are checked here: an update can blow them
+    # up while the loss that led to it was finite, and no checkpoint may hold what a NaN has touched
     if not t.dist.main: return
+    bad = non_finite_state(t)
+    if bad:
+        kept = (f"the last finite checkpoint is step {self.last_step} in {self.dir} (resume=True continues from it)"
+                if self.last_step is not None else "no checkpoint was written before it")
+        loss = t.loss.item() if torch.is_tensor(t.loss) else t.loss
+        raise NonFiniteLoss(f"after step {t.step} {bad} hold NaN or Inf, though that step's loss was {loss:.4g}: "
+                            f"the update blew them up. The run stops without saving the {tag!r} checkpoint; {kept}. "
+                            "Lower lr, warm up longer (warmup_frac, warmup_steps), turn on grad_clip (e.g. 1.0) or use "
+                            "precision='fp32'")
     tmp, final, old = self.dir / f".{tag}.tmp", self.dir / tag, self.dir / f".{tag}.old"
     try:  # everything goes into .tmp first: a failed write (a full disk) leaves the previous checkpoint as it was
         shutil.rmtree(tmp, ignore_errors=True)
