@@ -8,7 +8,7 @@ import argparse, json, logging, sys
 from dataclasses import fields
 import yaml
 import torch
-from .config import DistillBase, ConfigError, OBJECTIVES, PRESETS, RUN_KINDS, RunKind, field_docs
+from .config import DistillBase, ConfigError, OBJECTIVES, PRESETS, RUN_KINDS, RunKind, field_docs, parse_value
 from .runs import run, setup_run
 import kdnb.pipeline  # registers the pipeline run kind: `kdnb pipeline`
 from .engine import DistInfo, Preempted, PREEMPTED_EXIT
@@ -18,10 +18,6 @@ from .site import report_main
 __all__ = ['USER_ERRORS', 'config_from_args', 'print_presets', 'error_message', 'main']
 
 # %% ../nbs/20_cli.ipynb #13fc0ef9
-def _parse_value(s: str):
-    v = yaml.safe_load(s)
-    return None if v in ("None", "none") else v
-
 def _add_run_parser(sub, kind: RunKind):
     "The subcommand of a run kind: --preset, --config, --debug, and a flag per config field (a group per objective)."
     sp = sub.add_parser(kind.command, help=kind.help)
@@ -36,11 +32,11 @@ def _add_run_parser(sub, kind: RunKind):
         for f in fields(v):
             if f.name in seen: continue
             seen.add(f.name)
-            group.add_argument(f"--{f.name}", type=_parse_value, default=argparse.SUPPRESS, metavar="VALUE",
+            group.add_argument(f"--{f.name}", type=str, default=argparse.SUPPRESS, metavar="VALUE",
                                help=docs.get(f.name, "").replace("%", "%%"))
     for old, new in {k: n for v in cls.variants() for k, n in v.renamed.items()}.items():
         # old names and aliases keep working: the config translates them (both names: an error)
-        sp.add_argument(f"--{old}", dest=old, type=_parse_value, default=argparse.SUPPRESS,
+        sp.add_argument(f"--{old}", dest=old, type=str, default=argparse.SUPPRESS,
                         help=f"= --{new}" if kind.config.renamed.get(old) == "dataset" else argparse.SUPPRESS)
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 # %% ../nbs/20_cli.ipynb #296b4779
 def config_from_args(args: argparse.Namespace):
     "The validated config of a parsed command line (through kdnb.runs.setup_run, as the run notebooks)."
-    params = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
+    params = {k: parse_value(f"--{k}", v) for k, v in vars(args).items()  # every typed value: one parser
+              if k not in ("command", "config", "debug")}
     kind = next(k.name for k in RUN_KINDS.values() if k.command == args.command)
     return setup_run(kind, params, config=args.config)
 

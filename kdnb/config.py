@@ -18,7 +18,7 @@ __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'CPU_RUN', 'P
            'rebuild', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'check_model',
            'DistillBase', 'DistillConfig', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig',
            'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective',
-           'run_kind', 'get_config', 'load_config', 'config_class', 'params_from_namespace', 'portable',
+           'run_kind', 'get_config', 'parse_value', 'load_config', 'config_class', 'params_from_namespace', 'portable',
            'make_portable']
 
 # %% ../nbs/04_config.ipynb #f47c0390
@@ -702,9 +702,25 @@ def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on
     if kind is not None:
         entry = run_kind(kind)
         if not isinstance(cfg, entry.config):
-            raise ConfigError(f"preset {preset!r} is a {type(cfg).__name__}, not for a {kind} run")
+            fits = sorted(n for n, p in PRESETS.items() if isinstance(p.build(), entry.config))
+            raise ConfigError(f"preset {preset!r} is a {type(cfg).__name__}, not for a {kind} run; the {kind} "
+                              f"presets: {', '.join(fits)}")
         overrides = {**entry.values, **overrides}
     return rebuild(cfg, **overrides) if overrides else cfg
+
+# %% ../nbs/04_config.ipynb #1a670357
+def parse_value(name: str, # what the value is for (a flag, a field), named in the error
+                text: str): # the text as typed
+    "A typed value from text: YAML's plain scalars and flow lists; a tag or unreadable text is a ConfigError."
+    if not isinstance(text, str): return text
+    if text.lstrip().startswith("!"):
+        raise ConfigError(f"{name}={text!r}: a YAML tag is not a value; give a number, true/false, a word or [a, b]")
+    try: v = yaml.safe_load(text)
+    except yaml.YAMLError as e:  # a tag inside a list, an unclosed bracket...
+        raise ConfigError(f"{name}={text!r} is not a value kdnb reads ({str(e).splitlines()[0]}); give a number, "
+                          "true/false, a word or [a, b]") from None
+    if not isinstance(v, (str, int, float, bool, list, type(None))): return text  # a date, a mapping: as typed
+    return None if v in ("None", "none") else v
 
 # %% ../nbs/04_config.ipynb #7f541c85
 def load_config(path) -> BaseConfig:
