@@ -227,6 +227,8 @@ class BaseConfig(ConfigBase):
     resume: typing.Union[bool, str] = False
     # on resume, fields allowed to differ from the saved config, e.g. "lr,seed"
     resume_changes: typing.Optional[str] = None
+    # when another process holds out_dir (a run in progress): False stops at once naming it, True waits for it to end
+    wait: bool = False
     log_every: int = 10 # steps between logged metrics (each log syncs the device once)
     ckpt_every: int = 0 # steps between checkpoints inside an epoch; 0 = at the end of each epoch only
     eval_every: int = 1 # epochs between evaluations

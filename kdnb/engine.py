@@ -4,8 +4,8 @@
 
 # %% ../nbs/06_engine.ipynb #aa227bd7
 from __future__ import annotations
-import contextlib, datetime, functools, importlib.util, json, logging, math, os, random, shutil, signal, subprocess
-import sys, threading, time
+import contextlib, datetime, functools, importlib.util, json, logging, math, os, random, shutil, signal, socket
+import subprocess, sys, threading, time
 from pathlib import Path
 from typing import Iterable
 from fastcore.basics import patch
@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'PREEMPTED_EXIT', 'TIMM_BLOCKS', 'RECOMPILE_LIMIT', 'RESUME_MAY_CHANGE',
            'PREEMPT_SIGNALS', 'resolve_device', 'autocast_dtype', 'precision_name', 'DistInfo', 'setup_distributed',
            'attempt_store', 'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Preempted',
-           'compile_blocks', 'compile_task', 'Trainer', 'progress_mode', 'Progress', 'dumps', 'MetricsLogger',
-           'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption', 'append_line', 'ModelEma',
-           'git_commit', 'code_commit', 'Summary', 'default_callbacks', 'ensure_writable', 'fit_task']
+           'compile_blocks', 'compile_task', 'FolderBusy', 'FolderLock', 'Trainer', 'progress_mode', 'Progress',
+           'dumps', 'MetricsLogger', 'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption',
+           'append_line', 'ModelEma', 'git_commit', 'code_commit', 'Summary', 'default_callbacks', 'ensure_writable',
+           'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -184,6 +185,44 @@ def compile_task(task: Task, how: bool | str, # config `compile`: False, True or
     compile_blocks(task, **kwargs)
     return "blocks"
 
+
+# %% ../nbs/06_engine.ipynb #e136aa7c
+class FolderBusy(RuntimeError):
+    "Another process holds the run folder."
+
+class FolderLock:
+    "An advisory lock on a run folder (`flock` on `.kdnb.lock`): one process at a time, freed when the holder dies."
+    name = ".kdnb.lock"
+    def __init__(self, folder): self.path, self.fd = Path(folder) / self.name, None
+    def holder(self) -> str:
+        "Who holds the folder, as its holder wrote it."
+        try: h = json.loads(self.path.read_text())
+        except (OSError, ValueError): return "another process"
+        return f"pid {h['pid']} on {h['host']} since {h['since']} ({h['command']})"
+    def acquire(self, wait: bool = False): # False: FolderBusy when held; True: wait for the holder to end
+        import fcntl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                raise FolderBusy(f"{self.path.parent} is in use by {self.holder()}: two runs in one folder would "
+                                 "overwrite each other's checkpoints. Wait for it to end (wait=True, --wait true), "
+                                 "stop it, or choose another out_dir") from None
+            print(f"{self.path.parent} is in use by {self.holder()}: waiting for it to end", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        me = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  command=" ".join(sys.argv)[:200])
+        os.ftruncate(fd, 0); os.write(fd, json.dumps(me).encode())
+        self.fd = fd
+        return self
+    def release(self):
+        import fcntl
+        if self.fd is None: return
+        os.ftruncate(self.fd, 0)  # no holder named any more
+        fcntl.flock(self.fd, fcntl.LOCK_UN); os.close(self.fd)
+        self.fd = None
 
 # %% ../nbs/06_engine.ipynb #c7ef1fee
 class Trainer:
@@ -387,6 +426,14 @@ def evaluate(self: Trainer) -> dict:
 @patch
 def fit(self: Trainer) -> dict:
     "Run the loop to the end of its steps; returns the run's summary (also written by the Summary callback)."
+    # the folder is this run's before any callback reads or writes it (rank 0 holds it for every rank)
+    lock = FolderLock(self.out_dir).acquire(getattr(self.cfg, "wait", False)) if self.dist.main else None
+    try: return self._fit()
+    finally:
+        if lock: lock.release()
+
+@patch
+def _fit(self: Trainer) -> dict:
     self.completed, self.error, self.started = False, None, time.perf_counter()
     self.task.train()
     self("before_fit")
@@ -588,7 +635,7 @@ def _set_rng_state(s):
 
 # fields that may differ when a run is resumed: how long it trains and how it is watched, never what it computes
 RESUME_MAY_CHANGE = {"epochs", "max_steps", "resume", "resume_changes", "out_dir", "preset", "device", "num_workers",
-                     "log_every", "ckpt_every", "eval_every", "tensorboard", "wandb", "compile"}
+                     "log_every", "ckpt_every", "eval_every", "tensorboard", "wandb", "compile", "wait"}
 
 def check_resume_config(saved, cfg, where):
     "Refuse to resume with a config that computes something else than the saved one; name each changed field."

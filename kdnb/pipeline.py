@@ -17,7 +17,7 @@ from .config import (load_config, make_portable, portable, ConfigBase, ConfigErr
                          check_model, check_positive, DATASETS, Preset, RunKind, register_run, write_atomic)
 from .runs import run
 from .report import read_metrics, read_summary, mean_interval, paired_differences
-from .engine import code_commit, Checkpointer, check_resume_config
+from .engine import code_commit, Checkpointer, check_resume_config, FolderLock
 from .models import Data2Vec2Encoder
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class PipelineConfig(ConfigBase):
     # True: skip the stages that finished, continue the unfinished one from its checkpoint (the saved pipeline.yaml
     # must match); "auto": continue when out_dir holds a pipeline, start otherwise; False: a new pipeline
     resume: typing.Union[bool, str] = False
+    # when another process holds out_dir (a pipeline in progress): False stops at once naming it, True waits for it
+    wait: bool = False
 
 # %% ../nbs/18_pipeline.ipynb #e64027e6
 @patch
@@ -235,13 +237,13 @@ def _finished(run_dir: Path, cfg) -> bool:
     check_resume_config(load_config(run_dir / "config.yaml"), cfg, run_dir)
     return True
 
-PIPELINE_MAY_CHANGE = {"resume", "out_dir", "preset", "device", "num_workers"}
+PIPELINE_MAY_CHANGE = {"resume", "out_dir", "preset", "device", "num_workers", "wait"}
 
 def _start(p: PipelineConfig) -> Path:
     "The pipeline's folder, checked against what it holds: a new pipeline, or the same one continued."
     out = Path(p.out_dir)
     saved = out / "pipeline.yaml"
-    if out.exists() and any(out.iterdir()) and p.resume is False:
+    if out.exists() and any(f.name != FolderLock.name for f in out.iterdir()) and p.resume is False:
         raise FileExistsError(f"{out} already holds a pipeline run; pass resume=True to continue it, or another "
                               "out_dir")
     if saved.exists() and p.resume is not False:
@@ -282,6 +284,11 @@ def run_pipeline(p: PipelineConfig | None = None, # a config; None = PipelineCon
                  **overrides) -> pd.DataFrame: # the results table (also out_dir/results.csv)
     "Run every stage (skipping finished ones when resuming) and return the results table."
     p = PipelineConfig(**overrides) if p is None else (p.replace(**overrides) if overrides else p)
+    lock = FolderLock(p.out_dir).acquire(p.wait)  # the pipeline's folder is this process's while it runs
+    try: return _run_all(p, callbacks)
+    finally: lock.release()
+
+def _run_all(p: PipelineConfig, callbacks) -> pd.DataFrame:
     out, t0 = _start(p), time.perf_counter()
     for name, cfg in stage_configs(p).items(): _run_stage(p, name, cfg, callbacks)
     table = results_table(out)

@@ -247,3 +247,22 @@ def test_every_weights_reading_error_names_the_file(tmp_path):
     save_file({k: v for k, v in state.items() if k != key}, str(w), metadata=meta)  # the run's own checkpoint
     with pytest.raises(KeyError, match="last/model.safetensors does not fit"):
         finetune(cfg.replace(resume=True, max_steps=3))
+
+
+def test_two_processes_in_one_run_folder(tmp_path, capsys):
+    """The issue's case: a run folder held by another process (a requeued job while the old one runs). The second
+    `kdnb distill --resume auto` stops at once with one line naming the folder and its holder, and touches nothing."""
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    code = (f"from kdnb.engine import FolderLock; import time; FolderLock({str(out)!r}).acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = main(["distill", "--preset", "distill_cpu", "--max_steps", "2", "--out_dir", str(out), "--resume", "auto"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and f"{out} is in use by pid {holder.pid}" in err[0], err
+        assert sorted(p.name for p in out.iterdir()) == [".kdnb.lock"]  # no metrics renamed, no checkpoint, no summary
+    finally:
+        holder.kill(); holder.wait()
