@@ -32,8 +32,8 @@ __all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'PREEMPTED_EXIT', 'TIMM_BLOCKS', '
            'attempt_store', 'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Preempted',
            'compile_blocks', 'compile_task', 'FolderBusy', 'FolderLock', 'Trainer', 'progress_mode', 'Progress',
            'dumps', 'MetricsLogger', 'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption',
-           'append_line', 'ModelEma', 'git_commit', 'code_commit', 'Summary', 'default_callbacks', 'ensure_writable',
-           'fit_task']
+           'append_line', 'ModelEma', 'git_commit', 'code_commit', 'Summary', 'default_callbacks', 'read_records',
+           'read_run_summary', 'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -210,7 +210,8 @@ class FolderLock:
                 raise FolderBusy(f"{self.path.parent} is in use by {self.holder()}: two runs in one folder would "
                                  "overwrite each other's checkpoints. Wait for it to end (wait=True, --wait true), "
                                  "stop it, or choose another out_dir") from None
-            print(f"{self.path.parent} is in use by {self.holder()}: waiting for it to end", file=sys.stderr, flush=True)
+            print(f"{self.path.parent} is in use by {self.holder()}: waiting for it to end", file=sys.stderr,
+                  flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
         me = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"),
                   command=" ".join(sys.argv)[:200])
@@ -919,6 +920,27 @@ class Summary(Callback):
 def default_callbacks() -> list[Callback]:
     "The callbacks every run has: preemption, metrics, checkpoints, summary (and the resolved config), progress."
     return [Preemption(), MetricsLogger(), Checkpointer(), Summary(), Progress()]
+
+# %% ../nbs/06_engine.ipynb #3262f35b
+def read_records(path) -> list[dict]: # one dict per whole line
+    "The records of a JSONL file a run appends to (metrics.jsonl); a line cut off by a kill is skipped with a warning."
+    path, records = Path(path), []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip(): continue
+        try: records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning(f"{path}: line {i} is cut off or unreadable (a run stopped while writing it): skipped")
+    return records
+
+def read_run_summary(run_dir) -> dict: # the summary; {} when the run has none that can be read: not finished
+    "A run folder's summary.json (or a JSON file given as a path): a cut or missing one means unfinished."
+    p = Path(run_dir)
+    p = p / "summary.json" if p.is_dir() or not p.suffix else p
+    try: return json.loads(p.read_text())
+    except FileNotFoundError: return {}
+    except (OSError, ValueError) as e:
+        log.warning(f"{p} cannot be read ({type(e).__name__}: {e}): the run is taken as unfinished")
+        return {}
 
 # %% ../nbs/06_engine.ipynb #ba6e5c52
 def ensure_writable(folder: Path):

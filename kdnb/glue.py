@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from timm.layers import trunc_normal_
 from .config import GlueConfig, Preset, RunKind, TEST_RUN, get_config, make_portable, register_presets, register_run
-from .engine import Task, fit_task
+from .engine import Task, fit_task, read_run_summary
 from .models import HEAD_NORM_EPS, HEAD_INIT_STD
 from .text import GLUE, TextEncoder, TextSet, distill_text, load_text_encoder, load_tokenizer, read_glue
 
@@ -142,10 +142,10 @@ def glue_demo(out: str | Path, # results folder
     "Distil MiniLM into its first 3 layers, then finetune teacher, distilled and undistilled student on each task."
     out = Path(out)
     student_dir = out / "text_distill"
-    if not (student_dir / "summary.json").exists():
+    if not read_run_summary(student_dir).get("finished"):  # missing, cut or unfinished: run (or resume) it
         distill_text(get_config("text_distill_cpu", data_root=str(data_root), epochs=distill_epochs,
                                 max_sentences=max_sentences,
-                                out_dir=str(student_dir), tensorboard=False, resume=student_dir.exists()))
+                                out_dir=str(student_dir), tensorboard=False, resume="auto"))
     models = {"teacher (MiniLM, 6 layers)": dict(checkpoint="minilm", layers=None),
               "distilled student (3 layers)": dict(checkpoint=str(student_dir), layers=None),
               "not distilled (first 3 layers)": dict(checkpoint="minilm", layers=3)}
@@ -153,11 +153,11 @@ def glue_demo(out: str | Path, # results folder
     for t in tasks:
         for name, kw in models.items():
             d = out / t / name.split(" (")[0].replace(" ", "_")
-            if not (d / "summary.json").exists():
+            if not read_run_summary(d).get("finished"):
                 finetune_glue(get_config("glue_cpu", dataset=t, data_root=str(data_root), train_subset=train_subset,
                                          epochs=epochs,
-                                         out_dir=str(d), tensorboard=False, resume=d.exists(), **kw, **glue_overrides))
-            s = json.loads((d / "summary.json").read_text())
+                                         out_dir=str(d), tensorboard=False, resume="auto", **kw, **glue_overrides))
+            s = read_run_summary(d)
             rows.append({"task": t, "model": name,
                          **{k: round(v, 1) for k, v in s["metrics"].items() if k != "val_loss"},
                          "seed_metric": GLUE[t].seed_metric, "train_examples": s["train_examples"],

@@ -232,8 +232,7 @@ def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
 # %% ../nbs/18_pipeline.ipynb #29f67fbc
 def _finished(run_dir: Path, cfg) -> bool:
     "Whether a stage's folder holds a finished run of `cfg` (a finished run of another config is refused)."
-    p = run_dir / "summary.json"
-    if not (p.exists() and json.loads(p.read_text()).get("finished", False)): return False
+    if not read_summary(run_dir).get("finished", False): return False  # missing, cut or unfinished
     check_resume_config(load_config(run_dir / "config.yaml"), cfg, run_dir)
     return True
 
@@ -339,7 +338,8 @@ register_run(
         num_workers=-1, teacher_epochs=8, distill_epochs=3, probe_epochs=10, finetune_epochs=3, student="half",
         random_reference=False, pretrain_lr=1.5e-3, distill_lr=1.5e-3, finetune_lr=2e-3, out_dir="runs/evidence_gpu"),
         "evidence_cifar10 on one GPU in bf16: a 12-block ViT-S-wide teacher (64 patches of 4 px) pretrained on all "
-        "47,500 images, its first half distilled or trained with data2vec 2.0 (arm c), 3 seeds; ~5 min estimated on one H100 "
+        "47,500 images, its first half distilled or trained with data2vec 2.0 (arm c), 3 seeds; ~5 min estimated on "
+        "one H100 "
         "(sized on the pipeline page)."))
 
 # %% ../nbs/18_pipeline.ipynb #5e01ee5d
@@ -395,8 +395,8 @@ def seed_results(out_dir) -> pd.DataFrame:
         for mode in MODES:
             for name in MODEL_LABELS:
                 run = out / f"{mode}_{name}{_sfx(p, seed)}"
-                if name in names and (run / "summary.json").exists():
-                    s = read_summary(run)
+                if name in names:
+                    s = read_summary(run)  # {} when missing or cut: an unfinished stage, left out
                     if s.get("finished"):
                         rows.append(dict(model=MODEL_LABELS[name], mode=mode, seed=seed,
                                          acc1=s["metrics"].get("acc1"), steps=s["steps"]))
@@ -409,10 +409,10 @@ def _stage_attrs(out: Path, p: PipelineConfig) -> dict:
     for stage in ("pretrain_teacher", "pretrain_donor", "teacher",
                   *[f"{s}{_sfx(p, seed)}" for seed in student_seeds(p)
                     for s in ("distill", "distill_other", "distill_random", "d2v")]):
-        if (out / stage / "summary.json").exists():
-            s = read_summary(out / stage)
-            attrs[stage] = {"steps": s["steps"], "val_loss": s["metrics"].get("val_loss"),
-                            "train_time_s": s["train_time_s"]}
+        s = read_summary(out / stage)  # {} when missing or cut
+        if s:
+            attrs[stage] = {"steps": s.get("steps"), "val_loss": s.get("metrics", {}).get("val_loss"),
+                            "train_time_s": s.get("train_time_s")}
     return attrs
 
 def results_table(out_dir) -> pd.DataFrame:
@@ -478,7 +478,7 @@ def first_stage(out_dir) -> str:
 def describe_pipeline(out_dir) -> pd.Series:
     "The setting of a pipeline folder: data, teacher, students, arms, seeds, budgets, wall time and commit."
     run = Path(out_dir)
-    p, info = load_config(run / "pipeline.yaml"), json.loads((run / "results.json").read_text())
+    p, info = load_config(run / "pipeline.yaml"), read_summary(run / "results.json")  # {}: not finished (yet)
     how = ("pretrained here without labels (data2vec 2.0)" if p.teacher == "pretrain"
            else "trained here on the labels (supervised: the labels leak into the distilled student)")
     students = {"half": "(a) first half of the teacher", "other": "(b) first half of another pretraining run",
@@ -489,7 +489,8 @@ def describe_pipeline(out_dir) -> pd.Series:
     extra += ["a student from random weights, distilled and not"] * p.random_reference
     teacher_imgs = "all that are not validation" if p.teacher_images == "all" else (p.train_subset or "all")
     return pd.Series({
-        "data set": p.dataset, "validation images": read_summary(run / first_stage(run))["val_source"],
+        "data set": p.dataset,
+        "validation images": read_summary(run / first_stage(run)).get("val_source", "unfinished"),
         "teacher's training images": teacher_imgs, "students' training images": p.train_subset or "all",
         "image size / patch": f"{p.img_size} / {p.patch_size}",
         "teacher": f"{p.teacher_depth} blocks, width {p.embed_dim}, {how}, {p.teacher_epochs} epochs",
@@ -497,8 +498,8 @@ def describe_pipeline(out_dir) -> pd.Series:
         **({"more arms": "; ".join(extra)} if extra else {}),
         "seeds": ", ".join(map(str, student_seeds(p))) + " (data order, masks, augmentation, heads)",
         "distillation epochs": p.distill_epochs, "probe / finetune epochs": f"{p.probe_epochs} / {p.finetune_epochs}",
-        "pipeline wall time (s)": info.get("stages_wall_time_s", info["wall_time_s"]),
-        "git commit": ", ".join(info.get("stage_commits") or [info["git_commit"]])})
+        "pipeline wall time (s)": info.get("stages_wall_time_s", info.get("wall_time_s", "unfinished")),
+        "git commit": ", ".join(info.get("stage_commits") or [info.get("git_commit") or "unfinished"])})
 
 # %% ../nbs/18_pipeline.ipynb #0d8a19e2
 KEEP = ("config.yaml", "metrics.jsonl", "summary.json")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import matplotlib.pyplot as plt
 from .config import REPO, field_docs, portable
+from .engine import read_records, read_run_summary
 
 # %% auto #0
 __all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'PRETRAIN_ROWS', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics',
@@ -31,12 +32,13 @@ def read_metrics(run_dir, kind: str | None = None) -> pd.DataFrame:
     "The records of a run's metrics.jsonl ('step' or 'epoch' records, or all)."
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists(): raise FileNotFoundError(f"{path} does not exist: is {run_dir} a kdnb run folder?")
-    df = pd.DataFrame([json.loads(l) for l in path.read_text().splitlines() if l.strip()])
+    df = pd.DataFrame(read_records(path))  # a line cut off by a kill is skipped with a warning
+    if df.empty: df = pd.DataFrame(columns=["kind", "step", "epoch"])
     return df if kind is None else df[df.kind == kind].dropna(axis=1, how="all").reset_index(drop=True)
 
 def read_summary(run_dir) -> dict:
-    "A run's summary.json."
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+    "A run's summary.json; {} when it is missing or cannot be read (the run is taken as unfinished)."
+    return read_run_summary(run_dir)
 
 def plot_metrics(run_dir, keys=("loss", "val_loss"), ax=None, label: str | None = None):
     "Plot metrics of a run against the step: step records as lines, epoch records as markers."
@@ -66,7 +68,7 @@ def provenance(run_dir, # a run folder under results/ (a pipeline's folder, or o
               ) -> pd.Series:
     "Where a run's numbers come from: folder, config, commit, device, date, and the command to rerun it."
     run = Path(run_dir)
-    s = json.loads((run / summary).read_text())
+    s = read_run_summary(run / summary)
     found = sorted(run.glob("**/*.yaml"), key=lambda p: (len(p.parts), str(p)))  # the run's own config first
     configs = [portable(str(p.resolve())) for p in found]
     return pd.Series({"run folder": portable(str(run.resolve())), "configs": ", ".join(configs[:4]) +

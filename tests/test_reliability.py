@@ -266,3 +266,37 @@ def test_two_processes_in_one_run_folder(tmp_path, capsys):
         assert sorted(p.name for p in out.iterdir()) == [".kdnb.lock"]  # no metrics renamed, no checkpoint, no summary
     finally:
         holder.kill(); holder.wait()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pages_read_a_pipeline_folder_with_cut_files(tmp_path, seed):
+    """A pipeline folder whose run files were cut at a random byte (a run killed while writing, a copy that stopped):
+    every reader the results page uses gives its table or plot; a cut-off last metrics line is skipped, a stage
+    whose summary is cut or missing counts as unfinished; no traceback."""
+    import random
+    import shutil
+    from pathlib import Path
+    import matplotlib
+    matplotlib.use("Agg")
+    from kdnb.pipeline import (MODEL_LABELS, describe_pipeline, first_stage, paired_table, pipeline_command,
+                               plot_pipeline, results_table, seed_results)
+    from kdnb.report import provenance
+    src = Path(__file__).resolve().parent.parent / "results" / "digits"
+    run = tmp_path / "digits"
+    shutil.copytree(src, run)
+    rng = random.Random(seed)
+    cut = {}
+    for name in ("metrics.jsonl", "summary.json"):  # every kind of file a run keeps rewriting or appending to
+        for f in rng.sample(sorted(run.glob(f"*/{name}")), 3):
+            data = f.read_bytes()
+            f.write_bytes(data[: rng.randrange(1, len(data) - 1)])
+            cut.setdefault(name, []).append(f.parent.name)
+    (run / "linear_probe_teacher" / "summary.json").unlink(missing_ok=True)
+    unfinished = set(cut["summary.json"]) | {"linear_probe_teacher"}
+    rows = seed_results(run)
+    name_of = {label: name for name, label in MODEL_LABELS.items()}
+    stages = {f"{mode}_{name_of[label]}" for mode, label in zip(rows["mode"], rows["model"])}
+    assert not stages & unfinished, stages & unfinished  # a cut or missing summary: that stage is not reported
+    results_table(run); paired_table(run); plot_pipeline(run)
+    describe_pipeline(run)
+    provenance(run, pipeline_command(run), f"{first_stage(run)}/summary.json")
