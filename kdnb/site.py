@@ -207,10 +207,12 @@ def execute_in_place(nbs_path="nbs", timeout: int = 1800):
 def report_main(argv=None):
     "Entry point of `kdnb report`."
     p = argparse.ArgumentParser(prog="kdnb report", description="render the report to static HTML (no Quarto needed)")
-    p.add_argument("--out", default="_site")
-    p.add_argument("--nbs", default=None)
-    p.add_argument("--no-execute", action="store_true")
-    p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--out", default="_site", help="folder the HTML pages are written to (default: _site)")
+    p.add_argument("--nbs", default=None, help="the notebooks' folder with sidebar.yml (default: ./nbs when present)")
+    p.add_argument("--no-execute", action="store_true",
+                   help="render the notebooks as stored instead of executing the report's pages first")
+    p.add_argument("--only", nargs="*", default=None, metavar="PAGE",
+                   help="render only these pages (notebook names without .ipynb, e.g. results hyperparameters)")
     a = p.parse_args(argv)
     try:
         written = build_site(a.out, a.nbs or ("nbs" if Path("nbs/sidebar.yml").exists() else None), not a.no_execute,

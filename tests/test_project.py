@@ -97,3 +97,32 @@ def test_every_saved_run_config_loads():
     for p in paths:
         cfg = load_config(p)
         assert cfg.to_dict()["out_dir"], p
+
+
+def test_run_notebooks_parameters_are_what_papermill_reads(caplog):
+    """Each run notebook's parameters cell is what `papermill --help-notebook` reads whole: every line a parameter
+    with a type papermill can show and a help text, and no line it cannot parse (one '=' per line)."""
+    import logging
+    import nbformat
+    from papermill.translators import PythonTranslator
+    for nb in sorted((ROOT / "nbs").glob("run_*.ipynb")):
+        cell = next(c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        lines = [l for l in cell.source.splitlines() if l.strip() and not l.strip().startswith("#")]
+        with caplog.at_level(logging.WARNING, logger="papermill"):
+            params = PythonTranslator.inspect(cell)
+        assert not [r for r in caplog.records if "Unable to parse" in r.getMessage()], (nb.name, caplog.text)
+        assert len(params) == len(lines), (nb.name, [p.name for p in params])
+        for p in params:
+            assert p.inferred_type_name in ("str", "int", "float", "bool"), (nb.name, p)
+            assert p.help, (nb.name, p.name)
+
+
+def test_report_help_describes_each_option(capsys):
+    import pytest
+    from kdnb.site import report_main
+    with pytest.raises(SystemExit):
+        report_main(["--help"])
+    out = capsys.readouterr().out
+    for opt, words in {"--out": "folder the HTML", "--nbs": "sidebar.yml", "--no-execute": "as stored",
+                       "--only": "only these pages"}.items():
+        assert opt in out and words in " ".join(out.split()), (opt, out)
