@@ -780,6 +780,10 @@ def params_from_namespace(ns: dict, # the notebook's globals() after the paramet
     known |= set(cls.renamed)  # old names, translated by the config
     new = {k: v for k, v in ns.items() if k not in before and not k.startswith("_")}
     unknown = sorted(k for k in new if k not in known)
+    types = {f.name: _resolve(v, f) for v in cls.variants() for f in fields(v)}
+    textual = lambda k: types.get(cls.renamed.get(k, k), str) in (str, typing.Optional[str])
+    # papermill passes what it cannot read as a number as text: the one parser of typed values reads it
+    new = {k: parse_value(k, v) if isinstance(v, str) and not textual(k) else v for k, v in new.items()}
     if unknown:
         hints = [difflib.get_close_matches(k, sorted(known), 1) for k in unknown]
         raise ConfigError("unknown notebook parameters "
