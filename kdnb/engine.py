@@ -744,9 +744,10 @@ def save(self: Checkpointer, t, tag: str):
 # %% ../nbs/06_engine.ipynb #d3ccaeec
 @patch
 def load(self: Checkpointer, t, path: Path):
-    "Continue from checkpoint `path`. Every file is read onto the CPU: load_state_dict copies weights and optimiser"
-    # state to the device of the parameters they belong to, and the random states must stay CPU byte tensors (read onto
-    # CUDA, torch.cuda.set_rng_state_all refuses them and numpy's state cannot become an array)
+    "Continue from checkpoint `path`: weights, optimiser, schedule, loop counters and random states."
+    # every file is read onto the CPU: load_state_dict copies weights and optimiser state to the device of the parameters
+    # they belong to, and the random states must stay CPU byte tensors (read onto CUDA, torch.cuda.set_rng_state_all
+    # refuses them and numpy's state cannot become an array)
     load_state(t.task.trained_module(), load_file(str(path / "model.safetensors")), path / "model.safetensors")
     for cb in t.callbacks:
         if hasattr(cb, "load_from"): cb.load_from(t, path)
