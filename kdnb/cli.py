@@ -11,6 +11,7 @@ import torch
 from .config import DistillBase, ConfigError, OBJECTIVES, PRESETS, RUN_KINDS, RunKind, field_docs, parse_value
 from .runs import run, setup_run
 import kdnb.pipeline  # registers the pipeline run kind: `kdnb pipeline`
+from .pipeline import reproduce_main
 from .engine import DistInfo, Preempted, PREEMPTED_EXIT
 from .site import report_main
 
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="list the presets, their kind and their sources")
     sub.add_parser("report", help="render the report to static HTML (see kdnb.site)", add_help=False)
+    sub.add_parser("reproduce", help="rerun a results folder and compare every number the report reads from it",
+                   add_help=False)
     for kind in RUN_KINDS.values(): _add_run_parser(sub, kind)
     return p
 
@@ -79,6 +82,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
+    if argv[:1] == ["reproduce"]:
+        return reproduce_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "presets":

@@ -4,8 +4,8 @@
 
 # %% ../nbs/06_engine.ipynb #aa227bd7
 from __future__ import annotations
-import contextlib, datetime, functools, importlib.util, json, logging, math, os, random, shutil, signal, socket
-import subprocess, sys, threading, time
+import contextlib, datetime, functools, importlib.util, json, logging, math, os, platform, random, shutil, signal
+import socket, subprocess, sys, threading, time
 from pathlib import Path
 from typing import Iterable
 from fastcore.basics import patch
@@ -32,8 +32,8 @@ __all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'PREEMPTED_EXIT', 'TIMM_BLOCKS', '
            'attempt_store', 'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Preempted',
            'compile_blocks', 'compile_task', 'FolderBusy', 'FolderLock', 'Trainer', 'progress_mode', 'Progress',
            'dumps', 'MetricsLogger', 'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption',
-           'append_line', 'ModelEma', 'git_commit', 'code_commit', 'Summary', 'default_callbacks', 'read_records',
-           'read_run_summary', 'ensure_writable', 'fit_task']
+           'append_line', 'ModelEma', 'git_commit', 'machine_facts', 'code_commit', 'Summary', 'default_callbacks',
+           'read_records', 'read_run_summary', 'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -492,7 +492,8 @@ def make_summary(self: Trainer) -> dict:
          "wall_time_s": round(time.perf_counter() - self.started, 3) if self.started else None,
          "images_per_s": round(self.images_seen / self.train_time_s, 2) if self.train_time_s else None,
          "world_size": self.dist.world_size, "device": str(self.device), "precision": precision_name(self.amp_dtype),
-         "preset": self.cfg.preset, "git_commit": code_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+         "preset": self.cfg.preset, "git_commit": code_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+         "machine": machine_facts()}
     if self.error: s["error"] = self.error
     if self.preempted: s["preempted"] = self.preempted
     skipped = self.out_dir / "skipped_images.txt"
@@ -903,6 +904,13 @@ def _head_without_git(cwd: Path) -> str | None:
             head = next((l.split()[0] for l in packed.read_text().splitlines() if l.endswith(" " + ref)), "")
         else: return None
     return head + "-unverified" if len(head) == 40 else None
+
+def machine_facts() -> dict:
+    "What decides whether a CPU run repeats bit for bit: the processor, torch's threads and torch's version."
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 @functools.cache
 def code_commit() -> str | None:

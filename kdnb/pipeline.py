@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_pipeline.ipynb #7c42e4c0
 from __future__ import annotations
-import json, logging, shutil, time
+import argparse, json, logging, shutil, sys, time
 import torch
 import dataclasses
 from dataclasses import dataclass
@@ -17,16 +17,17 @@ from .config import (load_config, make_portable, portable, ConfigBase, ConfigErr
                          check_model, check_positive, DATASETS, Preset, RunKind, register_run, write_atomic)
 from .runs import run
 from .report import read_metrics, read_summary, mean_interval, paired_differences
-from .engine import code_commit, Checkpointer, check_resume_config, FolderLock
+from .engine import code_commit, Checkpointer, check_resume_config, FolderLock, machine_facts, read_records
 from .models import Data2Vec2Encoder
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'PipelineConfig',
-           'student_seeds', 'stage_precision', 'teacher_stages', 'student_stages', 'evaluated_models', 'stage_configs',
-           'run_pipeline', 'pipeline', 'encoder_gflop', 'stage_gflop', 'seed_results', 'results_table', 'paired_table',
-           'plot_pipeline', 'first_stage', 'describe_pipeline', 'export_results', 'pipeline_command']
+__all__ = ['log', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'SHOWN_DECIMALS',
+           'NOT_COMPARED', 'PipelineConfig', 'student_seeds', 'stage_precision', 'teacher_stages', 'student_stages',
+           'evaluated_models', 'stage_configs', 'run_pipeline', 'pipeline', 'encoder_gflop', 'stage_gflop',
+           'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'first_stage', 'describe_pipeline',
+           'export_results', 'pipeline_command', 'shown', 'compare_stage', 'reproduce', 'reproduce_main']
 
 # %% ../nbs/18_pipeline.ipynb #e7f250e8
 @dataclass
@@ -534,3 +535,102 @@ def pipeline_command(run_dir) -> str:
     params = [f"-p {f.name} {getattr(p, f.name)}" for f in dataclasses.fields(p)
               if f.name not in skip and getattr(p, f.name) != getattr(default, f.name)]
     return " ".join(["papermill nbs/run_pipeline.ipynb out.ipynb", *params])
+
+# %% ../nbs/18_pipeline.ipynb #20b15c74
+SHOWN_DECIMALS = {"acc1": 2, "acc5": 2, "mIoU": 2, "mAcc": 2, "aAcc": 2}  # as the pages show them; else 4 digits
+NOT_COMPARED = {"images_per_s", "train_time_s", "wall_time_s", "lr_scale"}  # times depend on the machine's load
+
+def shown(key: str, v):
+    "A number as the report shows it: accuracies (%) to 2 decimals, everything else to 4 significant digits."
+    if isinstance(v, bool) or not isinstance(v, (int, float)): return v
+    return round(v, SHOWN_DECIMALS[key]) if key in SHOWN_DECIMALS else float(f"{v:.4g}")
+
+def compare_stage(old: Path, new: Path, stage: str) -> list[dict]:
+    "Every number the report reads from a stage, recorded beside rerun: matching metrics records and final metrics."
+    rows = []
+    def add(record, key, a, b): rows.append(dict(stage=stage, record=record, value=key, recorded=a, rerun=b,
+                                                 match=shown(key, a) == shown(key, b)))
+    ident = lambda r: (r.get("kind"), r.get("epoch"), r.get("step"))
+    recorded = {ident(r): r for r in read_records(old / "metrics.jsonl")} if (old / "metrics.jsonl").exists() else {}
+    for r in read_records(new / "metrics.jsonl") if (new / "metrics.jsonl").exists() else []:
+        o = recorded.get(ident(r))
+        for k, v in (r.items() if o else ()):
+            if k not in ("kind", "epoch", "step") and k not in NOT_COMPARED and isinstance(o.get(k), (int, float)):
+                add(f"{r['kind']} epoch {r['epoch']} step {r['step']}", k, o[k], v)
+    so, sn = read_summary(old), read_summary(new)
+    if so.get("finished") and sn.get("finished") and so.get("steps") == sn.get("steps"):
+        for k, v in sn.get("metrics", {}).items():
+            if k in so.get("metrics", {}): add("summary", k, so["metrics"][k], v)
+    return rows
+
+# %% ../nbs/18_pipeline.ipynb #1650edb5
+def _rerun_plan(src: Path, out: Path, stage: str | None) -> tuple:
+    "(what, config to run, recorded wall time in s, stage folders to compare) for a results folder."
+    if (src / "pipeline.yaml").exists():
+        p = load_config(src / "pipeline.yaml").replace(out_dir=str(out), resume=False, wait=False)
+        stages = stage_configs(p)
+        if stage is None:
+            return "the pipeline", p, read_summary(src / "results.json").get("stages_wall_time_s"), list(stages)
+        if stage not in stages:
+            raise ConfigError(f"{src} has no stage {stage!r}; its stages: {', '.join(stages)}")
+        cfg = stages[stage]
+        alone = [n for n, c in stages.items() if not any(str(out) in str(v) for k, v in c.to_dict().items()
+                                                        if k != "out_dir")]
+        if stage not in alone:
+            raise ConfigError(f"stage {stage!r} starts from another stage's weights, which results folders do not "
+                              f"keep: reproduce the whole folder, or a stage that needs none: {', '.join(alone)}")
+        return f"stage {stage}", cfg, read_summary(src / stage).get("wall_time_s"), [stage]
+    if (src / "config.yaml").exists():
+        return "the run", load_config(src / "config.yaml").replace(out_dir=str(out), resume=False), \
+            read_summary(src).get("wall_time_s"), [""]
+    raise FileNotFoundError(f"{src} holds neither pipeline.yaml nor config.yaml: not a results folder")
+
+def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's)
+              stage: str | None = None, # one stage of a pipeline folder (one whose inputs the folder holds)
+              max_minutes: float | None = None, # refuse a rerun that took longer when the folder was made
+              out_dir=None, # where to rerun; None: runs/reproduce-<folder>-<time>
+             ) -> pd.DataFrame: # one row per number: stage, record, value, recorded, rerun, match
+    "Run again what a results folder records, with today's code, and compare every number the report reads."
+    src = Path(results_dir)
+    out = Path(out_dir or f"runs/reproduce-{src.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    what, cfg, took_s, folders = _rerun_plan(src, out, stage)
+    if max_minutes is not None and took_s and took_s / 60 > max_minutes:
+        raise ConfigError(f"{what} of {src} took {took_s / 60:.1f} min when it was made; max_minutes={max_minutes} "
+                          "refuses it: raise it, or reproduce one stage")
+    made = next((s["machine"] for f in folders if (s := read_summary(src / f)).get("machine")), None)
+    here = machine_facts()
+    if made != here:
+        log.warning(f"{src} was made on {made or 'a machine it did not record'}; this is {here}: floating-point "
+                    "reductions may differ in the last digits shown")
+    run_pipeline(cfg) if isinstance(cfg, PipelineConfig) else run(cfg)
+    rows = [r for f in folders for r in compare_stage(src / f, out / f, f or src.name)]
+    if stage is None and (src / "results.csv").exists():
+        old, new = (pd.read_csv(d / "results.csv", index_col=0) for d in (src, out))
+        rows += [dict(stage="results.csv", record=i, value=c, recorded=old.at[i, c], rerun=new.at[i, c],
+                      match=shown("acc1", old.at[i, c]) == shown("acc1", new.at[i, c]))
+                 for i in old.index for c in old.columns if i in new.index and c in new.columns]
+    table = pd.DataFrame(rows, columns=["stage", "record", "value", "recorded", "rerun", "match"])
+    made_at = next((s["git_commit"] for f in folders if (s := read_summary(src / f)).get("git_commit")), None)
+    table.attrs.update(made_at=made_at, reproduced_at=code_commit(), folder=str(src), rerun=str(out))
+    return table
+
+# %% ../nbs/18_pipeline.ipynb #016e767b
+def reproduce_main(argv=None) -> int:
+    "`kdnb reproduce RESULTS_DIR`: rerun it, print what matches and what moved; exit 1 when a number moved."
+    ap = argparse.ArgumentParser(prog="kdnb reproduce", description="run a results folder's recorded configuration "
+                                 "again and compare every number the report reads from it")
+    ap.add_argument("results_dir", help="a folder under results/ (a pipeline's or one run's)")
+    ap.add_argument("--stage", default=None, help="rerun only this stage of a pipeline folder (e.g. pretrain_teacher)")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="refuse a rerun that took longer than this when the folder was made")
+    ap.add_argument("--out_dir", default=None, help="where to rerun (default: runs/reproduce-<folder>-<time>)")
+    a = ap.parse_args(argv)
+    try: t = reproduce(a.results_dir, a.stage, a.max_minutes, a.out_dir)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"kdnb reproduce: {e}", file=sys.stderr)
+        return 2
+    moved = t[~t.match]
+    print(f"{a.results_dir}: made at {t.attrs['made_at']}, reproduced at {t.attrs['reproduced_at']} "
+          f"(rerun in {t.attrs['rerun']}): {len(t) - len(moved)} of {len(t)} numbers as recorded")
+    if len(moved): print("moved:\n" + moved.to_string(index=False))
+    return 1 if len(moved) else 0
