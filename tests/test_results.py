@@ -1,0 +1,23 @@
+"""Staleness caught in CI: today's code must still make what results/ records where a rerun is cheap.
+
+results/digits (README command (1), the embedded default) is rerun whole, about two minutes on two cores, and every
+number the report reads from it is compared as the report shows it. A change that moves these numbers on purpose
+makes the folder again in the same commit (`kdnb reproduce` names the rows; the results README says how it was made).
+The long folders (evidence_cifar10, cifar10, segment_digits, ...) take minutes to hours: the results page says for
+each what made it, and `kdnb reproduce results/<folder> --stage pretrain_teacher` checks one stage by hand.
+"""
+from pathlib import Path
+
+from kdnb.pipeline import reproduce
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_results_digits_still_reproduce(tmp_path):
+    t = reproduce(ROOT / "results" / "digits", out_dir=tmp_path / "digits")
+    moved = t[~t.match]
+    assert len(t) > 500, len(t)  # every stage's logged numbers, its final metrics and the results table
+    assert moved.empty, (f"results/digits (made at {t.attrs['made_at']}) no longer reproduces at "
+                         f"{t.attrs['reproduced_at']}: make it again with README command (1) and export_results, "
+                         f"or fix the change. Moved:\n{moved.to_string(index=False)}")
+    assert set(t.stage) >= {"pretrain_teacher", "distill", "finetune_teacher", "results.csv"}
