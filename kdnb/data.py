@@ -286,6 +286,7 @@ def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     return mean.to(device), std.to(device)
 
+# %% ../nbs/05_data.ipynb #c802febe
 class CropBatch:
     "Uint8 boxes of different sizes cut by `DeviceCrop`, packed in one buffer; `to_device` finishes them there."
     def __init__(self, pixels: torch.Tensor, # [P, 3] uint8: every box's pixels, row after row, box after box
@@ -320,6 +321,7 @@ class CropBatch:
         mean, std = _normalisation(device)
         return (out.clamp_(0, 255).round_() - mean) / std  # rounded to uint8 levels as PIL's output is
 
+# %% ../nbs/05_data.ipynb #858104f1
 class DeviceCrop:
     "The worker half of `distill_transform`: draw its box and flip, cut the box (uint8); the device resizes."
     def __init__(self, img_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5, ratio=(3 / 4, 4 / 3)):

@@ -279,6 +279,7 @@ def _run_stage(p: PipelineConfig, name: str, cfg, callbacks=()):
                                "(CIFAR: torchvision's files or an ImageFolder train/ tree)") from e
         raise
 
+# %% ../nbs/18_pipeline.ipynb #711d5476
 def run_pipeline(p: PipelineConfig | None = None, # a config; None = PipelineConfig(**overrides)
                  callbacks=(), # engine callbacks, passed to every stage
                  **overrides) -> pd.DataFrame: # the results table (also out_dir/results.csv)
@@ -585,6 +586,7 @@ def _rerun_plan(src: Path, out: Path, stage: str | None) -> tuple:
             read_summary(src).get("wall_time_s"), [""]
     raise FileNotFoundError(f"{src} holds neither pipeline.yaml nor config.yaml: not a results folder")
 
+# %% ../nbs/18_pipeline.ipynb #75374d60
 def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's)
               stage: str | None = None, # one stage of a pipeline folder (one whose inputs the folder holds)
               max_minutes: float | None = None, # refuse a rerun that took longer when the folder was made
