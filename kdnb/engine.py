@@ -5,7 +5,7 @@
 # %% ../nbs/06_engine.ipynb #aa227bd7
 from __future__ import annotations
 import contextlib, datetime, functools, importlib.util, json, logging, math, os, platform, random, shutil, signal
-import socket, subprocess, sys, threading, time
+import fcntl, socket, subprocess, sys, threading, time
 from pathlib import Path
 from typing import Iterable
 from fastcore.basics import patch
@@ -200,7 +200,6 @@ class FolderLock:
         except (OSError, ValueError): return "another process"
         return f"pid {h['pid']} on {h['host']} since {h['since']} ({h['command']})"
     def acquire(self, wait: bool = False): # False: FolderBusy when held; True: wait for the holder to end
-        import fcntl
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -219,7 +218,6 @@ class FolderLock:
         self.fd = fd
         return self
     def release(self):
-        import fcntl
         if self.fd is None: return
         os.ftruncate(self.fd, 0)  # no holder named any more
         fcntl.flock(self.fd, fcntl.LOCK_UN); os.close(self.fd)

@@ -599,7 +599,8 @@ def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's
     if max_minutes is not None and took_s and took_s / 60 > max_minutes:
         raise ConfigError(f"{what} of {src} took {took_s / 60:.1f} min when it was made; max_minutes={max_minutes} "
                           "refuses it: raise it, or reproduce one stage")
-    made = next((s["machine"] for f in folders if (s := read_summary(src / f)).get("machine")), None)
+    recorded = [read_summary(src / f) for f in folders]  # each stage's summary, read once
+    made = next((s["machine"] for s in recorded if s.get("machine")), None)
     here = machine_facts()
     if made != here:
         log.warning(f"{src} was made on {made or 'a machine it did not record'}; this is {here}: floating-point "
@@ -612,7 +613,7 @@ def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's
                       match=shown("acc1", old.at[i, c]) == shown("acc1", new.at[i, c]))
                  for i in old.index for c in old.columns if i in new.index and c in new.columns]
     table = pd.DataFrame(rows, columns=["stage", "record", "value", "recorded", "rerun", "match"])
-    made_at = next((s["git_commit"] for f in folders if (s := read_summary(src / f)).get("git_commit")), None)
+    made_at = next((s["git_commit"] for s in recorded if s.get("git_commit")), None)
     table.attrs.update(made_at=made_at, reproduced_at=code_commit(), folder=str(src), rerun=str(out))
     return table
 
