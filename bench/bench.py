@@ -140,7 +140,8 @@ def count_flops(fn, *args) -> int:
 
 def one_config(kind, img, batch, depth_t, depth_s, width, heads, patch, steps, device) -> dict:
     "Measure one (kind, size) in this process: images/s, peak memory, counted FLOPs (MFU in print_tables)."
-    from kdnb.engine import compile_blocks, compile_task
+    from kdnb.engine import compile_task
+    from kdnb.models import compile_blocks
     device = torch.device(device)
     fused = {"fused": True} if device.type == "cuda" else {}
     if kind == "timm_bf16":
@@ -298,7 +299,7 @@ def section_step(device, quick):
 def section_profile(device, quick, out: Path):
     "Where the time of the fastest distillation step goes: torch.profiler over a few steps, kernels by category."
     from torch.profiler import ProfilerActivity, profile
-    from kdnb.engine import compile_blocks
+    from kdnb.models import compile_blocks
     img, batch = (224, 64) if quick or device.type == "cpu" else (224, 256)
     if device.type == "cpu": img, batch = 64, 8
     if PLAN["tiny"]: img, batch = 32, 4

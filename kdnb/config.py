@@ -5,7 +5,7 @@
 # %% ../nbs/04_config.ipynb #985d76e1
 from __future__ import annotations
 from fastcore.basics import patch
-import dataclasses, difflib, json, math, sys, typing
+import dataclasses, difflib, functools, json, math, sys, typing
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 from fastcore.docments import docments
@@ -13,13 +13,14 @@ import yaml
 import kdnb
 
 # %% auto #0
-__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'GLUE_TASKS', 'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES',
-           'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES', 'ConfigError', 'disk_error', 'write_atomic', 'ConfigBase',
-           'rebuild', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'check_model',
-           'DistillBase', 'DistillConfig', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig',
-           'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective',
-           'run_kind', 'get_config', 'parse_value', 'load_config', 'config_class', 'params_from_namespace', 'portable',
-           'make_portable']
+__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED', 'ENCODERS', 'CLASSIFIERS', 'GLUE_TASKS',
+           'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES', 'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES',
+           'ConfigError', 'disk_error', 'write_atomic', 'ConfigBase', 'rebuild', 'DataSettings', 'OptimSettings',
+           'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'ModelSpec',
+           'model_spec', 'check_timm_model', 'DistillBase', 'DistillConfig', 'FinetuneConfig', 'TextConfig',
+           'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective',
+           'register_run', 'register_objective', 'run_kind', 'get_config', 'parse_value', 'load_config', 'config_class',
+           'params_from_namespace', 'portable', 'make_portable']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -45,6 +46,7 @@ def write_atomic(path, data: str | bytes, what: str = ""):
         raise disk_error(path, e, what) from e
     return path
 
+# %% ../nbs/04_config.ipynb #15e855e8
 def _check_type(name, value, tp):
     "Coerce `value` to the annotation `tp` where lossless, else raise ConfigError."
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -175,8 +177,8 @@ def rebuild(cfg: ConfigBase, # a config
 
 # %% ../nbs/04_config.ipynb #6cb845a3
 @dataclass
-class BaseConfig(ConfigBase):
-    "Fields shared by every training run. Subclasses add their task's fields."
+class DataSettings(ConfigBase):
+    "What a run reads: the data set, its size and splits, and how it is loaded (BaseConfig's first part)."
     preset: str = "custom" # the preset these values came from (informational)
     # --- data
     dataset: str = "digits" # one of DATASETS
@@ -191,6 +193,11 @@ class BaseConfig(ConfigBase):
     # instead of stopping
     skip_bad_images: bool = False
     num_workers: int = -1 # data loader workers; -1 = automatic (0 on CPU for small sets, min(8, cores) on CUDA)
+
+# %% ../nbs/04_config.ipynb #1502a509
+@dataclass
+class OptimSettings(DataSettings):
+    "How a run optimises: its length, batch, AdamW, schedule and EMA (BaseConfig's second part)."
     # --- optimisation
     epochs: int = 10 # passes over the training set
     max_steps: typing.Optional[int] = None # stop after this many optimiser steps (None: epochs decide)
@@ -207,6 +214,11 @@ class BaseConfig(ConfigBase):
     # decay of an EMA copy of the trained weights, updated after every optimiser step and evaluated beside them
     # (metrics ema_*; FerKD Table 2: 0.9999); None = off
     model_ema: typing.Optional[float] = None
+
+# %% ../nbs/04_config.ipynb #9510f04e
+@dataclass
+class BaseConfig(OptimSettings):
+    "Fields shared by every training run (data, optimisation, the run). Subclasses add their task's fields."
     # --- run
     seed: int = 0 # seeds data order, augmentation and init
     # seeds the validation split and the training subset; None = `seed`. Runs that differ only in `seed` but share
@@ -275,6 +287,7 @@ def _default(f: dataclasses.Field):
 
 _HINTS: dict[type, dict] = {}  # per class: typing.get_type_hints evaluates every annotation of the class
 
+# %% ../nbs/04_config.ipynb #b73a6b15
 def _resolve(cls, f):
     "The resolved type of field `f` (computed once per class: per field it made each config cost O(fields^2))."
     if cls not in _HINTS: _HINTS[cls] = typing.get_type_hints(cls)
@@ -308,15 +321,57 @@ def check_non_negative(cfg, *names):
     for n in names:
         if getattr(cfg, n) < 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be >= 0")
 
-def check_model(name: str, value: str):
-    "An image encoder's architecture: kdnb's 'data2vec2' or 'tiny', or 'timm:<name>' of a model timm has."
-    if not value.startswith("timm:"): return check_choice(name, value, ("data2vec2", "tiny", "timm:<model name>"))
-    import timm  # only for timm students: a config stays light to import
-    if not timm.is_model(value[5:]):
-        close = difflib.get_close_matches(value[5:], timm.list_models(), 3)
-        raise ConfigError(f"{name}={value!r}: timm has no model {value[5:]!r}" + (
-            f"; did you mean {', '.join(repr('timm:' + c) for c in close)}?" if close else
-            "; list them with timm.list_models('*vit*')"))
+
+
+# %% ../nbs/04_config.ipynb #adb5463c
+# what a model field may name, by family: the families each role accepts are listed where the role's field is checked
+MODEL_FAMILIES = {
+    "data2vec2": "kdnb's Data2Vec2 encoder (post-LN; weights from a fairseq checkpoint or a kdnb run)",
+    "beitv2": "timm's BEiTv2 ViT-B/16 with a unilm checkpoint (or timm's weights)",
+    "timm": "timm:<name>, any model timm lists",
+    "run": "run:<folder>, the model a kdnb run folder holds",
+    "tiny": "a small random Data2Vec2 encoder (tests, mechanics)",
+}
+
+PREFIXED = ("timm", "run")  # the families written "<family>:<name>"
+
+ENCODERS = ("data2vec2", "tiny", "timm")  # what a student or a backbone (`model`) may be; its weights: `checkpoint`
+
+CLASSIFIERS = ("timm", "run", "tiny")  # what a classifier teacher (FKD, FerKD) may be
+
+@dataclass(frozen=True)
+class ModelSpec:
+    "A model as a config names it, parsed once: its family and, for `timm:` and `run:`, the name after the colon."
+    family: str # a key of MODEL_FAMILIES
+    name: typing.Optional[str] = None # the timm model name or the run folder; None for the other families
+    def __str__(self): return self.family if self.name is None else f"{self.family}:{self.name}"
+    @property
+    def is_timm(self) -> bool: return self.family == "timm"
+
+@functools.lru_cache(maxsize=None)  # parsed once per value and role (errors are not cached)
+def model_spec(value: str, # what the field holds, e.g. "data2vec2", "timm:vit_small_patch16_224", "run:runs/x"
+               field: str = "model", # the config field (named in every error)
+               families=tuple(MODEL_FAMILIES), # the families this role accepts
+              ) -> ModelSpec:
+    "The one parser of model names: a `ModelSpec`, or a ConfigError naming the field, the accepted forms and the fix."
+    family, colon, name = str(value).partition(":")
+    forms = [f"{f}:<{'model name' if f == 'timm' else 'run folder'}>" if f in PREFIXED else f for f in families]
+    if family not in families or bool(colon) != (family in PREFIXED) or (colon and not name):
+        hint = difflib.get_close_matches(str(value), forms, 1)
+        raise ConfigError(f"{field}={value!r} is not one of {forms}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    spec = ModelSpec(family, name or None)
+    if spec.is_timm: check_timm_model(field, spec.name)
+    return spec
+
+# %% ../nbs/04_config.ipynb #6b5c3cf9
+def check_timm_model(field: str, name: str):
+    "Refuse a model name timm does not list, with the closest ones, before anything is built or downloaded."
+    import timm  # only for timm models: a config stays light to import
+    if timm.is_model(name): return
+    close = difflib.get_close_matches(name, timm.list_models(), 3)
+    raise ConfigError(f"{field}='timm:{name}': timm has no model {name!r}" + (
+        f"; did you mean {', '.join(repr('timm:' + c) for c in close)}?" if close else
+        "; list them with timm.list_models('*vit*')"))
 
 # %% ../nbs/04_config.ipynb #804e8bbb
 @patch(as_prop=True)
@@ -373,10 +428,7 @@ def validate(self: DistillBase):
     if type(self) is DistillBase:
         raise ConfigError("DistillBase holds what every objective shares: build DistillConfig or an objective's "
                           "class (get_config, rebuild and load_config pick it by `objective`)")
-    if not (self.teacher in ("beitv2", "data2vec2", "tiny") or self.teacher.startswith(("timm:", "run:"))):
-        raise ConfigError(f"teacher={self.teacher!r}: use 'beitv2', 'data2vec2', 'timm:<model name>', "
-                          "'run:<run folder>' or 'tiny'")
-    check_model("model", self.model)
+    model_spec(self.teacher, "teacher"), model_spec(self.model, "model", ENCODERS)
     check_positive(self, "depth", "embed_dim", "mlp_dim", "num_heads", "patch_size")
     if self.embed_dim % self.num_heads:
         raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
@@ -407,6 +459,7 @@ def variants(cls: DistillBase) -> list:
     "The shared fields, DistillConfig, and the config class of every registered objective (each subclasses one)."
     return list(dict.fromkeys([DistillBase, DistillConfig] + [o.config for o in OBJECTIVES.values()]))
 
+# %% ../nbs/04_config.ipynb #5b23968a
 @patch(cls_method=True)
 def all_objectives(cls: DistillBase) -> list:
     "Every registered objective (d2v first, also before its notebook registers it)."
@@ -459,29 +512,30 @@ class FinetuneConfig(BaseConfig):
     crop_scale: tuple[float, float] = (0.08, 1.0) # RandomResizedCrop scale range of the training transform
     crop_pct: float = 0.875 # eval: resize to img_size / crop_pct, then center crop
     cache_features: bool = False # linear probe: compute the frozen backbone's features once (no augmentation)
-
-    def validate(self):
-        super().validate()
-        check_choice("mode", self.mode, ("finetune", "linear_probe"))
-        check_model("model", self.model)
-        check_choice("mixup_mode", self.mixup_mode, ("batch", "pair", "elem"))
-        check_choice("remode", self.remode, ("pixel", "rand", "const"))
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
-        for n in ("mixup_prob", "mixup_switch_prob", "reprob", "drop_path"):
-            if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} is a probability in [0, 1]")
-        check_non_negative(self, "mixup", "cutmix", "label_smoothing")
-        if self.uses_mixup and self.batch_size % 2:
-            raise ConfigError(f"batch_size={self.batch_size} is odd, but Mixup/CutMix (timm) needs an even batch: "
-                              "use an even batch_size or set mixup=0 and cutmix=0")
-        if self.num_classes is not None and self.num_classes <= 1:
-            raise ConfigError(f"num_classes={self.num_classes} must be > 1")
-        if not 0 < self.crop_pct <= 1: raise ConfigError(f"crop_pct={self.crop_pct} must be in (0, 1]")
-        if self.cache_features and self.mode != "linear_probe":
-            raise ConfigError("cache_features=True needs mode='linear_probe' (a finetuned backbone changes every step)")
-
     @property
     def uses_mixup(self) -> bool: return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
+
+# %% ../nbs/04_config.ipynb #efab8429
+@patch
+def validate(self: FinetuneConfig):
+    super(FinetuneConfig, self).validate()
+    check_choice("mode", self.mode, ("finetune", "linear_probe"))
+    model_spec(self.model, "model", ENCODERS)
+    check_choice("mixup_mode", self.mixup_mode, ("batch", "pair", "elem"))
+    check_choice("remode", self.remode, ("pixel", "rand", "const"))
+    if not 0 < self.layer_decay <= 1:
+        raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
+    for n in ("mixup_prob", "mixup_switch_prob", "reprob", "drop_path"):
+        if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} is a probability in [0, 1]")
+    check_non_negative(self, "mixup", "cutmix", "label_smoothing")
+    if self.uses_mixup and self.batch_size % 2:
+        raise ConfigError(f"batch_size={self.batch_size} is odd, but Mixup/CutMix (timm) needs an even batch: "
+                          "use an even batch_size or set mixup=0 and cutmix=0")
+    if self.num_classes is not None and self.num_classes <= 1:
+        raise ConfigError(f"num_classes={self.num_classes} must be > 1")
+    if not 0 < self.crop_pct <= 1: raise ConfigError(f"crop_pct={self.crop_pct} must be in (0, 1]")
+    if self.cache_features and self.mode != "linear_probe":
+        raise ConfigError("cache_features=True needs mode='linear_probe' (a finetuned backbone changes every step)")
 
 # %% ../nbs/04_config.ipynb #4d0e9533
 GLUE_TASKS = ("mnli", "qnli", "rte", "mrpc", "qqp", "stsb", "cola", "sst2", "wnli")
@@ -494,11 +548,6 @@ class TextConfig(BaseConfig):
     dataset: str = "rte"
     data_root: str = "data/glue" # the glue_data folder: <data_root>/<Task>/{train,dev}.tsv
     max_len: int = 128 # tokens per sequence after tokenisation (pairs truncated longest first)
-
-    def validate(self):
-        super().validate()
-        check_positive(self, "max_len")
-
 @dataclass
 class TextDistillConfig(TextConfig):
     "Distilling a BERT-family teacher into its first layers with the layer-averaged target (padding masked)."
@@ -510,12 +559,21 @@ class TextDistillConfig(TextConfig):
     sentence_tasks: str = "all" # GLUE tasks whose training sentences are used: "all" found, or e.g. "rte,mrpc"
     max_sentences: typing.Optional[int] = None # use at most this many sentences (a seeded sample); None = all
 
-    def validate(self):
-        super().validate()
-        check_positive(self, "student_layers", "target_eps")
-        if self.dataset != "glue":
-            raise ConfigError(f"dataset={self.dataset!r}: text distillation reads sentences from 'glue'")
+# %% ../nbs/04_config.ipynb #e6278f16
+@patch
+def validate(self: TextDistillConfig):
+    super(TextDistillConfig, self).validate()
+    check_positive(self, "student_layers", "target_eps")
+    if self.dataset != "glue":
+        raise ConfigError(f"dataset={self.dataset!r}: text distillation reads sentences from 'glue'")
 
+# %% ../nbs/04_config.ipynb #0229a6c8
+@patch
+def validate(self: TextConfig):
+    super(TextConfig, self).validate()
+    check_positive(self, "max_len")
+
+# %% ../nbs/04_config.ipynb #3285d610
 @dataclass
 class GlueConfig(TextConfig):
     "Finetuning a (distilled) text encoder on a GLUE task (seed 000, Table 3)."
@@ -525,13 +583,15 @@ class GlueConfig(TextConfig):
     pooling: str = "cls" # sentence representation: "cls" (first token) or "mean" (over real tokens)
     layer_decay: float = 0.81 # lr_l = lr * layer_decay ** (L + 1 - l); 1 = off
 
-    def validate(self):
-        super().validate()
-        if self.dataset == "glue":
-            raise ConfigError("dataset='glue' is for distillation: name one GLUE task, e.g. dataset='rte'")
-        check_choice("pooling", self.pooling, ("cls", "mean"))
-        if not 0 < self.layer_decay <= 1: raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]")
-        if self.layers is not None and self.layers <= 0: raise ConfigError(f"layers={self.layers} must be > 0 or None")
+# %% ../nbs/04_config.ipynb #d052ee1b
+@patch
+def validate(self: GlueConfig):
+    super(GlueConfig, self).validate()
+    if self.dataset == "glue":
+        raise ConfigError("dataset='glue' is for distillation: name one GLUE task, e.g. dataset='rte'")
+    check_choice("pooling", self.pooling, ("cls", "mean"))
+    if not 0 < self.layer_decay <= 1: raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]")
+    if self.layers is not None and self.layers <= 0: raise ConfigError(f"layers={self.layers} must be > 0 or None")
 
 # %% ../nbs/04_config.ipynb #18f43bd9
 @dataclass
@@ -658,6 +718,7 @@ class Objective:
     runner: typing.Optional[typing.Callable] = None # a runner of its own instead (FKD: label store, then replay)
 
 RUN_KINDS: dict[str, RunKind] = {}
+
 OBJECTIVES: dict[str, Objective] = {}
 
 def _register(table: dict, entry, presets):
@@ -669,6 +730,7 @@ def register_run(kind: RunKind, *presets: Preset) -> RunKind:
     "Register a run kind (and its presets): the CLI, `run` and `get_config` see it from now on."
     return _register(RUN_KINDS, kind, presets)
 
+# %% ../nbs/04_config.ipynb #f1f035f4
 def register_objective(objective: Objective, *presets: Preset) -> Objective:
     "Register a distillation objective (and its presets): `kdnb distill --objective` and `run` see it from now on."
     if (objective.make_task is None) == (objective.runner is None):
@@ -765,6 +827,7 @@ def _drop_old_defaults(cls: type, d: dict) -> dict:
     old = lambda k, v: v == _default(others[k]) or v in _FORMER_DEFAULTS.get(k, ())
     return {k: v for k, v in d.items() if not (k in others and old(k, v))}
 
+# %% ../nbs/04_config.ipynb #6de94d07
 _FORMER_DEFAULTS = {"student_layer_kind": ("ffn",)}  # defaults that older files hold (before "auto": timm students)
 
 # %% ../nbs/04_config.ipynb #c4a8bf7e

@@ -4,6 +4,7 @@
 
 # %% ../nbs/10_contrastive.ipynb #d048fdb7
 from __future__ import annotations
+from fastcore.basics import patch
 import math, typing  # typing: DistillConfig's inherited annotations (typing.Optional) resolve here
 from dataclasses import dataclass
 import torch
@@ -93,12 +94,6 @@ class ContrastiveConfig(DistillConfig):
     contrastive_weight: float = 1.0 # weight w of the InfoNCE term (with d2v+contrastive: loss = d2v + w NCE)
     bank_size: int = 65536 # memory bank of teacher CLS vectors (the thesis: 65,536)
     temperature: float = 0.07 # initial temperature (a learnable logit scale starts at 1/temperature)
-
-    def validate(self):
-        super().validate()
-        check_positive(self, "bank_size", "temperature")
-        check_non_negative(self, "contrastive_weight")
-
 def contrastive_task(cfg: ContrastiveConfig, student, teacher, data=None) -> ContrastiveTask:
     "The `contrastive` and `d2v+contrastive` objectives."
     check_pair(student, teacher, cfg.img_size)  # the student's grid for the teacher, or one line before training
@@ -109,3 +104,10 @@ def contrastive_task(cfg: ContrastiveConfig, student, teacher, data=None) -> Con
 
 register_objective(Objective("contrastive", ContrastiveConfig, make_task=contrastive_task))
 register_objective(Objective("d2v+contrastive", ContrastiveConfig, make_task=contrastive_task))
+
+# %% ../nbs/10_contrastive.ipynb #c42fd109
+@patch
+def validate(self: ContrastiveConfig):
+    super(ContrastiveConfig, self).validate()
+    check_positive(self, "bank_size", "temperature")
+    check_non_negative(self, "contrastive_weight")

@@ -157,6 +157,7 @@ def source_path(source, j: int) -> str:
     samples = getattr(source, "samples", None)
     return samples[j][0] if samples is not None else f"item {j} of {type(source).__name__}"
 
+# %% ../nbs/05_data.ipynb #0a66cec7
 class SplitDataset(Dataset):
     "A subset of a source data set with a transform; keys are indices or (index, seed) pairs from `ResumableSampler`."
     def __init__(self, source, indices=None, transform=None,

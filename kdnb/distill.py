@@ -8,13 +8,12 @@ import logging
 import torch
 import torch.nn as nn
 from .targets import d2v_loss
-from .models import (Data2Vec2Encoder, FrozenTeacher, beitv2_teacher, timm_teacher, load_data2vec2,
-                         set_drop_path, has_cls_token)
-from .weights import load_backbone, timm_student
+from .models import Data2Vec2Encoder, FrozenTeacher, has_cls_token
+from .weights import build_model
 from .engine import Task, fit_task, autocast_dtype, resolve_device
 from .data import build_data
-from .config import (CPU_RUN, ConfigError, DistillBase, DistillConfig, get_config, Objective, OBJECTIVES, Preset,
-                         RunKind, register_objective, register_presets, register_run)
+from .config import (CPU_RUN, ConfigError, DistillBase, DistillConfig, ENCODERS, get_config, model_spec, Objective,
+                         OBJECTIVES, Preset, RunKind, register_objective, register_presets, register_run)
 
 log = logging.getLogger(__name__)
 
@@ -81,41 +80,23 @@ class MappedStudent(nn.Module):
     def no_weight_decay(self): return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
 # %% ../nbs/07_distill.ipynb #c41ac091
-def teacher_layer_kind(cfg: DistillConfig, encoder: nn.Module | None = None) -> str:
-    "The teacher's activation per layer: `ffn` for data2vec 2.0 teachers (as in the thesis code), else `block`."
+def teacher_layer_kind(cfg: DistillConfig) -> str:
+    "The teacher's activation per layer: `ffn` for data2vec 2.0 teachers (the thesis code), a run's by its class, else `block`."
     if cfg.teacher_layer_kind != "auto": return cfg.teacher_layer_kind
-    if cfg.teacher.startswith("run:") and encoder is not None: return layer_kind("auto", encoder)  # by its class
-    return "ffn" if cfg.teacher == "data2vec2" or cfg.teacher.startswith("run:") else "block"
+    return {"data2vec2": "ffn", "run": "auto"}.get(model_spec(cfg.teacher, "teacher").family, "block")
 
-def build_teacher(cfg: DistillConfig) -> FrozenTeacher:
-    "The frozen teacher a config names."
-    name, ckpt, kind = cfg.teacher, cfg.teacher_checkpoint, teacher_layer_kind(cfg)
-    if name == "beitv2":
-        return beitv2_teacher(ckpt, pretrained=ckpt is None, img_size=cfg.img_size)
-    if name == "data2vec2":
-        return FrozenTeacher(load_data2vec2(ckpt or "data2vec2_base", img_size=cfg.img_size), kind=kind)
-    if name.startswith("timm:"):  # teacher_checkpoint: None = timm's weights, "random" = none (tests, mechanics)
-        return timm_teacher(name[5:], pretrained=ckpt is None, checkpoint=None if ckpt == "random" else ckpt,
-                            img_size=cfg.img_size)
-    if name.startswith("run:"):  # a kdnb run's encoder: a data2vec 2.0 model gives FFN layers, a timm one blocks
-        encoder = load_backbone(name[4:])
-        return FrozenTeacher(encoder, kind=teacher_layer_kind(cfg, encoder))
-    # "tiny": a randomly initialised Data2Vec2Encoder of twice the student's depth (tests, mechanics), as wide as
-    # the student unless teacher_embed_dim says otherwise
-    D = cfg.teacher_embed_dim or cfg.embed_dim
-    return FrozenTeacher(Data2Vec2Encoder(cfg.img_size, cfg.patch_size, D, 2 * cfg.depth, cfg.num_heads,
-                                          cfg.mlp_dim / cfg.embed_dim), kind=kind)
+def build_teacher(cfg: DistillBase) -> FrozenTeacher:
+    "The frozen teacher a config names: `build_model` in the teacher role (a `tiny` one has twice the student's depth)."
+    return build_model(model_spec(cfg.teacher, "teacher"), "teacher", cfg.teacher_checkpoint, 2 * cfg.depth,
+                       cfg.img_size, layer_kind=teacher_layer_kind(cfg),
+                       patch_size=cfg.patch_size, embed_dim=cfg.teacher_embed_dim or cfg.embed_dim,
+                       num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
 
 def build_student(cfg: DistillBase) -> nn.Module:
-    "The student: the first `depth` blocks of a checkpoint (data2vec 2.0, a kdnb run, a timm model), or random."
-    if cfg.model.startswith("timm:"):  # checkpoint: None = timm's pretrained weights, "random", a file, a kdnb run
-        student = timm_student(cfg.model[5:], cfg.checkpoint, cfg.depth, cfg.img_size)
-    elif cfg.model == "data2vec2" and cfg.checkpoint is not None:
-        student = load_backbone(cfg.checkpoint, depth=cfg.depth, img_size=cfg.img_size)
-    else:
-        return Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
-                                cfg.mlp_dim / cfg.embed_dim, drop_path_rate=cfg.drop_path)
-    return set_drop_path(student, cfg.drop_path) if cfg.drop_path > 0 else student
+    "The student a config names: `build_model` in the encoder role (the first `depth` blocks of its checkpoint)."
+    return build_model(model_spec(cfg.model, "model", ENCODERS), "encoder", cfg.checkpoint, cfg.depth, cfg.img_size,
+                       cfg.drop_path, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
+                       mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
 
 # %% ../nbs/07_distill.ipynb #e955f8c4
 def check_pair(student: nn.Module, teacher: FrozenTeacher, img_size: int):

@@ -20,20 +20,18 @@ from .weights import load_state, save_weights
 from .layer_decay import param_groups
 from .config import ConfigError, disk_error, load_config, write_atomic
 from .data import make_loader
-from .models import PostLNBlock
-from timm.models.beit import Block as BeitBlock
-from timm.models.vision_transformer import Block as ViTBlock
+from .models import compile_blocks
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'PREEMPTED_EXIT', 'TIMM_BLOCKS', 'RECOMPILE_LIMIT', 'RESUME_MAY_CHANGE',
-           'PREEMPT_SIGNALS', 'resolve_device', 'autocast_dtype', 'precision_name', 'DistInfo', 'setup_distributed',
-           'attempt_store', 'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Preempted',
-           'compile_blocks', 'compile_task', 'FolderBusy', 'FolderLock', 'Trainer', 'progress_mode', 'Progress',
-           'dumps', 'MetricsLogger', 'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption',
-           'append_line', 'ModelEma', 'git_commit', 'machine_facts', 'code_commit', 'Summary', 'default_callbacks',
-           'read_records', 'read_run_summary', 'ensure_writable', 'fit_task']
+__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'PREEMPTED_EXIT', 'RECOMPILE_LIMIT', 'RESUME_MAY_CHANGE', 'PREEMPT_SIGNALS',
+           'resolve_device', 'autocast_dtype', 'precision_name', 'DistInfo', 'setup_distributed', 'attempt_store',
+           'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Preempted', 'compile_task',
+           'FolderBusy', 'FolderLock', 'Trainer', 'progress_mode', 'Progress', 'dumps', 'open_sinks', 'MetricsLogger',
+           'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption', 'append_line', 'ModelEma',
+           'git_commit', 'machine_facts', 'code_commit', 'Summary', 'default_callbacks', 'read_records',
+           'read_run_summary', 'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -69,6 +67,7 @@ class DistInfo:
 # 10-30 minutes; KDNB_DIST_TIMEOUT_S overrides it (a rank writing a huge checkpoint may need longer)
 DIST_TIMEOUT_S = 300
 
+# %% ../nbs/06_engine.ipynb #d2b05a48
 def setup_distributed(device: str = "auto") -> DistInfo:
     "Initialise torch.distributed when launched by torchrun: NCCL on CUDA, gloo on CPU, a bounded timeout."
     info = DistInfo()
@@ -141,8 +140,9 @@ class Callback:
     def __repr__(self): return type(self).__name__
 
 EVENTS = ("before_fit", "before_epoch", "before_batch", "after_loss", "after_step", "after_batch",
-          "after_eval", "after_epoch", "after_preempt", "after_fit")
+          "after_eval", "after_epoch", "after_exception", "after_preempt", "after_fit")
 
+# %% ../nbs/06_engine.ipynb #c41c2cc2
 class NonFiniteLoss(RuntimeError):
     "The loss became NaN or Inf; the last good checkpoint is kept."
 
@@ -150,23 +150,6 @@ class Preempted(BaseException):
     "The run was asked to stop (SIGTERM, SIGUSR1): it finished its step and saved a checkpoint; it is not finished."
 
 PREEMPTED_EXIT = 143  # the CLI's exit code after a preemption (128 + SIGTERM, what schedulers expect)
-
-# %% ../nbs/06_engine.ipynb #79a1be91
-TIMM_BLOCKS = (ViTBlock, BeitBlock)  # timm blocks that compile_blocks compiles
-
-def compile_blocks(module: nn.Module, **kwargs) -> int:
-    """`torch.compile` every transformer block inside `module`, in place; returns how many.
-    Per block (PyTorch's regional compilation): the encoders hand out their layers through generators, which
-    would break a whole-model graph, and blocks of one class share one compiled graph, so it compiles once."""
-    n = 0
-    for m in module.modules():
-        if isinstance(m, PostLNBlock):  # the Data2Vec2 encoder calls forward_with_ffn, forward wraps it
-            m.forward_with_ffn = torch.compile(m.forward_with_ffn, **kwargs)
-            n += 1
-        elif isinstance(m, TIMM_BLOCKS):
-            m.compile(**kwargs)
-            n += 1
-    return n
 
 # %% ../nbs/06_engine.ipynb #d4176736
 # a compiled block keeps one graph per configuration it meets (each drop-path rate, training and evaluation, a ragged
@@ -253,9 +236,6 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(
             s, self.total_steps, self.warmup_steps, cfg.min_lr_ratio, cfg.schedule))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        callbacks = list(callbacks)
-        if getattr(cfg, "model_ema", None) is not None and not any(isinstance(c, ModelEma) for c in callbacks):
-            callbacks.append(ModelEma(cfg.model_ema))  # the config asks for an EMA of the weights (defined below)
         self.callbacks = sorted(callbacks, key=lambda c: c.order)
         code_commit()  # read (and cached) as the run starts: a summary names the code that ran, not a later HEAD
         self.reset_state()
@@ -273,6 +253,8 @@ def reset_state(self: Trainer):
     self.images_seen, self.train_time_s, self.started = 0, 0.0, None  # started: time.perf_counter() of fit
     self.completed, self.error, self.summary = False, None, None  # `finished` only when the loop ran to its end
     self.preempted = None  # the signal that stopped the run early (a Preemption callback), else None
+    self.saved = None  # (step, folder) of the last `last` checkpoint written or resumed from (set by a Checkpointer)
+    self.exception = None  # the exception that is ending fit, while `after_exception` callbacks may reinterpret it
     self._loss_sum = None  # device-side sum of losses since the last sync
     self._n_loss = 0  # steps in _loss_sum
     self._bad_input = torch.zeros((), dtype=torch.bool, device=self.device)  # a non-finite value in a batch
@@ -300,6 +282,7 @@ def __call__(self: Trainer, event: str):
         except Exception as e:
             raise type(e)(f"{e}\n  (raised in callback {cb!r} at event '{event}')") if _reconstructible(e) else e
 
+# %% ../nbs/06_engine.ipynb #f32a1d15
 @patch
 def cb(self: Trainer, cls):
     "The first callback of type `cls`, or None."
@@ -354,9 +337,8 @@ def _mean_loss(self: Trainer) -> float | None:
             raise NonFiniteLoss(f"a training batch before step {self.step} holds NaN or Inf values: the data, "
                                 f"not the optimisation, made the loss {v}. Check the data set (or its "
                                 "transform) for non-finite values; no checkpoint was written after it")
-        ck = self.cb(Checkpointer)
-        kept = (f"the last good checkpoint (step {ck.last_step}) is kept in {ck.dir}"
-                if ck and ck.last_step is not None else "no checkpoint was written yet")
+        kept = (f"the last good checkpoint (step {self.saved[0]}) is kept in {self.saved[1]}" if self.saved else
+                "no checkpoint was written yet")
         raise NonFiniteLoss(f"the training loss became {v} before step {self.step}; the run stops and {kept}. "
                             "Lower lr, turn on grad_clip (e.g. 2.0) or use precision='fp32', then rerun with "
                             "resume=True.")
@@ -380,6 +362,7 @@ def _after_step_state(self: Trainer):
     elif self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
         self._mean_loss()
 
+# %% ../nbs/06_engine.ipynb #69684d15
 @patch
 def _after_epoch_state(self: Trainer):
     "Before after_epoch: the epoch's mean training loss (which also checks it is finite before any checkpoint)."
@@ -431,44 +414,20 @@ def fit(self: Trainer) -> dict:
     finally:
         if lock: lock.release()
 
+# %% ../nbs/06_engine.ipynb #28df4888
 @patch
 def _fit(self: Trainer) -> dict:
     self.completed, self.error, self.started = False, None, time.perf_counter()
     self.task.train()
     self("before_fit")
     try:
-        while self.epoch < self.cfg.epochs and self.step < self.total_steps:
-            self.train_dl.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.train_dl.batch_size)
-            self("before_epoch")
-            t0 = time.perf_counter()
-            for batch in self.train_dl:
-                self.batch = self.to_device(batch)
-                self("before_batch")
-                self.train_step()
-                self.step += 1
-                self.step_in_epoch += 1
-                self.images_seen += self.train_dl.batch_size * self.dist.world_size
-                self._after_step_state()
-                self("after_step")
-                self("after_batch")
-                if self.step >= self.total_steps: break
-            self.train_time_s += time.perf_counter() - t0
-            self.epoch += 1
-            self.step_in_epoch = 0
-            self.metrics = {"epoch": self.epoch, "step": self.step}
-            if self.val_dl is not None and (self.epoch % self.cfg.eval_every == 0 or self.step >= self.total_steps
-                                            or self.epoch == self.cfg.epochs):
-                self.evaluate()
-            self._after_epoch_state()
-            self("after_epoch")
+        while self.epoch < self.cfg.epochs and self.step < self.total_steps: self._train_epoch()
         self.completed = True
     except BaseException as e:
-        pre = self.cb(Preemption)
-        # preempted; or the signal also ended the loader's workers while the next batch was awaited: the steps done
-        # are whole, so they are saved all the same
-        if isinstance(e, Preempted) or (isinstance(e, RuntimeError) and pre and pre.signal
-                                        and "DataLoader worker" in str(e)):
-            self.preempted = str(e) if isinstance(e, Preempted) else pre.signal
+        self.exception = e
+        self("after_exception")  # a callback may say what it means (a Preemption: the loader died of its signal)
+        if isinstance(self.exception, Preempted):  # the steps done are whole: they are saved
+            self.preempted = str(self.exception)
             self._mean_loss()  # never checkpoint a NaN
             self("after_preempt")  # the Checkpointer saves `last` at this step
             raise Preempted(f"{self.preempted} at step {self.step}") from None
@@ -478,6 +437,34 @@ def _fit(self: Trainer) -> dict:
         self.summary = self.make_summary()
         self("after_fit")
     return self.summary
+
+# %% ../nbs/06_engine.ipynb #7b7c9a78
+@patch
+def _train_epoch(self: Trainer):
+    "One epoch (or what is left of it after a resume), then its evaluation."
+    self.train_dl.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.train_dl.batch_size)
+    self("before_epoch")
+    t0 = time.perf_counter()
+    for batch in self.train_dl:
+        self.batch = self.to_device(batch)
+        self("before_batch")
+        self.train_step()
+        self.step += 1
+        self.step_in_epoch += 1
+        self.images_seen += self.train_dl.batch_size * self.dist.world_size
+        self._after_step_state()
+        self("after_step")
+        self("after_batch")
+        if self.step >= self.total_steps: break
+    self.train_time_s += time.perf_counter() - t0
+    self.epoch += 1
+    self.step_in_epoch = 0
+    self.metrics = {"epoch": self.epoch, "step": self.step}
+    if self.val_dl is not None and (self.epoch % self.cfg.eval_every == 0 or self.step >= self.total_steps
+                                    or self.epoch == self.cfg.epochs):
+        self.evaluate()
+    self._after_epoch_state()
+    self("after_epoch")
 
 # %% ../nbs/06_engine.ipynb #badecdff
 @patch
@@ -557,6 +544,7 @@ class Progress(Callback):
     def after_fit(self, t):
         if not self.lines: self.bar.close()
 
+# %% ../nbs/06_engine.ipynb #e4ae6a9a
 def _finite_or_none(v):
     if isinstance(v, float) and not math.isfinite(v): return None
     if isinstance(v, dict): return {k: _finite_or_none(x) for k, x in v.items()}
@@ -569,6 +557,23 @@ def dumps(obj, **kw) -> str:
     return json.dumps(_finite_or_none(obj), allow_nan=False, **kw)
 
 # %% ../nbs/06_engine.ipynb #5e194e55
+def open_sinks(t) -> tuple: # (TensorBoard writer or None, W&B run or None)
+    "The metric sinks a run's config asks for besides metrics.jsonl: TensorBoard (when installed) and W&B."
+    tb = wb = None
+    if t.cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(str(t.out_dir / "tb"))
+        except ImportError:
+            log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+    if t.cfg.wandb:
+        try: import wandb
+        except ImportError as e:
+            raise RuntimeError("wandb=True but wandb is not installed: pip install wandb, or set wandb=False") from e
+        wb = wandb.init(project="kdnb", name=t.out_dir.name, config=t.cfg.to_dict(), resume="allow")
+    return tb, wb
+
+# %% ../nbs/06_engine.ipynb #3e5332de
 class MetricsLogger(Callback):
     "JSONL (+ TensorBoard, + W&B) metrics: a 'step' record every log_every steps, an 'epoch' record per epoch."
     order = 10
@@ -581,18 +586,7 @@ class MetricsLogger(Callback):
         self._t, self._imgs = time.perf_counter(), t.images_seen
         if not self.main: return  # other ranks still join the loss all-reduce in after_step
         t.out_dir.mkdir(parents=True, exist_ok=True)
-        if t.cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(t.out_dir / "tb"))
-            except ImportError:
-                log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
-        if t.cfg.wandb:
-            try: import wandb
-            except ImportError as e:
-                raise RuntimeError("wandb=True but wandb is not installed: pip install wandb, or set wandb=False"
-                                   ) from e
-            self.wandb = wandb.init(project="kdnb", name=t.out_dir.name, config=t.cfg.to_dict(), resume="allow")
+        self.tb, self.wandb = open_sinks(t)
     def write(self, t, rec):
         t.history.append(rec)
         if not self.main: return
@@ -652,6 +646,7 @@ def check_resume_config(saved, cfg, where):
                           "Resume with the saved values (only epochs/max_steps may grow), start a new run in another "
                           f"out_dir, or allow the change explicitly: resume_changes=\"{','.join(changed + shrunk)}\"")
 
+# %% ../nbs/06_engine.ipynb #811c1d6c
 def non_finite_state(t) -> str | None:
     "Which of the trained weights and the optimiser's state hold NaN or Inf (one device sync per checkpoint), or None."
     weights = {n: v for n, v in t.task.trained_module().state_dict().items() if v.is_floating_point()}
@@ -672,7 +667,6 @@ def non_finite_state(t) -> str | None:
 
 class Checkpointer(Callback):
     order = 20
-    def __init__(self): self.last_step = None
     @staticmethod
     def find(d: Path, tag="last") -> Path | None:
         "The complete checkpoint `tag` in d (also one left as '.old' by a crash between two renames)."
@@ -705,6 +699,7 @@ def before_fit(self: Checkpointer, t):
         check_resume_config(load_config(last / "config.yaml"), t.cfg, last)
         self.load(t, last)
 
+# %% ../nbs/06_engine.ipynb #3956912d
 @patch
 def save(self: Checkpointer, t, tag: str):
     # the Trainer checked the loss is finite before this event; the weights are checked here: an update can blow them
@@ -712,8 +707,8 @@ def save(self: Checkpointer, t, tag: str):
     if not t.dist.main: return
     bad = non_finite_state(t)
     if bad:
-        kept = (f"the last finite checkpoint is step {self.last_step} in {self.dir} (resume=True continues from it)"
-                if self.last_step is not None else "no checkpoint was written before it")
+        kept = (f"the last finite checkpoint is step {t.saved[0]} in {t.saved[1]} (resume=True continues from it)"
+                if t.saved else "no checkpoint was written before it")
         loss = t.loss.item() if torch.is_tensor(t.loss) else t.loss
         raise NonFiniteLoss(f"after step {t.step} {bad} hold NaN or Inf, though that step's loss was {loss:.4g}: "
                             f"the update blew them up. The run stops without saving the {tag!r} checkpoint; {kept}. "
@@ -738,7 +733,7 @@ def save(self: Checkpointer, t, tag: str):
         raise disk_error(tmp, err, f"the {tag!r} checkpoint at step {t.step}") from e
     if final.exists(): final.replace(old) if not old.exists() else shutil.rmtree(final)
     tmp.replace(final); shutil.rmtree(old, ignore_errors=True)
-    if tag == "last": self.last_step = t.step
+    if tag == "last": t.saved = (t.step, self.dir)
 
 # %% ../nbs/06_engine.ipynb #d3ccaeec
 @patch
@@ -758,7 +753,7 @@ def load(self: Checkpointer, t, path: Path):
     t.images_seen, t.train_time_s, t.history = s["images_seen"], s["train_time_s"], json.loads(s["history"])
     t.metrics = json.loads(s.get("metrics", "{}"))  # a finished run resumed again reports what it measured
     _set_rng_state(s["rng"])
-    self.last_step = t.step
+    t.saved = (t.step, Path(path).parent)
     log.info(f"resumed from {path} at step {t.step} (epoch {t.epoch}, step {t.step_in_epoch} of the epoch)")
 
 @patch
@@ -814,11 +809,16 @@ class Preemption(Callback):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # any rank asked: all stop here
             asked = flag.item() > 0
         if asked: raise Preempted(self.signal or "a signal to another rank")
+    def after_exception(self, t):
+        # the signal also ended the loader's workers while the next batch was awaited: a preemption all the same
+        if self.signal and isinstance(t.exception, RuntimeError) and "DataLoader worker" in str(t.exception):
+            t.exception = Preempted(self.signal)
     def after_fit(self, t): self.restore()
     def restore(self):
         for sig, handler in self._old.items(): signal.signal(sig, handler)
         self._old = {}
 
+# %% ../nbs/06_engine.ipynb #e4cd175a
 def append_line(path: Path, line: str, what: str = ""):
     "Append one line to a JSONL file, or nothing: a failed write (a full disk) is cut back to the last whole line."
     size = path.stat().st_size if path.exists() else 0
@@ -832,8 +832,10 @@ def append_line(path: Path, line: str, what: str = ""):
 
 # %% ../nbs/06_engine.ipynb #be5b87fc
 from safetensors.torch import save_file
+
 from .weights import weights_metadata
 
+# %% ../nbs/06_engine.ipynb #f26117e8
 class ModelEma(Callback):
     "An EMA copy of the trained weights: updated after each optimiser step, evaluated beside them, checkpointed."
     order = 1  # before Preemption (5) can stop the step, before the Checkpointer (20) saves it
@@ -915,6 +917,7 @@ def code_commit() -> str | None:
     "The commit of kdnb's code, read once per process when the first Trainer is made (nothing runs at import)."
     return git_commit()
 
+# %% ../nbs/06_engine.ipynb #e1d6dc9c
 class Summary(Callback):
     "Saves the resolved config when the run starts and the Trainer's summary when it ends (atomically)."
     order = 30
@@ -924,9 +927,13 @@ class Summary(Callback):
         if not t.dist.main: return
         write_atomic(t.out_dir / "summary.json", dumps(t.summary, indent=2), "the summary")
 
-def default_callbacks() -> list[Callback]:
-    "The callbacks every run has: preemption, metrics, checkpoints, summary (and the resolved config), progress."
-    return [Preemption(), MetricsLogger(), Checkpointer(), Summary(), Progress()]
+def default_callbacks(cfg=None, # a run's config: its `model_ema` adds a ModelEma
+                      given=(), # callbacks the caller brings: one of the same class replaces the default
+                     ) -> list[Callback]:
+    "The callbacks a run adds: preemption, metrics, checkpoints, summary (and the resolved config), progress, EMA."
+    cbs = [Preemption(), MetricsLogger(), Checkpointer(), Summary(), Progress()]
+    if getattr(cfg, "model_ema", None) is not None: cbs.append(ModelEma(cfg.model_ema))
+    return [c for c in cbs if not any(type(g) is type(c) for g in given)] + list(given)
 
 # %% ../nbs/06_engine.ipynb #3262f35b
 def read_records(path) -> list[dict]: # one dict per whole line
@@ -976,4 +983,4 @@ def fit_task(task: Task, cfg, train_ds, val_ds=None, callbacks: Iterable[Callbac
     if di.main:
         log.info(f"{type(task).__name__}: {len(train_ds)} training images, global batch {cfg.batch_size} "
                  f"({di.world_size} x {per_rank}), {len(train_dl)} steps/epoch, peak lr {cfg.lr:g}, device {device}")
-    return Trainer(task, cfg, train_dl, val_dl, default_callbacks() + list(callbacks), info=info).fit()
+    return Trainer(task, cfg, train_dl, val_dl, default_callbacks(cfg, callbacks), info=info).fit()

@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy, LabelSmoothingCrossEntropy
-from .models import Data2Vec2Encoder, Classifier, set_drop_path
-from .weights import load_backbone, timm_student
+from .models import Classifier
+from .weights import build_model
 from .engine import Task, fit_task, resolve_device, autocast_dtype
 from .data import build_data, mixup_fn, derive_seed, seeded, make_loader
-from .config import CPU_RUN, FinetuneConfig, Preset, RunKind, get_config, register_presets, register_run
+from .config import (CPU_RUN, ENCODERS, FinetuneConfig, Preset, RunKind, get_config, model_spec, register_presets,
+                         register_run)
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,9 @@ def extract_features(model: Classifier, dataset, batch_size: int = 256, device="
 
 # %% ../nbs/08_finetune.ipynb #7fffe63c
 def build_backbone(cfg) -> nn.Module:
-    "The backbone of a finetuning (or segmentation) config: from its checkpoint, or random; with its drop path."
-    if cfg.model.startswith("timm:"):  # checkpoint: None = timm's pretrained weights, "random", a file, a kdnb run
-        backbone = timm_student(cfg.model[5:], cfg.checkpoint, cfg.depth, cfg.img_size)
-    elif cfg.checkpoint is not None:
-        backbone = load_backbone(cfg.checkpoint, depth=cfg.depth, img_size=cfg.img_size)
-    else:
-        backbone = Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads)
-    return set_drop_path(backbone, cfg.drop_path) if cfg.drop_path > 0 else backbone
+    "The backbone of a finetuning (or segmentation) config: `build_model` in the encoder role, with its drop path."
+    return build_model(model_spec(cfg.model, "model", ENCODERS), "encoder", cfg.checkpoint, cfg.depth, cfg.img_size,
+                       cfg.drop_path, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads)
 
 def build_classifier(cfg: FinetuneConfig, num_classes: int) -> Classifier:
     "The config's backbone (from its checkpoint, or random) with a fresh head."

@@ -9,7 +9,6 @@ import json, logging, os, time, hashlib, typing
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,17 +23,17 @@ from .data import derive_seed, seeded, build_data, targets_of, rand_augment
 from .engine import autocast_dtype, resolve_device, fit_task, DistInfo
 from .finetune import FinetuneTask
 from .distill import build_student
-from .weights import load_classifier
-from .models import Data2Vec2Encoder, Classifier, offline_hint
-from .config import (DistillBase, ConfigError, Objective, Preset, check_choice, check_positive,
-                         check_non_negative, register_objective, register_presets)
+from .weights import build_model
+from .models import Classifier
+from .config import (CLASSIFIERS, DistillBase, ConfigError, Objective, Preset, check_choice, check_positive,
+                         check_non_negative, model_spec, register_objective, register_presets)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'STORE_FORMAT', 'FKDConfig', 'sample_crops', 'render_crop', 'soft_targets', 'smoothed_onehot', 'read_index',
            'LabelStore', 'ClassifierTeacher', 'build_classifier_teacher', 'weights_fingerprint', 'store_meta',
-           'generate_soft_labels', 'calibrate', 'ReplayCrops', 'SoftMix', 'FKDTask', 'distill_fkd']
+           'label_image', 'generate_soft_labels', 'calibrate', 'ReplayCrops', 'SoftMix', 'FKDTask', 'distill_fkd']
 
 # %% ../nbs/11_fkd.ipynb #a6f48709
 @dataclass
@@ -42,6 +41,8 @@ class FKDConfig(DistillBase):
     "FKD / FerKD (seed 002): crop-level soft labels of a classifier teacher, generated once and replayed."
     # FKD's soft-label mixes were once called mixup/cutmix/selfmix (not FinetuneConfig's Mixup/CutMix)
     renamed = {**DistillBase.renamed, "mixup": "fkd_mixup", "cutmix": "fkd_cutmix", "selfmix": "fkd_selfmix"}
+    teacher: str = "timm:regnety_1280.swag_ft_in1k" # a classifier: "timm:<name>", "run:<finetuning run>" or "tiny"
+    teacher_checkpoint: typing.Optional[str] = None # a local file for a timm teacher; None = timm's weights
     objective: str = "fkd" # "fkd" (the teacher's soft labels) or "ferkd" (least confident crops get the softened GT)
     label_mode: str = "replay" # "replay" (stored soft labels, no teacher in training) or "online" (teacher per step)
     label_store: typing.Optional[str] = None # folder of the soft-label store; None = <out_dir>/soft_labels
@@ -63,28 +64,32 @@ class FKDConfig(DistillBase):
     layer_decay: float = 1.0 # lr_l = lr * layer_decay ** (L + 1 - l) of the student (seed 002 Table 2: 0.95); 1 = off
     crop_pct: float = 0.875 # evaluation: resize to img_size / crop_pct, then center crop (seed 002 Table 2: 1.0)
 
-    def validate(self):
-        super().validate()
-        check_choice("label_mode", self.label_mode, ("replay", "online"))
-        check_positive(self, "label_crops", "label_top_k", "label_temperature", "label_shard_images", "replay_crops")
-        if self.label_mode == "replay" and self.replay_crops > self.label_crops:
-            raise ConfigError(f"replay_crops={self.replay_crops} exceeds label_crops={self.label_crops}: "
-                              "a replayed image draws distinct stored crops")
-        for n in ("ferkd_hard_fraction", "ferkd_easy_fraction", "ferkd_smoothing"):
-            if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1]")
-        if self.ferkd_hard_fraction + self.ferkd_easy_fraction >= 1:
-            raise ConfigError("ferkd_hard_fraction + ferkd_easy_fraction = "
-                              f"{self.ferkd_hard_fraction + self.ferkd_easy_fraction} "
-                              "leaves no crop with the teacher's label: keep their sum below 1")
-        check_non_negative(self, "fkd_mixup", "fkd_cutmix", "fkd_selfmix")
-        if self.fkd_selfmix > 0 and self.replay_crops < 2:
-            raise ConfigError(f"fkd_selfmix={self.fkd_selfmix} mixes two crops of one image: set replay_crops >= 2")
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
-        if not 0 < self.crop_pct <= 1: raise ConfigError(f"crop_pct={self.crop_pct} must be in (0, 1]")
-        if self.rand_augment is not None and not self.rand_augment.startswith("rand-"):
-            raise ConfigError(f"rand_augment={self.rand_augment!r} is not a timm RandAugment string ('rand-m9-mstd0.5')")
+# %% ../nbs/11_fkd.ipynb #5e54e611
+@patch
+def validate(self: FKDConfig):
+    super(FKDConfig, self).validate()
+    model_spec(self.teacher, "teacher", CLASSIFIERS)  # FKD's teacher is a classifier
+    check_choice("label_mode", self.label_mode, ("replay", "online"))
+    check_positive(self, "label_crops", "label_top_k", "label_temperature", "label_shard_images", "replay_crops")
+    if self.label_mode == "replay" and self.replay_crops > self.label_crops:
+        raise ConfigError(f"replay_crops={self.replay_crops} exceeds label_crops={self.label_crops}: "
+                          "a replayed image draws distinct stored crops")
+    for n in ("ferkd_hard_fraction", "ferkd_easy_fraction", "ferkd_smoothing"):
+        if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1]")
+    if self.ferkd_hard_fraction + self.ferkd_easy_fraction >= 1:
+        raise ConfigError("ferkd_hard_fraction + ferkd_easy_fraction = "
+                          f"{self.ferkd_hard_fraction + self.ferkd_easy_fraction} "
+                          "leaves no crop with the teacher's label: keep their sum below 1")
+    check_non_negative(self, "fkd_mixup", "fkd_cutmix", "fkd_selfmix")
+    if self.fkd_selfmix > 0 and self.replay_crops < 2:
+        raise ConfigError(f"fkd_selfmix={self.fkd_selfmix} mixes two crops of one image: set replay_crops >= 2")
+    if not 0 < self.layer_decay <= 1:
+        raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
+    if not 0 < self.crop_pct <= 1: raise ConfigError(f"crop_pct={self.crop_pct} must be in (0, 1]")
+    if self.rand_augment is not None and not self.rand_augment.startswith("rand-"):
+        raise ConfigError(f"rand_augment={self.rand_augment!r} is not a timm RandAugment string ('rand-m9-mstd0.5')")
 
+# %% ../nbs/11_fkd.ipynb #34ae3526
 _SEED002 = ("Seed 002 (FerKD), Table 1: ImageNet-1K training from scratch on stored crop soft labels (300 epochs, "
             "1,024 crops per step = 256 images x 4 crops, AdamW lr 2e-3, wd 0.05, cosine, 5 warmup epochs); {}.")
 
@@ -199,6 +204,7 @@ def open(cls: LabelStore, root) -> "LabelStore":
 @patch(as_prop=True)
 def num_images(self: LabelStore) -> int: return self.meta["num_images"]
 
+# %% ../nbs/11_fkd.ipynb #0eae8a4e
 @patch(as_prop=True)
 def shard_images(self: LabelStore) -> int: return self.meta["shard_images"]
 
@@ -262,25 +268,15 @@ class ClassifierTeacher(nn.Module):
 
 def build_classifier_teacher(cfg, num_classes: int) -> ClassifierTeacher:
     "The classifier teacher a config names: `timm:<name>`, `run:<finetuning run>`, or `tiny` (random)."
-    name, size = cfg.teacher, cfg.label_img_size or cfg.img_size
-    if name.startswith("timm:"):
-        kw = {"pretrained_cfg_overlay": dict(file=str(cfg.teacher_checkpoint))} if cfg.teacher_checkpoint else {}
-        try: model = timm.create_model(name[5:], pretrained=True, **kw)
-        except (OSError, RuntimeError) as e:
-            if not cfg.teacher_checkpoint: raise offline_hint(name[5:], e) from e
-            raise
-        pc = model.pretrained_cfg
-        return ClassifierTeacher(model, cfg.label_img_size or pc.get("input_size", (3, size))[-1],
-                                 pc.get("mean", IMAGENET_DEFAULT_MEAN), pc.get("std", IMAGENET_DEFAULT_STD))
-    if name.startswith("run:"):
-        model = load_classifier(name[4:])
+    size = cfg.label_img_size or cfg.img_size
+    model = build_model(model_spec(cfg.teacher, "teacher", CLASSIFIERS), "classifier", cfg.teacher_checkpoint,
+                        2 * cfg.depth, size, num_classes=num_classes, patch_size=cfg.patch_size,
+                        embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
+    if isinstance(model, Classifier):  # a kdnb run's (its own input size) or a tiny one
         return ClassifierTeacher(model, cfg.label_img_size or model.backbone.arch.get("img_size", size))
-    if name == "tiny":
-        enc = Data2Vec2Encoder(size, cfg.patch_size, cfg.embed_dim, 2 * cfg.depth, cfg.num_heads,
-                               cfg.mlp_dim / cfg.embed_dim)
-        return ClassifierTeacher(Classifier(enc, num_classes), size)
-    raise ValueError(f"teacher={name!r} is not a classifier: FKD/FerKD need 'timm:<classifier>', 'run:<finetuning "
-                     "run>' or 'tiny'")
+    pc = model.pretrained_cfg  # a timm classifier: the input size and normalisation it was trained with
+    return ClassifierTeacher(model, cfg.label_img_size or pc.get("input_size", (3, size))[-1],
+                             pc.get("mean", IMAGENET_DEFAULT_MEAN), pc.get("std", IMAGENET_DEFAULT_STD))
 
 # %% ../nbs/11_fkd.ipynb #fba6bde8
 def weights_fingerprint(module: nn.Module) -> str:
@@ -303,6 +299,29 @@ def store_meta(cfg, teacher: ClassifierTeacher, dataset, num_classes: int) -> di
 
 # %% ../nbs/11_fkd.ipynb #fa1abf39
 @torch.no_grad()
+def label_image(cfg, # an FKDConfig (label_crops, label_temperature, crop_scale, hflip, seed)
+                teacher: ClassifierTeacher, img, # a PIL image
+                y: int, i: int, # its label and its index in the data set (seeds its crops)
+                k: int, chunk: int, device, amp) -> dict: # top-k, crops per forward, where and how the teacher runs
+    "One image's row of a store shard: its `label_crops` crops and the teacher's top-k probabilities on each."
+    if max(img.size) >= 2 ** 15:
+        raise ValueError(f"image {i} is {img.size}: boxes are stored as int16 (< 32768 px)")
+    N = cfg.label_crops
+    boxes, flips = sample_crops(*img.size, N, derive_seed(cfg.seed, "fkd-crops", i), cfg.crop_scale, hflip=cfg.hflip)
+    probs = []
+    for c in range(0, N, chunk):
+        x = torch.stack([render_crop(img, b, f, teacher.img_size, teacher.mean, teacher.std)
+                         for b, f in zip(boxes[c:c + chunk], flips[c:c + chunk])]).to(device)
+        with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
+            logits = teacher(x).float()
+        probs.append(torch.softmax(logits / cfg.label_temperature, -1).cpu())
+    p = torch.cat(probs)
+    v, ix = p.topk(k, -1)
+    return dict(boxes=boxes.to(torch.int16), flips=flips.to(torch.uint8), topk_idx=ix.to(torch.int16),
+                topk_prob=v.half(), gt_prob=p[:, y].half(), labels=torch.tensor(y))
+
+# %% ../nbs/11_fkd.ipynb #bb741fb1
+@torch.no_grad()
 def generate_soft_labels(cfg, # an FKDConfig (label_* fields, crop_scale, hflip, seed)
                          teacher: ClassifierTeacher,
                          dataset, # serves (PIL image, label): a SplitDataset without transform
@@ -318,35 +337,14 @@ def generate_soft_labels(cfg, # an FKDConfig (label_* fields, crop_scale, hflip,
     device = resolve_device(cfg.device, di.local_rank)
     amp = autocast_dtype(cfg.precision, device)
     teacher.to(device)
-    N, k = cfg.label_crops, min(cfg.label_top_k, num_classes)
+    k = min(cfg.label_top_k, num_classes)
     todo = [s for s in range(store.num_shards) if s % di.world_size == di.rank and not store.done(s)]
     if todo: log.info(f"soft labels: {len(todo)} of {store.num_shards} shards to make in {root}")
     for s in todo:
         t0 = time.perf_counter()
         lo, hi = s * store.shard_images, min((s + 1) * store.shard_images, len(dataset))
-        out = {n: [] for n in ("boxes", "flips", "topk_idx", "topk_prob", "gt_prob", "labels")}
-        for i in range(lo, hi):
-            img, y = dataset[i]
-            if max(img.size) >= 2 ** 15:
-                raise ValueError(f"image {i} is {img.size}: boxes are stored as int16 (< 32768 px)")
-            boxes, flips = sample_crops(*img.size, N, derive_seed(cfg.seed, "fkd-crops", i), cfg.crop_scale,
-                                        hflip=cfg.hflip)
-            probs = []
-            for c in range(0, N, chunk):
-                x = torch.stack([render_crop(img, b, f, teacher.img_size, teacher.mean, teacher.std)
-                                 for b, f in zip(boxes[c:c + chunk], flips[c:c + chunk])]).to(device)
-                with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
-                    logits = teacher(x).float()
-                probs.append(torch.softmax(logits / cfg.label_temperature, -1).cpu())
-            p = torch.cat(probs)
-            v, ix = p.topk(k, -1)
-            out["boxes"].append(boxes.to(torch.int16))
-            out["flips"].append(flips.to(torch.uint8))
-            out["topk_idx"].append(ix.to(torch.int16))
-            out["topk_prob"].append(v.half())
-            out["gt_prob"].append(p[:, y].half())
-            out["labels"].append(torch.tensor(y))
-        store.write_shard(s, {n: torch.stack(v) for n, v in out.items()}, time.perf_counter() - t0)
+        rows = [label_image(cfg, teacher, *dataset[i], i, k, chunk, device, amp) for i in range(lo, hi)]
+        store.write_shard(s, {n: torch.stack([r[n] for r in rows]) for n in rows[0]}, time.perf_counter() - t0)
     while not store.complete:  # torchrun: the other processes' shards (no collective: no timeout on long passes)
         time.sleep(poll_s)
     return store

@@ -69,6 +69,7 @@ class TextClassifier(nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
     def forward(self, ids, mask, tt=None): return self.head(self.fc_norm(self.pool(ids, mask, tt)))
 
+# %% ../nbs/13_glue.ipynb #f8d680e1
 class GlueTask(Task):
     "Finetuning on one GLUE task: cross-entropy (or MSE for STS-B), dev metrics, layer decay."
     trainable = "model"

@@ -15,6 +15,8 @@ import timm
 from timm.layers import PatchEmbed, Mlp, DropPath, trunc_normal_
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models._features import feature_take_indices
+from timm.models.beit import Block as BeitBlock
+from timm.models.vision_transformer import Block as ViTBlock
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -22,12 +24,12 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'LAYER_KINDS', 'D2V2_PREFIX', 'D2V2_KEY_MAP', 'D2V2_IGNORED', 'CHECKPOINT_URLS', 'BEIT_MIM_ONLY',
-           'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'sincos_pos_embed_2d', 'Attention', 'PostLNBlock', 'Data2Vec2Encoder',
-           'tiny_data2vec2', 'd2v2_split_wrapper', 'd2v2_checkpoint_filter_fn', 'd2v2_arch', 'download_checkpoint',
-           'load_checkpoint_file', 'convert_checkpoint', 'encoder_from_state', 'load_data2vec2',
+           'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'TIMM_BLOCKS', 'sincos_pos_embed_2d', 'Attention', 'PostLNBlock',
+           'Data2Vec2Encoder', 'tiny_data2vec2', 'd2v2_split_wrapper', 'd2v2_checkpoint_filter_fn', 'd2v2_arch',
+           'download_checkpoint', 'load_checkpoint_file', 'convert_checkpoint', 'encoder_from_state', 'load_data2vec2',
            'to_fairseq_state_dict', 'fairseq_cfg', 'input_renorm', 'renormalised', 'has_cls_token', 'target_tokens',
            'FrozenTeacher', 'check_timm_name', 'offline_hint', 'warn_timm_weights', 'create_timm', 'beitv2_teacher',
-           'timm_teacher', 'TimmEncoder', 'set_drop_path', 'Classifier']
+           'timm_teacher', 'TimmEncoder', 'set_drop_path', 'Classifier', 'compile_blocks']
 
 # %% ../nbs/01_models.ipynb #059a1d4f
 def sincos_pos_embed_2d(embed_dim: int, # D, a multiple of 4
@@ -126,6 +128,7 @@ class Data2Vec2Encoder(nn.Module):
 @patch(as_prop=True)
 def all_blocks(self: Data2Vec2Encoder): return [*self.prenet, *self.blocks]
 
+# %% ../nbs/01_models.ipynb #0cb046f2
 @patch
 def set_fused_attn(self: Data2Vec2Encoder, enable: bool = True):
     "Switch every block between fused and plain attention."
@@ -163,6 +166,7 @@ def encode_tokens(self: Data2Vec2Encoder, x, keep=None): # [B, N, D] patch token
 def forward_features(self: Data2Vec2Encoder, x): # [B, C, H, W] -> [B, 1+N, D] final tokens
     return self.encode_tokens(self.patch_tokens(x))
 
+# %% ../nbs/01_models.ipynb #1774860a
 @patch
 def forward(self: Data2Vec2Encoder, x, # [B, C, H, W]
             layers: str | None = None, # None: the final tokens; "ffn"/"block": every main block's activation
@@ -416,6 +420,7 @@ def encoder_from_state(arch: dict, # Data2Vec2Encoder arguments, as the checkpoi
                        "architecture if its cfg is wrong.")
     return model
 
+# %% ../nbs/01_models.ipynb #fed687cf
 def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL, named default, or loaded fairseq dict
                    depth: int | None = None, # keep the first `depth` main blocks; None keeps all
                    **overrides, # Data2Vec2Encoder arguments that win over the checkpoint's (img_size, drop_path_rate)
@@ -482,14 +487,16 @@ def target_tokens(feat, # one layer of forward_intermediates(return_prefix_token
 class FrozenTeacher(nn.Module):
     "A frozen, always-eval teacher that returns its per-layer activations."
     def __init__(self, model: nn.Module, # a timm ViT-family model or a Data2Vec2Encoder
-                 kind: str = "block", # which activation per layer: "block" (pre-LN) or "ffn" (Data2Vec2 only)
+                 kind: str = "block", # activation per layer: "block" (pre-LN), "ffn" (Data2Vec2 only), "auto" (ffn if it can)
                  mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, # the teacher's own input normalisation
                  std: Sequence[float] = IMAGENET_DEFAULT_STD,
                  data_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, # the normalisation of the images it is given
                  data_std: Sequence[float] = IMAGENET_DEFAULT_STD):
         super().__init__()
+        gives_ffn = "kind" in inspect.signature(model.forward_intermediates).parameters  # kdnb's post-LN encoders
+        if kind == "auto": kind = "ffn" if gives_ffn else "block"
         if kind not in LAYER_KINDS: raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
-        if kind == "ffn" and "kind" not in inspect.signature(model.forward_intermediates).parameters:
+        if kind == "ffn" and not gives_ffn:
             raise ValueError(f"kind='ffn' needs a model whose forward_intermediates gives FFN outputs "
                              f"(Data2Vec2Encoder); {type(model).__name__} gives block outputs only: use kind='block'")
         self.model, self.kind = model.eval().requires_grad_(False), kind
@@ -497,16 +504,6 @@ class FrozenTeacher(nn.Module):
         self.has_cls, self.input_size = has_cls_token(model), None  # input_size: set by match_grid
 
     def train(self, mode: bool = True): return super().train(False)  # a teacher never leaves eval mode
-
-    @property
-    def num_layers(self) -> int: return len(self.model.blocks)
-    @property
-    def dtype(self) -> torch.dtype: return next(self.model.parameters()).dtype
-
-    def cast(self, dtype: torch.dtype):
-        "Store the teacher's weights in `dtype` (bf16 on the fast path): no per-step weight casts under autocast."
-        self.model.to(dtype)
-        return self
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter a compiled graph (compile="step")
     def forward(self, x, # [B, C, H, W] images in the data pipeline's normalisation
@@ -524,6 +521,18 @@ class FrozenTeacher(nn.Module):
                                                  norm=False, stop_early=True, output_fmt="NLC",
                                                  intermediates_only=True, **kw)
         return [target_tokens(f, self.has_cls) for f in feats]
+
+# %% ../nbs/01_models.ipynb #d7cc3ed8
+@patch(as_prop=True)
+def num_layers(self: FrozenTeacher) -> int: return len(self.model.blocks)
+@patch(as_prop=True)
+def dtype(self: FrozenTeacher) -> torch.dtype: return next(self.model.parameters()).dtype
+
+@patch
+def cast(self: FrozenTeacher, dtype: torch.dtype):
+    "Store the teacher's weights in `dtype` (bf16 on the fast path): no per-step weight casts under autocast."
+    self.model.to(dtype)
+    return self
 
 # %% ../nbs/01_models.ipynb #5e1c0a03
 @patch
@@ -571,8 +580,9 @@ def create_timm(name: str, # a timm model name, checked before anything is downl
                 pretrained: bool = False, # timm's weights for `name` (downloaded from the hub)
                 checkpoint: str | Path | None = None, # a local weights file, read by timm's own loader and filter
                 field: str = "checkpoint", # the config field that names a local file (said in the offline error)
+                layers: bool = True, # require forward_intermediates (a teacher's or student's layers); False: any model
                 **kwargs) -> nn.Module: # timm.create_model arguments (img_size, num_classes, embed_dim, ...)
-    "A timm ViT-family model with timm's weights, a local file's, or random ones: the teachers' and students' one way."
+    "A timm model with timm's weights, a local file's, or random ones: the one way kdnb calls timm.create_model."
     check_timm_name(name)
     if checkpoint is not None: kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
     try:
@@ -580,7 +590,7 @@ def create_timm(name: str, # a timm model name, checked before anything is downl
     except (OSError, RuntimeError) as e:
         if pretrained and checkpoint is None: raise offline_hint(name, e, field) from e
         raise
-    if not hasattr(model, "forward_intermediates"):
+    if layers and not hasattr(model, "forward_intermediates"):
         raise TypeError(f"timm model {name} has no forward_intermediates; choose a ViT-family model")
     return model
 
@@ -725,3 +735,20 @@ class Classifier(nn.Module):
         return tokens[:, getattr(self.backbone, "num_prefix_tokens", 1):].mean(dim=1)  # patches only
     def forward_head(self, pooled): return self.head(self.fc_norm(pooled))  # [B, D] -> [B, classes]
     def forward(self, x): return self.forward_head(self.pool(x))
+
+# %% ../nbs/01_models.ipynb #79a1be91
+TIMM_BLOCKS = (ViTBlock, BeitBlock)  # timm blocks that compile_blocks compiles
+
+def compile_blocks(module: nn.Module, **kwargs) -> int:
+    """`torch.compile` every transformer block inside `module`, in place; returns how many.
+    Per block (PyTorch's regional compilation): the encoders hand out their layers through generators, which
+    would break a whole-model graph, and blocks of one class share one compiled graph, so it compiles once."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, PostLNBlock):  # the Data2Vec2 encoder calls forward_with_ffn, forward wraps it
+            m.forward_with_ffn = torch.compile(m.forward_with_ffn, **kwargs)
+            n += 1
+        elif isinstance(m, TIMM_BLOCKS):
+            m.compile(**kwargs)
+            n += 1
+    return n

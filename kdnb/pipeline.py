@@ -14,7 +14,7 @@ from fastcore.basics import patch
 import pandas as pd
 import matplotlib.pyplot as plt
 from .config import (load_config, make_portable, portable, ConfigBase, ConfigError, get_config, check_choice,
-                         check_model, check_positive, DATASETS, Preset, RunKind, register_run, write_atomic)
+                         model_spec, check_positive, DATASETS, Preset, RunKind, register_run, write_atomic)
 from .runs import run
 from .report import read_metrics, read_summary, mean_interval, paired_differences
 from .engine import code_commit, Checkpointer, check_resume_config, FolderLock, machine_facts, read_records
@@ -24,15 +24,16 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'SHOWN_DECIMALS',
-           'NOT_COMPARED', 'PipelineConfig', 'student_seeds', 'stage_precision', 'teacher_stages', 'student_stages',
-           'evaluated_models', 'stage_configs', 'run_pipeline', 'pipeline', 'encoder_gflop', 'stage_gflop',
-           'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'first_stage', 'describe_pipeline',
-           'export_results', 'pipeline_command', 'shown', 'compare_stage', 'reproduce', 'reproduce_main']
+           'NOT_COMPARED', 'PipelineArms', 'PipelineSizes', 'PipelineConfig', 'student_seeds', 'stage_precision',
+           'teacher_stages', 'student_stages', 'evaluated_models', 'stage_configs', 'run_pipeline', 'pipeline',
+           'encoder_gflop', 'stage_gflop', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline',
+           'first_stage', 'describe_pipeline', 'export_results', 'pipeline_command', 'shown', 'compare_stage',
+           'reproduce', 'reproduce_main']
 
 # %% ../nbs/18_pipeline.ipynb #e7f250e8
 @dataclass
-class PipelineConfig(ConfigBase):
-    "The chain teacher -> students -> distillation -> probe/finetune of the teacher and each student, distilled or not."
+class PipelineArms(ConfigBase):
+    "What a pipeline compares: the data, the teacher, the students and the arms (PipelineConfig's first part)."
     preset: str = "custom" # the preset these values came from (informational)
     dataset: str = "digits" # one of DATASETS
     data_root: str = "data" # folder of the data set
@@ -56,6 +57,11 @@ class PipelineConfig(ConfigBase):
     # arm (c): the teacher's first half trained for the distillation's budget with data2vec 2.0's objective instead
     d2v_baseline: bool = False
     random_reference: bool = False # also the student from random weights, distilled and not (a reference)
+
+# %% ../nbs/18_pipeline.ipynb #0dcb37d4
+@dataclass
+class PipelineSizes(PipelineArms):
+    "The sizes, epochs and learning rates of the pipeline's stages (PipelineConfig's second part)."
     img_size: int = 16 # input resolution (embedded default: 16 px digits)
     patch_size: int = 4 # patch side of the models trained here (teacher 'pretrain'/'train')
     embed_dim: int = 64 # width of the trained teacher
@@ -75,6 +81,11 @@ class PipelineConfig(ConfigBase):
     distill_lr: float = 1e-3 # lr of the distillations (teacher 'beitv2': the seed preset's)
     probe_lr: float = 1e-2 # lr of the linear probes (teacher 'beitv2': the seed preset's)
     finetune_lr: float = 3e-3 # lr of the finetunings (teacher 'beitv2': the seed preset's)
+
+# %% ../nbs/18_pipeline.ipynb #5adb9001
+@dataclass
+class PipelineConfig(PipelineSizes):
+    "The chain teacher -> students -> distillation -> probe/finetune of the teacher and each student, distilled or not."
     # seed of the teacher's pretraining, of the validation split and of the first student seed (the other donor
     # pretrains with seed + 1)
     seed: int = 0
@@ -92,17 +103,22 @@ class PipelineConfig(ConfigBase):
     wait: bool = False
 
 # %% ../nbs/18_pipeline.ipynb #e64027e6
+@patch(as_prop=True)
+def timm_student(self: PipelineConfig) -> bool:
+    "Whether the students are a timm model: `student` names one ('timm:<name>'), read by the one model parser."
+    if self.student in ("half", "other", "both"): return False  # settings of the pipeline, not model names
+    return model_spec(self.student, "student", ("data2vec2", "timm")).is_timm
+
 @patch
 def validate(self: PipelineConfig):
     check_choice("dataset", self.dataset, DATASETS)
     check_choice("teacher", self.teacher, ("pretrain", "train", "beitv2"))
-    if not self.student.startswith("timm:"):
+    if self.student not in ("half", "other", "both") and ":" not in self.student:
         check_choice("student", self.student, ("half", "other", "both", "data2vec2", "timm:<model name>"))
-    else: check_model("student", self.student)
+    timm_student = self.timm_student  # a model name goes through the one parser (a timm name is checked there)
     check_choice("teacher_images", self.teacher_images, ("same", "all"))
     check_choice("resume", self.resume, (True, False, "auto"))
     check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-    timm_student = self.student.startswith("timm:")
     if self.teacher == "train" and not (self.student == "half" or timm_student):
         raise ConfigError("a trained teacher pairs with student='half' (the first half of its blocks) or a timm one")
     if self.teacher == "pretrain" and self.student == "data2vec2":
@@ -148,10 +164,11 @@ def _size(p: PipelineConfig) -> dict:
     return dict(img_size=p.img_size, patch_size=p.patch_size, embed_dim=p.embed_dim,
                 num_heads=p.num_heads) if _local(p) else {}
 
+# %% ../nbs/18_pipeline.ipynb #d863c40c
 def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
     "The teacher's (and donor's) stages, the students {setting suffix: (start weights, depth, model)}, the teacher."
     out, st, students, half = Path(p.out_dir), {}, {}, p.teacher_depth // 2
-    timm_student = p.student.startswith("timm:")
+    timm_student = p.timm_student
     common = _common(p, p.seed)
     if p.teacher == "pretrain":
         def pretraining(name, seed, mlp_ratio, epochs):
@@ -214,6 +231,7 @@ def evaluated_models(p: PipelineConfig, students: dict, teacher: tuple, seed: in
         if sx == "" and p.d2v_baseline: models["d2v"] = (str(out / f"d2v{ss}"), s_depth, "data2vec2")
     return models
 
+# %% ../nbs/18_pipeline.ipynb #60e56240
 def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
     "The config of every stage, keyed by its subfolder name, in the order they run: the teacher's, then seed by seed."
     st, students, teacher = teacher_stages(p)

@@ -174,6 +174,7 @@ def masked_spread(x: torch.Tensor, # [B, c, N, D] values (a [B, 1, N, D] target 
     s2 = (x * x * m).sum((0, 1, 2))
     return torch.sqrt((s2 - s1 * s1 / n) / (n - 1) + 1e-6).mean()
 
+# %% ../nbs/14_pretrain.ipynb #aceea6a6
 @patch
 def loss(self: PretrainTask, x, seed: int) -> dict:
     "data2vec 2.0's loss with no host sync: masks and indices are made on the host, masked means use their count."
@@ -254,6 +255,7 @@ def fairseq_checkpoint(model: Data2Vec2Pretrainer, cfg: PretrainConfig | None = 
         fc["kdnb_preset"] = cfg.preset
     return {"cfg": fc, "model": sd}
 
+# %% ../nbs/14_pretrain.ipynb #bbd0fff7
 def export_data2vec2(run: str | Path, # a finished pretraining run folder
                      dst: str | Path | None = None, # default: <run>/data2vec2.pt
                     ) -> Path:

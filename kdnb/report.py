@@ -249,6 +249,7 @@ def _finetune_rows(c) -> list:
             ("RandomErase", "Prob.", c.reprob), ("RandomErase", "Mode", c.remode),
             ("RandomErase", "# erase", c.recount)]
 
+# %% ../nbs/17_report.ipynb #56765528
 def finetune_table() -> pd.DataFrame:
     "Seed 000, Table 2: finetuning and linear probing on ImageNet-1K, CIFAR-10, CIFAR-100, from the presets."
     cols = {}
@@ -335,6 +336,7 @@ def ferkd_table() -> pd.DataFrame:
     df.index.name = "hyperparameter"
     return df
 
+# %% ../nbs/17_report.ipynb #223c63f1
 def ferkd_finetune_table() -> pd.DataFrame:
     "Seed 002 (FerKD), Table 2: finetuning on stored crop labels, from the preset `ferkd_finetune`."
     c: FKDConfig = get_config("ferkd_finetune")
@@ -355,6 +357,7 @@ def ferkd_finetune_table() -> pd.DataFrame:
 
 # %% ../nbs/17_report.ipynb #0b667aa8
 _SIZES = (("t", "ViT-T"), ("s", "ViT-S"), ("b", "ViT-B"))
+
 _x = lambda v: "×" if not v else v
 
 def _rand_augment_short(s: str | None) -> str:
@@ -394,6 +397,7 @@ def tinymim_finetune_table() -> pd.DataFrame:
         cols[f"{name} (preset tinymim_ft_vit_{size})"] = {h: fmt(v) for h, v in rows}
     return pd.DataFrame(cols).rename_axis("hyperparameter")
 
+# %% ../nbs/17_report.ipynb #d5b84aef
 def tinymim_segment_table() -> pd.DataFrame:
     "Seed 001 (TinyMIM), Table 3: ADE20K semantic segmentation (UperNet), from presets tinymim_seg_vit_s/b."
     cols, choices = {}, ", ".join(fmt(d) for d in SEG_LAYER_DECAYS)
@@ -410,8 +414,7 @@ def tinymim_segment_table() -> pd.DataFrame:
     return pd.DataFrame(cols).rename_axis("hyperparameter")
 
 # %% ../nbs/17_report.ipynb #800059a2
-# (section, hyperparameter, value of a PretrainConfig, the yaml field(s) it reproduces)
-PRETRAIN_ROWS = (
+PRETRAIN_ROWS = (  # (section, hyperparameter, value of a PretrainConfig, the yaml field(s) it reproduces)
     ("Model", "Main blocks", lambda c: c.depth, "model.depth"),
     ("Model", "Prenet blocks", lambda c: c.prenet_depth, "model.modalities.image.prenet_depth"),
     ("Model", "LayerNorm ε", lambda c: c.norm_eps, "model.norm_eps"),

@@ -4,6 +4,7 @@
 
 # %% ../nbs/15_segment.ipynb #1037c5fa
 from __future__ import annotations
+from fastcore.basics import patch
 import dataclasses, logging, math, typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from .config import (BaseConfig, ConfigError, Preset, RunKind, check_choice, check_model, check_non_negative,
+from .config import (BaseConfig, ConfigError, Preset, RunKind, check_choice, model_spec, ENCODERS, check_non_negative,
                          check_positive, get_config, register_run)
 from .data import SplitDataset, load_digits_images, stratified_split, seeded
 from .engine import Task, fit_task
@@ -83,6 +84,7 @@ def ade_classes(root: Path, n: int = 150) -> list[str]:
             if len(names) == n: return names
     return [f"class {i}" for i in range(1, n + 1)]
 
+# %% ../nbs/15_segment.ipynb #198ec671
 def load_ade20k(root: str | Path, # the folder holding ADEChallengeData2016/ (or that folder itself)
                 train: bool = True, # the training or the validation split
                 num_classes: int = 150, # labels 1..num_classes in the annotations (0: unlabeled)
@@ -140,6 +142,7 @@ class DigitScenes(SegmentationSource):
         m = np.where(lab == 0, IGNORE, lab.astype(np.int64) - 1).astype(np.uint8)
         return Image.fromarray(img), Image.fromarray(m)
 
+# %% ../nbs/15_segment.ipynb #0db47206
 def write_ade20k_layout(root: str | Path, # where ADEChallengeData2016/ is written
                         n_train: int = 64, n_val: int = 16, size: int = 64, seed: int = 0) -> Path:
     "Digit scenes written as ADE20K's release lays out its files (JPEG images, 8-bit PNG labels, objectInfo150.txt)."
@@ -255,22 +258,24 @@ class SegmentConfig(BaseConfig):
     eval_stride: typing.Optional[int] = None
     scenes: int = 512 # digit_scenes: images made in memory (80 % train, 20 % val); ignored for ade20k
 
-    def validate(self):
-        super().validate()
-        check_model("model", self.model)
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
-        if not 0 <= self.drop_path < 1: raise ConfigError(f"drop_path={self.drop_path} must be in [0, 1)")
-        if not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ConfigError(f"scale_range={self.scale_range} must satisfy 0 < min <= max")
-        if not 0 < self.cat_max_ratio <= 1: raise ConfigError(f"cat_max_ratio={self.cat_max_ratio} must be in (0, 1]")
-        if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
-        if self.eval_stride is not None and not 0 < self.eval_stride <= self.img_size:
-            raise ConfigError(f"eval_stride={self.eval_stride} must be in (0, img_size={self.img_size}]")
-        if self.num_classes is not None and self.num_classes <= 1:
-            raise ConfigError(f"num_classes={self.num_classes} must be > 1")
-        check_positive(self, "decoder_channels", "scenes")
+# %% ../nbs/15_segment.ipynb #bcf59b95
+@patch
+def validate(self: SegmentConfig):
+    super(SegmentConfig, self).validate()
+    model_spec(self.model, "model", ENCODERS)
+    if not 0 < self.layer_decay <= 1:
+        raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
+    if not 0 <= self.drop_path < 1: raise ConfigError(f"drop_path={self.drop_path} must be in [0, 1)")
+    if not 0 < self.scale_range[0] <= self.scale_range[1]:
+        raise ConfigError(f"scale_range={self.scale_range} must satisfy 0 < min <= max")
+    if not 0 < self.cat_max_ratio <= 1: raise ConfigError(f"cat_max_ratio={self.cat_max_ratio} must be in (0, 1]")
+    if self.img_size % self.patch_size:
+        raise ConfigError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+    if self.eval_stride is not None and not 0 < self.eval_stride <= self.img_size:
+        raise ConfigError(f"eval_stride={self.eval_stride} must be in (0, img_size={self.img_size}]")
+    if self.num_classes is not None and self.num_classes <= 1:
+        raise ConfigError(f"num_classes={self.num_classes} must be > 1")
+    check_positive(self, "decoder_channels", "scenes")
 
 # %% ../nbs/15_segment.ipynb #41ef791a
 def default_out_indices(depth: int) -> tuple[int, ...]:

@@ -44,6 +44,7 @@ def _to_nbformat(nb):
         for k in [k for k in c if k.endswith("_") or k == "has_sd"]: c.pop(k)
     return nbformat.reads(json.dumps(d), as_version=4)
 
+# %% ../nbs/19_site.ipynb #50601979
 def execute_page(path: Path, timeout: int = 1200, run: bool = True, add_docs: bool = True) -> nbformat.NotebookNode:
     "Add show_doc cells (when `add_docs`), then execute the notebook in its folder (skipping eval: false / slow cells)."
     if add_docs:
@@ -77,6 +78,7 @@ def execute_page(path: Path, timeout: int = 1200, run: bool = True, add_docs: bo
             else: os.environ["MPLBACKEND"] = saved
     return nb
 
+# %% ../nbs/19_site.ipynb #81156e96
 def docs_view(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     "nbdev's processing for documentation: hidden and exported cells removed, directives stripped."
     proc = NBProcessor(nb=dict2nb(copy.deepcopy(dict(nb))), procs=[hide_, rm_export, hide_line, clean_magics,
@@ -128,6 +130,7 @@ def page_title(path: Path) -> str:
                if c.cell_type == "markdown" and c.source.startswith("# ")), path.stem)
     return h1 if h1.startswith("Run:") else h1.split(": ")[0]
 
+# %% ../nbs/19_site.ipynb #42f88aef
 def _nav(pages, current, title="kdnb", titles=None):
     out, sec = [f"<h2>{html.escape(title)}</h2>"], None
     for s, p in pages:

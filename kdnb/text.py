@@ -104,6 +104,7 @@ def _encoder_from_arch(arch: dict, state: dict, num_layers: int | None, src) -> 
     load_state(enc, state, src)
     return enc
 
+# %% ../nbs/12_text.ipynb #1bf16003
 def load_text_encoder(src: str | Path, # a kdnb text run folder or weights file, a Hugging Face name or folder, "minilm"
                       num_layers: int | None = None, # keep the embeddings and the first `num_layers` layers
                      ) -> TextEncoder:

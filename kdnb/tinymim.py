@@ -4,6 +4,7 @@
 
 # %% ../nbs/09_tinymim.ipynb #707fd076
 from __future__ import annotations
+from fastcore.basics import patch
 import contextlib, math, typing  # typing: DistillConfig's inherited annotations (typing.Optional) resolve here
 from dataclasses import dataclass
 import torch
@@ -108,12 +109,6 @@ class TinyMIMConfig(DistillConfig):
     objective: str = "tinymim"
     relation_block: int = -1 # block whose Q/K/V relations are distilled (teacher and student; -1 = last)
     student_color_jitter: float = 0.0 # colour jitter of the student's view only (0.4 in seed 001)
-
-    def validate(self):
-        super().validate()
-        if not 0 <= self.student_color_jitter < 1:
-            raise ConfigError(f"student_color_jitter={self.student_color_jitter} must be in [0, 1)")
-
 _SEED001 = ("Seed 001 (TinyMIM), Table 1: relation distillation of a MIM teacher into a ViT-{}-sized student "
             "(300-epoch schedule: warmup 15 epochs; peak lr 2.4e-3 = 1.5e-4 x 4096/256, min lr 1e-5).")
 
@@ -125,6 +120,13 @@ def _tinymim(size: str, D: int, H: int) -> Preset:
         out_dir=f"runs/tinymim_vit_{size}"), _SEED001.format(size.upper()))
 
 register_presets(_tinymim("t", 192, 3), _tinymim("s", 384, 6), _tinymim("b", 768, 12))
+
+# %% ../nbs/09_tinymim.ipynb #b69b2d6f
+@patch
+def validate(self: TinyMIMConfig):
+    super(TinyMIMConfig, self).validate()
+    if not 0 <= self.student_color_jitter < 1:
+        raise ConfigError(f"student_color_jitter={self.student_color_jitter} must be in [0, 1)")
 
 # %% ../nbs/09_tinymim.ipynb #760012af
 _SEED001_FT = ("Seed 001 (TinyMIM), Table 2: ImageNet-1K finetuning of a TinyMIM ViT-{} (MAE's augmentation, layer "

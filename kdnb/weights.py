@@ -10,14 +10,16 @@ from pathlib import Path
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, load_file
-from .models import (Data2Vec2Encoder, TimmEncoder, Classifier, encoder_from_state, load_data2vec2,
-                         load_checkpoint_file, d2v2_split_wrapper, CHECKPOINT_URLS)
+from .models import (Data2Vec2Encoder, TimmEncoder, Classifier, FrozenTeacher, encoder_from_state, load_data2vec2,
+                         load_checkpoint_file, d2v2_split_wrapper, CHECKPOINT_URLS, beitv2_teacher, timm_teacher,
+                         create_timm, set_drop_path)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'ENCODERS', 'weights_metadata', 'save_weights', 'WeightsFile', 'read_weights', 'load_state', 'run_weights',
-           'weights_path', 'timm_from_state', 'load_backbone', 'is_kdnb_weights', 'timm_student', 'load_classifier']
+           'weights_path', 'timm_from_state', 'load_backbone', 'is_kdnb_weights', 'timm_student', 'load_classifier',
+           'build_model']
 
 # %% ../nbs/02_weights.ipynb #5b538fcc
 def weights_metadata(module: nn.Module) -> dict[str, str]:
@@ -73,6 +75,7 @@ def read_weights(path: str | Path) -> WeightsFile:
                        json.loads(meta.get("backbone_arch", meta["arch"])),
                        state)
 
+# %% ../nbs/02_weights.ipynb #ffd924f3
 def load_state(module: nn.Module, state: dict, src) -> nn.Module:
     "`module.load_state_dict(state)`, with missing, unexpected or misshapen keys named together with the file `src`."
     try: module.load_state_dict(state)
@@ -168,3 +171,39 @@ def load_classifier(src: str | Path, # finetuning run folder, kdnb .safetensors,
         raise ValueError(f"{src} holds a {wf.cls}, not an image Classifier: point to a finetuning run")
     encoder = ENCODERS[wf.backbone_class][0](**wf.backbone_arch)  # random weights, replaced by the file's
     return load_state(Classifier(encoder, wf.arch["num_classes"]), wf.state, p)
+
+# %% ../nbs/02_weights.ipynb #0009c38a
+def build_model(spec, # a kdnb.config.ModelSpec (family, name): config.model_spec parses a config's string
+                role: str = "encoder", # "encoder" (student, backbone), "teacher" (FrozenTeacher), "classifier" (frozen)
+                checkpoint: str | None = None, # where the weights come from (the table above)
+                depth: int | None = None, # encoder: keep the first `depth` blocks
+                img_size: int = 224, # input resolution (square)
+                drop_path: float = 0.0, # encoder: stochastic depth rising linearly to this
+                layer_kind: str = "auto", # teacher: "block", "ffn", "auto" (ffn for kdnb's post-LN encoders)
+                num_classes: int | None = None, # a tiny classifier's classes
+                **sizes) -> nn.Module: # a tiny (or random data2vec2) model's Data2Vec2Encoder sizes (patch_size, ...)
+    "The model a spec names, in the role asked for: the one place kdnb turns a model's name into a model."
+    if role not in ("encoder", "teacher", "classifier"):
+        raise ValueError(f"role={role!r}: use 'encoder', 'teacher' or 'classifier'")
+    fam, name = spec.family, spec.name
+    if role == "teacher":
+        if fam == "beitv2": return beitv2_teacher(checkpoint, pretrained=checkpoint is None, img_size=img_size)
+        if fam == "timm":  # checkpoint None = timm's weights, "random" = none (tests, mechanics)
+            return timm_teacher(name, pretrained=checkpoint is None,
+                                checkpoint=None if checkpoint == "random" else checkpoint, img_size=img_size)
+        model = (load_data2vec2(checkpoint or "data2vec2_base", img_size=img_size) if fam == "data2vec2" else
+                 load_backbone(name) if fam == "run" else Data2Vec2Encoder(img_size, depth=depth or 12, **sizes))
+        return FrozenTeacher(model, kind=layer_kind)
+    if role == "classifier":
+        if fam == "timm":  # any timm classifier (FKD's RegNetY too), its pretrained_cfg kept for the input it expects
+            return create_timm(name, checkpoint is None, None if checkpoint in (None, "random") else checkpoint,
+                               "teacher_checkpoint", layers=False)
+        if fam == "run": return load_classifier(name)
+        if fam == "tiny": return Classifier(Data2Vec2Encoder(img_size, depth=depth or 12, **sizes), num_classes)
+        raise ValueError(f"{spec} is not a classifier: use 'timm:<classifier>', 'run:<finetuning run>' or 'tiny'")
+    if fam not in ("data2vec2", "tiny", "timm"):
+        raise ValueError(f"{spec} is a teacher, not an encoder: use 'data2vec2', 'tiny' or 'timm:<name>'")
+    if fam == "timm": encoder = timm_student(name, checkpoint, depth, img_size)
+    elif checkpoint is not None: encoder = load_backbone(checkpoint, depth=depth, img_size=img_size)
+    else: encoder = Data2Vec2Encoder(img_size, depth=depth or 12, **sizes)
+    return set_drop_path(encoder, drop_path) if drop_path > 0 else encoder

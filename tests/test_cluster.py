@@ -72,7 +72,7 @@ class Act(E.Callback):
                 if s == "raise": raise RuntimeError("rank %d failed on purpose" % t.dist.rank)
                 os.kill(os.getpid(), getattr(signal, s))
 base = E.default_callbacks
-E.default_callbacks = lambda: base() + [Act()]
+E.default_callbacks = lambda *a, **k: base(*a, **k) + [Act()]
 sys.exit(main(sys.argv[4:]))
 """
 

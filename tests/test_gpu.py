@@ -19,7 +19,7 @@ from test_runs import DIE_IN_CHECKPOINT_WRITE
 from kdnb.config import get_config
 from kdnb.data import CropBatch, DeviceCrop, loader_settings
 from kdnb.distill import DistillTask
-from kdnb.engine import compile_blocks
+from kdnb.models import compile_blocks
 from kdnb.models import Classifier, Data2Vec2Encoder, FrozenTeacher
 
 pytestmark = pytest.mark.gpu
