@@ -137,3 +137,114 @@ def test_one_path_to_the_optimizer():
                 name = getattr(node.func, "attr", getattr(node.func, "id", None))
                 if name in ("param_groups", "AdamW", "Adam", "SGD"): calls.setdefault(name, []).append(path.name)
     assert calls == {"param_groups": ["engine.py"], "AdamW": ["engine.py"]}, calls
+
+
+# --- issue 36: one model parser, a loop that names no model, cells in nbdev's rhythm
+
+PREFIXES = ("timm:", "run:")  # the model families written "<family>:<name>"
+PARSER = ("config.py", "model_spec")  # the one place that takes a model name apart
+
+
+def _has_prefix(node) -> bool:
+    consts = node.elts if isinstance(node, ast.Tuple) else [node]
+    return any(isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value.startswith(PREFIXES) for c in consts)
+
+
+def hand_parsed_model_names(path: Path) -> list[str]:
+    """Model names taken apart outside the one parser: a `timm:`/`run:` prefix tested, cut or compared, or a name
+    sliced by hand (`name[5:]`) in a function that speaks of those prefixes."""
+    tree, out = ast.parse(path.read_text()), []
+    parents = {id(c): n for n in ast.walk(tree) for c in ast.iter_child_nodes(n)}
+    def function_of(node):
+        while id(node) in parents:
+            node = parents[id(node)]
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)): return node
+        return tree
+    for node in ast.walk(tree):
+        fn = function_of(node)
+        if (path.name, getattr(fn, "name", None)) == PARSER: continue
+        where = f"{path.name}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                "startswith", "removeprefix", "partition", "split", "find", "index") and any(map(_has_prefix, node.args)):
+            out.append(f"{where}: .{node.func.attr}() on a model prefix (parse it with config.model_spec)")
+        elif isinstance(node, ast.Compare) and any(map(_has_prefix, [node.left, *node.comparators])):
+            out.append(f"{where}: a model name compared with a prefix (parse it with config.model_spec)")
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Slice) and node.slice.upper is None \
+                and isinstance(node.slice.lower, ast.Constant) and node.slice.lower.value in (4, 5):
+            words = {c.value for c in ast.walk(fn) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+            if any(w.startswith(PREFIXES) or w in ("timm", "run") for w in words):
+                out.append(f"{where}: a name sliced by hand beside a model prefix (parse it with config.model_spec)")
+    return out
+
+
+def test_model_names_are_parsed_in_one_place():
+    bad = [v for p in sorted((ROOT / "kdnb").glob("*.py")) if p.name != "_modidx.py" for v in hand_parsed_model_names(p)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_parser_check_finds_what_it_looks_for(tmp_path):
+    (tmp_path / "x.py").write_text(
+        "def a(name):\n    if name.startswith('timm:'): return name[5:]\n"
+        "def b(name): return name.startswith(('timm:', 'run:'))\n"
+        "def c(name): return name[:4] == 'run:'\n"
+        "def d(head): return head[5:]\n")  # a slice with no model prefix in sight is not a model name
+    bad = hand_parsed_model_names(tmp_path / "x.py")
+    assert sorted(v.split(":")[1] for v in bad) == ["2", "2", "3", "4"], bad
+
+
+def model_class_imports(path: Path, models: Path) -> list[str]:
+    "Classes of kdnb.models (and anything of timm.models) that `path` imports."
+    classes = {n.name for n in ast.parse(models.read_text()).body if isinstance(n, ast.ClassDef)}
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            mod = ("." * node.level) + (node.module or "")
+            if mod in (".models", "kdnb.models"):
+                out += [f"{path.name}:{node.lineno} imports the model class {a.name}" for a in node.names
+                        if a.name in classes]
+            elif mod.startswith("timm.models"):
+                out.append(f"{path.name}:{node.lineno} imports from {mod}")
+    return out
+
+
+def test_the_engine_names_no_model():
+    "The loop knows no model class: compiling blocks is the models' business (kdnb.models.compile_blocks)."
+    bad = model_class_imports(ROOT / "kdnb" / "engine.py", ROOT / "kdnb" / "models.py")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_model_import_check_finds_what_it_looks_for(tmp_path):
+    (tmp_path / "models.py").write_text("class Block: pass\ndef compile_blocks(m): pass\n")
+    (tmp_path / "engine.py").write_text("from .models import Block, compile_blocks\n"
+                                        "from timm.models.beit import Block as B\n")
+    bad = model_class_imports(tmp_path / "engine.py", tmp_path / "models.py")
+    assert len(bad) == 2 and "Block" in bad[0] and "timm.models.beit" in bad[1], bad
+
+
+MAX_CELL = 40  # lines of an exported cell (nbdev's own API notebooks: median 14, p90 31)
+
+
+def long_exported_cells(nbs: Path) -> list[str]:
+    import json
+    out = []
+    for nb in sorted(nbs.glob("*.ipynb")):
+        for i, c in enumerate(json.loads(nb.read_text())["cells"]):
+            src = "".join(c["source"])
+            if c["cell_type"] == "code" and src.lstrip().startswith("#| export"):
+                n = len(src.strip().splitlines()) - 1  # the code, not the directive
+                if n > MAX_CELL: out.append(f"{nb.name} cell {i}: {n} exported lines (split it at a function boundary)")
+    return out
+
+
+def test_exported_cells_are_short():
+    bad = long_exported_cells(ROOT / "nbs")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_cell_check_finds_what_it_looks_for(tmp_path):
+    import json
+    cell = lambda s: {"cell_type": "code", "source": s, "metadata": {}, "outputs": [], "execution_count": None}
+    nb = {"cells": [cell("#| export\n" + "x = 1\n" * 41), cell("#| export\n" + "x = 1\n" * 40), cell("y = 2\n" * 99)],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "a.ipynb").write_text(json.dumps(nb))
+    assert long_exported_cells(tmp_path) == ["a.ipynb cell 0: 41 exported lines (split it at a function boundary)"]
