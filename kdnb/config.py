@@ -330,14 +330,15 @@ MODEL_FAMILIES = {
     "beitv2": "timm's BEiTv2 ViT-B/16 with a unilm checkpoint (or timm's weights)",
     "timm": "timm:<name>, any model timm lists",
     "run": "run:<folder>, the model a kdnb run folder holds",
+    "local-dir": "local-dir:<folder>, a timm folder (config.json + model.safetensors; what kdnb export writes)",
     "tiny": "a small random Data2Vec2 encoder (tests, mechanics)",
 }
 
-PREFIXED = ("timm", "run")  # the families written "<family>:<name>"
+PREFIXED = ("timm", "run", "local-dir")  # the families written "<family>:<name>"
 
-ENCODERS = ("data2vec2", "tiny", "timm")  # what a student or a backbone (`model`) may be; its weights: `checkpoint`
+ENCODERS = ("data2vec2", "tiny", "timm", "local-dir")  # what a student or a backbone (`model`) may be
 
-CLASSIFIERS = ("timm", "run", "tiny")  # what a classifier teacher (FKD, FerKD) may be
+CLASSIFIERS = ("timm", "run", "tiny", "local-dir")  # what a classifier teacher (FKD, FerKD) may be
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -348,6 +349,7 @@ class ModelSpec:
     @property
     def is_timm(self) -> bool: return self.family == "timm"
 
+# %% ../nbs/04_config.ipynb #9794ff82
 @functools.lru_cache(maxsize=None)  # parsed once per value and role (errors are not cached)
 def model_spec(value: str, # what the field holds, e.g. "data2vec2", "timm:vit_small_patch16_224", "run:runs/x"
                field: str = "model", # the config field (named in every error)
@@ -355,12 +357,16 @@ def model_spec(value: str, # what the field holds, e.g. "data2vec2", "timm:vit_s
               ) -> ModelSpec:
     "The one parser of model names: a `ModelSpec`, or a ConfigError naming the field, the accepted forms and the fix."
     family, colon, name = str(value).partition(":")
-    forms = [f"{f}:<{'model name' if f == 'timm' else 'run folder'}>" if f in PREFIXED else f for f in families]
+    what = {"timm": "model name", "run": "run folder", "local-dir": "timm folder"}
+    forms = [f"{f}:<{what[f]}>" if f in PREFIXED else f for f in families]
     if family not in families or bool(colon) != (family in PREFIXED) or (colon and not name):
         hint = difflib.get_close_matches(str(value), forms, 1)
         raise ConfigError(f"{field}={value!r} is not one of {forms}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
     spec = ModelSpec(family, name or None)
     if spec.is_timm: check_timm_model(field, spec.name)
+    if family == "local-dir" and not (Path(name) / "config.json").is_file():
+        raise ConfigError(f"{field}={value!r}: {name} holds no config.json; point to a timm folder (kdnb export RUN "
+                          "--out DIR writes one)")
     return spec
 
 # %% ../nbs/04_config.ipynb #6b5c3cf9

@@ -81,9 +81,10 @@ class MappedStudent(nn.Module):
 
 # %% ../nbs/07_distill.ipynb #c41ac091
 def teacher_layer_kind(cfg: DistillConfig) -> str:
-    "The teacher's activation per layer: `ffn` for data2vec 2.0 teachers (the thesis code), a run's by its class, else `block`."
+    "A teacher's activation per layer: `ffn` for data2vec 2.0 (the thesis code), a run's or folder's by its class, else `block`."
     if cfg.teacher_layer_kind != "auto": return cfg.teacher_layer_kind
-    return {"data2vec2": "ffn", "run": "auto"}.get(model_spec(cfg.teacher, "teacher").family, "block")
+    return {"data2vec2": "ffn", "run": "auto", "local-dir": "auto"}.get(model_spec(cfg.teacher, "teacher").family,
+                                                                        "block")
 
 def build_teacher(cfg: DistillBase) -> FrozenTeacher:
     "The frozen teacher a config names: `build_model` in the teacher role (a `tiny` one has twice the student's depth)."

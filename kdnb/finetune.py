@@ -129,6 +129,7 @@ def finetune(cfg: FinetuneConfig | None = None, # a config; None = get_config("a
     mix = None if cached else mixup_fn(cfg, num_classes)
     task = FinetuneTask(model, cfg.mode, mix, cfg.label_smoothing, cfg.seed, on_features=cached)
     info = dict(kind=cfg.mode, dataset=cfg.dataset, model=cfg.model, checkpoint=cfg.checkpoint, num_classes=num_classes,
+                classes=[str(c) for c in data.classes] if data.classes else None,
                 trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                 cached_features=cached, val_source=data.val_source)
     return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info)

@@ -15,6 +15,7 @@ import timm
 from timm.layers import PatchEmbed, Mlp, DropPath, trunc_normal_
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.beit import Block as BeitBlock
 from timm.models.vision_transformer import Block as ViTBlock
 from safetensors import SafetensorError
@@ -24,12 +25,13 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'LAYER_KINDS', 'D2V2_PREFIX', 'D2V2_KEY_MAP', 'D2V2_IGNORED', 'CHECKPOINT_URLS', 'BEIT_MIM_ONLY',
-           'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'TIMM_BLOCKS', 'sincos_pos_embed_2d', 'Attention', 'PostLNBlock',
-           'Data2Vec2Encoder', 'tiny_data2vec2', 'd2v2_split_wrapper', 'd2v2_checkpoint_filter_fn', 'd2v2_arch',
-           'download_checkpoint', 'load_checkpoint_file', 'convert_checkpoint', 'encoder_from_state', 'load_data2vec2',
-           'to_fairseq_state_dict', 'fairseq_cfg', 'input_renorm', 'renormalised', 'has_cls_token', 'target_tokens',
-           'FrozenTeacher', 'check_timm_name', 'offline_hint', 'warn_timm_weights', 'create_timm', 'beitv2_teacher',
-           'timm_teacher', 'TimmEncoder', 'set_drop_path', 'Classifier', 'compile_blocks']
+           'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'TIMM_NAME', 'default_cfgs', 'TIMM_BLOCKS', 'sincos_pos_embed_2d',
+           'Attention', 'PostLNBlock', 'Data2Vec2Encoder', 'tiny_data2vec2', 'd2v2_split_wrapper',
+           'd2v2_checkpoint_filter_fn', 'd2v2_arch', 'download_checkpoint', 'load_checkpoint_file',
+           'convert_checkpoint', 'encoder_from_state', 'load_data2vec2', 'to_fairseq_state_dict', 'fairseq_cfg',
+           'input_renorm', 'renormalised', 'has_cls_token', 'target_tokens', 'FrozenTeacher', 'check_timm_name',
+           'offline_hint', 'warn_timm_weights', 'create_timm', 'beitv2_teacher', 'timm_teacher', 'TimmEncoder',
+           'set_drop_path', 'Classifier', 'data2vec2_for_timm', 'kdnb_data2vec2', 'compile_blocks']
 
 # %% ../nbs/01_models.ipynb #059a1d4f
 def sincos_pos_embed_2d(embed_dim: int, # D, a multiple of 4
@@ -735,6 +737,30 @@ class Classifier(nn.Module):
         return tokens[:, getattr(self.backbone, "num_prefix_tokens", 1):].mean(dim=1)  # patches only
     def forward_head(self, pooled): return self.head(self.fc_norm(pooled))  # [B, D] -> [B, classes]
     def forward(self, x): return self.forward_head(self.pool(x))
+
+# %% ../nbs/01_models.ipynb #015e8ee2
+TIMM_NAME = "kdnb_data2vec2"  # the name kdnb's encoder has in timm's registry
+default_cfgs = generate_default_cfgs({TIMM_NAME: dict(  # timm's register_model reads this module's default_cfgs
+    input_size=(3, 224, 224), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bicubic",
+    crop_pct=0.875, num_classes=0, first_conv="patch_embed.proj", classifier="head", license="mit")})
+
+def data2vec2_for_timm(num_classes: int = 0, # > 0: the Classifier with a head of that many classes
+                       global_pool: str = "avg", # the Classifier's pooling: the mean of the patch tokens only
+                       img_size: int | Sequence[int] = 224, # timm may pass (H, W)
+                       **arch) -> nn.Module: # Data2Vec2Encoder arguments
+    "The model timm builds for `kdnb_data2vec2`: the encoder, or the classifier around it."
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool={global_pool!r}: kdnb's classifier pools the mean of the patch tokens ('avg')")
+    if not isinstance(img_size, int):
+        if img_size[0] != img_size[1]: raise ValueError(f"img_size={tuple(img_size)}: kdnb's encoder is square")
+        img_size = img_size[0]
+    enc = Data2Vec2Encoder(img_size=img_size, **arch)
+    return Classifier(enc, num_classes) if num_classes else enc
+
+@register_model
+def kdnb_data2vec2(pretrained: bool = False, **kwargs) -> nn.Module:
+    "kdnb's Data2Vec2 encoder (post-LN blocks, sin-cos positions, CLS) as a timm model."
+    return build_model_with_cfg(data2vec2_for_timm, TIMM_NAME, pretrained, **kwargs)
 
 # %% ../nbs/01_models.ipynb #79a1be91
 TIMM_BLOCKS = (ViTBlock, BeitBlock)  # timm blocks that compile_blocks compiles

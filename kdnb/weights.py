@@ -12,14 +12,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, load_file
 from .models import (Data2Vec2Encoder, TimmEncoder, Classifier, FrozenTeacher, encoder_from_state, load_data2vec2,
                          load_checkpoint_file, d2v2_split_wrapper, CHECKPOINT_URLS, beitv2_teacher, timm_teacher,
-                         create_timm, set_drop_path)
+                         create_timm, set_drop_path, TIMM_NAME)
+import timm
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'ENCODERS', 'weights_metadata', 'save_weights', 'WeightsFile', 'read_weights', 'load_state', 'run_weights',
            'weights_path', 'timm_from_state', 'load_backbone', 'is_kdnb_weights', 'timm_student', 'load_classifier',
-           'build_model']
+           'folder_encoder', 'build_model']
 
 # %% ../nbs/02_weights.ipynb #5b538fcc
 def weights_metadata(module: nn.Module) -> dict[str, str]:
@@ -172,6 +173,30 @@ def load_classifier(src: str | Path, # finetuning run folder, kdnb .safetensors,
     encoder = ENCODERS[wf.backbone_class][0](**wf.backbone_arch)  # random weights, replaced by the file's
     return load_state(Classifier(encoder, wf.arch["num_classes"]), wf.state, p)
 
+# %% ../nbs/02_weights.ipynb #f912655d
+def folder_encoder(folder: str | Path, # a timm folder: config.json + model.safetensors
+                   depth: int | None = None, # keep the first `depth` blocks
+                   img_size: int | None = None, # another input size
+                  ) -> nn.Module: # a Data2Vec2Encoder or a TimmEncoder
+    "The image encoder of a timm `local-dir` folder (kdnb's export or timm's), cut and resized as any student."
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        sd, args = load_file(str(folder / "model.safetensors")), dict(cfg["model_args"])
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise ValueError(f"{folder} is not a readable timm folder ({type(e).__name__}: {e}): it needs config.json "
+                         "with model_args and model.safetensors (kdnb export RUN --out DIR writes both)") from e
+    size = {} if img_size is None else {"img_size": img_size}
+    if cfg["architecture"] == TIMM_NAME:  # kdnb's encoder, or the Classifier around it
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if not k.startswith(("fc_norm.", "head."))}
+        return encoder_from_state(args, sd, folder, depth, **size)
+    extra = {k: v for k, v in args.items() if k not in ("depth", "img_size", "global_pool", "fc_norm", "final_norm")}
+    arch = dict(name=cfg["architecture"], depth=args.get("depth") or len({k.split(".")[1] for k in sd
+                                                                          if k.startswith("blocks.")}),
+                img_size=args.get("img_size") or cfg["pretrained_cfg"]["input_size"][-1], **extra)
+    sd = {f"model.{k}": v for k, v in sd.items() if not k.startswith(("norm.", "fc_norm.", "head."))}
+    return timm_from_state(arch, sd, folder, depth, img_size)
+
 # %% ../nbs/02_weights.ipynb #0009c38a
 def build_model(spec, # a kdnb.config.ModelSpec (family, name): config.model_spec parses a config's string
                 role: str = "encoder", # "encoder" (student, backbone), "teacher" (FrozenTeacher), "classifier" (frozen)
@@ -192,18 +217,21 @@ def build_model(spec, # a kdnb.config.ModelSpec (family, name): config.model_spe
             return timm_teacher(name, pretrained=checkpoint is None,
                                 checkpoint=None if checkpoint == "random" else checkpoint, img_size=img_size)
         model = (load_data2vec2(checkpoint or "data2vec2_base", img_size=img_size) if fam == "data2vec2" else
-                 load_backbone(name) if fam == "run" else Data2Vec2Encoder(img_size, depth=depth or 12, **sizes))
+                 load_backbone(name) if fam == "run" else folder_encoder(name) if fam == "local-dir" else
+                 Data2Vec2Encoder(img_size, depth=depth or 12, **sizes))
         return FrozenTeacher(model, kind=layer_kind)
     if role == "classifier":
         if fam == "timm":  # any timm classifier (FKD's RegNetY too), its pretrained_cfg kept for the input it expects
             return create_timm(name, checkpoint is None, None if checkpoint in (None, "random") else checkpoint,
                                "teacher_checkpoint", layers=False)
         if fam == "run": return load_classifier(name)
+        if fam == "local-dir": return timm.create_model(f"local-dir:{name}", pretrained=True)
         if fam == "tiny": return Classifier(Data2Vec2Encoder(img_size, depth=depth or 12, **sizes), num_classes)
         raise ValueError(f"{spec} is not a classifier: use 'timm:<classifier>', 'run:<finetuning run>' or 'tiny'")
-    if fam not in ("data2vec2", "tiny", "timm"):
-        raise ValueError(f"{spec} is a teacher, not an encoder: use 'data2vec2', 'tiny' or 'timm:<name>'")
+    if fam not in ("data2vec2", "tiny", "timm", "local-dir"):
+        raise ValueError(f"{spec} is a teacher, not an encoder: use 'data2vec2', 'tiny', 'timm:<name>' or 'local-dir:<folder>'")
     if fam == "timm": encoder = timm_student(name, checkpoint, depth, img_size)
+    elif fam == "local-dir": encoder = folder_encoder(name, depth, img_size)
     elif checkpoint is not None: encoder = load_backbone(checkpoint, depth=depth, img_size=img_size)
     else: encoder = Data2Vec2Encoder(img_size, depth=depth or 12, **sizes)
     return set_drop_path(encoder, drop_path) if drop_path > 0 else encoder

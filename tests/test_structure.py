@@ -141,7 +141,7 @@ def test_one_path_to_the_optimizer():
 
 # --- issue 36: one model parser, a loop that names no model, cells in nbdev's rhythm
 
-PREFIXES = ("timm:", "run:")  # the model families written "<family>:<name>"
+PREFIXES = ("timm:", "run:", "local-dir:")  # the model families written "<family>:<name>"
 PARSER = ("config.py", "model_spec")  # the one place that takes a model name apart
 
 
