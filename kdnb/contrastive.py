@@ -96,7 +96,7 @@ class ContrastiveConfig(DistillConfig):
     temperature: float = 0.07 # initial temperature (a learnable logit scale starts at 1/temperature)
 def contrastive_task(cfg: ContrastiveConfig, student, teacher, data=None) -> ContrastiveTask:
     "The `contrastive` and `d2v+contrastive` objectives."
-    check_pair(student, teacher, cfg.img_size)  # the student's grid for the teacher, or one line before training
+    check_pair(student, teacher, cfg.img_size, same_tokens=True)  # the student's grid for the teacher, or one line
     return ContrastiveTask(student, teacher, cfg.bank_size, cfg.temperature,
                            d2v_weight=1.0 if cfg.objective == "d2v+contrastive" else 0.0,
                            contrastive_weight=cfg.contrastive_weight, student_kind=cfg.student_layer_kind,

@@ -50,16 +50,21 @@ class DistillTask(Task):
     def __init__(self, student: nn.Module, # returns its layers from student(x, layers=kind)
                  teacher: FrozenTeacher, # frozen; never wrapped by DDP
                  student_kind: str = "ffn", # which activation is a student layer; "auto": `layer_kind`
-                 eps: float = 1e-5):
+                 eps: float = 1e-5,
+                 skip: tuple[int, int] = (0, 0)): # leading tokens (a CLS) left out of the student's, the teacher's layers
         super().__init__()
         student_kind = layer_kind(student_kind, student)
         self.student, self.teacher, self.student_kind, self.eps = student, teacher, student_kind, eps
+        self.skip = skip
         if student_kind == "ffn":  # the target takes FFN outputs: the last block's norm2 (after its FFN) never reaches
             getattr(student, "backbone", student).blocks[-1].norm2.requires_grad_(False)  # the loss: frozen, DDP
             # needs no search for unused parameters (find_unused_parameters) and AdamW skips them as before
     def loss(self, x): # [B, C, H, W] -> scalar
         width_map = getattr(self.trained_module(), "width_map", None)  # a MappedStudent's (widths differ)
-        return d2v_loss(self.student(x, layers=self.student_kind), self.teacher(x), self.eps, width_map=width_map)
+        s, t = self.student(x, layers=self.student_kind), self.teacher(x)
+        if self.skip[0]: s = [h[:, self.skip[0]:] for h in s]  # the CLS one side has and the other has not
+        if self.skip[1]: t = [h[:, self.skip[1]:] for h in t]
+        return d2v_loss(s, t, self.eps, width_map=width_map)
     def forward(self, batch):
         x, _ = batch  # labels are not used
         return {"loss": self.loss(x)}
@@ -100,27 +105,32 @@ def build_student(cfg: DistillBase) -> nn.Module:
                        mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
 
 # %% ../nbs/07_distill.ipynb #e955f8c4
-def check_pair(student: nn.Module, teacher: FrozenTeacher, img_size: int):
-    "Give the teacher the student's patch grid; stop before training when their target tokens still differ."
+def check_pair(student: nn.Module, teacher: FrozenTeacher, img_size: int,
+               same_tokens: bool = False, # True: both sides must give the same tokens (an objective on the CLS)
+              ) -> tuple[int, int, tuple[int, int]]: # teacher width, student width, (student, teacher) tokens left out
+    """Give the teacher the student's patch grid; when one side has a CLS token and the other none, the target is
+    taken over the patch tokens both have (the CLS left out); stop before training when the tokens still differ."""
     s_grid = tuple(getattr(student, "backbone", student).patch_embed.grid_size)
     try: teacher.match_grid(s_grid)
     except ValueError as e: raise ConfigError(str(e)) from None
     x = torch.zeros(1, 3, img_size, img_size, dtype=teacher.dtype)
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # drop path draws nothing from the run's generator
         t, s = teacher(x, num_layers=1)[0], student(x.float(), layers="block")[0]
-    if t.shape[1] != s.shape[1]:
-        has = lambda yes: "has a CLS token" if yes else "has none"
-        raise ConfigError(f"the teacher gives {t.shape[1]} target tokens and the student {s.shape[1]} on the same "
-                          f"{s_grid[0]}x{s_grid[1]} grid: the teacher {has(teacher.has_cls)}, the student "
-                          f"{has(has_cls_token(getattr(student, 'backbone', student)))}; pair models that both have a "
-                          "CLS token or neither")
-    return t.shape[-1], s.shape[-1]
+    s_cls, t_cls = has_cls_token(getattr(student, "backbone", student)), teacher.has_cls
+    if t.shape[1] == s.shape[1]: return t.shape[-1], s.shape[-1], (0, 0)
+    if not same_tokens and s_cls != t_cls and s.shape[1] - int(s_cls) == t.shape[1] - int(t_cls):
+        log.info(f"the {'teacher' if s_cls else 'student'} has no CLS token: the target compares the patch tokens only")
+        return t.shape[-1], s.shape[-1], (int(s_cls), int(t_cls))
+    has = lambda yes: "has a CLS token" if yes else "has none"
+    raise ConfigError(f"the teacher gives {t.shape[1]} target tokens and the student {s.shape[1]} on the same "
+                      f"{s_grid[0]}x{s_grid[1]} grid: the teacher {has(t_cls)}, the student {has(s_cls)}"
+                      + ("; this objective compares CLS tokens: pair models that both have one" if same_tokens else ""))
 
 def d2v_task(cfg: DistillConfig, student, teacher, data=None) -> Task:
     "The layer-averaged target of seed 004: the `d2v` objective's task (a width map when the widths differ)."
-    d_t, d_s = check_pair(student, teacher, cfg.img_size)
+    d_t, d_s, skip = check_pair(student, teacher, cfg.img_size)
     if d_t != d_s: student = MappedStudent(student, d_t)
-    return DistillTask(student, teacher, cfg.student_layer_kind, cfg.target_eps)
+    return DistillTask(student, teacher, cfg.student_layer_kind, cfg.target_eps, skip=skip)
 
 # %% ../nbs/07_distill.ipynb #a87607c7
 def distill(cfg: DistillBase | None = None, # a config; None = get_config("auto", kind="distill", **overrides)
