@@ -17,7 +17,8 @@ from .config import (load_config, make_portable, portable, ConfigBase, ConfigErr
                          model_spec, check_positive, DATASETS, Preset, RunKind, register_run, write_atomic)
 from .runs import run
 from .report import read_metrics, read_summary, mean_interval, paired_differences
-from .engine import code_commit, Checkpointer, check_resume_config, FolderLock, machine_facts, read_records
+from .engine import (Callback, code_commit, Checkpointer, check_resume_config, FolderLock, machine_facts, Preempted,
+                         read_records)
 from .models import Data2Vec2Encoder
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ __all__ = ['log', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS
            'teacher_stages', 'student_stages', 'evaluated_models', 'stage_configs', 'run_pipeline', 'pipeline',
            'encoder_gflop', 'stage_gflop', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline',
            'first_stage', 'describe_pipeline', 'export_results', 'pipeline_command', 'shown', 'compare_stage',
-           'reproduce', 'reproduce_main']
+           'StopAfter', 'record_reproduction', 'reproduce', 'reproduce_main']
 
 # %% ../nbs/18_pipeline.ipynb #e7f250e8
 @dataclass
@@ -582,6 +583,25 @@ def compare_stage(old: Path, new: Path, stage: str) -> list[dict]:
             if k in so.get("metrics", {}): add("summary", k, so["metrics"][k], v)
     return rows
 
+# %% ../nbs/18_pipeline.ipynb #2dd162f1
+class StopAfter(Callback):
+    "Stop a rerun after `epochs` epochs, as a preemption does (the loop's own exception): a cheap check of a long run."
+    order = 100  # after the epoch is logged and checkpointed
+    def __init__(self, epochs: int): self.epochs = epochs
+    def after_epoch(self, t):
+        if t.epoch >= self.epochs and t.epoch < t.cfg.epochs: raise Preempted(f"reproduce: the first {t.epoch} epochs")
+
+def record_reproduction(table: pd.DataFrame, results_dir) -> Path:
+    "Append what a rerun found to `results_dir/reproduced.json`: the results page reads it (made at, reproduced at)."
+    path = Path(results_dir) / "reproduced.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    moved = table[~table.match]
+    old.append(dict(what=table.attrs["what"], made_at=table.attrs["made_at"], reproduced_at=table.attrs["reproduced_at"],
+                    date=time.strftime("%Y-%m-%d %H:%M:%S %z"), machine=machine_facts(), numbers=len(table),
+                    matched=int(table.match.sum()), moved=moved.astype(str).to_dict("records")[:50]))
+    write_atomic(path, json.dumps(old, indent=2) + "\n", "the reproduction record")
+    return path
+
 # %% ../nbs/18_pipeline.ipynb #1650edb5
 def _rerun_plan(src: Path, out: Path, stage: str | None) -> tuple:
     "(what, config to run, recorded wall time in s, stage folders to compare) for a results folder."
@@ -609,11 +629,16 @@ def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's
               stage: str | None = None, # one stage of a pipeline folder (one whose inputs the folder holds)
               max_minutes: float | None = None, # refuse a rerun that took longer when the folder was made
               out_dir=None, # where to rerun; None: runs/reproduce-<folder>-<time>
+              epochs: int | None = None, # stop the rerun of one run or stage after this many epochs (a cheap check)
              ) -> pd.DataFrame: # one row per number: stage, record, value, recorded, rerun, match
     "Run again what a results folder records, with today's code, and compare every number the report reads."
     src = Path(results_dir)
     out = Path(out_dir or f"runs/reproduce-{src.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     what, cfg, took_s, folders = _rerun_plan(src, out, stage)
+    if epochs is not None:
+        if len(folders) != 1 or isinstance(cfg, PipelineConfig):
+            raise ConfigError("epochs stops one run early: give --stage for a pipeline folder")
+        took_s = took_s and took_s * min(1, epochs / max(cfg.epochs, 1))
     if max_minutes is not None and took_s and took_s / 60 > max_minutes:
         raise ConfigError(f"{what} of {src} took {took_s / 60:.1f} min when it was made; max_minutes={max_minutes} "
                           "refuses it: raise it, or reproduce one stage")
@@ -623,7 +648,8 @@ def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's
     if made != here:
         log.warning(f"{src} was made on {made or 'a machine it did not record'}; this is {here}: floating-point "
                     "reductions may differ in the last digits shown")
-    run_pipeline(cfg) if isinstance(cfg, PipelineConfig) else run(cfg)
+    try: run_pipeline(cfg) if isinstance(cfg, PipelineConfig) else run(cfg, [StopAfter(epochs)] if epochs else [])
+    except Preempted: pass  # stopped after `epochs`: its first epochs' records are compared, not its summary
     rows = [r for f in folders for r in compare_stage(src / f, out / f, f or src.name)]
     if stage is None and (src / "results.csv").exists():
         old, new = (pd.read_csv(d / "results.csv", index_col=0) for d in (src, out))
@@ -632,7 +658,8 @@ def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's
                  for i in old.index for c in old.columns if i in new.index and c in new.columns]
     table = pd.DataFrame(rows, columns=["stage", "record", "value", "recorded", "rerun", "match"])
     made_at = next((s["git_commit"] for s in recorded if s.get("git_commit")), None)
-    table.attrs.update(made_at=made_at, reproduced_at=code_commit(), folder=str(src), rerun=str(out))
+    table.attrs.update(made_at=made_at, reproduced_at=code_commit(), folder=str(src), rerun=str(out),
+                       what=what + (f", its first {epochs} epochs" if epochs else ""))
     return table
 
 # %% ../nbs/18_pipeline.ipynb #016e767b
@@ -645,13 +672,18 @@ def reproduce_main(argv=None) -> int:
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="refuse a rerun that took longer than this when the folder was made")
     ap.add_argument("--out_dir", default=None, help="where to rerun (default: runs/reproduce-<folder>-<time>)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="stop the rerun after this many epochs and compare their records (one run, or --stage)")
+    ap.add_argument("--record", action="store_true",
+                    help="append the outcome to RESULTS_DIR/reproduced.json (the results page shows it)")
     a = ap.parse_args(argv)
-    try: t = reproduce(a.results_dir, a.stage, a.max_minutes, a.out_dir)
+    try: t = reproduce(a.results_dir, a.stage, a.max_minutes, a.out_dir, a.epochs)
     except (ConfigError, FileNotFoundError) as e:
         print(f"kdnb reproduce: {e}", file=sys.stderr)
         return 2
     moved = t[~t.match]
-    print(f"{a.results_dir}: made at {t.attrs['made_at']}, reproduced at {t.attrs['reproduced_at']} "
+    if a.record: record_reproduction(t, a.results_dir)
+    print(f"{a.results_dir} ({t.attrs['what']}): made at {t.attrs['made_at']}, reproduced at {t.attrs['reproduced_at']} "
           f"(rerun in {t.attrs['rerun']}): {len(t) - len(moved)} of {len(t)} numbers as recorded")
     if len(moved): print("moved:\n" + moved.to_string(index=False))
     return 1 if len(moved) else 0
