@@ -644,6 +644,9 @@ def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's
                           "refuses it: raise it, or reproduce one stage")
     recorded = [read_summary(src / f) for f in folders]  # each stage's summary, read once
     made = next((s["machine"] for s in recorded if s.get("machine")), None)
+    if made and made.get("threads") and made["threads"] != torch.get_num_threads():
+        log.info(f"torch threads set to {made['threads']}, as when {src} was made")  # reductions split as they did
+        torch.set_num_threads(made["threads"])
     here = machine_facts()
     if made != here:
         log.warning(f"{src} was made on {made or 'a machine it did not record'}; this is {here}: floating-point "

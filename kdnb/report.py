@@ -14,9 +14,9 @@ from .engine import read_records, read_run_summary
 
 # %% auto #0
 __all__ = ['GLUE_COLUMNS', 'METRIC_NAMES', 'PRETRAIN_ROWS', 'config_table', 'read_metrics', 'read_summary', 'plot_metrics',
-           'commit_date', 'provenance', 'mean_interval', 'interval_table', 'paired_differences', 'format_intervals',
-           'resolved', 'plot_intervals', 'fmt', 'rand_augment_parts', 'distill_table', 'finetune_table',
-           'seed_comparison_table', 'head_table', 'layer_decay_table', 'glue_table', 'ferkd_table',
+           'commit_date', 'provenance', 'reproduction_table', 'mean_interval', 'interval_table', 'paired_differences',
+           'format_intervals', 'resolved', 'plot_intervals', 'fmt', 'rand_augment_parts', 'distill_table',
+           'finetune_table', 'seed_comparison_table', 'head_table', 'layer_decay_table', 'glue_table', 'ferkd_table',
            'ferkd_finetune_table', 'tinymim_table', 'tinymim_finetune_table', 'tinymim_segment_table', 'pretrain_table',
            'plot_pretraining']
 
@@ -75,6 +75,24 @@ def provenance(run_dir, # a run folder under results/ (a pipeline's folder, or o
                       (f" (+{len(configs) - 4} more)" if len(configs) > 4 else ""),
                       "git commit": s.get("git_commit"), "device": s.get("device", "unknown"),
                       "date": s.get("date") or commit_date(s.get("git_commit")), "rerun": command})
+
+# %% ../nbs/17_report.ipynb #f33f6a27
+def reproduction_table(root, # results/: one row per folder holding run summaries
+                      ) -> pd.DataFrame:
+    "Per results folder: the commits its runs were made at, and the last `kdnb reproduce --record` outcome (files only)."
+    rows = []
+    for d in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        made = {(read_run_summary(s).get("git_commit") or "?")[:7] for s in d.glob("**/summary.json")}
+        if not made: continue
+        recs = [dict(r, where=str(f.parent.relative_to(d))) for f in d.glob("**/reproduced.json")  # a run's own too
+                for r in json.loads(f.read_text())]
+        r = max(recs, key=lambda r: r["date"]) if recs else None  # the latest check of the folder
+        rows.append({"folder": d.name, "made at": ", ".join(sorted(made)),
+                     "reproduced at": (r["reproduced_at"] or "?")[:7] if r else "not reproduced",
+                     "what was rerun": (f"{r['where']}: " if r and r["where"] != "." else "") + (r["what"] if r else ""),
+                     "numbers as recorded":
+                     f"{r['matched']} of {r['numbers']}" if r else "", "on": r["date"][:10] if r else ""})
+    return pd.DataFrame(rows).set_index("folder")
 
 # %% ../nbs/17_report.ipynb #2ebaf0d5
 import numpy as np
