@@ -297,6 +297,7 @@ class MultiScaleNeck(nn.Module):
 
 class Segmenter(nn.Module):
     "Backbone -> four blocks' patch tokens as maps -> multi-scale neck -> UperNet (PPM + FPN) -> per-pixel logits."
+    backbone_attr = "backbone"  # recorded in weight files: load_backbone (and kdnb export) find the encoder there
     def __init__(self, backbone: nn.Module, num_classes: int, out_indices=None, channels: int = 512):
         super().__init__()
         from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
