@@ -217,12 +217,12 @@ def pair_step(pair: str, img: int, batch: int, steps: int, device) -> dict:
     else:
         teacher = FrozenTeacher(timm.create_model("vit_base_patch14_reg4_dinov2", num_classes=0, img_size=img))
         student = TimmEncoder("vit_small_patch16_224", depth=6, img_size=img)
-    d_t, d_s = check_pair(student, teacher, img)
+    d_t, d_s, skip = check_pair(student, teacher, img)
     if d_t != d_s: student = MappedStudent(student, d_t)
     teacher.to(device); student.to(device)
     amp = torch.bfloat16 if device.type == "cuda" else None
     if amp is not None: teacher.cast(amp)
-    task = DistillTask(student, teacher, "auto")
+    task = DistillTask(student, teacher, "auto", skip=skip)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, img, img, device=device)
     def step():
