@@ -316,6 +316,7 @@ class Segmenter(nn.Module):
         y = self.classifier(self.decoder([None, None, *self.neck(feats)]))  # stride 4
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
+# %% ../nbs/15_segment.ipynb #b261e94a
 def build_segmenter(cfg: SegmentConfig, num_classes: int) -> Segmenter:
     "The config's backbone (from its checkpoint, or random, as finetuning builds it) with a fresh neck and UperNet."
     return Segmenter(build_backbone(cfg), num_classes, cfg.out_indices, cfg.decoder_channels)

@@ -209,9 +209,15 @@ def test_cli_timm_teacher_into_timm_student_then_finetune(tmp_path, capsys, capl
     s = json.loads((out / "summary.json").read_text())
     assert s["finished"] and s["steps"] == 3, s
     capsys.readouterr()
-    # a pair that cannot be matched stops before training, in one line that says what differs
+    # a teacher without a CLS token (SigLIP) is compared over the patch tokens both have (issue 36) ...
     assert main(["distill", "--teacher", "timm:vit_base_patch16_siglip_224", *common, "--out_dir",
-                 str(tmp_path / "bad")]) == 2
+                 str(tmp_path / "siglip")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "siglip" / "summary.json").read_text())["finished"]
+    assert "the teacher has no CLS token: the target compares the patch tokens only" in caplog.text
+    capsys.readouterr()
+    # ... but an objective on the CLS token cannot pair it: one line before training, saying what differs
+    assert main(["distill", "--objective", "contrastive", "--teacher", "timm:vit_base_patch16_siglip_224", *common,
+                 "--out_dir", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "Traceback" not in "\n".join(err) and "pair models that both have a CLS token" in err[-1], err
+    assert "Traceback" not in "\n".join(err) and "this objective compares CLS tokens" in err[-1], err
     assert not (tmp_path / "bad" / "checkpoints").exists()
