@@ -118,5 +118,6 @@ def main(argv=None):
     print(json.dumps(summary, indent=2))
     return 0
 
+# %% ../nbs/21_cli.ipynb #02075684
 if __name__ == "__main__" and sys.argv[0].endswith("cli.py"):  # `python -m kdnb.cli` (torchrun); not in a notebook
     sys.exit(main())

@@ -103,6 +103,7 @@ def save(self: ConfigBase, path):
     text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
     return write_atomic(path, text, "the config")
 
+# %% ../nbs/04_config.ipynb #35c01f1f
 @patch(cls_method=True)
 def migrate(cls: ConfigBase, d: dict) -> dict:
     "`d` with renamed fields under their new names; giving a field under both names is an error."
@@ -416,6 +417,7 @@ class DistillBase(BaseConfig):
     unknown_hint = (" (another objective's setting? set `objective` too; importing kdnb.runs registers every "
                     "objective)")
 
+# %% ../nbs/04_config.ipynb #a1ec5090
 @dataclass
 class DistillConfig(DistillBase):
     "Feature distillation: the student regresses a target made of the teacher's layers (`d2v`; seed 004)."

@@ -78,6 +78,7 @@ def load_cifar(name: str, # "cifar10" or "cifar100"
     except RuntimeError as e:
         raise _cifar_help(name, root) from e
 
+# %% ../nbs/05_data.ipynb #7a39f7c5
 class _Probe:
     "Just enough of a torchvision CIFAR object for its md5 check."
     def __init__(self, cls, root):

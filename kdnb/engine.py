@@ -139,6 +139,7 @@ class Callback:
     order = 0
     def __repr__(self): return type(self).__name__
 
+# %% ../nbs/06_engine.ipynb #79f44b7b
 EVENTS = ("before_fit", "before_epoch", "before_batch", "after_loss", "after_step", "after_batch",
           "after_eval", "after_epoch", "after_exception", "after_preempt", "after_fit")
 
@@ -271,6 +272,7 @@ def wrap_ddp(self: Trainer):
                                                       find_unused_parameters=self.task.ddp_find_unused)
     setattr(self.task, self.task.trainable, trained)
 
+# %% ../nbs/06_engine.ipynb #a95d4f97
 @patch
 def __call__(self: Trainer, event: str):
     "Fire `event` on every callback; an error names the callback and the event."
@@ -779,6 +781,7 @@ def after_preempt(self: Checkpointer, t):
 # %% ../nbs/06_engine.ipynb #a207704f
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
+# %% ../nbs/06_engine.ipynb #8655fa4f
 class Preemption(Callback):
     "SIGTERM/SIGUSR1: finish the step, agree on it over the ranks, then stop (the Checkpointer saves `last`)."
     order = 5

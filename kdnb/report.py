@@ -333,6 +333,7 @@ def glue_table() -> pd.DataFrame:
     df.index.names = ["type", "hyperparameter"]
     return df
 
+# %% ../nbs/17_report.ipynb #115b6756
 def ferkd_table() -> pd.DataFrame:
     "Seed 002 (FerKD), Table 1: the presets `ferkd_selfmix` (the ResNet-50 column's recipe) and `ferkd_vit_s`."
     x = lambda v: "×" if not v else v
@@ -399,6 +400,7 @@ def tinymim_table() -> pd.DataFrame:
         cols[f"{name} (preset tinymim_vit_{size})"] = {h: fmt(v) for h, v in rows}
     return pd.DataFrame(cols).rename_axis("hyperparameter")
 
+# %% ../nbs/17_report.ipynb #795a2731
 def tinymim_finetune_table() -> pd.DataFrame:
     "Seed 001 (TinyMIM), Table 2: ImageNet-1K finetuning, from presets tinymim_ft_vit_t/s/b."
     cols = {}
@@ -470,8 +472,7 @@ PRETRAIN_ROWS = (  # (section, hyperparameter, value of a PretrainConfig, the ya
     ("Training", "Warmup steps", lambda c: c.warmup_steps, "optimizer.groups.default.lr_scheduler.warmup_updates"),
     ("Training", "Gradient clipping (norm)", lambda c: c.grad_clip, "optimization.clip_norm"),
     ("Augmentations", "RandomResizeCrop range", lambda c: list(c.crop_scale), None),
-    ("Augmentations", "Horizontal flipping prob.", lambda c: c.hflip, None),
-)
+    ("Augmentations", "Horizontal flipping prob.", lambda c: c.hflip, None))
 
 # %% ../nbs/17_report.ipynb #96118007
 def pretrain_table(cfg=None) -> pd.DataFrame:

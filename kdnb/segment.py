@@ -195,6 +195,7 @@ def photometric(img: torch.Tensor) -> torch.Tensor:
     if maybe(): img = TF.adjust_hue(img, float(torch.empty(()).uniform_(-18, 18)) / 360)
     return img
 
+# %% ../nbs/15_segment.ipynb #53463e90
 def pad_to(img: torch.Tensor, mask: torch.Tensor, # [..., 3, H, W] and [..., H, W]: one image or a batch
            h: int, w: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     "Pad images (zeros) and masks (IGNORE: never scored) on the right and bottom to at least h x w (w: h)."
