@@ -4,6 +4,8 @@
 tests marked `@pytest.mark.slow`. Without it they are skipped, so that CI stays fast.
 Tests marked `gpu` need CUDA: they run wherever torch sees a GPU and are skipped elsewhere (CI, laptops).
 """
+import shutil
+
 import pytest
 import torch
 
@@ -28,3 +30,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    item.stash.setdefault(_OUTCOMES, {})[rep.when] = rep.passed
+    return rep
+
+
+_OUTCOMES = pytest.StashKey[dict]()
+
+
+@pytest.fixture
+def tmp_path(tmp_path, request):
+    """pytest's `tmp_path`, deleted as soon as its test passes; a failing test's folder stays for reading.
+
+    The notebooks write run folders, checkpoints and saved models (the text and GLUE notebooks ~400 MB each); pytest
+    keeps the last three sessions' folders whole, ~5 GB each, and a disk shared with other jobs filled up under CI.
+    This is pytest's own `tmp_path_retention_policy = "failed"`, set here because kdnb has no pytest.ini."""
+    yield tmp_path
+    if all(request.node.stash.get(_OUTCOMES, {}).values()) and "call" in request.node.stash.get(_OUTCOMES, {}):
+        shutil.rmtree(tmp_path, ignore_errors=True)

@@ -37,7 +37,7 @@ def registries():
 
 @pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
 def test_notebook(nb, request, tmp_path, monkeypatch, registries):
-    # the notebooks' tempfile.mkdtemp() run folders land in tmp_path, which pytest prunes (it keeps the last 3 runs'),
+    # the notebooks' tempfile.mkdtemp() run folders land in tmp_path, which conftest deletes once the notebook passes,
     # instead of piling up in /tmp (tens of GB over a day of test runs)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setenv("TMPDIR", str(tmp_path))

@@ -148,12 +148,11 @@ def test_papermill_unknown_parameter_fails(tmp_path):
 
 
 @pytest.mark.slow
-def test_papermill_cifar10_imagefolder():
+def test_papermill_cifar10_imagefolder(tmp_path):
     "The card's command on the real CIFAR-10 images beside the repository (ImageFolder, val carved from train)."
     root = ROOT.parent / "shared" / "data" / "cifar10"
     if not (root / "train").is_dir(): pytest.skip("../shared/data/cifar10 is not here")
-    import tempfile
-    tmp = Path(tempfile.mkdtemp())
+    tmp = tmp_path
     r = _papermill(tmp, "run_finetune.ipynb", "dataset", "cifar10", "data_root", root, "epochs", 1,
                    "train_subset", 2000, "out_dir", tmp / "run")
     assert r.returncode == 0, r.stderr[-3000:]
