@@ -589,7 +589,52 @@ def section_fkd(device, quick):
     return rows
 
 
-SECTIONS = ["peak", "step", "pair", "profile", "scaling", "shared_cores", "data", "loader", "fit", "probe", "fkd"]
+SECTIONS = ["peak", "step", "pair", "profile", "scaling", "shared_cores", "data", "loader", "fit", "probe", "fkd",
+            "students"]
+
+
+def section_students(device, quick):
+    """Several students from one teacher pass (kdnb.distill.FamilyDistillTask) against the same students trained one
+    after another (DistillTask each, the teacher run once per student): images/s per student and in total for 1, 2
+    and 3 students, the speed-up, and the speed-up the counted FLOPs predict (teacher forward + students' forward
+    and backward). Same process, the two ways alternating step by step, fp32 eager; kdnb's real tasks and AdamW."""
+    from kdnb.config import get_config
+    from kdnb.distill import build_student, d2v_task, family_task
+    size = TINY if PLAN["tiny"] else FULL
+    img, batch, steps = (16, 4, 2) if PLAN["tiny"] else ((32, 8, 3) if quick else (64, 16, 5))
+    base = get_config("distill_cpu", teacher="tiny", model="tiny", checkpoint=None, img_size=img,
+                      patch_size=size["patch"] if img >= 32 else 4, embed_dim=size["width"], num_heads=size["heads"],
+                      mlp_dim=4 * size["width"], depth=size["depth_s"], teacher_depth=size["depth_t"], device=str(device))
+    cuts = [size["depth_s"], max(1, 2 * size["depth_s"] // 3), max(1, size["depth_s"] // 2)]  # 6, 4, 3 (the preset)
+    x = torch.randn(batch, 3, img, img, device=device)
+    rows = []
+    for k in (1, 2, 3):
+        cfg = base.replace(students=",".join(f"s{i}=:depth={d}" for i, d in enumerate(cuts[:k])))
+        torch.manual_seed(0)
+        fam = family_task(cfg, cfg.student_configs()).to(device).train()
+        solos = [d2v_task(c, build_student(c), fam.teacher).to(device).train() for c in cfg.student_configs().values()]
+        opts = [torch.optim.AdamW(t.param_groups(cfg)) for t in [fam, *solos]]
+        def step(task, opt):
+            loss = task((x, None))["loss"]
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        flops = [count_flops(lambda t=t: t((x, None))["loss"].backward()) for t in [fam, *solos]]
+        times = [[] for _ in opts]
+        for i in range(steps + 1):  # the first step of each warms up; the two ways alternate
+            for j, (t, o) in enumerate(zip([fam, *solos], opts)):
+                if device.type == "cuda": torch.cuda.synchronize()
+                t0 = time.perf_counter(); step(t, o)
+                if device.type == "cuda": torch.cuda.synchronize()
+                if i: times[j].append(time.perf_counter() - t0)
+        t_fam, t_seq = sorted(times[0])[len(times[0]) // 2], sum(sorted(ts)[len(ts) // 2] for ts in times[1:])
+        t_flops = count_flops(lambda: fam.teacher(x))
+        rows.append(dict(students=k, depths="/".join(map(str, cuts[:k])), img=img, batch=batch,
+                         family_images_per_s=round(batch / t_fam, 2),  # each image trains all k students
+                         one_after_another_images_per_s=round(batch / t_seq, 2),
+                         student_images_per_s=round(k * batch / t_fam, 2),  # summed over the students
+                         speedup=round(t_seq / t_fam, 3), flop_predicted_speedup=round(sum(flops[1:]) / flops[0], 3),
+                         teacher_share_of_a_solo_step=round(t_flops / flops[1], 3)))
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -632,7 +677,8 @@ def main(argv=None):
                      ("loader", lambda: section_loader(device, a.quick, Path(a.jpeg_src))),
                      ("fit", lambda: section_fit(device, a.quick, Path(a.jpeg_src))),
                      ("probe", lambda: section_probe(a.quick)),
-                     ("fkd", lambda: section_fkd(device, a.quick))):
+                     ("fkd", lambda: section_fkd(device, a.quick)),
+                     ("students", lambda: section_students(device, a.quick))):
         if want(name):
             print(f"[{name}]", flush=True)
             res[name] = fn()
@@ -701,7 +747,7 @@ def print_tables(res: dict):
             print(f"\nthe seeds' ImageNet-1K runs projected at these rates (thesis: {THESIS['distill_hours']} h for "
                   f"the 10-epoch distillation on one {THESIS['gpu']})")
             print(pd.DataFrame(projection(res)).to_string(index=False))
-    for name in ("pair", "profile", "scaling", "shared_cores", "data", "loader", "fit", "probe", "fkd"):
+    for name in ("pair", "profile", "scaling", "shared_cores", "data", "loader", "fit", "probe", "fkd", "students"):
         if res.get(name): print(f"\n{name}"); print(pd.DataFrame(res[name]).to_string(index=False))
 
 

@@ -5,7 +5,7 @@
 # %% ../nbs/04_config.ipynb #985d76e1
 from __future__ import annotations
 from fastcore.basics import patch
-import dataclasses, difflib, functools, json, math, sys, typing
+import dataclasses, difflib, functools, json, math, re, sys, typing
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 from fastcore.docments import docments
@@ -14,13 +14,14 @@ import kdnb
 
 # %% auto #0
 __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED', 'ENCODERS', 'CLASSIFIERS', 'GLUE_TASKS',
-           'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES', 'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES',
-           'ConfigError', 'disk_error', 'write_atomic', 'ConfigBase', 'rebuild', 'DataSettings', 'OptimSettings',
-           'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'ModelSpec',
-           'model_spec', 'check_timm_model', 'DistillBase', 'DistillConfig', 'FinetuneConfig', 'TextConfig',
-           'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective',
-           'register_run', 'register_objective', 'run_kind', 'get_config', 'parse_value', 'load_config', 'config_class',
-           'params_from_namespace', 'portable', 'make_portable']
+           'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES', 'STUDENT_KEYS', 'MODEL_CHECKPOINTS',
+           'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES', 'ConfigError', 'disk_error', 'write_atomic', 'ConfigBase',
+           'rebuild', 'DataSettings', 'OptimSettings', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive',
+           'check_non_negative', 'ModelSpec', 'model_spec', 'check_timm_model', 'DistillBase', 'DistillConfig',
+           'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset',
+           'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective', 'run_kind', 'get_config',
+           'parse_value', 'parse_students', 'load_config', 'config_class', 'params_from_namespace', 'portable',
+           'make_portable']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -396,6 +397,7 @@ class DistillBase(BaseConfig):
     # are finetuned on ImageNet labels (supervised)
     teacher_checkpoint: typing.Optional[str] = "beitv2_base_pt1k"
     teacher_embed_dim: typing.Optional[int] = None # width of the "tiny" teacher; None = the student's (embed_dim)
+    teacher_depth: typing.Optional[int] = None # depth of the "tiny" teacher; None = twice the student's (depth)
     # the student's architecture: "data2vec2" (ViT-B sizes), "tiny", or "timm:<name>" (its first `depth` blocks)
     model: str = "data2vec2"
     # the student's blocks: data2vec 2.0 checkpoint or kdnb run folder; None = random. For a timm model: None = timm's
@@ -428,6 +430,14 @@ class DistillConfig(DistillBase):
     # timm's pre-LN ones)
     student_layer_kind: str = "auto"
     target_eps: float = 1e-5 # epsilon of the target's instance and layer norms
+    # the map from the student's width to the teacher's: None = when the widths differ; True / False = demand / refuse
+    width_map: typing.Optional[bool] = None
+    # several students from one teacher pass: "NAME=MODEL[:key=value...],..." (e.g. "half=data2vec2:depth=6,
+    # quarter=:depth=3,vits=timm:vit_small_patch16_224:lr=5e-4"; MODEL empty = the run's `model`). A student sets its
+    # own model, checkpoint, depth, embed_dim, mlp_dim, num_heads, drop_path, student_layer_kind, width_map, lr,
+    # weight_decay; the rest is the run's. Each lands in out_dir/students/NAME, a run folder of its own (load_backbone,
+    # export, finetuning's checkpoint). None = one student (`model`)
+    students: typing.Optional[str] = None
 
 # %% ../nbs/04_config.ipynb #9c2a9c2a
 @patch
@@ -443,6 +453,7 @@ def validate(self: DistillBase):
     if self.teacher_embed_dim is not None and (self.teacher_embed_dim <= 0 or self.teacher_embed_dim % self.num_heads):
         raise ConfigError(f"teacher_embed_dim={self.teacher_embed_dim} must be > 0 and divisible by num_heads="
                           f"{self.num_heads}, or None (the student's width)")
+    if self.teacher_depth is not None: check_positive(self, "teacher_depth")
     if self.img_size % self.patch_size:
         raise ConfigError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
     if not 0 <= self.hflip <= 1: raise ConfigError(f"hflip={self.hflip} is a probability in [0, 1]")
@@ -456,11 +467,19 @@ def validate(self: DistillBase):
                               f"{own.__name__} (get_config(..., objective=...), rebuild(cfg, objective=...) and "
                               "load_config pick it)")
 
+
+# %% ../nbs/04_config.ipynb #1f78523a
 @patch
 def validate(self: DistillConfig):
     super(DistillConfig, self).validate()
     check_choice("teacher_layer_kind", self.teacher_layer_kind, ("auto", "block", "ffn"))
     check_choice("student_layer_kind", self.student_layer_kind, ("auto", "block", "ffn"))
+    if self.students is not None:
+        if self.objective != DistillConfig.objective:
+            raise ConfigError(f"students={self.students!r}: several students from one teacher pass are distilled with "
+                              f"objective='d2v'; objective={self.objective!r} trains one student (leave students out)")
+        if not self.student_configs():  # every student's own config is built (and checked) here, before any model
+            raise ConfigError("students='' names no student: give NAME=MODEL[:key=value...], or None for one student")
 
 @patch(cls_method=True)
 def variants(cls: DistillBase) -> list:
@@ -793,6 +812,59 @@ def parse_value(name: str, # what the value is for (a flag, a field), named in t
                           "true/false, a word or [a, b]") from None
     if not isinstance(v, (str, int, float, bool, list, type(None))): return text  # a date, a mapping: as typed
     return None if v in ("None", "none") else v
+
+# %% ../nbs/04_config.ipynb #65a05dcf
+# what a student of a several-student run sets for itself; everything else is the run's
+STUDENT_KEYS = ("model", "checkpoint", "depth", "embed_dim", "mlp_dim", "num_heads", "drop_path", "student_layer_kind",
+                "width_map", "lr", "weight_decay")
+MODEL_CHECKPOINTS = {"data2vec2": "data2vec2_base"}  # a family's default student checkpoint (others: None)
+
+def parse_students(value: str | None, # `students`, e.g. "half=data2vec2:depth=6,vits=timm:vit_small_patch16_224"
+                  ) -> dict[str, dict]: # {name: {field: value}}, in the order given
+    "Each `NAME=MODEL[:key=value...]` of `students` as {NAME: its own fields}; a value may hold ':' (a URL)."
+    out = {}
+    for entry in filter(None, (e.strip() for e in (value or "").split(","))):
+        name, sep, rest = (s.strip() for s in entry.partition("="))
+        if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+            raise ConfigError(f"students: {entry!r} is not NAME=MODEL[:key=value...] with NAME a letter, then letters, "
+                              "digits, _ or - (e.g. 'half=data2vec2:depth=6,quarter=data2vec2:depth=3')")
+        if name in out: raise ConfigError(f"students: two students are named {name!r}; give each its own name")
+        parts = rest.split(":")
+        first = next((i for i, p in enumerate(parts) if "=" in p), len(parts))
+        pairs = []  # [key, text]; a part without '=' after the first key continues the value before it
+        for p in parts[first:]:
+            if "=" in p: pairs.append([s.strip() for s in p.split("=", 1)])
+            else: pairs[-1][1] += ":" + p
+        over = {"model": ":".join(parts[:first]).strip()} if ":".join(parts[:first]).strip() else {}
+        for key, text in pairs:
+            if key not in STUDENT_KEYS:
+                hint = difflib.get_close_matches(key, STUDENT_KEYS, 1)
+                raise ConfigError(f"students: {name}: {key!r} is not a student's own setting ({', '.join(STUDENT_KEYS)})"
+                                  + (f"; did you mean {hint[0]!r}?" if hint else "; the others are the run's"))
+            over[key] = parse_value(f"students: {name}.{key}", text)
+        out[name] = over
+    return out
+
+# %% ../nbs/04_config.ipynb #5c681736
+@patch
+def student_configs(self: DistillConfig) -> dict:
+    "Each student's config alone (`students`): the run's values and its own, out_dir/students/NAME, the teacher pinned."
+    pin, run_family = {}, model_spec(self.model, "model", ENCODERS).family
+    if model_spec(self.teacher, "teacher").family == "tiny":  # its size follows `depth` and `embed_dim`: keep the run's
+        pin = dict(teacher_depth=self.teacher_depth or 2 * self.depth,
+                   teacher_embed_dim=self.teacher_embed_dim or self.embed_dim)
+    out = {}
+    for name, over in parse_students(self.students).items():
+        if pin and {"num_heads", "mlp_dim"} & set(over):
+            raise ConfigError(f"students: {name}: the tiny teacher takes num_heads and mlp_dim from the run; set them "
+                              "for the whole run, not for one student")
+        family = model_spec(over.get("model", self.model), f"students: {name}'s model", ENCODERS).family
+        if "checkpoint" not in over and family != run_family: over = {**over, "checkpoint": MODEL_CHECKPOINTS.get(family)}
+        if "embed_dim" in over and "mlp_dim" not in over:  # a narrower student keeps the run's FFN ratio (as does a
+            over = {**over, "mlp_dim": round(over["embed_dim"] * self.mlp_dim / self.embed_dim)}  # tiny teacher)
+        try: out[name] = self.replace(students=None, out_dir=str(Path(self.out_dir) / "students" / name), **pin, **over)
+        except ConfigError as e: raise ConfigError(f"students: {name}: {e}") from None
+    return out
 
 # %% ../nbs/04_config.ipynb #7f541c85
 def load_config(path) -> BaseConfig:

@@ -4,22 +4,25 @@
 
 # %% ../nbs/07_distill.ipynb #235c500a
 from __future__ import annotations
-import logging
+import contextlib, logging, re
+from pathlib import Path
 import torch
 import torch.nn as nn
-from .targets import d2v_loss
+from .targets import d2v_loss, d2v_target
 from .models import Data2Vec2Encoder, FrozenTeacher, has_cls_token
-from .weights import build_model
-from .engine import Task, fit_task, autocast_dtype, resolve_device
+from .weights import build_model, save_weights
+from .layer_decay import param_groups
+from .engine import (Callback, Task, dumps, fit_task, autocast_dtype, non_finite_state, resolve_device)
 from .data import build_data
 from .config import (CPU_RUN, ConfigError, DistillBase, DistillConfig, ENCODERS, get_config, model_spec, Objective,
-                         OBJECTIVES, Preset, RunKind, register_objective, register_presets, register_run)
+                         OBJECTIVES, Preset, RunKind, register_objective, register_presets, register_run, write_atomic)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'layer_kind', 'DistillTask', 'MappedStudent', 'teacher_layer_kind', 'build_teacher', 'build_student',
-           'check_pair', 'd2v_task', 'distill']
+__all__ = ['log', 'layer_kind', 'ready_student', 'DistillTask', 'MappedStudent', 'with_width_map', 'teacher_layer_kind',
+           'build_teacher', 'build_student', 'check_pair', 'd2v_task', 'distill', 'StudentFamily', 'FamilyDistillTask',
+           'family_task', 'StudentFolders', 'own_keys', 'write_student', 'distill_students']
 
 # %% ../nbs/07_distill.ipynb #5e1c0d01
 register_presets(
@@ -32,7 +35,14 @@ register_presets(
         **CPU_RUN, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny", teacher_checkpoint=None,
         teacher_layer_kind="block", model="tiny", checkpoint=None, depth=2, embed_dim=64,
         mlp_dim=256, num_heads=4, out_dir="runs/distill_cpu"),
-        "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."))
+        "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."),
+    Preset("distill_students", "distill", dict(students="half=:depth=6,third=:depth=4,quarter=:depth=3",
+                                               out_dir="runs/distill_students"),
+        "Seed 000's student (the first 6 Data2Vec2 blocks) beside two smaller cuts (4 and 3 blocks), from one BEiTv2 "
+        "pass per batch."),
+    Preset("distill_students_cpu", "distill_cpu", dict(students="half=:depth=2,quarter=:depth=1",
+                                                       out_dir="runs/distill_students_cpu"),
+        "The CPU size of distill_students: a tiny teacher and two cuts of a tiny student, one teacher pass."))
 
 # %% ../nbs/07_distill.ipynb #5e1c0c01
 def layer_kind(setting: str, # "ffn", "block", or "auto"
@@ -40,6 +50,13 @@ def layer_kind(setting: str, # "ffn", "block", or "auto"
     "A model's activation per layer: `auto` is the FFN output for kdnb's post-LN encoders, the block output else."
     if setting != "auto": return setting
     return "ffn" if isinstance(getattr(encoder, "backbone", encoder), Data2Vec2Encoder) else "block"
+
+def ready_student(student: nn.Module, setting: str) -> str: # the student's layer kind (`layer_kind`)
+    "A student's layer kind; for FFN outputs, the last block's norm2 (after its FFN, never reaching the loss) frozen."
+    kind = layer_kind(setting, student)
+    if kind == "ffn":  # frozen: DDP needs no search for unused parameters (find_unused_parameters) and AdamW skips
+        getattr(student, "backbone", student).blocks[-1].norm2.requires_grad_(False)  # them as before
+    return kind
 
 # %% ../nbs/07_distill.ipynb #5f446098
 class DistillTask(Task):
@@ -53,12 +70,8 @@ class DistillTask(Task):
                  eps: float = 1e-5,
                  skip: tuple[int, int] = (0, 0)): # leading tokens (a CLS) left out of the student's, the teacher's layers
         super().__init__()
-        student_kind = layer_kind(student_kind, student)
-        self.student, self.teacher, self.student_kind, self.eps = student, teacher, student_kind, eps
-        self.skip = skip
-        if student_kind == "ffn":  # the target takes FFN outputs: the last block's norm2 (after its FFN) never reaches
-            getattr(student, "backbone", student).blocks[-1].norm2.requires_grad_(False)  # the loss: frozen, DDP
-            # needs no search for unused parameters (find_unused_parameters) and AdamW skips them as before
+        self.student, self.teacher, self.eps, self.skip = student, teacher, eps, skip
+        self.student_kind = ready_student(student, student_kind)
     def loss(self, x): # [B, C, H, W] -> scalar
         width_map = getattr(self.trained_module(), "width_map", None)  # a MappedStudent's (widths differ)
         s, t = self.student(x, layers=self.student_kind), self.teacher(x)
@@ -84,6 +97,18 @@ class MappedStudent(nn.Module):
     def forward(self, x, **kw): return self.backbone(x, **kw)  # the encoder's layers; the loss applies the map
     def no_weight_decay(self): return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
+def with_width_map(cfg: DistillConfig, student: nn.Module, d_t: int, d_s: int) -> nn.Module:
+    "The student with a width map when the widths differ (`width_map=None`), or as `width_map` demands."
+    demand = getattr(cfg, "width_map", None)
+    if demand is True and d_t == d_s:
+        raise ConfigError(f"width_map=True, but the student is as wide as the teacher ({d_s}): it needs no width map; "
+                          "leave width_map unset")
+    if demand is False and d_t != d_s:
+        raise ConfigError(f"width_map=False, but the student is {d_s} wide and the teacher {d_t}: the target needs a "
+                          "map between them; leave width_map unset (kdnb adds one) or give the student the teacher's "
+                          "width")
+    return MappedStudent(student, d_t) if d_t != d_s else student
+
 # %% ../nbs/07_distill.ipynb #c41ac091
 def teacher_layer_kind(cfg: DistillConfig) -> str:
     "A teacher's activation per layer: `ffn` for data2vec 2.0 (the thesis code), a run's or folder's by its class, else `block`."
@@ -93,7 +118,8 @@ def teacher_layer_kind(cfg: DistillConfig) -> str:
 
 def build_teacher(cfg: DistillBase) -> FrozenTeacher:
     "The frozen teacher a config names: `build_model` in the teacher role (a `tiny` one has twice the student's depth)."
-    return build_model(model_spec(cfg.teacher, "teacher"), "teacher", cfg.teacher_checkpoint, 2 * cfg.depth,
+    return build_model(model_spec(cfg.teacher, "teacher"), "teacher", cfg.teacher_checkpoint,
+                       cfg.teacher_depth or 2 * cfg.depth,
                        cfg.img_size, layer_kind=teacher_layer_kind(cfg),
                        patch_size=cfg.patch_size, embed_dim=cfg.teacher_embed_dim or cfg.embed_dim,
                        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
@@ -129,7 +155,7 @@ def check_pair(student: nn.Module, teacher: FrozenTeacher, img_size: int,
 def d2v_task(cfg: DistillConfig, student, teacher, data=None) -> Task:
     "The layer-averaged target of seed 004: the `d2v` objective's task (a width map when the widths differ)."
     d_t, d_s, skip = check_pair(student, teacher, cfg.img_size)
-    if d_t != d_s: student = MappedStudent(student, d_t)
+    student = with_width_map(cfg, student, d_t, d_s)
     return DistillTask(student, teacher, cfg.student_layer_kind, cfg.target_eps, skip=skip)
 
 # %% ../nbs/07_distill.ipynb #a87607c7
@@ -144,6 +170,7 @@ def distill(cfg: DistillBase | None = None, # a config; None = get_config("auto"
                           "which imports every objective's module")
     objective = OBJECTIVES[cfg.objective]
     if objective.runner is not None: return objective.runner(cfg, callbacks=callbacks)
+    if getattr(cfg, "students", None): return distill_students(cfg, callbacks)  # several students, one teacher pass
     torch.manual_seed(cfg.seed)
     teacher, student = build_teacher(cfg), build_student(cfg)
     amp = autocast_dtype(cfg.precision, resolve_device(cfg.device))
@@ -162,3 +189,162 @@ def distill(cfg: DistillBase | None = None, # a config; None = get_config("auto"
 register_run(RunKind("distill", DistillBase, distill, command="distill",
                      help="distil a teacher into a student (see --objective)"))
 register_objective(Objective("d2v", DistillConfig, make_task=d2v_task))
+
+# %% ../nbs/07_distill.ipynb #1ea922d7
+class StudentFamily(nn.Module):
+    "Several students trained side by side: one module, so that DDP wraps them together and a checkpoint holds all."
+    def __init__(self, students: dict, # {name: student or MappedStudent}
+                 kinds: dict, # {name: its layer kind ("ffn" or "block")}
+                 rng: dict | None = None): # {name: its CPU generator state}; None: the students draw from the run's
+        super().__init__()
+        self.students, self.kinds, self.rng = nn.ModuleDict(), kinds, dict(rng or {})
+        for name, s in students.items():  # by key only: a student's name may be a Module method's ("half", "float")
+            self.students._modules[name] = s
+        self.arch = dict(students=list(students))
+    @contextlib.contextmanager
+    def own_rng(self, name: str):
+        "Run a block on student `name`'s own CPU generator (its drop path), the run's generator kept as it was."
+        if name not in self.rng or not self.training: yield; return
+        main = torch.get_rng_state()
+        torch.set_rng_state(self.rng[name])
+        try: yield
+        finally: self.rng[name] = torch.get_rng_state(); torch.set_rng_state(main)
+    def forward(self, x) -> dict: # {name: that student's layers}
+        out = {}
+        for name, s in self.students.items():
+            with self.own_rng(name): out[name] = s(x, layers=self.kinds[name])
+        return out
+    def no_weight_decay(self):
+        return {f"students.{k}.{n}" for k, s in self.students.items() for n in getattr(s, "no_weight_decay", set)()}
+
+# %% ../nbs/07_distill.ipynb #14a69d60
+class FamilyDistillTask(Task):
+    "Every student of a family regresses the one teacher pass's target; the family trains on the sum of their losses."
+    trainable = "family"
+    frozen = ("teacher",)
+    best_metric = ("val_loss", "min")  # the sum; each student's own best is kept by StudentFolders
+    def __init__(self, family: StudentFamily, teacher: FrozenTeacher,
+                 skips: dict, # {name: (student, teacher) leading tokens left out}: check_pair's
+                 optim: dict, # {name: (lr, weight_decay)}
+                 eps: float = 1e-5):
+        super().__init__()
+        self.family, self.teacher, self.skips, self.optim, self.eps = family, teacher, skips, optim, eps
+    def losses(self, x) -> dict: # {name: its loss}
+        students, t = self.trained_module().students, self.teacher(x)
+        targets, out = {}, {}
+        for name, s in self.family(x).items():
+            s_skip, t_skip = self.skips[name]
+            if t_skip not in targets:  # one target per CLS convention (a CLS-free student compares patch tokens)
+                targets[t_skip] = d2v_target([h[:, t_skip:] for h in t] if t_skip else t, self.eps)
+            if s_skip: s = [h[:, s_skip:] for h in s]
+            out[name] = d2v_loss(s, None, self.eps, width_map=getattr(students[name], "width_map", None),
+                                 target=targets[t_skip])
+        return out
+    def forward(self, batch):
+        losses = self.losses(batch[0])  # labels are not used
+        return {"loss": sum(losses.values()), **{f"{k}/loss": v.detach() for k, v in losses.items()}}
+    def eval_step(self, batch):
+        x, n = batch[0], len(batch[0])
+        losses = self.losses(x)
+        own = {f"{k}/val_loss": v.float() * n for k, v in losses.items()}
+        return {"val_loss": sum(losses.values()).float() * n, **own, "n": n}
+    def param_groups(self, cfg) -> list[dict]:
+        "Each student's own groups (its lr and weight decay), tagged with its name: its gradient norm is clipped alone."
+        return [{**g, "clip_set": name} for name, m in self.trained_module().students.items()
+                for g in param_groups(m, *self.optim[name])]
+
+# %% ../nbs/07_distill.ipynb #b73d2a2d
+def family_task(cfg: DistillConfig, # a config with `students`
+                configs: dict, # its `student_configs()`
+               ) -> FamilyDistillTask:
+    "The teacher and every student, each built from the generator state after the teacher, as it would be alone."
+    teacher = build_teacher(cfg)
+    start, grid = torch.get_rng_state(), None
+    students, kinds, skips, rng = {}, {}, {}, {}
+    for name, c in configs.items():
+        torch.set_rng_state(start)
+        s = build_student(c)
+        g = tuple(getattr(s, "backbone", s).patch_embed.grid_size)
+        if grid is not None and g != grid[1]:
+            raise ConfigError(f"students: {name} sees a {g[0]}x{g[1]} token grid and {grid[0]} a {grid[1][0]}x"
+                              f"{grid[1][1]} one: one teacher pass serves one grid; give the students one patch size")
+        grid = grid or (name, g)
+        try:
+            d_t, d_s, skips[name] = check_pair(s, teacher, c.img_size)
+            students[name] = with_width_map(c, s, d_t, d_s)
+        except ConfigError as e: raise ConfigError(f"students: {name}: {e}") from None
+        kinds[name] = ready_student(students[name], c.student_layer_kind)
+        rng[name] = torch.get_rng_state()
+    optim = {name: (c.lr, c.weight_decay) for name, c in configs.items()}
+    return FamilyDistillTask(StudentFamily(students, kinds, rng), teacher, skips, optim, cfg.target_eps)
+
+# %% ../nbs/07_distill.ipynb #bf5c009a
+class StudentFolders(Callback):
+    "What a run of each student alone would leave, in out_dir/students/NAME: config, best and last weights, summary."
+    order = 15  # after the MetricsLogger (10) wrote the epoch, before the Checkpointer (20) saves our state with it
+    def __init__(self, configs: dict): self.configs, self.best = configs, {}  # best: {name: its lowest val_loss}
+    def before_fit(self, t):
+        if t.dist.main:
+            for c in self.configs.values(): c.save(Path(c.out_dir) / "config.yaml")
+    def after_epoch(self, t):
+        if not t.dist.main or non_finite_state(t): return  # the Checkpointer names what a NaN touched, and stops
+        for name, c in self.configs.items():
+            student, ckpt = t.task.trained_module().students[name], Path(c.out_dir) / "checkpoints"
+            v = t.metrics.get(f"{name}/val_loss")
+            if v is not None and (name not in self.best or v < self.best[name]):
+                self.best[name] = v
+                (ckpt / "best").mkdir(parents=True, exist_ok=True)
+                save_weights(student, ckpt / "best" / "model.safetensors")
+            (ckpt / "last").mkdir(parents=True, exist_ok=True)
+            save_weights(student, ckpt / "last" / "model.safetensors")
+    def save_into(self, t, folder: Path):
+        torch.save({"best": self.best, "rng": t.task.trained_module().rng}, folder / "students.pt")
+    def load_from(self, t, folder: Path):
+        s = torch.load(folder / "students.pt", map_location="cpu", weights_only=True)
+        self.best, t.task.trained_module().rng = s["best"], s["rng"]
+    def after_fit(self, t):
+        if not t.dist.main or t.summary is None: return
+        for name, c in self.configs.items(): write_student(t, name, Path(c.out_dir), self.best.get(name))
+
+# %% ../nbs/07_distill.ipynb #81407170
+def own_keys(name: str, record: dict) -> dict:
+    "A family record as student `name`'s: its `name/...` (and `ema_name/...`) values under their plain names."
+    out = {}
+    for k, v in record.items():
+        m = re.fullmatch(rf"(ema_)?{re.escape(name)}/(.+)", k)
+        if m: out[(m[1] or "") + m[2]] = v
+        elif "/" not in k and k not in ("loss", "val_loss", "ema_val_loss", "train_loss"): out[k] = v  # step, lr...
+    return out
+
+def write_student(t, name: str, folder: Path, best: float | None):
+    "Student `name`'s summary.json and metrics.jsonl, from the family's (finished when the family run is)."
+    s = t.summary
+    own = {k: v for k, v in s.items() if k not in ("students", "metrics", "best", "student_params", "student")}
+    write_atomic(folder / "summary.json", dumps({**own, **s["students"][name], "metrics": own_keys(name, s["metrics"]),
+                                                 "best": {"val_loss": best}, "family": str(t.out_dir)}, indent=2))
+    lrs = {k: v["lr"] for k, v in s["students"].items()}  # records hold the last student's lr; the schedule is common
+    recs = [own_keys(name, r) for r in t.history]
+    for r, full in zip(recs, t.history):  # a step record's loss is the student's own, at that step
+        if f"{name}/loss" in full: r["loss"] = full[f"{name}/loss"]
+        if "lr" in full: r["lr"] = full["lr"] * lrs[name] / lrs[list(lrs)[-1]]
+    write_atomic(folder / "metrics.jsonl", "".join(dumps(r) + "\n" for r in recs), "the student's metrics")
+
+# %% ../nbs/07_distill.ipynb #6ce995cd
+def distill_students(cfg: DistillConfig, # a config with `students`
+                     callbacks=()) -> dict: # the family's summary; each student's is in out_dir/students/NAME
+    "Distil the config's teacher into every student of `students` with one teacher pass per batch."
+    torch.manual_seed(cfg.seed)
+    configs = cfg.student_configs()
+    task = family_task(cfg, configs)
+    amp = autocast_dtype(cfg.precision, resolve_device(cfg.device))
+    if amp is not None: task.teacher.cast(amp)
+    data = build_data(cfg, kind="distill")
+    students = {}
+    for name, c in configs.items():
+        m = task.family.students[name]
+        students[name] = dict(student=f"{c.model} depth {c.depth}", student_params=sum(  # the encoder's, as alone
+            p.numel() for p in getattr(m, "backbone", m).parameters() if p.requires_grad), lr=c.lr, width_map=None if not hasattr(
+            m, "width_map") else f"{m.width_map.in_features} -> {m.width_map.out_features}", folder=c.out_dir)
+    info = dict(kind="distill", objective=cfg.objective, dataset=cfg.dataset, teacher=cfg.teacher, students=students,
+                teacher_layers=task.teacher.num_layers, val_source=data.val_source)
+    return fit_task(task, cfg, data.train, data.val, [*callbacks, StudentFolders(configs)], info=info)

@@ -120,6 +120,9 @@ class Task(nn.Module):
         "Turn the summed eval results into metrics (means over `n`)."
         n = sums.pop("n")
         return {k: v / n for k, v in sums.items()}
+    def param_groups(self, cfg) -> list[dict]:
+        "The optimiser's groups: the config's lr, weight decay and layer decay (a group's `clip_set` is clipped alone)."
+        return param_groups(self.trained_module(), cfg.lr, cfg.weight_decay, getattr(cfg, "layer_decay", 1.0))
     def trained_module(self) -> nn.Module:
         m = getattr(self, self.trainable)
         m = getattr(m, "module", m)            # DDP
@@ -224,7 +227,7 @@ class Trainer:
         self.compiled = compile_task(task, cfg.compile)  # None, "blocks" or "step"
         self.wrap_ddp()
         # the config's lr, weight decay and layer decay -> one group per (layer, decay) -> AdamW: the one path
-        groups = param_groups(task.trained_module(), cfg.lr, cfg.weight_decay, getattr(cfg, "layer_decay", 1.0))
+        groups = task.param_groups(cfg)
         self.opt = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.adam_eps,
                                      fused=self.device.type == "cuda" or self.compiled == "step")
         self.steps_per_epoch = len(train_dl)
@@ -314,7 +317,9 @@ def train_step(self: Trainer):
     self.scaler.scale(self.loss).backward()
     if self.cfg.grad_clip:
         self.scaler.unscale_(self.opt)
-        nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.cfg.grad_clip)
+        sets = {}  # one norm over all parameters, or one per `clip_set` (each student of several its own)
+        for g in self.opt.param_groups: sets.setdefault(g.get("clip_set"), []).extend(g["params"])
+        for params in sets.values(): nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
     self.scaler.step(self.opt)
     self.scaler.update()
     self.opt.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['instance_norm_tokens', 'layer_averaged_target', 'd2v_loss']
+__all__ = ['instance_norm_tokens', 'layer_averaged_target', 'd2v_target', 'd2v_loss']
 
 # %% ../nbs/00_targets.ipynb #bf7a9532
 def instance_norm_tokens(h: torch.Tensor, # [B, T, D] activations of one layer, T includes CLS
@@ -51,18 +51,28 @@ def layer_averaged_target(layers: Iterable[torch.Tensor], # L tensors [B, T, D],
     acc = acc / n  # [B, T, D]
     return F.layer_norm(acc, acc.shape[-1:], eps=eps) if final_layer_norm else acc
 
+# %% ../nbs/00_targets.ipynb #aa498fe9
+def d2v_target(teacher_layers: Iterable[torch.Tensor], # L_t tensors [B, T, D], no gradient needed
+               eps: float = 1e-5, # epsilon of the instance and layer norms
+               mask: torch.Tensor | None = None, # [B, T] real tokens (text)
+              ) -> torch.Tensor: # [B, T, D] float32, no gradient
+    "The teacher's side of eq. 6, made once per batch however many students regress it."
+    with torch.no_grad():
+        y = layer_averaged_target(teacher_layers, eps, mask=mask)  # [B, T, D]
+    if not torch.compiler.is_compiling() and y.is_inference():  # a teacher run under inference_mode (compiled
+        y = y.clone()  # steps take none): inference tensors cannot be saved for backward
+    return y
+
 # %% ../nbs/00_targets.ipynb #9ea851b2
 def d2v_loss(student_layers: Iterable[torch.Tensor], # L_s tensors [B, T, D] with gradients
              teacher_layers: Iterable[torch.Tensor], # L_t tensors [B, T, D], no gradient needed
              eps: float = 1e-5, # epsilon of the instance and layer norms
              mask: torch.Tensor | None = None, # [B, T] real tokens (text): statistics and the mean use only them
              width_map: torch.nn.Module | None = None, # D_s -> D_t on the student's averaged layers (widths differ)
+             target: torch.Tensor | None = None, # `d2v_target(teacher_layers)` made once for several students
             ) -> torch.Tensor: # scalar float32
     "MSE between the student's and the teacher's layer-averaged targets over all tokens incl. CLS (eq. 6)."
-    with torch.no_grad():
-        y = layer_averaged_target(teacher_layers, eps, mask=mask)  # [B, T, D]
-    if not torch.compiler.is_compiling() and y.is_inference():  # a teacher run under inference_mode (compiled
-        y = y.clone()  # steps take none): inference tensors cannot be saved for backward
+    y = d2v_target(teacher_layers, eps, mask) if target is None else target  # [B, T, D]
     if width_map is None: y_hat = layer_averaged_target(student_layers, eps, mask=mask)  # [B, T, D]
     else:  # eq. 5 after the map: LN(W mean_l IN(h_l) + b), [B, T, D_t]
         z = width_map(layer_averaged_target(student_layers, eps, final_layer_norm=False, mask=mask))

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'ENCODERS', 'weights_metadata', 'save_weights', 'WeightsFile', 'read_weights', 'load_state', 'run_weights',
-           'weights_path', 'timm_from_state', 'load_backbone', 'is_kdnb_weights', 'timm_student', 'load_classifier',
-           'folder_encoder', 'build_model']
+           'weights_path', 'timm_from_state', 'student_folder', 'load_backbone', 'is_kdnb_weights', 'timm_student',
+           'load_classifier', 'folder_encoder', 'build_model']
 
 # %% ../nbs/02_weights.ipynb #5b538fcc
 def weights_metadata(module: nn.Module) -> dict[str, str]:
@@ -119,13 +119,28 @@ def timm_from_state(arch: dict, # a TimmEncoder's arch (timm name, depth, img_si
 ENCODERS = {c.__name__: (c, load) for c, load in ((Data2Vec2Encoder, encoder_from_state), (TimmEncoder, timm_from_state))}
 
 # %% ../nbs/02_weights.ipynb #f1b0d52b
+def student_folder(run: str | Path, # a run that distilled several students (`students`)
+                   student: str) -> Path: # one of them
+    "The run folder of one student of several: run/students/NAME; the error names the students there."
+    folder = Path(run) / "students" / student
+    if (folder / "checkpoints").is_dir(): return folder
+    have = sorted(p.name for p in (Path(run) / "students").glob("*") if (p / "checkpoints").is_dir())
+    raise FileNotFoundError(f"{run} has no student {student!r}: " + (f"its students are {', '.join(have)}" if have else
+                            "it is not a run of several students; leave student out"))
+
 def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 2.0 checkpoint
                   depth: int | None = None, # keep the first `depth` main blocks (None: all)
+                  student: str | None = None, # in a run of several students: which (its folder src/students/NAME)
                   **overrides) -> nn.Module: # a Data2Vec2Encoder, or the TimmEncoder a timm student's run saved
     "The image encoder of a kdnb run folder or weights file, or a Data2Vec2Encoder from a fairseq checkpoint."
+    if student is not None: src = student_folder(src, student)
     p = weights_path(src)
     if p.suffix != ".safetensors": return load_data2vec2(str(src), depth=depth, **overrides)
     wf = read_weights(p)
+    if wf.cls == "StudentFamily":
+        names = ", ".join(wf.arch.get("students", []))
+        raise ValueError(f"{src} distilled several students ({names}): pass student=NAME, or the folder "
+                         f"{Path(str(src)) / 'students' / 'NAME'} (finetuning's checkpoint, kdnb export)")
     if wf.backbone_class not in ENCODERS:
         raise ValueError(f"{src} holds a {wf.cls} whose backbone is a {wf.backbone_class}, not an image encoder "
                          f"({', '.join(ENCODERS)}): point to an image run (distillation or finetuning)")

@@ -44,9 +44,10 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    "A run killed with SIGKILL mid-epoch and resumed ends with the weights of an uninterrupted run."
-    extra = ["--epochs", "2", "--ckpt_every", "3"]
+@pytest.mark.parametrize("students", [None, "a=:depth=2,b=:depth=1:drop_path=0.2:lr=5e-4"], ids=["one", "students"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, students):
+    "A run killed with SIGKILL mid-epoch and resumed ends with the weights of an uninterrupted run (and each student's)."
+    extra = ["--epochs", "2", "--ckpt_every", "3"] + (["--students", students] if students else [])
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(KDNB + _distill_args(full, *extra), check=True, env=ENV, capture_output=True)
     p = subprocess.Popen(KDNB + _distill_args(killed, *extra), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -64,6 +65,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     b = load_file(str(killed / "checkpoints" / "last" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((killed / "summary.json").read_text())["steps"] == 16
+    for name in ("a", "b") if students else ():  # each student's own folder: its last weights and its summary
+        a, b = (load_file(str(r / "students" / name / "checkpoints" / "last" / "model.safetensors")) for r in (full, killed))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        s_full, s_killed = (json.loads((r / "students" / name / "summary.json").read_text()) for r in (full, killed))
+        assert s_killed["finished"] and s_killed["metrics"] == s_full["metrics"] and s_killed["best"] == s_full["best"]
 
 
 DIE_IN_CHECKPOINT_WRITE = """
