@@ -87,6 +87,7 @@ class ConfigBase:
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name), _resolve(type(self), f)))
         self.validate()
     renamed = {} # old field name -> its name now: old run folders, presets and command lines keep working
+    file_defaults = {} # field -> the value a saved file that predates the field is read with (what it ran as)
     unknown_hint = ""  # appended to the unknown-keys error (DistillBase: where the other objectives live)
 
 @patch
@@ -883,6 +884,7 @@ def load_config(path) -> BaseConfig:
         raise ConfigError(f"{path} does not say which config it holds (no valid '_class' key): it was not written "
                           "by kdnb; start from a preset (--preset) instead")
     cls = cls.class_for(d)  # a DistillConfig saved before its objective had a class of its own
+    d = {**cls.file_defaults, **d}  # a field added later: the file ran as it was before the field existed
     try: return cls.from_dict(_drop_old_defaults(cls, d))
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from e
 

@@ -24,10 +24,10 @@ from .models import Data2Vec2Encoder
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'SHOWN_DECIMALS',
+__all__ = ['log', 'ARMS', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'SHOWN_DECIMALS',
            'NOT_COMPARED', 'PipelineArms', 'PipelineSizes', 'PipelineConfig', 'student_seeds', 'stage_precision',
-           'teacher_stages', 'student_stages', 'evaluated_models', 'stage_configs', 'run_pipeline', 'pipeline',
-           'encoder_gflop', 'stage_gflop', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline',
+           'teacher_stages', 'distill_dir', 'student_stages', 'evaluated_models', 'stage_configs', 'run_pipeline',
+           'pipeline', 'encoder_gflop', 'stage_gflop', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline',
            'first_stage', 'describe_pipeline', 'export_results', 'pipeline_command', 'shown', 'compare_stage',
            'StopAfter', 'record_reproduction', 'reproduce', 'reproduce_main']
 
@@ -102,6 +102,10 @@ class PipelineConfig(PipelineSizes):
     resume: typing.Union[bool, str] = False
     # when another process holds out_dir (a pipeline in progress): False stops at once naming it, True waits for it
     wait: bool = False
+    # True: a seed's distillations (settings a, b, the random student) are one stage of several students, one teacher
+    # pass per batch (kdnb.distill's `students`; each student as it would be alone); False: one stage per setting
+    one_teacher_pass: bool = True
+    file_defaults = {"one_teacher_pass": False}  # pipeline folders made before the field: one stage per setting
 
 # %% ../nbs/18_pipeline.ipynb #e64027e6
 @patch(as_prop=True)
@@ -201,19 +205,30 @@ def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
     return st, students, ("beitv2", p.teacher_checkpoint or "beitv2_base_pt1k", "block", None)
 
 # %% ../nbs/18_pipeline.ipynb #fe469935
+ARMS = {"": "main", "_other": "other", "_random": "random"}  # a setting's suffix -> its student's name in one stage
+
+def distill_dir(out: Path, p: PipelineConfig, students: dict, sx: str, seed: int) -> Path:
+    "Setting `sx`'s distilled student of `seed` under `out`: its folder in the seed's one stage, or its own stage."
+    if p.one_teacher_pass and len(students) > 1: return Path(out) / f"distill{_sfx(p, seed)}" / "students" / ARMS[sx]
+    return Path(out) / f"distill{sx}{_sfx(p, seed)}"
+
 def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int) -> dict:
-    "One seed's distillations (one per setting) and arm (c)'s data2vec 2.0 training."
+    "One seed's distillations (one stage of several students, or one per setting) and arm (c)'s data2vec 2.0 training."
     out, st, local = Path(p.out_dir), {}, _local(p)
     (t_name, t_ckpt, t_kind, t_run), ss, sfx = teacher, _sfx(p, seed), "_cpu" if local else ""
-    for sx, (s_ckpt, s_depth, s_model) in students.items():
-        st[f"distill{sx}{ss}"] = get_config("distill" + sfx, **_common(p, seed), **_size(p),
-                                            **({"mlp_dim": 4 * p.embed_dim} if local else {}),
-                                            teacher=t_name, teacher_checkpoint=t_ckpt, teacher_layer_kind=t_kind,
-                                            model=s_model, checkpoint=s_ckpt, depth=s_depth,
-                                            student_layer_kind="ffn" if s_model == "data2vec2" else "block",
-                                            epochs=p.distill_epochs,
-                                            **({"lr": p.distill_lr} if local else {}),
-                                            out_dir=str(out / f"distill{sx}{ss}"))
+    alone = {sx: get_config("distill" + sfx, **_common(p, seed), **_size(p),
+                            **({"mlp_dim": 4 * p.embed_dim} if local else {}),
+                            teacher=t_name, teacher_checkpoint=t_ckpt, teacher_layer_kind=t_kind,
+                            model=s_model, checkpoint=s_ckpt, depth=s_depth,
+                            student_layer_kind="ffn" if s_model == "data2vec2" else "block",
+                            epochs=p.distill_epochs, **({"lr": p.distill_lr} if local else {}),
+                            out_dir=str(out / f"distill{sx}{ss}"))
+             for sx, (s_ckpt, s_depth, s_model) in students.items()}
+    if p.one_teacher_pass and len(alone) > 1:  # every setting's student from one teacher pass, each as it is alone
+        spec = ",".join(f"{ARMS[sx]}={c.model}:checkpoint={c.checkpoint or 'none'}:depth={c.depth}:"
+                        f"student_layer_kind={c.student_layer_kind}" for sx, c in alone.items())
+        st[f"distill{ss}"] = next(iter(alone.values())).replace(students=spec, out_dir=str(out / f"distill{ss}"))
+    else: st |= {f"distill{sx}{ss}": c for sx, c in alone.items()}
     if p.d2v_baseline:
         half = p.teacher_depth // 2
         st[f"d2v{ss}"] = get_config("pretrain_cpu", **_common(p, seed), **_size(p), checkpoint=t_run, depth=half,
@@ -222,12 +237,13 @@ def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int)
                                     out_dir=str(out / f"d2v{ss}"))
     return st
 
+# %% ../nbs/18_pipeline.ipynb #2518e1c7
 def evaluated_models(p: PipelineConfig, students: dict, teacher: tuple, seed: int) -> dict:
     "Name -> (weights, depth, model) of every model one seed evaluates: the teacher, and each arm's student."
     out, ss, t_run = Path(p.out_dir), _sfx(p, seed), teacher[3]
     models = {"teacher": (t_run, p.teacher_depth, "data2vec2")} if t_run else {}
     for sx, (s_ckpt, s_depth, s_model) in students.items():
-        models["distilled" + sx] = (str(out / f"distill{sx}{ss}"), s_depth, s_model)
+        models["distilled" + sx] = (str(distill_dir(out, p, students, sx, seed)), s_depth, s_model)
         models["baseline" + sx] = (s_ckpt, s_depth, s_model)  # the same blocks, not distilled
         if sx == "" and p.d2v_baseline: models["d2v"] = (str(out / f"d2v{ss}"), s_depth, "data2vec2")
     return models
@@ -380,8 +396,10 @@ def stage_gflop(p: PipelineConfig, # the pipeline
     out = {}
     for name, cfg in stage_configs(p).items():
         d = cfg.depth
-        per_image = {"pretrain": f[d] * (1 + 3 * p.clone_batch * visible),
-                     "distill": f[p.teacher_depth] + 3 * f[d], "finetune": 3 * f[d], "linear_probe": f[d]}[cfg.kind]
+        trained = [c.depth for c in cfg.student_configs().values()] if getattr(cfg, "students", None) else [d]
+        per_image = {"pretrain": f[d] * (1 + 3 * p.clone_batch * visible),  # one teacher pass, every student trained
+                     "distill": f[p.teacher_depth] + sum(3 * f[k] for k in trained), "finetune": 3 * f[d],
+                     "linear_probe": f[d]}[cfg.kind]
         images = min(cfg.train_subset or n_train, n_train)
         out[name] = per_image * images * (1 if cfg.kind == "linear_probe" else cfg.epochs)  # a probe caches features
     return out
@@ -426,11 +444,13 @@ def seed_results(out_dir) -> pd.DataFrame:
 
 # %% ../nbs/18_pipeline.ipynb #89c0a7dc
 def _stage_attrs(out: Path, p: PipelineConfig) -> dict:
-    attrs = {}
-    for stage in ("pretrain_teacher", "pretrain_donor", "teacher",
-                  *[f"{s}{_sfx(p, seed)}" for seed in student_seeds(p)
-                    for s in ("distill", "distill_other", "distill_random", "d2v")]):
-        s = read_summary(out / stage)  # {} when missing or cut
+    attrs, (_, students, _) = {}, teacher_stages(p)
+    folders = {s: out / s for s in ("pretrain_teacher", "pretrain_donor", "teacher")}
+    for seed in student_seeds(p):  # each setting's distillation under its name, in one stage or its own
+        folders |= {f"distill{sx}{_sfx(p, seed)}": distill_dir(out, p, students, sx, seed) for sx in students}
+        folders[f"d2v{_sfx(p, seed)}"] = out / f"d2v{_sfx(p, seed)}"
+    for stage, folder in folders.items():
+        s = read_summary(folder)  # {} when missing or cut
         if s:
             attrs[stage] = {"steps": s.get("steps"), "val_loss": s.get("metrics", {}).get("val_loss"),
                             "train_time_s": s.get("train_time_s")}
@@ -466,12 +486,12 @@ def plot_pipeline(out_dir, path=None):
     "Distillation loss (the first seed's), and probe / finetune accuracy per epoch of every model."
     out = Path(out_dir)
     p = load_config(out / "pipeline.yaml")
-    ss = _sfx(p, p.seed)
+    ss, (_, students, _) = _sfx(p, p.seed), teacher_stages(p)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for stage, who in (("distill", "teacher's half"), ("distill_other", "other donor"),
-                       ("distill_random", "random student")):
-        if not (out / f"{stage}{ss}" / "metrics.jsonl").exists(): continue
-        d = read_metrics(out / f"{stage}{ss}")
+    for sx, who in (("", "teacher's half"), ("_other", "other donor"), ("_random", "random student")):
+        folder = distill_dir(out, p, students, sx, p.seed) if sx in students else None
+        if folder is None or not (folder / "metrics.jsonl").exists(): continue
+        d = read_metrics(folder)
         for kind, key, style in (("step", "loss", "-"), ("epoch", "val_loss", "o-")):
             r = d[(d.kind == kind) & d.get(key, pd.Series(dtype=float)).notna()] if key in d else d.iloc[:0]
             if len(r): axes[0].plot(r.step, r[key], style, ms=4,
@@ -532,8 +552,9 @@ def export_results(run_dir, dst) -> list[Path]:
         raise FileNotFoundError(f"{run} is not a finished pipeline (no results.json)")
     for p in sorted(run.rglob("*")):
         rel = p.relative_to(run)
+        stage_file = len(rel.parts) == 2 or len(rel.parts) == 4 and rel.parts[1] == "students"  # a student's own
         if p.is_file() and (p.parent == run and p.suffix in (".yaml", ".json", ".csv", ".png") or
-                            len(rel.parts) == 2 and p.name in KEEP):
+                            stage_file and p.name in KEEP):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(p, dst / rel)
             out.append(dst / rel)

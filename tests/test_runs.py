@@ -226,3 +226,31 @@ def test_cli_timm_teacher_into_timm_student_then_finetune(tmp_path, capsys, capl
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err) and "this objective compares CLS tokens" in err[-1], err
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_students_from_the_command_line_to_export_and_finetuning(tmp_path):
+    """`kdnb distill --students` with a timm student beside a Data2Vec2-style one; each student's folder is then a run
+    folder that `kdnb export` and finetuning's --checkpoint take, and the family folder itself is refused in one line."""
+    fam = tmp_path / "fam"
+    students = "vt=timm:vit_tiny_patch16_224:checkpoint=random:depth=1,half=:depth=1"
+    r = subprocess.run(KDNB + _distill_args(fam, "--max_steps", "3", "--epochs", "1", "--img_size", "32",
+                                            "--patch_size", "16", "--students", students), env=ENV, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((fam / "summary.json").read_text())
+    assert s["finished"] and set(s["students"]) == {"vt", "half"} and s["students"]["vt"]["width_map"] == "192 -> 64"
+    r = subprocess.run(KDNB + ["export", str(fam / "students" / "vt"), "--out", str(tmp_path / "vt")], env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import timm
+    m = timm.create_model(f"local-dir:{tmp_path / 'vt'}")
+    assert len(m.blocks) == 1 and m.embed_dim == 192
+    ft = ["finetune", "--preset", "finetune_cpu", "--device", "cpu", "--max_steps", "2", "--epochs", "1",
+          "--train_subset", "64", "--tensorboard", "false", "--depth", "1"]
+    r = subprocess.run(KDNB + ft + ["--checkpoint", str(fam / "students" / "half"), "--out_dir", str(tmp_path / "ft")],
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "ft" / "summary.json").read_text())["finished"]
+    r = subprocess.run(KDNB + ft + ["--checkpoint", str(fam), "--out_dir", str(tmp_path / "ft2")], env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "distilled several students (vt, half)" in r.stderr and "Traceback" not in r.stderr
