@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .models import Classifier, Data2Vec2Encoder, TimmEncoder, TIMM_NAME
-from .weights import read_weights, run_weights, load_backbone, load_classifier
+from .weights import WeightsFile, backbone_from, classifier_from, load_backbone, load_classifier, read_weights, run_weights
 from .config import RUN_KINDS, load_config, write_atomic
 from .engine import read_run_summary
 from .text import load_text_encoder, load_tokenizer
@@ -160,10 +160,9 @@ def weights_of(run: Path) -> Path:
                                 "wrote a checkpoint, or resume it until it does")
     return w
 
-def load_run_model(w: Path) -> nn.Module:
+def load_run_model(wf: WeightsFile) -> nn.Module: # a weights file, read once
     "The image model of a weights file: the Classifier of a finetune, else the encoder (distill, pretrain, segment)."
-    wf = read_weights(w)  # a cut-off file stops here, naming it
-    return (load_classifier(w) if wf.cls == "Classifier" else load_backbone(w)).eval()
+    return (classifier_from(wf) if wf.cls == "Classifier" else backbone_from(wf)).eval()
 
 # %% ../nbs/20_export.ipynb #efee7835
 def write_text_folder(w: Path, # a text run's weights file (distill-text, glue)
@@ -204,15 +203,16 @@ def export_run(run, # a kdnb run folder with an image encoder or classifier
     if push_to_hub: hub_ready(token)
     w = weights_of(run)
     cfg, summary = load_config(run / "config.yaml"), read_run_summary(run)
-    text = read_weights(w).backbone_class == "TextEncoder"
+    wf = read_weights(w)  # once (an image model is built from it; a cut-off file stops here, naming it)
+    text = wf.backbone_class == "TextEncoder"
     if not text:
-        model = load_run_model(w)
+        model = load_run_model(wf)
         config, state = timm_export(model, summary.get("classes") if isinstance(model, Classifier) else None)
         check_timm_folder(config, state, f"exporting {run}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        if text: what = text_facts(write_text_folder(w, tmp), out.name, read_weights(w).cls)
+        if text: what = text_facts(write_text_folder(w, tmp), out.name, wf.cls)
         else:
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             write_atomic(tmp / "config.json", json.dumps(config, indent=2))

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'ENCODERS', 'weights_metadata', 'save_weights', 'WeightsFile', 'read_weights', 'load_state', 'run_weights',
-           'weights_path', 'timm_from_state', 'student_folder', 'load_backbone', 'is_kdnb_weights', 'timm_student',
-           'load_classifier', 'folder_encoder', 'build_model']
+           'weights_path', 'timm_from_state', 'student_folder', 'load_backbone', 'backbone_from', 'is_kdnb_weights',
+           'timm_student', 'load_classifier', 'classifier_from', 'folder_encoder', 'build_model']
 
 # %% ../nbs/02_weights.ipynb #5b538fcc
 def weights_metadata(module: nn.Module) -> dict[str, str]:
@@ -136,7 +136,14 @@ def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 
     if student is not None: src = student_folder(src, student)
     p = weights_path(src)
     if p.suffix != ".safetensors": return load_data2vec2(str(src), depth=depth, **overrides)
-    wf = read_weights(p)
+    return backbone_from(read_weights(p), depth, src, **overrides)
+
+def backbone_from(wf: WeightsFile, # a weights file, read once (load_backbone, kdnb export)
+                  depth: int | None = None, # keep the first `depth` main blocks (None: all)
+                  src=None, # what the user named (in errors); None: the file
+                  **overrides) -> nn.Module:
+    "The image encoder a read kdnb weights file holds (its backbone, the prefix stripped)."
+    src = src or wf.path
     if wf.cls == "StudentFamily":
         names = ", ".join(wf.arch.get("students", []))
         raise ValueError(f"{src} distilled several students ({names}): pass student=NAME, or the folder "
@@ -144,8 +151,9 @@ def load_backbone(src: str | Path, # run folder, kdnb .safetensors, or data2vec 
     if wf.backbone_class not in ENCODERS:
         raise ValueError(f"{src} holds a {wf.cls} whose backbone is a {wf.backbone_class}, not an image encoder "
                          f"({', '.join(ENCODERS)}): point to an image run (distillation or finetuning)")
-    return ENCODERS[wf.backbone_class][1](wf.backbone_arch, wf.backbone_state(), p, depth, **overrides)
+    return ENCODERS[wf.backbone_class][1](wf.backbone_arch, wf.backbone_state(), wf.path, depth, **overrides)
 
+# %% ../nbs/02_weights.ipynb #acbcfb3f
 def is_kdnb_weights(src) -> bool:
     "Whether `src` is a kdnb run folder or weight file (and not a fairseq or timm checkpoint)."
     p = Path(str(src))
@@ -182,11 +190,14 @@ def load_classifier(src: str | Path, # finetuning run folder, kdnb .safetensors,
         load_state(model, {**model.state_dict(), **{k: v for k, v in head.items()
                                                   if k.startswith(("fc_norm.", "head."))}}, src)
         return model
-    wf = read_weights(p)
+    return classifier_from(read_weights(p), src)
+
+def classifier_from(wf: WeightsFile, src=None) -> Classifier: # `src`: what the user named (in errors)
+    "The image `Classifier` a read kdnb weights file holds."
     if wf.cls != "Classifier" or wf.backbone_class not in ENCODERS:
-        raise ValueError(f"{src} holds a {wf.cls}, not an image Classifier: point to a finetuning run")
+        raise ValueError(f"{src or wf.path} holds a {wf.cls}, not an image Classifier: point to a finetuning run")
     encoder = ENCODERS[wf.backbone_class][0](**wf.backbone_arch)  # random weights, replaced by the file's
-    return load_state(Classifier(encoder, wf.arch["num_classes"]), wf.state, p)
+    return load_state(Classifier(encoder, wf.arch["num_classes"]), wf.state, wf.path)
 
 # %% ../nbs/02_weights.ipynb #f912655d
 def folder_encoder(folder: str | Path, # a timm folder: config.json + model.safetensors
