@@ -898,6 +898,7 @@ def config_class(name) -> type | None:
     rest = sorted(_subclasses(ConfigBase), key=lambda c: not live(c))  # stable: defined order within each group
     return next((c for c in [*registered, *rest] if c.__name__ == name), None)
 
+# %% ../nbs/04_config.ipynb #ea183ec2
 def _drop_old_defaults(cls: type, d: dict) -> dict:
     "A config saved when one class held every objective's fields: other objectives' fields at their defaults go."
     names = {f.name for f in fields(cls)} | set(cls.renamed)

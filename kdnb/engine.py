@@ -137,6 +137,7 @@ class Task(nn.Module):
             if m is not None: m.train(False)  # an optional module (e.g. no teacher) may be None
         return self
 
+# %% ../nbs/06_engine.ipynb #77b37af2
 class Callback:
     "Override any of the event methods; `order` sorts callbacks (lower first)."
     order = 0
@@ -991,4 +992,8 @@ def fit_task(task: Task, cfg, train_ds, val_ds=None, callbacks: Iterable[Callbac
     if di.main:
         log.info(f"{type(task).__name__}: {len(train_ds)} training images, global batch {cfg.batch_size} "
                  f"({di.world_size} x {per_rank}), {len(train_dl)} steps/epoch, peak lr {cfg.lr:g}, device {device}")
-    return Trainer(task, cfg, train_dl, val_dl, default_callbacks(cfg, callbacks), info=info).fit()
+    try: return Trainer(task, cfg, train_dl, val_dl, default_callbacks(cfg, callbacks), info=info).fit()
+    finally:  # persistent workers end with the run, not at interpreter exit (where their SIGTERM read as a crash)
+        for dl in (train_dl, val_dl):
+            if dl is not None and hasattr(dl._iterator, "_shutdown_workers"):
+                dl._iterator._shutdown_workers(); dl._iterator = None

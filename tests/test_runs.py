@@ -27,12 +27,14 @@ def _distill_args(out, *extra):
             "--log_every", "1", "--tensorboard", "false", "--out_dir", str(out), *extra]
 
 
-def test_ddp_two_processes_match_one(tmp_path):
-    "The loss per step with 2 gloo processes x 16 images equals the single-process loss with batch 32."
+@pytest.mark.parametrize("students", [None, "a=:depth=2,b=:embed_dim=32:lr=5e-4"], ids=["one", "students"])
+def test_ddp_two_processes_match_one(tmp_path, students):
+    "The loss per step with 2 gloo processes x 16 images equals the single-process loss with batch 32 (a family too)."
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(KDNB + _distill_args(one, "--max_steps", "4"), check=True, env=ENV, capture_output=True)
+    extra = ["--max_steps", "4"] + (["--students", students] if students else [])
+    subprocess.run(KDNB + _distill_args(one, *extra), check=True, env=ENV, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                        "-m", "kdnb.cli"] + _distill_args(two, "--max_steps", "4"), env=ENV, capture_output=True, text=True)
+                        "-m", "kdnb.cli"] + _distill_args(two, *extra), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 4
@@ -254,3 +256,11 @@ def test_students_from_the_command_line_to_export_and_finetuning(tmp_path):
     r = subprocess.run(KDNB + ft + ["--checkpoint", str(fam), "--out_dir", str(tmp_path / "ft2")], env=ENV,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "distilled several students (vt, half)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_loader_workers_end_with_the_run(tmp_path):
+    "A run with persistent loader workers exits without the 'DataLoader worker ... killed by signal' traceback."
+    r = subprocess.run(KDNB + _distill_args(tmp_path / "w", "--max_steps", "2", "--epochs", "1", "--num_workers", "2"),
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "killed by signal" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]

@@ -129,14 +129,22 @@ def test_the_state_check_finds_lazy_state(tmp_path):
 
 
 def test_one_path_to_the_optimizer():
-    "Only the engine's Trainer builds parameter groups and the optimizer (config -> param_groups -> AdamW)."
+    """Only the engine's Trainer builds the optimizer, from the task's `param_groups(cfg)` (config -> param_groups ->
+    AdamW); layer_decay's `param_groups` is called only there, in a task's `param_groups` method (the engine's
+    default, a family of students' own lr per student) or in the Trainer."""
     calls = {}
     for path in sorted((ROOT / "kdnb").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call):
                 name = getattr(node.func, "attr", getattr(node.func, "id", None))
                 if name in ("param_groups", "AdamW", "Adam", "SGD"): calls.setdefault(name, []).append(path.name)
-    assert calls == {"param_groups": ["engine.py"], "AdamW": ["engine.py"]}, calls
+    assert calls.get("AdamW") == ["engine.py"] and not {"Adam", "SGD"} & set(calls), calls
+    outside = [f"{path.name}:{fn.name}" for path in sorted((ROOT / "kdnb").glob("*.py"))
+               for fn in ast.walk(ast.parse(path.read_text())) if isinstance(fn, ast.FunctionDef)
+               and fn.name not in ("param_groups", "__init__")
+               and any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == "param_groups"
+                       for n in ast.walk(fn))]
+    assert not outside, f"parameter groups built outside a task's param_groups or the Trainer: {outside}"
 
 
 # --- issue 36: one model parser, a loop that names no model, cells in nbdev's rhythm
