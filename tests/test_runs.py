@@ -264,3 +264,17 @@ def test_loader_workers_end_with_the_run(tmp_path):
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "killed by signal" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_students_compile_blocks_and_step(tmp_path):
+    "A family of students under torch.compile ('blocks' and 'step', drop path's generator swap inside) gives eager's losses."
+    from kdnb.config import get_config
+    from kdnb.distill import distill
+    import kdnb.runs  # noqa: F401
+    base = get_config("distill_cpu", max_steps=3, epochs=1, train_subset=128, tensorboard=False,
+                      students="a=:depth=2,b=:depth=1:drop_path=0.1")
+    eager = distill(base.replace(out_dir=str(tmp_path / "eager")))["metrics"]
+    for how in ("blocks", "step"):
+        got = distill(base.replace(compile=how, out_dir=str(tmp_path / how)))["metrics"]
+        assert all(abs(got[k] - eager[k]) < 1e-5 for k in ("a/val_loss", "b/val_loss")), (how, got, eager)
