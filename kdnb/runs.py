@@ -33,7 +33,6 @@ def setup_run(kind: str, # a registered run kind: pretrain, distill, finetune, l
     "The validated config of a run from a preset (or saved config) and the user's parameters."
     params = {k: v for k, v in params.items() if v is not None}
     preset = params.pop("preset", "auto")
-    if test and kind in ("text_distill", "glue"): params.setdefault("data_root", "../../shared/data/glue")
     if config is not None:
         cfg = rebuild(load_config(config), **{**run_kind(kind).values, **params})
     else:

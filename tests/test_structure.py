@@ -256,3 +256,11 @@ def test_the_cell_check_finds_what_it_looks_for(tmp_path):
           "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
     (tmp_path / "a.ipynb").write_text(json.dumps(nb))
     assert long_exported_cells(tmp_path) == ["a.ipynb cell 0: 41 exported lines (split it at a function boundary)"]
+
+
+def test_no_test_only_path_in_the_library():
+    """Where the notebooks' tests find data (../../shared, seen from nbs/) is the run notebooks' and tests' business,
+    not kdnb's (a preset may name the repository's own data folder, ../shared/data/cifar10, as results/ records it)."""
+    hits = [f"{p.name}:{i}" for p in sorted((ROOT / "kdnb").glob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "../../shared" in line]
+    assert not hits, hits
