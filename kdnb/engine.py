@@ -996,4 +996,7 @@ def fit_task(task: Task, cfg, train_ds, val_ds=None, callbacks: Iterable[Callbac
     finally:  # persistent workers end with the run, not at interpreter exit (where their SIGTERM read as a crash)
         for dl in (train_dl, val_dl):
             if dl is not None and hasattr(dl._iterator, "_shutdown_workers"):
-                dl._iterator._shutdown_workers(); dl._iterator = None
+                # workers a signal already ended (SIGTERM to the job's process group) make the shutdown raise what
+                # the run has already reported (a Preempted): cleanup never replaces the run's own outcome
+                with contextlib.suppress(RuntimeError): dl._iterator._shutdown_workers()
+                dl._iterator = None
