@@ -214,8 +214,6 @@ class StudentFamily(nn.Module):
         for name, s in self.students.items():
             with self.own_rng(name): out[name] = s(x, layers=self.kinds[name])
         return out
-    def no_weight_decay(self):
-        return {f"students.{k}.{n}" for k, s in self.students.items() for n in getattr(s, "no_weight_decay", set)()}
 
 # %% ../nbs/07_distill.ipynb #14a69d60
 class FamilyDistillTask(Task):
