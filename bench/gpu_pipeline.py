@@ -11,7 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from kdnb.pipeline import PipelineConfig, run_pipeline
+from kdnb.kinds import PipelineConfig
+from kdnb.pipeline import run_pipeline
 
 
 def config(teacher_epochs=40, distill_epochs=20, probe_epochs=10, finetune_epochs=15, out_dir="runs/cifar10-gpu",

@@ -6,18 +6,17 @@
 from __future__ import annotations
 import argparse, json, logging, sys
 from dataclasses import fields
-import yaml
-import torch
-from .config import DistillBase, ConfigError, OBJECTIVES, PRESETS, RUN_KINDS, RunKind, field_docs, parse_value
-from .runs import run, setup_run
-import kdnb.pipeline  # registers the pipeline run kind: `kdnb pipeline`
-from .pipeline import reproduce_main
-from .export import export_main
-from .engine import DistInfo, Preempted, PREEMPTED_EXIT
-from .site import report_main
+from .config import (DistillBase, ConfigError, OBJECTIVES, PRESETS, RUN_KINDS, RunKind, field_docs, parse_value,
+                         resolve)
+from .runs import run, setup_run  # torch-free: kdnb.kinds declares every run; a runner is imported when it starts
+from .files import DistInfo, Preempted, PREEMPTED_EXIT
+
+# the commands that are not runs, named as the run kinds name their runners: imported when called
+COMMANDS = {"report": "kdnb.site:report_main", "reproduce": "kdnb.pipeline:reproduce_main",
+            "export": "kdnb.export:export_main"}
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'config_from_args', 'print_presets', 'error_message', 'main']
+__all__ = ['COMMANDS', 'USER_ERRORS', 'config_from_args', 'print_presets', 'error_message', 'main']
 
 # %% ../nbs/21_cli.ipynb #13fc0ef9
 def _add_run_parser(sub, kind: RunKind):
@@ -83,13 +82,9 @@ def error_message(e: BaseException) -> str:
 def main(argv=None):
     "The `kdnb` console script: one line per error (exit 2 for a config, 1 otherwise); --debug: the traceback."
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["report"]:
-        return report_main(argv[1:])
-    if argv[:1] == ["reproduce"]:
-        return reproduce_main(argv[1:])
-    if argv[:1] == ["export"]:
-        return export_main(argv[1:])
-    args = _parser().parse_args(argv)
+    if argv[:1] and argv[0] in COMMANDS:
+        return resolve(COMMANDS[argv[0]])(argv[1:])
+    args = _parser().parse_args(argv)  # built from the registries alone: no torch before a run starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "presets":
         print_presets()
@@ -114,7 +109,8 @@ def main(argv=None):
               "with --debug and report the traceback)", file=sys.stderr)
         return 1
     finally:
-        if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+        torch = sys.modules.get("torch")  # imported by the run's runner, if it got that far
+        if torch is not None and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
     print(json.dumps(summary, indent=2))
     return 0
 

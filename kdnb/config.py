@@ -5,47 +5,26 @@
 # %% ../nbs/04_config.ipynb #985d76e1
 from __future__ import annotations
 from fastcore.basics import patch
-import dataclasses, difflib, functools, json, math, re, sys, typing
+import dataclasses, difflib, functools, importlib, json, math, re, sys, typing
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 from fastcore.docments import docments
 import yaml
-import kdnb
+from .files import write_atomic
 
 # %% auto #0
 __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED', 'ENCODERS', 'CLASSIFIERS', 'GLUE_TASKS',
            'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES', 'STUDENT_KEYS', 'MODEL_CHECKPOINTS',
-           'RUN_ONLY_PARAMS', 'REPO', 'PORTABLE_SUFFIXES', 'ConfigError', 'disk_error', 'write_atomic', 'ConfigBase',
-           'rebuild', 'DataSettings', 'OptimSettings', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive',
-           'check_non_negative', 'ModelSpec', 'model_spec', 'check_timm_model', 'DistillBase', 'DistillConfig',
-           'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset',
-           'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective', 'run_kind', 'get_config',
-           'parse_value', 'parse_students', 'load_config', 'config_class', 'params_from_namespace', 'portable',
-           'make_portable']
+           'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase', 'rebuild', 'DataSettings', 'OptimSettings', 'BaseConfig',
+           'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'ModelSpec', 'model_spec',
+           'check_timm_model', 'DistillBase', 'DistillConfig', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig',
+           'GlueConfig', 'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run',
+           'register_objective', 'run_kind', 'resolve', 'get_config', 'parse_value', 'parse_students', 'load_config',
+           'config_class', 'params_from_namespace']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
     "A config value that is not allowed; the message names the field and the fix."
-
-def disk_error(path, e: OSError, what: str = "") -> OSError:
-    "An OSError that names the file, its folder and the fix (ENOSPC, EIO, a quota: the same message)."
-    path = Path(path)
-    return OSError(e.errno, f"cannot write {what or path.name} to {path.parent} ({e.strerror or e}): the disk is full "
-                   "or failing; nothing half-written was left, the last checkpoint is intact: free space (or choose "
-                   "another out_dir) and continue with resume=True")
-
-def write_atomic(path, data: str | bytes, what: str = ""):
-    "Write `path` whole or not at all: a temporary file beside it, renamed into place; on error it is removed."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise disk_error(path, e, what) from e
-    return path
 
 # %% ../nbs/04_config.ipynb #15e855e8
 def _check_type(name, value, tp):
@@ -164,7 +143,7 @@ def kind(self: ConfigBase) -> str:
     for klass in type(self).__mro__:
         found = [k.name for k in RUN_KINDS.values() if k.config is klass]
         if found: return found[0]
-    raise ConfigError(f"no run kind is registered for {type(self).__name__}: import kdnb.runs, which registers "
+    raise ConfigError(f"no run kind is registered for {type(self).__name__}: import kdnb.kinds, which declares "
                       f"every kind ({sorted(RUN_KINDS)} so far)")
 
 def rebuild(cfg: ConfigBase, # a config
@@ -289,6 +268,7 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 _HINTS: dict[type, dict] = {}  # per class: typing.get_type_hints evaluates every annotation of the class
+_DOCS: dict[type, dict] = {}  # per class: docments parses its module's source (~50 ms a class; --help reads ~50)
 
 # %% ../nbs/04_config.ipynb #b73a6b15
 def _resolve(cls, f):
@@ -301,9 +281,11 @@ def field_docs(cls) -> dict[str, str]:
     docs = {}
     for klass in reversed(cls.__mro__):  # fastcore's docments, as nbdev's show_doc reads them
         if not dataclasses.is_dataclass(klass): continue
-        try: found = docments(klass)  # nothing for a class defined in __main__ (a notebook): no source file
-        except (OSError, TypeError): continue
-        docs |= {name: " ".join(doc.split()) for name, doc in found.items() if doc and name != "return"}
+        if klass not in _DOCS:
+            try: found = docments(klass)  # nothing for a class defined in __main__ (a notebook): no source file
+            except (OSError, TypeError): found = {}
+            _DOCS[klass] = {name: " ".join(doc.split()) for name, doc in found.items() if doc and name != "return"}
+        docs |= _DOCS[klass]
     return docs
 
 # %% ../nbs/04_config.ipynb #fc5759c6
@@ -417,7 +399,7 @@ class DistillBase(BaseConfig):
     objective: str = "d2v"
     drop_path: float = 0.0 # stochastic depth of the student
 
-    unknown_hint = (" (another objective's setting? set `objective` too; importing kdnb.runs registers every "
+    unknown_hint = (" (another objective's setting? set `objective` too; importing kdnb.kinds registers every "
                     "objective)")
 
 # %% ../nbs/04_config.ipynb #a1ec5090
@@ -506,9 +488,8 @@ def class_for(cls: DistillBase, d: dict) -> type:
     objective = d.get("objective", cls.objective)
     if objective in OBJECTIVES: return OBJECTIVES[objective].config
     if objective == DistillConfig.objective: return DistillConfig  # before 07_distill registers d2v's task
-    raise ConfigError(f"objective={objective!r} is not one of {cls.all_objectives()}; the objective notebooks "
-                      "register the others (kdnb.tinymim, kdnb.contrastive, kdnb.fkd): import kdnb.runs, which "
-                      "imports all")
+    raise ConfigError(f"objective={objective!r} is not one of {cls.all_objectives()}; the others are declared in "
+                      "kdnb.kinds: import it")
 
 # %% ../nbs/04_config.ipynb #2da98f1f
 @dataclass
@@ -706,6 +687,10 @@ class Preset:
         start = self.base() if isinstance(self.base, type) else PRESETS[self.base].build()
         return rebuild(start, preset=self.name, **self.values)  # `objective` may pick another class
     def __call__(self) -> BaseConfig: return self.build()
+    @property
+    def root(self) -> type:
+        "The config class the preset starts from, without building it (a build may check a timm name: timm, torch)."
+        return self.base if isinstance(self.base, type) else PRESETS[self.base].root
 
 # the shared size of the CPU presets: 16x16 digits, small batches, no workers, fp32
 CPU_RUN = dict(dataset="digits", img_size=16, patch_size=4, batch_size=32, num_workers=0, precision="fp32",
@@ -730,7 +715,8 @@ class RunKind:
     "A kind of run: its config class, its runner and its `kdnb` subcommand."
     name: str # "distill", "linear_probe", ...: what get_config(kind=...), setup_run and `run` look up
     config: type # its config class
-    runner: typing.Callable # (cfg, callbacks=()) -> the run's summary
+    # (cfg, callbacks=()) -> the run's summary; or its name, "module:function", imported when a run starts (resolve)
+    runner: typing.Union[str, typing.Callable]
     command: str # its `kdnb` subcommand ("probe" for linear_probe)
     help: str # one line for `kdnb --help`
     values: dict = dataclasses.field(default_factory=dict) # fields the kind fixes (linear_probe: mode)
@@ -742,8 +728,9 @@ class Objective:
     "A distillation objective: its config class (DistillConfig or a subclass) and what it trains."
     name: str # the value of DistillConfig.objective
     config: type # its config class
-    make_task: typing.Optional[typing.Callable] = None # (cfg, student, teacher, data) -> Task for the distill runner
-    runner: typing.Optional[typing.Callable] = None # a runner of its own instead (FKD: label store, then replay)
+    # (cfg, student, teacher, data) -> Task for the distill runner; or its name, "module:function" (resolve)
+    make_task: typing.Union[str, typing.Callable, None] = None
+    runner: typing.Union[str, typing.Callable, None] = None # a runner of its own instead (FKD: label store, then replay)
 
 RUN_KINDS: dict[str, RunKind] = {}
 
@@ -770,9 +757,18 @@ def run_kind(name: str) -> RunKind:
     if name not in RUN_KINDS:
         hint = difflib.get_close_matches(name, list(RUN_KINDS), 1)
         raise ConfigError(f"unknown run kind {name!r}; registered: {list(RUN_KINDS)}"
-                          + (f" (did you mean {hint[0]!r}?)" if hint else " (import kdnb.runs to register every training kind, "
-                          "kdnb.pipeline for the pipeline)"))
+                          + (f" (did you mean {hint[0]!r}?)" if hint else " (import kdnb.kinds, which declares every kind)"))
     return RUN_KINDS[name]
+
+# %% ../nbs/04_config.ipynb #40bf10ff
+def resolve(ref: typing.Union[str, typing.Callable], # a callable, or its name "package.module:function"
+           ) -> typing.Callable:
+    "A runner or task factory: a callable as is, a name imported now (as a package's entry points are)."
+    if callable(ref): return ref
+    module, _, name = ref.partition(":")
+    fn = getattr(importlib.import_module(module), name, None)
+    if fn is None: raise ValueError(f"{module} has no {name}: a run kind or objective names {ref!r}")
+    return fn
 
 # %% ../nbs/04_config.ipynb #b8646970
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)
@@ -794,7 +790,7 @@ def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on
     if kind is not None:
         entry = run_kind(kind)
         if not isinstance(cfg, entry.config):
-            fits = sorted(n for n, p in PRESETS.items() if isinstance(p.build(), entry.config))
+            fits = sorted(n for n, p in PRESETS.items() if issubclass(p.root, entry.config))
             raise ConfigError(f"preset {preset!r} is a {type(cfg).__name__}, not for a {kind} run; the {kind} "
                               f"presets: {', '.join(fits)}")
         overrides = {**entry.values, **overrides}
@@ -936,30 +932,3 @@ def params_from_namespace(ns: dict, # the notebook's globals() after the paramet
                           + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
                           for k, h in zip(unknown, hints)) + f"; allowed: {sorted(known)}")
     return new
-
-# %% ../nbs/04_config.ipynb #997ab186
-REPO = Path(kdnb.__file__).resolve().parent.parent  # the repository (the folder holding settings.ini and nbs/)
-PORTABLE_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".csv", ".txt", ".md")
-
-def portable(text: str, # a file's text
-             moves: dict | None = None, # absolute folder -> its published place, relative to the repository
-             root: Path | None = None) -> str: # the repository (default REPO)
-    "`text` with absolute paths made relative to the repository: moved folders, then the repository, then beside it."
-    root = REPO if root is None else Path(root)
-    for old, new in sorted((moves or {}).items(), key=lambda kv: -len(str(kv[0]))):
-        text = text.replace(str(old), str(new))
-    return text.replace(str(root) + "/", "").replace(str(root.parent) + "/", "../")
-
-def make_portable(folder: str | Path, # a folder about to be published (e.g. results/x)
-                  moves: dict | None = None, # absolute folder -> its published place, relative to the repository
-                 ) -> list[Path]: # the files that changed
-    "Rewrite the text files under `folder` with `portable` paths."
-    changed = []
-    for p in sorted(Path(folder).rglob("*")):
-        if not (p.is_file() and p.suffix in PORTABLE_SUFFIXES): continue
-        text = p.read_text()
-        new = portable(text, moves)
-        if new != text:
-            p.write_text(new)
-            changed.append(p)
-    return changed

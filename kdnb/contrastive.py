@@ -4,9 +4,7 @@
 
 # %% ../nbs/10_contrastive.ipynb #d048fdb7
 from __future__ import annotations
-from fastcore.basics import patch
-import math, typing  # typing: DistillConfig's inherited annotations (typing.Optional) resolve here
-from dataclasses import dataclass
+import math  # typing: DistillConfig's inherited annotations (typing.Optional) resolve here
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,10 +12,10 @@ import torch.distributed as dist
 from .engine import Task
 from .targets import d2v_loss
 from .distill import check_pair, layer_kind
-from .config import DistillConfig, Objective, check_positive, check_non_negative, register_objective
+from .kinds import ContrastiveConfig
 
 # %% auto #0
-__all__ = ['ContrastiveStudent', 'info_nce', 'ContrastiveTask', 'ContrastiveConfig', 'contrastive_task']
+__all__ = ['ContrastiveStudent', 'info_nce', 'ContrastiveTask', 'contrastive_task']
 
 # %% ../nbs/10_contrastive.ipynb #a8fb1e44
 class ContrastiveStudent(nn.Module):
@@ -87,13 +85,6 @@ class ContrastiveTask(Task):
                 "n": len(batch[0])}
 
 # %% ../nbs/10_contrastive.ipynb #f3212553
-@dataclass
-class ContrastiveConfig(DistillConfig):
-    "The contrastive CLS target, alone or added to d2v_loss: a DistillConfig with its settings."
-    objective: str = "contrastive"
-    contrastive_weight: float = 1.0 # weight w of the InfoNCE term (with d2v+contrastive: loss = d2v + w NCE)
-    bank_size: int = 65536 # memory bank of teacher CLS vectors (the thesis: 65,536)
-    temperature: float = 0.07 # initial temperature (a learnable logit scale starts at 1/temperature)
 def contrastive_task(cfg: ContrastiveConfig, student, teacher, data=None) -> ContrastiveTask:
     "The `contrastive` and `d2v+contrastive` objectives."
     check_pair(student, teacher, cfg.img_size, same_tokens=True)  # the student's grid for the teacher, or one line
@@ -101,13 +92,3 @@ def contrastive_task(cfg: ContrastiveConfig, student, teacher, data=None) -> Con
                            d2v_weight=1.0 if cfg.objective == "d2v+contrastive" else 0.0,
                            contrastive_weight=cfg.contrastive_weight, student_kind=cfg.student_layer_kind,
                            eps=cfg.target_eps)
-
-register_objective(Objective("contrastive", ContrastiveConfig, make_task=contrastive_task))
-register_objective(Objective("d2v+contrastive", ContrastiveConfig, make_task=contrastive_task))
-
-# %% ../nbs/10_contrastive.ipynb #c42fd109
-@patch
-def validate(self: ContrastiveConfig):
-    super(ContrastiveConfig, self).validate()
-    check_positive(self, "bank_size", "temperature")
-    check_non_negative(self, "contrastive_weight")

@@ -14,8 +14,9 @@ from .weights import build_model, save_weights
 from .layer_decay import param_groups
 from .engine import (Callback, Task, dumps, fit_task, autocast_dtype, non_finite_state, resolve_device)
 from .data import build_data
-from .config import (CPU_RUN, ConfigError, DistillBase, DistillConfig, ENCODERS, get_config, model_spec, Objective,
-                         OBJECTIVES, Preset, RunKind, register_objective, register_presets, register_run, write_atomic)
+from .config import ConfigError, DistillBase, DistillConfig, ENCODERS, get_config, model_spec, OBJECTIVES, resolve
+from .files import write_atomic
+import kdnb.kinds  # registers every run kind, objective and preset (distill looks its objective up)
 
 log = logging.getLogger(__name__)
 
@@ -23,26 +24,6 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'layer_kind', 'ready_student', 'DistillTask', 'MappedStudent', 'with_width_map', 'teacher_layer_kind',
            'build_teacher', 'build_student', 'check_pair', 'd2v_task', 'distill', 'StudentFamily', 'FamilyDistillTask',
            'family_task', 'StudentFolders', 'own_keys', 'write_student', 'distill_students']
-
-# %% ../nbs/07_distill.ipynb #5e1c0d01
-register_presets(
-    Preset("distill", DistillConfig, dict(
-        dataset="imagenet", img_size=224, epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6,
-        betas=(0.9, 0.98), schedule="cosine", warmup_frac=0.1, hflip=0.5, crop_scale=(0.08, 1.0), depth=6,
-        embed_dim=768, mlp_dim=3072, num_heads=12, patch_size=16, out_dir="runs/distill"),
-        "Seed 000, Table 1: distilling BEiTv2 ViT-B/16 into the first 6 blocks of Data2Vec2 (ImageNet-1K)."),
-    Preset("distill_cpu", "distill", dict(
-        **CPU_RUN, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny", teacher_checkpoint=None,
-        teacher_layer_kind="block", model="tiny", checkpoint=None, depth=2, embed_dim=64,
-        mlp_dim=256, num_heads=4, out_dir="runs/distill_cpu"),
-        "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."),
-    Preset("distill_students", "distill", dict(students="half=:depth=6,third=:depth=4,quarter=:depth=3",
-                                               out_dir="runs/distill_students"),
-        "Seed 000's student (the first 6 Data2Vec2 blocks) beside two smaller cuts (4 and 3 blocks), from one BEiTv2 "
-        "pass per batch."),
-    Preset("distill_students_cpu", "distill_cpu", dict(students="half=:depth=2,quarter=:depth=1",
-                                                       out_dir="runs/distill_students_cpu"),
-        "The CPU size of distill_students: a tiny teacher and two cuts of a tiny student, one teacher pass."))
 
 # %% ../nbs/07_distill.ipynb #5e1c0c01
 def layer_kind(setting: str, # "ffn", "block", or "auto"
@@ -166,17 +147,17 @@ def distill(cfg: DistillBase | None = None, # a config; None = get_config("auto"
     cfg = get_config("auto", kind="distill",
                      **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     if cfg.objective not in OBJECTIVES:
-        raise ConfigError(f"objective={cfg.objective!r} is not registered ({list(OBJECTIVES)}): import kdnb.runs, "
-                          "which imports every objective's module")
+        raise ConfigError(f"objective={cfg.objective!r} is not registered ({list(OBJECTIVES)}): import kdnb.kinds, "
+                          "which declares every objective")
     objective = OBJECTIVES[cfg.objective]
-    if objective.runner is not None: return objective.runner(cfg, callbacks=callbacks)
+    if objective.runner is not None: return resolve(objective.runner)(cfg, callbacks=callbacks)
     if getattr(cfg, "students", None): return distill_students(cfg, callbacks)  # several students, one teacher pass
     torch.manual_seed(cfg.seed)
     teacher, student = build_teacher(cfg), build_student(cfg)
     amp = autocast_dtype(cfg.precision, resolve_device(cfg.device))
     if amp is not None: teacher.cast(amp)  # a frozen teacher needs no fp32 master weights
     data = build_data(cfg, kind="distill")
-    task = objective.make_task(cfg, student, teacher, data)
+    task = resolve(objective.make_task)(cfg, student, teacher, data)
     n_s = sum(p.numel() for p in student.parameters() if p.requires_grad)
     width_map = getattr(task.trained_module(), "width_map", None)
     info = dict(kind="distill", objective=cfg.objective, dataset=cfg.dataset, teacher=cfg.teacher,
@@ -184,11 +165,6 @@ def distill(cfg: DistillBase | None = None, # a config; None = get_config("auto"
                 width_map=None if width_map is None else f"{width_map.in_features} -> {width_map.out_features}",
                 student_params=n_s, teacher_layers=teacher.num_layers, val_source=data.val_source)
     return fit_task(task, cfg, data.train, data.val, callbacks, info=info)
-
-# %% ../nbs/07_distill.ipynb #829c129c
-register_run(RunKind("distill", DistillBase, distill, command="distill",
-                     help="distil a teacher into a student (see --objective)"))
-register_objective(Objective("d2v", DistillConfig, make_task=d2v_task))
 
 # %% ../nbs/07_distill.ipynb #1ea922d7
 class StudentFamily(nn.Module):

@@ -18,20 +18,20 @@ from tqdm import tqdm as terminal_bar
 from tqdm.notebook import tqdm as notebook_bar
 from .weights import load_state, save_weights
 from .layer_decay import param_groups
-from .config import ConfigError, disk_error, load_config, write_atomic
+from .config import ConfigError, load_config
+from .files import DistInfo, Preempted, disk_error, write_atomic
 from .data import make_loader
 from .models import compile_blocks
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'PREEMPTED_EXIT', 'RECOMPILE_LIMIT', 'RESUME_MAY_CHANGE', 'PREEMPT_SIGNALS',
-           'resolve_device', 'autocast_dtype', 'precision_name', 'DistInfo', 'setup_distributed', 'attempt_store',
-           'lr_factor', 'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'Preempted', 'compile_task',
-           'FolderBusy', 'FolderLock', 'Trainer', 'progress_mode', 'Progress', 'dumps', 'open_sinks', 'MetricsLogger',
-           'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption', 'append_line', 'ModelEma',
-           'git_commit', 'machine_facts', 'code_commit', 'Summary', 'default_callbacks', 'read_records',
-           'read_run_summary', 'ensure_writable', 'fit_task']
+__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'RECOMPILE_LIMIT', 'RESUME_MAY_CHANGE', 'PREEMPT_SIGNALS', 'resolve_device',
+           'autocast_dtype', 'precision_name', 'setup_distributed', 'attempt_store', 'lr_factor', 'warmup_steps_of',
+           'Task', 'Callback', 'NonFiniteLoss', 'compile_task', 'FolderBusy', 'FolderLock', 'Trainer', 'progress_mode',
+           'Progress', 'dumps', 'open_sinks', 'MetricsLogger', 'check_resume_config', 'non_finite_state',
+           'Checkpointer', 'Preemption', 'append_line', 'ModelEma', 'git_commit', 'machine_facts', 'code_commit',
+           'Summary', 'default_callbacks', 'read_records', 'read_run_summary', 'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -52,16 +52,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def precision_name(amp_dtype: torch.dtype | None) -> str:
     "What a run computed in (recorded in its summary): 'fp32', 'bf16' or 'fp16'."
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-
-class DistInfo:
-    "Rank and world size of this process (1 process when not launched by torchrun)."
-    def __init__(self):
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank, self.local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    @property
-    def enabled(self): return self.world_size > 1
-    @property
-    def main(self): return self.rank == 0
 
 # a collective that waits longer than this fails (a dead or stuck rank) instead of hanging for torch's default
 # 10-30 minutes; KDNB_DIST_TIMEOUT_S overrides it (a rank writing a huge checkpoint may need longer)
@@ -150,11 +140,6 @@ EVENTS = ("before_fit", "before_epoch", "before_batch", "after_loss", "after_ste
 # %% ../nbs/06_engine.ipynb #c41c2cc2
 class NonFiniteLoss(RuntimeError):
     "The loss became NaN or Inf; the last good checkpoint is kept."
-
-class Preempted(BaseException):
-    "The run was asked to stop (SIGTERM, SIGUSR1): it finished its step and saved a checkpoint; it is not finished."
-
-PREEMPTED_EXIT = 143  # the CLI's exit code after a preemption (128 + SIGTERM, what schedulers expect)
 
 # %% ../nbs/06_engine.ipynb #d4176736
 # a compiled block keeps one graph per configuration it meets (each drop-path rate, training and evaluation, a ragged

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .models import Classifier, Data2Vec2Encoder, TimmEncoder, TIMM_NAME
 from .weights import WeightsFile, backbone_from, classifier_from, load_backbone, load_classifier, read_weights, run_weights
-from .config import RUN_KINDS, load_config, write_atomic
+from .config import RUN_KINDS, load_config
+from .files import write_atomic
 from .engine import read_run_summary
 from .text import load_text_encoder, load_tokenizer
 

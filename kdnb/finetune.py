@@ -13,37 +13,13 @@ from .models import Classifier
 from .weights import build_model
 from .engine import Task, fit_task, resolve_device, autocast_dtype
 from .data import build_data, mixup_fn, derive_seed, seeded, make_loader
-from .config import (CPU_RUN, ENCODERS, FinetuneConfig, Preset, RunKind, get_config, model_spec, register_presets,
-                         register_run)
+from .config import ENCODERS, FinetuneConfig, get_config, model_spec
+import kdnb.kinds  # registers the presets get_config reads
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'FinetuneTask', 'FeatureSet', 'extract_features', 'build_backbone', 'build_classifier', 'finetune']
-
-# %% ../nbs/08_finetune.ipynb #5e1c0d02
-register_presets(
-    Preset("finetune", FinetuneConfig, dict(
-        mode="finetune", dataset="imagenet", img_size=224, epochs=15, batch_size=256, lr=1e-3, weight_decay=0.01,
-        adam_eps=1e-8, betas=(0.9, 0.999), layer_decay=0.81, schedule="cosine", warmup_frac=0.1, mixup=0.8,
-        cutmix=1.0, mixup_prob=0.9, mixup_switch_prob=0.5, label_smoothing=0.1,
-        rand_augment="rand-m9-mstd0.5-inc1-n2", reprob=0.25, remode="pixel", recount=1, out_dir="runs/finetune"),
-        "Seed 000, Table 2: finetuning / linear probing of the distilled student on ImageNet-1K, CIFAR-10, CIFAR-100."),
-    Preset("linear_probe", "finetune", dict(mode="linear_probe", out_dir="runs/linear_probe"),
-        "Seed 000, Table 2: linear probing (frozen backbone, only the head trains) with the finetuning table's "
-        "values."),
-    Preset("finetune_seed003", "finetune", dict(
-        adam_eps=1e-6, betas=(0.9, 0.95), warmup_steps=5000, mixup=0.7, cutmix=1.0, mixup_prob=0.9,
-        mixup_switch_prob=0.5, mixup_mode="batch", label_smoothing=0.1, out_dir="runs/finetune_seed003"),
-        "Seed 003, Table 1: the thesis notes' ImageNet finetuning (AdamW eps 1e-6, betas (0.9, 0.95), 5k warmup "
-        "steps, Mixup alpha 0.7)."),
-    Preset("finetune_cpu", "finetune", dict(
-        **CPU_RUN, epochs=10, lr=3e-3, warmup_frac=0.05, model="tiny", checkpoint=None, depth=2, embed_dim=64,
-        num_heads=4, crop_pct=1.0, crop_scale=(0.8, 1.0), rand_augment=None, mixup_prob=0.0, reprob=0.0,
-        out_dir="runs/finetune_cpu"),
-        "A CPU-sized finetuning / linear probe of a tiny student on digits (augmentation softened for 8x8 digits)."),
-    Preset("linear_probe_cpu", "finetune_cpu", dict(mode="linear_probe", out_dir="runs/linear_probe_cpu"),
-        "The CPU-sized linear probe of a tiny student on digits."))
 
 # %% ../nbs/08_finetune.ipynb #1aa02f5f
 class FinetuneTask(Task):
@@ -133,9 +109,3 @@ def finetune(cfg: FinetuneConfig | None = None, # a config; None = get_config("a
                 trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                 cached_features=cached, val_source=data.val_source)
     return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info)
-
-# %% ../nbs/08_finetune.ipynb #80b7cc24
-register_run(RunKind("finetune", FinetuneConfig, finetune, command="finetune", help="finetune a (distilled) student",
-                     values={"mode": "finetune"}))
-register_run(RunKind("linear_probe", FinetuneConfig, finetune, command="probe",
-                     help="linear-probe a (distilled) student", values={"mode": "linear_probe"}))

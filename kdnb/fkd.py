@@ -5,8 +5,7 @@
 # %% ../nbs/11_fkd.ipynb #b9fef55f
 from __future__ import annotations
 from fastcore.basics import patch
-import json, logging, os, time, hashlib, typing
-from dataclasses import dataclass
+import json, logging, os, time, hashlib
 from pathlib import Path
 import numpy as np
 import torch
@@ -20,112 +19,21 @@ from torchvision.transforms import functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import cutmix_bbox_and_lam
 from .data import derive_seed, seeded, build_data, targets_of, rand_augment
-from .engine import autocast_dtype, resolve_device, fit_task, DistInfo
+from .engine import autocast_dtype, resolve_device, fit_task
+from .files import DistInfo
 from .finetune import FinetuneTask
 from .distill import build_student
 from .weights import build_model
 from .models import Classifier
-from .config import (CLASSIFIERS, DistillBase, ConfigError, Objective, Preset, check_choice, check_positive,
-                         check_non_negative, model_spec, register_objective, register_presets)
+from .config import CLASSIFIERS, model_spec
+from .kinds import FKDConfig
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'STORE_FORMAT', 'FKDConfig', 'sample_crops', 'render_crop', 'soft_targets', 'smoothed_onehot', 'read_index',
-           'LabelStore', 'ClassifierTeacher', 'build_classifier_teacher', 'weights_fingerprint', 'store_meta',
-           'label_image', 'generate_soft_labels', 'calibrate', 'ReplayCrops', 'SoftMix', 'FKDTask', 'distill_fkd']
-
-# %% ../nbs/11_fkd.ipynb #a6f48709
-@dataclass
-class FKDConfig(DistillBase):
-    "FKD / FerKD (seed 002): crop-level soft labels of a classifier teacher, generated once and replayed."
-    # FKD's soft-label mixes were once called mixup/cutmix/selfmix (not FinetuneConfig's Mixup/CutMix)
-    renamed = {**DistillBase.renamed, "mixup": "fkd_mixup", "cutmix": "fkd_cutmix", "selfmix": "fkd_selfmix"}
-    teacher: str = "timm:regnety_1280.swag_ft_in1k" # a classifier: "timm:<name>", "run:<finetuning run>" or "tiny"
-    teacher_checkpoint: typing.Optional[str] = None # a local file for a timm teacher; None = timm's weights
-    objective: str = "fkd" # "fkd" (the teacher's soft labels) or "ferkd" (least confident crops get the softened GT)
-    label_mode: str = "replay" # "replay" (stored soft labels, no teacher in training) or "online" (teacher per step)
-    label_store: typing.Optional[str] = None # folder of the soft-label store; None = <out_dir>/soft_labels
-    label_crops: int = 500 # RandomResizedCrops per image in the label-generation pass (FKD's default)
-    label_top_k: int = 5 # teacher probabilities kept per crop (FKD's marginal_smoothing_k5)
-    label_temperature: float = 1.0 # softmax temperature of the teacher's logits (FKD's default)
-    label_img_size: typing.Optional[int] = None # the teacher's input size for the crops; None = img_size
-    label_shard_images: int = 1000 # images per store shard (the unit a re-run skips)
-    replay_crops: int = 4 # stored crops trained per decoded image (seed 002, Table 1: num crops 4)
-    ferkd_hard_fraction: float = 0.2 # FerKD: share of each image's crops, least confident first, given the softened GT
-    ferkd_easy_fraction: float = 0.0 # FerKD: share of each image's most confident crops that are never replayed
-    ferkd_smoothing: float = 0.1 # FerKD: label smoothing of the ground truth given to the hard crops
-    fkd_mixup: float = 0.0 # Mixup alpha across images, soft labels mixed alike (0 = off; 0.8 in seed 002 for ViT-S)
-    fkd_cutmix: float = 0.0 # CutMix alpha across images (1.0 in seed 002 for ViT-S)
-    # SelfMix alpha: CutMix between two crops of the same image (1.0 in seed 002 for ResNet-50)
-    fkd_selfmix: float = 0.0
-    # timm RandAugment of each replayed crop, e.g. "rand-m9-mstd0.5" (seed 002 Table 2: RandAug (9, 0.5)); None = off
-    rand_augment: typing.Optional[str] = None
-    layer_decay: float = 1.0 # lr_l = lr * layer_decay ** (L + 1 - l) of the student (seed 002 Table 2: 0.95); 1 = off
-    crop_pct: float = 0.875 # evaluation: resize to img_size / crop_pct, then center crop (seed 002 Table 2: 1.0)
-
-# %% ../nbs/11_fkd.ipynb #5e54e611
-@patch
-def validate(self: FKDConfig):
-    super(FKDConfig, self).validate()
-    model_spec(self.teacher, "teacher", CLASSIFIERS)  # FKD's teacher is a classifier
-    check_choice("label_mode", self.label_mode, ("replay", "online"))
-    check_positive(self, "label_crops", "label_top_k", "label_temperature", "label_shard_images", "replay_crops")
-    if self.label_mode == "replay" and self.replay_crops > self.label_crops:
-        raise ConfigError(f"replay_crops={self.replay_crops} exceeds label_crops={self.label_crops}: "
-                          "a replayed image draws distinct stored crops")
-    for n in ("ferkd_hard_fraction", "ferkd_easy_fraction", "ferkd_smoothing"):
-        if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} must be in [0, 1]")
-    if self.ferkd_hard_fraction + self.ferkd_easy_fraction >= 1:
-        raise ConfigError("ferkd_hard_fraction + ferkd_easy_fraction = "
-                          f"{self.ferkd_hard_fraction + self.ferkd_easy_fraction} "
-                          "leaves no crop with the teacher's label: keep their sum below 1")
-    check_non_negative(self, "fkd_mixup", "fkd_cutmix", "fkd_selfmix")
-    if self.fkd_selfmix > 0 and self.replay_crops < 2:
-        raise ConfigError(f"fkd_selfmix={self.fkd_selfmix} mixes two crops of one image: set replay_crops >= 2")
-    if not 0 < self.layer_decay <= 1:
-        raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
-    if not 0 < self.crop_pct <= 1: raise ConfigError(f"crop_pct={self.crop_pct} must be in (0, 1]")
-    if self.rand_augment is not None and not self.rand_augment.startswith("rand-"):
-        raise ConfigError(f"rand_augment={self.rand_augment!r} is not a timm RandAugment string ('rand-m9-mstd0.5')")
-
-# %% ../nbs/11_fkd.ipynb #34ae3526
-_SEED002 = ("Seed 002 (FerKD), Table 1: ImageNet-1K training from scratch on stored crop soft labels (300 epochs, "
-            "1,024 crops per step = 256 images x 4 crops, AdamW lr 2e-3, wd 0.05, cosine, 5 warmup epochs); {}.")
-
-# %% ../nbs/11_fkd.ipynb #b307cdcf
-def _ferkd(arch: str, mix: dict, what: str) -> Preset:
-    return Preset(f"ferkd_{arch}", "distill", dict(
-        objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k", teacher_checkpoint=None, label_img_size=384,
-        epochs=300, batch_size=256, replay_crops=4, lr=2e-3, weight_decay=0.05, adam_eps=1e-8, betas=(0.9, 0.999),
-        warmup_frac=5 / 300, schedule="cosine", checkpoint=None, depth=12, embed_dim=384,
-        mlp_dim=1536, num_heads=6, **mix, out_dir=f"runs/ferkd_{arch}"), _SEED002.format(what))
-
-# the runner, distill_fkd, is defined further down this page: the registry calls it when a run starts
-for _name in ("fkd", "ferkd"):
-    register_objective(Objective(_name, FKDConfig, runner=lambda cfg, callbacks=(): distill_fkd(cfg, callbacks)))
-
-register_presets(
-    _ferkd("vit_s", dict(fkd_mixup=0.8, fkd_cutmix=1.0, fkd_selfmix=0.0, drop_path=0.1),
-           "ViT-S/16 with Mixup 0.8 / CutMix 1.0 and drop path 0.1"),
-    _ferkd("selfmix", dict(fkd_mixup=0.0, fkd_cutmix=0.0, fkd_selfmix=1.0, drop_path=0.0),
-           "SelfMix 1.0 (the table's ResNet-50 column) on the ViT-S student"),
-    Preset("ferkd_finetune", "distill", dict(
-        objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k", teacher_checkpoint=None, label_img_size=384,
-        model="data2vec2", checkpoint="data2vec2_base", depth=10, img_size=336, epochs=15, batch_size=256,
-        replay_crops=2, lr=3e-5, betas=(0.9, 0.999), adam_eps=1e-8, layer_decay=0.95, weight_decay=0.05,
-        schedule="cosine", warmup_frac=2 / 15, drop_path=0.4, rand_augment="rand-m9-mstd0.5", fkd_mixup=0.0,
-        fkd_cutmix=0.0, fkd_selfmix=1.0, crop_scale=(0.08, 1.0), model_ema=0.9999, crop_pct=1.0,
-        out_dir="runs/ferkd_finetune"),
-        "Seed 002 (FerKD), Table 2: finetuning at 336 px on stored crop labels (2 crops x 256 images = 512 per step, "
-        "lr 3e-5, layer decay 0.95, RandAug (9, 0.5), SelfMix, model EMA 0.9999, test crop ratio 1.0). ViT-G/14 "
-        "(EVA) is substituted by the whole Data2Vec2 ViT-B/16 (data2vec2_base: 2 prenet + 10 main blocks), whose "
-        "weights kdnb loads"),
-    Preset("ferkd_cpu", "distill_cpu", dict(
-        objective="ferkd", label_crops=16, label_shard_images=256, replay_crops=4, batch_size=16, lr=2e-3,
-        weight_decay=0.05, fkd_selfmix=1.0, out_dir="runs/ferkd_cpu"),
-        "A CPU-sized FerKD: soft labels of a classifier teacher (a finetuned kdnb run, `teacher=\"run:<folder>\"`; "
-        "\"tiny\" = random, for mechanics) on digits, 16 stored crops per image, 4 replayed, SelfMix."))
+__all__ = ['log', 'STORE_FORMAT', 'sample_crops', 'render_crop', 'soft_targets', 'smoothed_onehot', 'read_index', 'LabelStore',
+           'ClassifierTeacher', 'build_classifier_teacher', 'weights_fingerprint', 'store_meta', 'label_image',
+           'generate_soft_labels', 'calibrate', 'ReplayCrops', 'SoftMix', 'FKDTask', 'distill_fkd']
 
 # %% ../nbs/11_fkd.ipynb #75e4e8f3
 def sample_crops(width: int, height: int, n: int, seed: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_glue.ipynb #57d778cd
 from __future__ import annotations
-import json, logging
+import logging
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -13,28 +13,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from timm.layers import trunc_normal_
-from .config import GlueConfig, Preset, RunKind, TEST_RUN, get_config, make_portable, register_presets, register_run
+from .config import GlueConfig, get_config
+from .files import make_portable
 from .engine import Task, fit_task, read_run_summary
 from .models import HEAD_NORM_EPS, HEAD_INIT_STD
 from .text import GLUE, TextEncoder, TextSet, distill_text, load_text_encoder, load_tokenizer, read_glue
+import kdnb.kinds  # registers the presets get_config reads
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'glue_metrics', 'TextClassifier', 'GlueTask', 'finetune_glue', 'glue_demo']
-
-# %% ../nbs/13_glue.ipynb #5e1c0d04
-register_presets(
-    Preset("glue", GlueConfig, dict(
-        dataset="rte", epochs=15, batch_size=256, lr=1e-3, adam_eps=1e-8, betas=(0.9, 0.999), weight_decay=0.01,
-        layer_decay=0.81, schedule="cosine", warmup_frac=0.1, out_dir="runs/glue"),
-        "Seed 000, Table 3: GLUE finetuning of the distilled text student (15 epochs, batch 256, AdamW 1e-3, eps "
-        "1e-8, betas (0.9, 0.999), wd 0.01, layer decay 0.81, cosine, 10 % warmup)."),
-    Preset("glue_cpu", "glue", dict(
-        checkpoint="minilm", max_len=64, batch_size=32, epochs=3, num_workers=0, precision="fp32", log_every=5,
-        out_dir="runs/glue_cpu"),
-        "The CPU-sized GLUE finetuning: the offline MiniLM (all 6 layers), 64 tokens, batch 32, 3 epochs, otherwise "
-        "Table 3's optimiser and schedule."))
 
 # %% ../nbs/13_glue.ipynb #f6dec91a
 def glue_metrics(task: str, preds, labels) -> dict: # metric name -> value in percent
@@ -127,11 +116,6 @@ def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("
                 glue_metric=spec.glue_metric,
                 trainable_params=sum(p.numel() for p in model.parameters()), val_source="GLUE dev set")
     return fit_task(task, cfg, train_ds, dev_ds, callbacks, info=info)
-
-# %% ../nbs/13_glue.ipynb #0548d6c2
-register_run(RunKind("glue", GlueConfig, finetune_glue, command="glue",
-                     help="finetune a (distilled) text encoder on a GLUE task",
-                     test={**TEST_RUN, "layers": 2}))
 
 # %% ../nbs/13_glue.ipynb #13320c43
 def glue_demo(out: str | Path, # results folder

@@ -7,141 +7,30 @@ from __future__ import annotations
 import argparse, json, logging, shutil, sys, time
 import torch
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-import typing
-from fastcore.basics import patch
 import pandas as pd
 import matplotlib.pyplot as plt
-from .config import (load_config, make_portable, portable, ConfigBase, ConfigError, get_config, check_choice,
-                         model_spec, check_positive, DATASETS, Preset, RunKind, register_run, write_atomic)
+from .config import load_config, ConfigBase, ConfigError, get_config
+from .files import make_portable, portable, write_atomic
 from .runs import run
 from .report import read_metrics, read_summary, mean_interval, paired_differences
-from .engine import (Callback, code_commit, Checkpointer, check_resume_config, FolderLock, machine_facts, Preempted,
+from .engine import (Callback, code_commit, Checkpointer, check_resume_config, FolderLock, machine_facts,
                          read_records)
+from .files import Preempted
 from .models import Data2Vec2Encoder
+from .kinds import PipelineConfig
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'ARMS', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'SHOWN_DECIMALS',
-           'NOT_COMPARED', 'PipelineArms', 'PipelineSizes', 'PipelineConfig', 'student_seeds', 'stage_precision',
-           'teacher_stages', 'distill_dir', 'student_stages', 'evaluated_models', 'stage_configs', 'run_pipeline',
-           'pipeline', 'encoder_gflop', 'stage_gflop', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline',
-           'first_stage', 'describe_pipeline', 'export_results', 'pipeline_command', 'shown', 'compare_stage',
-           'StopAfter', 'record_reproduction', 'reproduce', 'reproduce_main']
-
-# %% ../nbs/18_pipeline.ipynb #e7f250e8
-@dataclass
-class PipelineArms(ConfigBase):
-    "What a pipeline compares: the data, the teacher, the students and the arms (PipelineConfig's first part)."
-    preset: str = "custom" # the preset these values came from (informational)
-    dataset: str = "digits" # one of DATASETS
-    data_root: str = "data" # folder of the data set
-    val_size: float = 0.2 # held-out split carved from train (fraction, or count if > 1)
-    # training images of the student stages, probes and finetunes (stratified, the same for every seed); None = all
-    train_subset: typing.Optional[int] = None
-    # images of the teacher's (and the other donor's) pretraining: "same" as the students' (train_subset), or "all"
-    # the training images that are not validation
-    teacher_images: str = "same"
-    # "pretrain": data2vec 2.0 pretraining here, no labels; "train": supervised on the labels (leaks them into the
-    # comparison); "beitv2": seed 000, needs its weights
-    teacher: str = "pretrain"
-    teacher_checkpoint: typing.Optional[str] = None # weights of a named teacher (None: the official URL)
-    # "half": first half of the teacher's blocks; "other": of another pretraining run (other seed and size); "both";
-    # "data2vec2": first 6 blocks of Data2Vec2; "timm:<name>": the first blocks (as many as "half" keeps, 6 for
-    # beitv2) of a timm ViT, with any teacher
-    student: str = "both"
-    # data2vec 2.0 checkpoint for student="data2vec2" (None: official URL); for a timm student: None = timm's
-    # pretrained weights, "random", or a local timm weights file
-    student_checkpoint: typing.Optional[str] = None
-    # arm (c): the teacher's first half trained for the distillation's budget with data2vec 2.0's objective instead
-    d2v_baseline: bool = False
-    random_reference: bool = False # also the student from random weights, distilled and not (a reference)
-
-# %% ../nbs/18_pipeline.ipynb #0dcb37d4
-@dataclass
-class PipelineSizes(PipelineArms):
-    "The sizes, epochs and learning rates of the pipeline's stages (PipelineConfig's second part)."
-    img_size: int = 16 # input resolution (embedded default: 16 px digits)
-    patch_size: int = 4 # patch side of the models trained here (teacher 'pretrain'/'train')
-    embed_dim: int = 64 # width of the trained teacher
-    num_heads: int = 4 # attention heads of the models trained here
-    teacher_depth: int = 4 # blocks of the trained teacher; the student keeps half
-    teacher_epochs: int = 15 # pretraining (or supervised training) of the teacher
-    donor_epochs: typing.Optional[int] = None # pretraining of the other donor; None = teacher_epochs
-    teacher_mlp_ratio: float = 4.0 # FFN width / D of the teacher
-    donor_mlp_ratio: float = 2.0 # FFN width / D of the other donor (student="other"/"both"): another size
-    clone_batch: int = 4 # pretraining: masked copies of each image per teacher pass
-    distill_epochs: int = 10 # distillation of each student (and arm (c)'s data2vec 2.0 training)
-    probe_epochs: int = 10 # linear probe of the teacher and of each student, distilled or not
-    finetune_epochs: int = 8 # finetuning of the teacher and of each student, distilled or not
-    batch_size: int = 32 # batch size of every stage
-    teacher_lr: float = 3e-3 # lr of the supervised teacher
-    pretrain_lr: float = 1e-3 # lr of the pretraining runs (and of arm (c))
-    distill_lr: float = 1e-3 # lr of the distillations (teacher 'beitv2': the seed preset's)
-    probe_lr: float = 1e-2 # lr of the linear probes (teacher 'beitv2': the seed preset's)
-    finetune_lr: float = 3e-3 # lr of the finetunings (teacher 'beitv2': the seed preset's)
-
-# %% ../nbs/18_pipeline.ipynb #5adb9001
-@dataclass
-class PipelineConfig(PipelineSizes):
-    "The chain teacher -> students -> distillation -> probe/finetune of the teacher and each student, distilled or not."
-    # seed of the teacher's pretraining, of the validation split and of the first student seed (the other donor
-    # pretrains with seed + 1)
-    seed: int = 0
-    seeds: int = 1 # student seeds: every student stage, probe and finetune runs with seed, seed + 1, ...
-    device: str = "auto" # "auto", "cpu", "cuda" or "cuda:N", for every stage
-    # every stage's precision: "auto" is bf16 where the stages run on CUDA and the stage presets' own on the CPU (fp32
-    # for the CPU-sized stages); "fp32", "bf16" or "fp16" set it for every stage
-    precision: str = "auto"
-    num_workers: int = -1 # -1: automatic
-    out_dir: str = "runs/pipeline" # the pipeline's folder; every stage is a subfolder
-    # True: skip the stages that finished, continue the unfinished one from its checkpoint (the saved pipeline.yaml
-    # must match); "auto": continue when out_dir holds a pipeline, start otherwise; False: a new pipeline
-    resume: typing.Union[bool, str] = False
-    # when another process holds out_dir (a pipeline in progress): False stops at once naming it, True waits for it
-    wait: bool = False
-    # True: a seed's distillations (settings a, b, the random student) are one stage of several students, one teacher
-    # pass per batch (kdnb.distill's `students`; each student as it would be alone); False: one stage per setting
-    one_teacher_pass: bool = True
-    file_defaults = {"one_teacher_pass": False}  # pipeline folders made before the field: one stage per setting
+           'NOT_COMPARED', 'student_seeds', 'stage_precision', 'teacher_stages', 'distill_dir', 'student_stages',
+           'evaluated_models', 'stage_configs', 'run_pipeline', 'pipeline', 'encoder_gflop', 'stage_gflop',
+           'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'first_stage', 'describe_pipeline',
+           'export_results', 'pipeline_command', 'shown', 'compare_stage', 'StopAfter', 'record_reproduction',
+           'reproduce', 'reproduce_main']
 
 # %% ../nbs/18_pipeline.ipynb #e64027e6
-@patch(as_prop=True)
-def timm_student(self: PipelineConfig) -> bool:
-    "Whether the students are a timm model: `student` names one ('timm:<name>'), read by the one model parser."
-    if self.student in ("half", "other", "both"): return False  # settings of the pipeline, not model names
-    return model_spec(self.student, "student", ("data2vec2", "timm")).is_timm
-
-@patch
-def validate(self: PipelineConfig):
-    check_choice("dataset", self.dataset, DATASETS)
-    check_choice("teacher", self.teacher, ("pretrain", "train", "beitv2"))
-    if self.student not in ("half", "other", "both") and ":" not in self.student:
-        check_choice("student", self.student, ("half", "other", "both", "data2vec2", "timm:<model name>"))
-    timm_student = self.timm_student  # a model name goes through the one parser (a timm name is checked there)
-    check_choice("teacher_images", self.teacher_images, ("same", "all"))
-    check_choice("resume", self.resume, (True, False, "auto"))
-    check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-    if self.teacher == "train" and not (self.student == "half" or timm_student):
-        raise ConfigError("a trained teacher pairs with student='half' (the first half of its blocks) or a timm one")
-    if self.teacher == "pretrain" and self.student == "data2vec2":
-        raise ConfigError("a teacher pretrained here pairs with student='half', 'other' or 'both'")
-    if self.teacher == "beitv2" and not (self.student == "data2vec2" or timm_student):
-        raise ConfigError("teacher='beitv2' pairs with student='data2vec2' (the seeds' setting) or a timm one")
-    if timm_student and self.d2v_baseline:
-        raise ConfigError("d2v_baseline trains the teacher's first half, not the timm student: use student='half' "
-                          "or 'both' for arm (c)")
-    if self.teacher != "pretrain" and (self.d2v_baseline or self.random_reference or self.teacher_images != "same"):
-        raise ConfigError("d2v_baseline, random_reference and teacher_images='all' need teacher='pretrain' (the "
-                          "teacher and the students' weights made here)")
-    check_positive(self, "img_size", "patch_size", "embed_dim", "num_heads", "teacher_depth", "teacher_epochs",
-                   "distill_epochs", "probe_epochs", "finetune_epochs", "batch_size", "seeds")
-    if self.donor_epochs is not None: check_positive(self, "donor_epochs")
-    if self.teacher_depth < 2:
-        raise ConfigError(f"teacher_depth={self.teacher_depth}: needs >= 2 blocks to keep half")
-
 def student_seeds(p: PipelineConfig) -> list[int]:
     "The seeds of the student stages, probes and finetunes."
     return [p.seed + k for k in range(p.seeds)]
@@ -346,38 +235,6 @@ def pipeline(cfg: PipelineConfig | None = None, # a config; None = get_config("p
     cfg = get_config("pipeline_cpu", **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     run_pipeline(cfg, callbacks=callbacks)
     return json.loads((Path(cfg.out_dir) / "results.json").read_text())
-
-_CIFAR = dict(dataset="cifar10", data_root="../shared/data/cifar10", val_size=2500, img_size=32, patch_size=8,
-              embed_dim=128, num_heads=4, teacher_depth=6, batch_size=64, device="cpu")
-register_run(
-    RunKind("pipeline", PipelineConfig, pipeline, command="pipeline",
-            help="the whole chain: a teacher, its students, distillation, then probes and finetunes of each",
-            test=dict(train_subset=300, teacher_epochs=1, donor_epochs=None, distill_epochs=1, probe_epochs=1,
-                      finetune_epochs=1, seeds=1)),
-    Preset("pipeline_cpu", PipelineConfig, dict(out_dir="runs/pipeline"),
-           "The embedded default: scikit-learn's digits, offline, a few minutes on 2 CPU cores (README command 1)."),
-    Preset("pipeline", PipelineConfig, dict(teacher="beitv2", student="data2vec2", dataset="cifar10",
-                                            data_root="data/cifar10", img_size=224, batch_size=256,
-                                            out_dir="runs/pipeline_seeds"),
-           "The seeds' pair (BEiTv2 -> the first 6 blocks of Data2Vec2) on CIFAR-10 at 224 px: a GPU and the "
-           "weights; the stages use seed 000's presets, the epochs are the pipeline's defaults."),
-    Preset("pipeline_cifar10", PipelineConfig, dict(
-        **_CIFAR, train_subset=20000, teacher_epochs=10, distill_epochs=5, probe_epochs=10, finetune_epochs=3,
-        finetune_lr=2e-3, out_dir="runs/pipeline_cifar10"),
-        "results/cifar10 (one seed): a 6-block ViT pretrained here on 20,000 CIFAR-10 images, 32 px, 2 CPU cores."),
-    Preset("evidence_cifar10", "pipeline_cifar10", dict(
-        teacher_images="all", train_subset=10000, donor_epochs=3, distill_epochs=2, finetune_epochs=2, seeds=3,
-        d2v_baseline=True, random_reference=True, out_dir="runs/evidence_cifar10"),
-        "results/evidence_cifar10: the teacher pretrained on all 47,500 non-validation images; arms (a), (b), (c) "
-        "and a random student at one budget, 3 seeds; about 2 h on 2 CPU cores."),
-    Preset("evidence_gpu", "evidence_cifar10", dict(
-        device="cuda", precision="bf16", patch_size=4, embed_dim=384, num_heads=6, teacher_depth=12, batch_size=256,
-        num_workers=-1, teacher_epochs=8, distill_epochs=3, probe_epochs=10, finetune_epochs=3, student="half",
-        random_reference=False, pretrain_lr=1.5e-3, distill_lr=1.5e-3, finetune_lr=2e-3, out_dir="runs/evidence_gpu"),
-        "evidence_cifar10 on one GPU in bf16: a 12-block ViT-S-wide teacher (64 patches of 4 px) pretrained on all "
-        "47,500 images, its first half distilled or trained with data2vec 2.0 (arm c), 3 seeds; ~5 min estimated on "
-        "one H100 "
-        "(sized on the pipeline page)."))
 
 # %% ../nbs/18_pipeline.ipynb #5e01ee5d
 def encoder_gflop(p: PipelineConfig, depth: int) -> float:

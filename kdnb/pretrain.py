@@ -16,33 +16,14 @@ from .models import D2V2_PREFIX, Data2Vec2Encoder, fairseq_cfg, to_fairseq_state
 from .weights import load_backbone, load_state, read_weights, run_weights
 from .engine import Task, fit_task
 from .data import build_data, derive_seed
-from .config import (CPU_RUN, PretrainConfig, Preset, RunKind, get_config, load_config, register_presets,
-                         register_run)
+from .config import PretrainConfig, get_config, load_config
+import kdnb.kinds  # registers the presets get_config reads
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'block_mask', 'ChannelLayerNorm', 'ConvDecoder2d', 'Data2Vec2Pretrainer', 'ema_update_', 'ema_decay_at',
            'PretrainTask', 'masked_spread', 'build_pretrainer', 'fairseq_checkpoint', 'export_data2vec2', 'pretrain']
-
-# %% ../nbs/14_pretrain.ipynb #5e1c0d05
-register_presets(
-    Preset("pretrain", PretrainConfig, dict(
-        dataset="imagenet", img_size=224, patch_size=16, embed_dim=768, num_heads=12, depth=10, prenet_depth=2,
-        mlp_ratio=4.0, norm_eps=1e-6, batch_size=256, epochs=75, max_steps=375300, lr=1e-3, betas=(0.9, 0.95),
-        adam_eps=1e-8, weight_decay=0.05, schedule="cosine", warmup_steps=50040, min_lr_ratio=0.0, grad_clip=4.0,
-        mask_prob=0.8, mask_prob_adjust=0.07, mask_length=3, inverse_mask=True, mask_noise_std=0.01,
-        clone_batch=16, average_top_k_layers=10, ema_decay=0.9998, ema_end_decay=0.99999,
-        ema_anneal_end_step=100000, cls_loss=0.01, decoder_dim=768, decoder_groups=16, decoder_kernel=3,
-        decoder_layers=6, out_dir="runs/pretrain"),
-        "data2vec 2.0, fairseq examples/data2vec/config/v2/base_images_only_task.yaml (ImageNet-1K, 16 GPUs x 16 "
-        "images = batch 256, each cloned 16 times; 375,300 updates = 75 epochs; fairseq's fp16 becomes kdnb's bf16)."),
-    Preset("pretrain_cpu", "pretrain", dict(
-        **CPU_RUN, embed_dim=64, num_heads=4, depth=4, prenet_depth=0, average_top_k_layers=4, clone_batch=4,
-        decoder_dim=64, decoder_layers=3, epochs=10, max_steps=None, warmup_steps=None, warmup_frac=0.1, lr=1e-3,
-        ema_decay=0.99, ema_end_decay=0.999, ema_anneal_end_step=500, out_dir="runs/pretrain_cpu"),
-        "A CPU-sized data2vec 2.0 pretraining on digits: a 4-block, 64-wide encoder on 16 px (4x4 patches), 4 clones "
-        "per image, the EMA schedule shortened to the run's few hundred updates; otherwise the base recipe."))
 
 # %% ../nbs/14_pretrain.ipynb #081e85de
 def block_mask(n: int, # masks to draw (images x clones)
@@ -296,8 +277,3 @@ def pretrain(cfg: PretrainConfig | None = None, # a config; None = get_config("a
     if summary.get("finished") and (not dist.is_initialized() or dist.get_rank() == 0):
         export_data2vec2(cfg.out_dir)
     return summary
-
-# %% ../nbs/14_pretrain.ipynb #dad18f42
-register_run(RunKind("pretrain", PretrainConfig, pretrain, command="pretrain",
-                     help="data2vec 2.0 pretraining of an image encoder from unlabeled images (a self-supervised "
-                          "teacher or student donor)"))

@@ -9,7 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 import pandas as pd
 import matplotlib.pyplot as plt
-from .config import REPO, field_docs, portable
+from .config import field_docs
+from .files import REPO, portable
 from .engine import read_records, read_run_summary
 
 # %% auto #0
@@ -204,12 +205,9 @@ from .models import Classifier, HEAD_NORM_EPS, HEAD_INIT_STD, tiny_data2vec2
 
 from .text import GLUE
 
-from .fkd import FKDConfig  # importing it registers seed 002's presets (ferkd_*)
+from .kinds import FKDConfig  # importing kdnb.kinds registers every preset the tables read
 
-import kdnb.tinymim  # registers seed 001's presets (tinymim_*)
-import kdnb.glue, kdnb.pretrain  # register the GLUE (seed 000 Table 3) and data2vec 2.0 presets
-
-from .segment import SEG_LAYER_DECAYS  # importing it registers Table 3's presets (tinymim_seg_*)
+from .kinds import SEG_LAYER_DECAYS  # TinyMIM Table 3's layer decays (a preset takes the first)
 
 def fmt(v) -> str:
     "A value as the seeds write it: 1e-4, (0.9, 0.98), 0.81."

@@ -4,8 +4,7 @@
 
 # %% ../nbs/15_segment.ipynb #1037c5fa
 from __future__ import annotations
-from fastcore.basics import patch
-import dataclasses, logging, math, typing
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -15,20 +14,20 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from .config import (BaseConfig, ConfigError, Preset, RunKind, check_choice, model_spec, ENCODERS, check_non_negative,
-                         check_positive, get_config, register_run)
+from .config import get_config
 from .data import SplitDataset, load_digits_images, stratified_split, seeded
 from .engine import Task, fit_task
 from .finetune import build_backbone
+from .kinds import SegmentConfig
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'IGNORE', 'ADE_SPLITS', 'ADE20K_URL', 'DIGIT_SCENE_CLASSES', 'SEG_LAYER_DECAYS', 'SegmentationSource',
-           'ade_classes', 'load_ade20k', 'digit_scene', 'DigitScenes', 'write_ade20k_layout', 'SegTrainTransform',
-           'photometric', 'pad_to', 'SegEvalTransform', 'collate_padded', 'SegmentationSet', 'SegmentConfig',
-           'default_out_indices', 'MultiScaleNeck', 'Segmenter', 'build_segmenter', 'slide_logits', 'confusion',
-           'segmentation_scores', 'SegmentTask', 'SegData', 'build_seg_data', 'segment']
+__all__ = ['log', 'IGNORE', 'ADE_SPLITS', 'ADE20K_URL', 'DIGIT_SCENE_CLASSES', 'SegmentationSource', 'ade_classes', 'load_ade20k',
+           'digit_scene', 'DigitScenes', 'write_ade20k_layout', 'SegTrainTransform', 'photometric', 'pad_to',
+           'SegEvalTransform', 'collate_padded', 'SegmentationSet', 'default_out_indices', 'MultiScaleNeck',
+           'Segmenter', 'build_segmenter', 'slide_logits', 'confusion', 'segmentation_scores', 'SegmentTask', 'SegData',
+           'build_seg_data', 'segment']
 
 # %% ../nbs/15_segment.ipynb #4c12b95c
 IGNORE = 255  # the label of pixels that no loss or metric counts (ADE20K's 0, "other", after the shift)
@@ -231,53 +230,6 @@ class SegmentationSet(SplitDataset):
         if s is None: return self.transform(img, mask)
         with seeded(s): return self.transform(img, mask)
 
-# %% ../nbs/15_segment.ipynb #153cf1be
-@dataclass
-class SegmentConfig(BaseConfig):
-    "Semantic segmentation: a ViT backbone's features from four blocks, an UperNet head (TinyMIM Table 3, ADE20K)."
-    datasets = ("ade20k", "digit_scenes")  # a class attribute, not a field: the allowed `dataset` values
-    kind = "segment"
-    dataset: str = "ade20k" # "ade20k" (its release layout under data_root) or "digit_scenes" (made in memory)
-    model: str = "data2vec2" # backbone architecture: "data2vec2" (ViT-B sizes), "tiny" or "timm:<name>"
-    # backbone weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint, or None (random)
-    checkpoint: typing.Optional[str] = "data2vec2_base"
-    depth: int = 6 # backbone blocks (when not read from a run folder)
-    embed_dim: int = 768 # backbone width (when not read from a run folder)
-    num_heads: int = 12 # attention heads (when not read from a run folder)
-    patch_size: int = 16 # patch side (when not read from a run folder)
-    num_classes: typing.Optional[int] = None # None: from the data set (ADE20K: 150)
-    # the four blocks (0-based, main blocks) whose outputs feed the 1/4, 1/8, 1/16, 1/32 maps; None: evenly spaced
-    # ending at the last (12 blocks: 3, 5, 7, 11 as BEiT and MAE; 6 blocks: 1, 2, 4, 5)
-    out_indices: typing.Optional[tuple[int, int, int, int]] = None
-    decoder_channels: int = 512 # UperNet's channels (BEiT, MAE: 512 for ViT-B)
-    layer_decay: float = 0.65 # lr_l = lr * layer_decay ** (L + 1 - l); the head and decoder: lr
-    drop_path: float = 0.1 # stochastic depth of the backbone
-    scale_range: tuple[float, float] = (0.5, 2.0) # training rescale of the short side (x img_size)
-    cat_max_ratio: float = 0.75 # training crops in which one class covers more than this are redrawn (1: off)
-    # evaluation slides img_size windows this far apart over the rescaled image and averages their logits (mmseg's
-    # mode="slide", as BEiT and MAE evaluate ADE20K); None: 2/3 of img_size (512 -> 341)
-    eval_stride: typing.Optional[int] = None
-    scenes: int = 512 # digit_scenes: images made in memory (80 % train, 20 % val); ignored for ade20k
-
-# %% ../nbs/15_segment.ipynb #bcf59b95
-@patch
-def validate(self: SegmentConfig):
-    super(SegmentConfig, self).validate()
-    model_spec(self.model, "model", ENCODERS)
-    if not 0 < self.layer_decay <= 1:
-        raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
-    if not 0 <= self.drop_path < 1: raise ConfigError(f"drop_path={self.drop_path} must be in [0, 1)")
-    if not 0 < self.scale_range[0] <= self.scale_range[1]:
-        raise ConfigError(f"scale_range={self.scale_range} must satisfy 0 < min <= max")
-    if not 0 < self.cat_max_ratio <= 1: raise ConfigError(f"cat_max_ratio={self.cat_max_ratio} must be in (0, 1]")
-    if self.img_size % self.patch_size:
-        raise ConfigError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
-    if self.eval_stride is not None and not 0 < self.eval_stride <= self.img_size:
-        raise ConfigError(f"eval_stride={self.eval_stride} must be in (0, img_size={self.img_size}]")
-    if self.num_classes is not None and self.num_classes <= 1:
-        raise ConfigError(f"num_classes={self.num_classes} must be > 1")
-    check_positive(self, "decoder_channels", "scenes")
-
 # %% ../nbs/15_segment.ipynb #41ef791a
 def default_out_indices(depth: int) -> tuple[int, ...]:
     "Four blocks evenly spaced, ending at the last: 12 -> (3, 5, 7, 11) as BEiT and MAE take them; 6 -> (1, 2, 4, 5)."
@@ -421,33 +373,3 @@ def segment(cfg: SegmentConfig | None = None, # a config; None = get_config("aut
                 out_indices=list(model.out_indices), trainable_params=sum(p.numel() for p in model.parameters()),
                 val_source=data.val_source, eval_stride=task.stride)
     return fit_task(task, cfg, data.train, data.val, callbacks, info=info)
-
-# %% ../nbs/15_segment.ipynb #ba918da6
-SEG_LAYER_DECAYS = (0.65, 0.75, 0.8)  # TinyMIM Table 3's layer decay: one of these, searched per model
-_SEED001_SEG = ("Seed 001 (TinyMIM), Table 3: ADE20K semantic segmentation with UperNet on a TinyMIM ViT-{} (512 px, "
-                "160k steps of 16, linear schedule, layer decay 0.65 of {{0.65, 0.75, 0.8}}); pass the distillation "
-                "run as checkpoint.")
-
-def _table3(size: str, D: int, H: int, **values) -> dict:
-    return dict(dict(dataset="ade20k", img_size=512, patch_size=16, lr=1e-4, max_steps=160_000, epochs=127,
-                     batch_size=16, adam_eps=1e-8, betas=(0.9, 0.999), layer_decay=SEG_LAYER_DECAYS[0],
-                     min_lr_ratio=0.0, schedule="linear", warmup_steps=1500, drop_path=0.1, weight_decay=0.05,
-                     checkpoint=None, depth=12, embed_dim=D, num_heads=H, decoder_channels=512 if D >= 768 else 384,
-                     out_dir=f"runs/tinymim_seg_vit_{size}"), **values)
-
-register_run(RunKind("segment", SegmentConfig, segment, command="segment",
-                     help="semantic segmentation (UperNet) on a (distilled) backbone"),
-    Preset("tinymim_seg_vit_s", SegmentConfig, _table3("s", 384, 6), _SEED001_SEG.format("S")),
-    Preset("tinymim_seg_vit_b", SegmentConfig, _table3("b", 768, 12), _SEED001_SEG.format("B")),
-    Preset("segment", SegmentConfig, _table3("b", 768, 12, checkpoint="data2vec2_base", depth=6,
-                                             out_dir="runs/segment"),
-           "Seed 001 (TinyMIM), Table 3's ViT-B values on the seeds' student (the first 6 blocks of Data2Vec2, or a "
-           "distilled run folder as checkpoint): ADE20K, UperNet, 512 px, 160k steps."),
-    Preset("segment_cpu", SegmentConfig, dict(
-        dataset="digit_scenes", scenes=640, img_size=32, patch_size=4, model="tiny", checkpoint=None, depth=4,
-        embed_dim=64, num_heads=4, decoder_channels=32, batch_size=16, epochs=30, lr=2e-3, warmup_frac=0.05,
-        schedule="linear", layer_decay=0.9, drop_path=0.0, weight_decay=0.05, scale_range=(0.75, 1.5),
-        val_size=0.2, num_workers=0, precision="fp32", log_every=10, out_dir="runs/segment_cpu"),
-           "A CPU-sized segmentation: a random tiny ViT (4 blocks, width 64, patch 4) with UperNet on 640 digit "
-           "scenes of 32 px (11 classes), Table 3's schedule shape, rescaling softened to 0.75-1.5 for 32 px "
-           "scenes (about 6 min on 2 CPU cores)."))

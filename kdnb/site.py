@@ -16,7 +16,7 @@ from nbdev.process import NBProcessor
 from nbdev.processors import (populate_language, add_show_docs, hide_, hide_line, rm_export, clean_magics,
                               rm_header_dash, strip_ansi, strip_hidden_metadata)
 from execnb.nbio import dict2nb, nb2dict
-from .config import portable
+from .files import portable
 
 # %% auto #0
 __all__ = ['SKIP_FLAGS', 'MATHJAX_DIR', 'CSS', 'WIDTH_PROBE', 'site_pages', 'execute_page', 'docs_view', 'page_title',

@@ -14,29 +14,17 @@ from torch.utils.data import Dataset
 from .targets import d2v_loss
 from .weights import load_state, read_weights, run_weights
 from .engine import Task, fit_task
-from .config import Preset, TextDistillConfig, RunKind, get_config, register_presets, register_run
+from .config import TextDistillConfig, get_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM",
                       "false")  # the Rust tokenizer's threads and forked loader workers do not mix
+import kdnb.kinds  # registers the presets get_config reads
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MINILM', 'GLUE', 'GLUE_URLS', 'GLUE_URL', 'resolve_text_source', 'load_tokenizer', 'TextEncoder',
            'load_text_encoder', 'TextDistillTask', 'GlueSpec', 'download_glue', 'read_glue', 'glue_sentences',
            'TextSet', 'split_sentences', 'distill_text']
-
-# %% ../nbs/12_text.ipynb #5e1c0d03
-register_presets(
-    Preset("text_distill", TextDistillConfig, dict(
-        epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6, betas=(0.9, 0.98), schedule="cosine",
-        warmup_frac=0.1, val_size=2000, out_dir="runs/text_distill"),
-        "Distilling bert-base-uncased into its first 6 layers on GLUE's training sentences. The seeds give no "
-        "text-distillation table: the optimiser and schedule are seed 000 Table 1's (image distillation)."),
-    Preset("text_distill_cpu", "text_distill", dict(
-        teacher="minilm", student_layers=3, max_len=64, batch_size=32, epochs=2, lr=5e-4, max_sentences=4000,
-        val_size=500, num_workers=0, precision="fp32", log_every=5, out_dir="runs/text_distill_cpu"),
-        "The CPU-sized text distillation: the offline MiniLM teacher (6 layers) into its first 3, 64 tokens, "
-        "4,000 sentences."))
 
 # %% ../nbs/12_text.ipynb #e724120d
 MINILM = "minilm"
@@ -294,7 +282,3 @@ def distill_text(cfg: TextDistillConfig | None = None, # a config; None = get_co
                 student_params=sum(p.numel() for p in student.parameters()),
                 val_source=f"held out from the sentences (seed {cfg.data_seed})")
     return fit_task(task, cfg, train_ds, val_ds, callbacks, info=info)
-
-# %% ../nbs/12_text.ipynb #fde54db8
-register_run(RunKind("text_distill", TextDistillConfig, distill_text, command="distill-text",
-                     help="distil a BERT-family teacher into its first layers"))

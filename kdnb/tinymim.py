@@ -4,20 +4,18 @@
 
 # %% ../nbs/09_tinymim.ipynb #707fd076
 from __future__ import annotations
-from fastcore.basics import patch
-import contextlib, math, typing  # typing: DistillConfig's inherited annotations (typing.Optional) resolve here
-from dataclasses import dataclass
+import contextlib, math  # typing: DistillConfig's inherited annotations (typing.Optional) resolve here
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .engine import Task
-from .config import DistillConfig, ConfigError, Objective, Preset, register_objective, register_presets
+from .kinds import TinyMIMConfig
 
 # %% auto #0
 __all__ = ['qkv_from_input', 'attention_input', 'blocks_of', 'relations', 'relation_loss', 'PairedViews', 'TinyMIMTask',
-           'TinyMIMConfig', 'tinymim_task']
+           'tinymim_task']
 
 # %% ../nbs/09_tinymim.ipynb #1785354c
 def qkv_from_input(attn: nn.Module, # an attention module with a packed `qkv` Linear (timm ViT, Beit, Data2Vec2Encoder)
@@ -102,52 +100,9 @@ class TinyMIMTask(Task):
         xt, xs = self._views(batch)
         return {"val_loss": self.loss(xt, xs).float() * len(xt), "n": len(xt)}
 
-# %% ../nbs/09_tinymim.ipynb #52ae510e
-@dataclass
-class TinyMIMConfig(DistillConfig):
-    "Relation distillation (seed 001): a DistillConfig with the `tinymim` objective's settings."
-    objective: str = "tinymim"
-    relation_block: int = -1 # block whose Q/K/V relations are distilled (teacher and student; -1 = last)
-    student_color_jitter: float = 0.0 # colour jitter of the student's view only (0.4 in seed 001)
-_SEED001 = ("Seed 001 (TinyMIM), Table 1: relation distillation of a MIM teacher into a ViT-{}-sized student "
-            "(300-epoch schedule: warmup 15 epochs; peak lr 2.4e-3 = 1.5e-4 x 4096/256, min lr 1e-5).")
-
-def _tinymim(size: str, D: int, H: int) -> Preset:
-    return Preset(f"tinymim_vit_{size}", "distill", dict(
-        objective="tinymim", epochs=300, batch_size=4096, lr=2.4e-3, min_lr_ratio=1e-5 / 2.4e-3, adam_eps=1e-8,
-        betas=(0.9, 0.95), weight_decay=0.05, warmup_frac=15 / 300, schedule="cosine", checkpoint=None,
-        depth=12, embed_dim=D, mlp_dim=4 * D, num_heads=H, student_color_jitter=0.4, drop_path=0.1,
-        out_dir=f"runs/tinymim_vit_{size}"), _SEED001.format(size.upper()))
-
-register_presets(_tinymim("t", 192, 3), _tinymim("s", 384, 6), _tinymim("b", 768, 12))
-
-# %% ../nbs/09_tinymim.ipynb #b69b2d6f
-@patch
-def validate(self: TinyMIMConfig):
-    super(TinyMIMConfig, self).validate()
-    if not 0 <= self.student_color_jitter < 1:
-        raise ConfigError(f"student_color_jitter={self.student_color_jitter} must be in [0, 1)")
-
-# %% ../nbs/09_tinymim.ipynb #760012af
-_SEED001_FT = ("Seed 001 (TinyMIM), Table 2: ImageNet-1K finetuning of a TinyMIM ViT-{} (MAE's augmentation, layer "
-               "decay 0.65); pass the distillation run as checkpoint.")
-
-def _tinymim_ft(size: str, D: int, H: int, lr: float, epochs: int, batch: int, drop_path: float) -> Preset:
-    return Preset(f"tinymim_ft_vit_{size}", "finetune", dict(
-        lr=lr, epochs=epochs, warmup_frac=5 / epochs, layer_decay=0.65, batch_size=batch, adam_eps=1e-8,
-        betas=(0.9, 0.95), schedule="cosine", drop_path=drop_path, weight_decay=0.05, label_smoothing=0.1,
-        grad_clip=None, reprob=0.25, img_size=224, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
-        mixup_prob=1.0, checkpoint=None, depth=12, embed_dim=D, num_heads=H, patch_size=16,
-        out_dir=f"runs/tinymim_ft_vit_{size}"), _SEED001_FT.format(size.upper()))
-
-register_presets(_tinymim_ft("t", 192, 3, 5e-3, 200, 2048, 0.1), _tinymim_ft("s", 384, 6, 5e-3, 200, 2048, 0.1),
-                 _tinymim_ft("b", 768, 12, 2e-3, 100, 1024, 0.2))
-
 # %% ../nbs/09_tinymim.ipynb #48b77411
 def tinymim_task(cfg: TinyMIMConfig, student, teacher, data=None) -> TinyMIMTask:
     "The `tinymim` objective: relations at `cfg.relation_block`; the student sees a jittered view when asked."
     if data is not None and cfg.student_color_jitter > 0:
         data.train.transform = PairedViews(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.student_color_jitter)
     return TinyMIMTask(student, teacher, cfg.relation_block)
-
-register_objective(Objective("tinymim", TinyMIMConfig, make_task=tinymim_task))

@@ -18,7 +18,8 @@ import kdnb.config
 import kdnb.engine
 from kdnb.config import ConfigError, get_config
 from kdnb.distill import distill
-from kdnb.engine import Callback, Checkpointer, Preempted, PREEMPTED_EXIT
+from kdnb.engine import Callback, Checkpointer
+from kdnb.files import Preempted, PREEMPTED_EXIT
 
 TINY = dict(device="cpu", train_subset=256, batch_size=32, log_every=1, tensorboard=False, epochs=2)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -223,7 +223,7 @@ def test_tinymim_tables_match_seed_001():
 
 def test_tinymim_segmentation_table_matches_seed_001_table_3():
     from kdnb.report import tinymim_segment_table
-    from kdnb.segment import SEG_LAYER_DECAYS
+    from kdnb.kinds import SEG_LAYER_DECAYS
     cols, rows = seed_grid("001", "Table 3. Hyper-parameters of ADE20K semantic segmentation fine-tuning.")
     assert cols == ["ViT-S", "ViT-B"]
     t = tinymim_segment_table()

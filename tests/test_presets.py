@@ -8,11 +8,12 @@ import pytest
 from pathlib import Path
 
 from kdnb.config import PRESETS, DistillBase, GlueConfig, PretrainConfig, TextDistillConfig, get_config, load_config
-from kdnb.fkd import FKDConfig
+from kdnb.kinds import FKDConfig
 from kdnb.runs import run  # imports every objective, so PRESETS holds their presets too
 from kdnb.distill import distill
-from kdnb.pipeline import PipelineConfig, stage_configs  # registers the pipeline's presets
-from kdnb.segment import SegmentConfig
+from kdnb.kinds import PipelineConfig
+from kdnb.pipeline import stage_configs
+from kdnb.kinds import SegmentConfig
 
 GLUE_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
 

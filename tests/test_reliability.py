@@ -221,7 +221,7 @@ def test_glue_files_that_are_not_tab_separated(tmp_path):
 
 def test_pipeline_parameters_refuse_a_training_runs_fields():
     "`lr` is a field of the training runs, not of the pipeline (it has one lr per stage): refused, naming it."
-    from kdnb.pipeline import PipelineConfig
+    from kdnb.kinds import PipelineConfig
     with pytest.raises(ConfigError, match="'lr'"):
         params_from_namespace({"lr": 1e-3}, set(), PipelineConfig)
     assert params_from_namespace({"preset": "evidence_cifar10"}, set(), PipelineConfig) == {"preset": "evidence_cifar10"}
