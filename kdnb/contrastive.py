@@ -4,14 +4,14 @@
 
 # %% ../nbs/10_contrastive.ipynb #d048fdb7
 from __future__ import annotations
-import math  # typing: DistillConfig's inherited annotations (typing.Optional) resolve here
+import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from .engine import Task
 from .targets import d2v_loss
-from .distill import check_pair, layer_kind
+from .distill import check_pair, layer_kind, needs_width_map
 from .kinds import ContrastiveConfig
 
 # %% auto #0
@@ -21,11 +21,14 @@ __all__ = ['ContrastiveStudent', 'info_nce', 'ContrastiveTask', 'contrastive_tas
 class ContrastiveStudent(nn.Module):
     "A student encoder with the InfoNCE projection, logit scale and teacher memory bank."
     backbone_attr = "encoder"  # recorded in weight files: kdnb.weights.load_backbone finds the encoder there
-    def __init__(self, encoder: nn.Module, teacher_dim: int, bank_size: int = 65536, temperature: float = 0.07):
+    def __init__(self, encoder: nn.Module, teacher_dim: int, bank_size: int = 65536, temperature: float = 0.07,
+                 width_map: bool = False): # a map of the layers to the teacher's width (d2v+contrastive, widths differ)
         super().__init__()
         self.encoder = encoder
-        self.arch = {"teacher_dim": teacher_dim, "bank_size": bank_size, "temperature": temperature}
+        self.arch = {"teacher_dim": teacher_dim, "bank_size": bank_size, "temperature": temperature,
+                     "width_map": width_map}
         self.proj = nn.Linear(encoder.embed_dim, teacher_dim)
+        self.width_map = nn.Linear(encoder.embed_dim, teacher_dim) if width_map else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
         self.register_buffer("bank", F.normalize(torch.randn(bank_size, teacher_dim), dim=-1))
         self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
@@ -59,19 +62,20 @@ class ContrastiveTask(Task):
     best_metric = ("val_loss", "min")
     ddp_find_unused = True
     def __init__(self, encoder, teacher, bank_size=65536, temperature=0.07, d2v_weight=0.0, contrastive_weight=1.0,
-                 student_kind="ffn", eps=1e-5):
+                 student_kind="ffn", eps=1e-5, width_map=False):
         super().__init__()
         t_dim = teacher.model.embed_dim
-        self.student, self.teacher = ContrastiveStudent(encoder, t_dim, bank_size, temperature), teacher
+        self.student = ContrastiveStudent(encoder, t_dim, bank_size, temperature, width_map=width_map)
+        self.teacher = teacher
         self.d2v_weight, self.w, self.eps = d2v_weight, contrastive_weight, eps
         self.kind = layer_kind(student_kind, encoder)  # "auto": ffn for a Data2Vec2 student, block for a timm one
     def losses(self, x):
         s_layers, s_cls = self.student(x, layers=self.kind if self.d2v_weight else None)
         t_layers = self.teacher(x)
         out = {}
-        if self.d2v_weight: out["d2v"] = d2v_loss(s_layers, t_layers, self.eps)
-        k = F.normalize(t_layers[-1][:, 0].float(), dim=-1).clone()  # [B, Dt] teacher CLS, from its last layer
         m = self.trained_module()
+        if self.d2v_weight: out["d2v"] = d2v_loss(s_layers, t_layers, self.eps, width_map=m.width_map)
+        k = F.normalize(t_layers[-1][:, 0].float(), dim=-1).clone()  # [B, Dt] teacher CLS, from its last layer
         out["nce"] = info_nce(F.normalize(s_cls.float(), dim=-1), k, m.bank.clone(), m.logit_scale)
         out["loss"] = self.d2v_weight * out.get("d2v", 0.0) + self.w * out["nce"]
         return out, k
@@ -87,8 +91,8 @@ class ContrastiveTask(Task):
 # %% ../nbs/10_contrastive.ipynb #f3212553
 def contrastive_task(cfg: ContrastiveConfig, student, teacher, data=None) -> ContrastiveTask:
     "The `contrastive` and `d2v+contrastive` objectives."
-    check_pair(student, teacher, cfg.img_size, same_tokens=True)  # the student's grid for the teacher, or one line
-    return ContrastiveTask(student, teacher, cfg.bank_size, cfg.temperature,
-                           d2v_weight=1.0 if cfg.objective == "d2v+contrastive" else 0.0,
+    d_t, d_s, _ = check_pair(student, teacher, cfg.img_size, same_tokens=True)  # the teacher on the student's grid
+    with_d2v = cfg.objective == "d2v+contrastive"  # the layer target needs a width map where the widths differ
+    return ContrastiveTask(student, teacher, cfg.bank_size, cfg.temperature, d2v_weight=1.0 if with_d2v else 0.0,
                            contrastive_weight=cfg.contrastive_weight, student_kind=cfg.student_layer_kind,
-                           eps=cfg.target_eps)
+                           eps=cfg.target_eps, width_map=with_d2v and needs_width_map(cfg, d_t, d_s))

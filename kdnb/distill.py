@@ -21,9 +21,9 @@ import kdnb.kinds  # registers every run kind, objective and preset (distill loo
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'layer_kind', 'ready_student', 'DistillTask', 'MappedStudent', 'with_width_map', 'teacher_layer_kind',
-           'build_teacher', 'build_student', 'check_pair', 'd2v_task', 'distill', 'StudentFamily', 'FamilyDistillTask',
-           'family_task', 'StudentFolders', 'own_keys', 'write_student', 'distill_students']
+__all__ = ['log', 'layer_kind', 'ready_student', 'DistillTask', 'MappedStudent', 'needs_width_map', 'with_width_map',
+           'teacher_layer_kind', 'build_teacher', 'build_student', 'check_pair', 'd2v_task', 'distill', 'StudentFamily',
+           'FamilyDistillTask', 'family_task', 'StudentFolders', 'own_keys', 'write_student', 'distill_students']
 
 # %% ../nbs/07_distill.ipynb #5e1c0c01
 def layer_kind(setting: str, # "ffn", "block", or "auto"
@@ -78,8 +78,8 @@ class MappedStudent(nn.Module):
     def forward(self, x, **kw): return self.backbone(x, **kw)  # the encoder's layers; the loss applies the map
     def no_weight_decay(self): return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
-def with_width_map(cfg: DistillConfig, student: nn.Module, d_t: int, d_s: int) -> nn.Module:
-    "The student with a width map when the widths differ (`width_map=None`), or as `width_map` demands."
+def needs_width_map(cfg: DistillConfig, d_t: int, d_s: int) -> bool:
+    "Whether a layer target needs a map from the student's width to the teacher's: when they differ, as `width_map` allows."
     demand = getattr(cfg, "width_map", None)
     if demand is True and d_t == d_s:
         raise ConfigError(f"width_map=True, but the student is as wide as the teacher ({d_s}): it needs no width map; "
@@ -88,7 +88,11 @@ def with_width_map(cfg: DistillConfig, student: nn.Module, d_t: int, d_s: int) -
         raise ConfigError(f"width_map=False, but the student is {d_s} wide and the teacher {d_t}: the target needs a "
                           "map between them; leave width_map unset (kdnb adds one) or give the student the teacher's "
                           "width")
-    return MappedStudent(student, d_t) if d_t != d_s else student
+    return d_t != d_s
+
+def with_width_map(cfg: DistillConfig, student: nn.Module, d_t: int, d_s: int) -> nn.Module:
+    "The student with a width map when the widths differ (`width_map=None`), or as `width_map` demands."
+    return MappedStudent(student, d_t) if needs_width_map(cfg, d_t, d_s) else student
 
 # %% ../nbs/07_distill.ipynb #c41ac091
 def teacher_layer_kind(cfg: DistillConfig) -> str:

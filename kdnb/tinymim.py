@@ -4,13 +4,14 @@
 
 # %% ../nbs/09_tinymim.ipynb #707fd076
 from __future__ import annotations
-import contextlib, math  # typing: DistillConfig's inherited annotations (typing.Optional) resolve here
+import contextlib, math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .engine import Task
+from .distill import check_pair
 from .kinds import TinyMIMConfig
 
 # %% auto #0
@@ -103,6 +104,7 @@ class TinyMIMTask(Task):
 # %% ../nbs/09_tinymim.ipynb #48b77411
 def tinymim_task(cfg: TinyMIMConfig, student, teacher, data=None) -> TinyMIMTask:
     "The `tinymim` objective: relations at `cfg.relation_block`; the student sees a jittered view when asked."
+    check_pair(student, teacher, cfg.img_size, same_tokens=True)  # relations are token x token: the same tokens
     if data is not None and cfg.student_color_jitter > 0:
         data.train.transform = PairedViews(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.student_color_jitter)
     return TinyMIMTask(student, teacher, cfg.relation_block)

@@ -44,6 +44,8 @@ def test_ddp_two_processes_match_one(tmp_path, students):
     wb = load_file(str(two / "checkpoints" / "last" / "model.safetensors"))
     # equal up to reduction order; Adam magnifies it where a gradient is ~0 (measured max diff 2.3e-5)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+    if students:  # student b (width 32 against the teacher's 64) trains a width map, under DDP as alone
+        assert wa["students.b.width_map.weight"].shape == (64, 32)
 
 
 @pytest.mark.parametrize("students", [None, "a=:depth=2,b=:depth=1:drop_path=0.2:lr=5e-4"], ids=["one", "students"])
@@ -228,6 +230,25 @@ def test_cli_timm_teacher_into_timm_student_then_finetune(tmp_path, capsys, capl
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err) and "this objective compares CLS tokens" in err[-1], err
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("objective", ["tinymim", "contrastive", "d2v+contrastive", "ferkd"])
+def test_every_objective_with_a_timm_student(tmp_path, capsys, objective):
+    """Issue 36: every objective trains a timm student of another width and patch size than the tiny teacher (the
+    teacher runs on the student's grid; d2v+contrastive maps the widths). Each failed before: tinymim on the token
+    count (65 against 5), d2v+contrastive on the width (192 against 64)."""
+    from kdnb.cli import main
+    out = tmp_path / "run"
+    extra = (["--preset", "ferkd_cpu", "--teacher", "tiny", "--label_crops", "4", "--replay_crops", "2",
+              "--train_subset", "64"] if objective == "ferkd" else ["--preset", "distill_cpu", "--objective", objective])
+    args = ["distill", *extra, "--model", "timm:vit_tiny_patch16_224", "--checkpoint", "random", "--depth", "2",
+            "--img_size", "32", "--max_steps", "3", "--tensorboard", "false", "--out_dir", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["finished"] and s["steps"] == 3, s
+    weights = load_file(str(out / "checkpoints" / "last" / "model.safetensors"))
+    assert any(k.endswith("blocks.1.attn.qkv.weight") and v.shape == (576, 192) for k, v in weights.items())  # timm's
+    assert ("width_map.weight" in weights) == (objective == "d2v+contrastive"), [k for k in weights if "map" in k]
 
 
 def test_students_from_the_command_line_to_export_and_finetuning(tmp_path):
