@@ -13,14 +13,14 @@ import yaml
 from .files import write_atomic
 
 # %% auto #0
-__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED', 'ENCODERS', 'CLASSIFIERS', 'GLUE_TASKS',
-           'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES', 'STUDENT_KEYS', 'MODEL_CHECKPOINTS',
-           'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase', 'rebuild', 'DataSettings', 'OptimSettings', 'BaseConfig',
-           'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'ModelSpec', 'model_spec',
-           'check_timm_model', 'DistillBase', 'DistillConfig', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig',
-           'GlueConfig', 'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run',
-           'register_objective', 'run_kind', 'resolve', 'get_config', 'parse_value', 'parse_students', 'load_config',
-           'config_class', 'params_from_namespace']
+__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED', 'ENCODERS', 'CLASSIFIERS', 'IN_MEMORY',
+           'GLUE_TASKS', 'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES', 'STUDENT_KEYS',
+           'MODEL_CHECKPOINTS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase', 'rebuild', 'DataSettings',
+           'OptimSettings', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative',
+           'ModelSpec', 'model_spec', 'check_timm_model', 'DistillBase', 'DistillConfig', 'FinetuneConfig',
+           'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset', 'register_presets', 'RunKind',
+           'Objective', 'register_run', 'register_objective', 'run_kind', 'resolve', 'get_config', 'parse_value',
+           'parse_students', 'load_config', 'config_class', 'params_from_namespace']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -164,8 +164,8 @@ class DataSettings(ConfigBase):
     preset: str = "custom" # the preset these values came from (informational)
     # --- data
     dataset: str = "digits" # one of DATASETS
-    # folder of the data set (torchvision files or an ImageFolder tree); "data" means data/<dataset> in a run set up
-    # by kdnb.runs.setup_run (the CLI, the run notebooks)
+    # folder of the data set (torchvision files or an ImageFolder tree); "data" means data/<dataset> (`data_dir`),
+    # except for the data sets made in memory (digits, digit scenes)
     data_root: str = "data"
     img_size: int = 224 # input resolution
     val_size: float = 0.1 # held-out split carved from train when no test split exists (fraction, or count if > 1)
@@ -175,6 +175,7 @@ class DataSettings(ConfigBase):
     # instead of stopping
     skip_bad_images: bool = False
     num_workers: int = -1 # data loader workers; -1 = automatic (0 on CPU for small sets, min(8, cores) on CUDA)
+    per_dataset_folder = True  # a class attribute: data_root="data" reads data/<dataset> (data_dir); text: False
 
 # %% ../nbs/04_config.ipynb #1502a509
 @dataclass
@@ -370,6 +371,14 @@ def data_seed(self: BaseConfig) -> int:
     "The seed of the validation split and the training subset: `split_seed`, or `seed` when it is None."
     return self.seed if self.split_seed is None else self.split_seed
 
+IN_MEMORY = ("digits", "digit_scenes")  # data sets made in memory: no folder is read
+
+@patch(as_prop=True)
+def data_dir(self: DataSettings) -> str:
+    "The folder an image data set is read from: `data_root`, where the default \"data\" means data/<dataset>."
+    if self.data_root != "data" or self.dataset in IN_MEMORY or not self.per_dataset_folder: return self.data_root
+    return f"data/{self.dataset}"
+
 # %% ../nbs/04_config.ipynb #fb0539ff
 @dataclass
 class DistillBase(BaseConfig):
@@ -553,6 +562,7 @@ GLUE_TASKS = ("mnli", "qnli", "rte", "mrpc", "qqp", "stsb", "cola", "sst2", "wnl
 class TextConfig(BaseConfig):
     "Fields shared by the text runs."
     datasets = GLUE_TASKS + ("glue",)  # a class attribute, not a field: the allowed `dataset` values
+    per_dataset_folder = False  # data_root is the glue_data folder itself, whatever the task
     # a GLUE task (lower case: mnli, qnli, rte, mrpc, qqp, stsb, cola, sst2, wnli), or "glue" for distillation
     dataset: str = "rte"
     data_root: str = "data/glue" # the glue_data folder: <data_root>/<Task>/{train,dev}.tsv

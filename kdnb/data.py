@@ -360,8 +360,8 @@ class RunData:
 
 def build_data(cfg, kind: str = "finetune") -> RunData:
     "Training and validation sets of `cfg` with the transforms of `kind` (distill: finished on the device if asked)."
-    train_src = load_source(cfg.dataset, cfg.data_root, True, cfg.download)
-    test_src = load_source(cfg.dataset, cfg.data_root, False, cfg.download)
+    train_src = load_source(cfg.dataset, cfg.data_dir, True, cfg.download)
+    test_src = load_source(cfg.dataset, cfg.data_dir, False, cfg.download)
     targets = targets_of(train_src)
     split_seed = cfg.data_seed
     if test_src is None:

@@ -630,6 +630,8 @@ def check_resume_config(saved, cfg, where):
         raise ConfigError(f"{where} was written by a {type(saved).__name__} run, not a {type(cfg).__name__} run")
     allowed = RESUME_MAY_CHANGE | {n.strip() for n in (cfg.resume_changes or "").split(",") if n.strip()}
     old, new = saved.to_dict(), cfg.to_dict()
+    if hasattr(cfg, "data_dir"):  # the folder read: a run set up before data_dir saved "data/cifar10", not "data"
+        old["data_root"], new["data_root"] = saved.data_dir, cfg.data_dir
     changed = [k for k in new if old.get(k) != new[k] and k not in allowed]
     shrunk = [k for k in ("epochs", "max_steps") if "epochs" not in (cfg.resume_changes or "")
               and old.get(k) is not None and new[k] is not None and new[k] < old[k]]

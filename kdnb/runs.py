@@ -5,9 +5,8 @@
 # %% ../nbs/16_runs.ipynb #03abb72a
 from __future__ import annotations
 import tempfile, time
-from .config import (ConfigError, DistillBase, FinetuneConfig, PretrainConfig, get_config, load_config,
-                         params_from_namespace, rebuild, resolve, run_kind)
-from .kinds import SegmentConfig  # importing kdnb.kinds registers every run kind, objective and preset
+from .config import ConfigError, get_config, load_config, params_from_namespace, rebuild, resolve, run_kind
+import kdnb.kinds  # registers every run kind, objective and preset
 
 # %% auto #0
 __all__ = ['run', 'default_out_dir', 'setup_run', 'notebook_run']
@@ -36,10 +35,6 @@ def setup_run(kind: str, # a registered run kind: pretrain, distill, finetune, l
         cfg = rebuild(load_config(config), **{**run_kind(kind).values, **params})
     else:
         cfg = get_config(preset, kind=kind, **params)
-    if isinstance(cfg, (PretrainConfig, DistillBase, FinetuneConfig, SegmentConfig)) \
-            and cfg.dataset not in ("digits", "digit_scenes") \
-            and cfg.data_root == "data":
-        cfg = cfg.replace(data_root=f"data/{cfg.dataset}")
     if "out_dir" not in params and config is None:
         if cfg.resume:
             raise ConfigError("resume=True needs out_dir: the folder of the run to continue")

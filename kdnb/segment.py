@@ -344,7 +344,7 @@ def build_seg_data(cfg: SegmentConfig) -> SegData:
     "The config's segmentation sets: ADE20K's training and validation splits, or digit scenes split 80/20."
     if cfg.dataset == "ade20k":
         k = cfg.num_classes or 150
-        train_src, val_src = load_ade20k(cfg.data_root, True, k, cfg.download), load_ade20k(cfg.data_root, False, k)
+        train_src, val_src = load_ade20k(cfg.data_dir, True, k, cfg.download), load_ade20k(cfg.data_dir, False, k)
         tr_idx, va_idx, val_source = np.arange(len(train_src)), np.arange(len(val_src)), "validation split"
     else:
         train_src = val_src = DigitScenes(cfg.scenes, cfg.img_size, cfg.data_seed)
