@@ -402,7 +402,7 @@ class DistillBase(BaseConfig):
     patch_size: int = 16 # patch side
     hflip: float = 0.5 # horizontal flip probability
     crop_scale: tuple[float, float] = (0.08, 1.0) # RandomResizedCrop scale range
-    # "d2v" (layer-averaged target, DistillConfig); the others register their own config class in their notebook,
+    # "d2v" (layer-averaged target, DistillConfig); the others' config classes are declared in kdnb.kinds,
     # which get_config, rebuild and load_config pick by this name: "tinymim" (TinyMIMConfig), "contrastive" and
     # "d2v+contrastive" (ContrastiveConfig), "fkd" and "ferkd" (FKDConfig)
     objective: str = "d2v"
@@ -705,7 +705,7 @@ class Preset:
 # the shared size of the CPU presets: 16x16 digits, small batches, no workers, fp32
 CPU_RUN = dict(dataset="digits", img_size=16, patch_size=4, batch_size=32, num_workers=0, precision="fp32",
                val_size=0.2, log_every=5)
-PRESETS = {}  # name -> Preset; each run kind's and objective's notebook registers its seed tables here
+PRESETS = {}  # name -> Preset; kdnb.kinds registers every seed table here
 
 # %% ../nbs/04_config.ipynb #1278dfc9
 def register_presets(*presets: Preset):
