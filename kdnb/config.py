@@ -19,8 +19,8 @@ __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED
            'OptimSettings', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative',
            'ModelSpec', 'model_spec', 'check_timm_model', 'DistillBase', 'DistillConfig', 'FinetuneConfig',
            'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset', 'register_presets', 'RunKind',
-           'Objective', 'register_run', 'register_objective', 'run_kind', 'resolve', 'get_config', 'parse_value',
-           'parse_students', 'load_config', 'config_class', 'params_from_namespace']
+           'Objective', 'register_run', 'register_objective', 'run_kind', 'resolve', 'check_types', 'get_config',
+           'parse_value', 'parse_students', 'load_config', 'config_class', 'params_from_namespace']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -781,6 +781,14 @@ def resolve(ref: typing.Union[str, typing.Callable], # a callable, or its name "
     return fn
 
 # %% ../nbs/04_config.ipynb #b8646970
+def check_types(cls: type, # a config class (a run kind's): its objectives' classes are searched too
+                values: dict, # field -> value, as the user gave them
+               ):
+    "A ConfigError for a value of the wrong type, whatever the preset: a field's type is its class's, not a preset's."
+    for name, value in values.items():
+        owner = next((v for v in cls.variants() if name in {f.name for f in fields(v)}), None)
+        if owner is not None: _check_type(name, value, _resolve(owner, next(f for f in fields(owner) if f.name == name)))
+
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)
                kind: str | None = None, # a registered run kind (RUN_KINDS): checks the preset fits, sets its values
                **overrides, # fields to change (`objective` may pick another objective's class)
@@ -788,6 +796,7 @@ def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on
     "The config of a preset with the kind's values and `overrides` applied, validated."
     if preset == "auto":
         if kind is None: raise ConfigError("preset 'auto' needs the run kind: get_config('auto', kind='distill')")
+        check_types(run_kind(kind).config, overrides)  # a mistyped value is answered before torch loads (~4 s)
         import torch
         cuda = torch.cuda.is_available()
         preset = kind + ("" if cuda else "_cpu")
