@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_pipeline.ipynb #7c42e4c0
 from __future__ import annotations
-import argparse, json, logging, shutil, sys, time
+import argparse, json, logging, math, shutil, sys, time
 import torch
 import dataclasses
 from pathlib import Path
@@ -24,11 +24,11 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'ARMS', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'SHOWN_DECIMALS',
-           'NOT_COMPARED', 'student_seeds', 'stage_precision', 'teacher_stages', 'distill_dir', 'student_stages',
-           'evaluated_models', 'stage_configs', 'run_pipeline', 'pipeline', 'encoder_gflop', 'stage_gflop',
-           'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'first_stage', 'describe_pipeline',
-           'export_results', 'pipeline_command', 'shown', 'compare_stage', 'StopAfter', 'record_reproduction',
-           'reproduce', 'reproduce_main']
+           'NOT_COMPARED', 'TIE_RTOL', 'student_seeds', 'stage_precision', 'teacher_stages', 'distill_dir',
+           'student_stages', 'evaluated_models', 'stage_configs', 'run_pipeline', 'pipeline', 'encoder_gflop',
+           'stage_gflop', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'first_stage',
+           'describe_pipeline', 'export_results', 'pipeline_command', 'shown', 'same_number', 'compare_stage',
+           'StopAfter', 'record_reproduction', 'reproduce', 'reproduce_main']
 
 # %% ../nbs/18_pipeline.ipynb #e64027e6
 def student_seeds(p: PipelineConfig) -> list[int]:
@@ -438,16 +438,24 @@ def pipeline_command(run_dir) -> str:
 SHOWN_DECIMALS = {"acc1": 2, "acc5": 2, "mIoU": 2, "mAcc": 2, "aAcc": 2}  # as the pages show them; else 4 digits
 NOT_COMPARED = {"images_per_s", "train_time_s", "wall_time_s", "lr_scale"}  # times depend on the machine's load
 
+TIE_RTOL = 1e-6  # ~16 float32 ulps: another summation order moves a float32 result by a few ulps
+
 def shown(key: str, v):
     "A number as the report shows it: accuracies (%) to 2 decimals, everything else to 4 significant digits."
     if isinstance(v, bool) or not isinstance(v, (int, float)): return v
     return round(v, SHOWN_DECIMALS[key]) if key in SHOWN_DECIMALS else float(f"{v:.4g}")
 
+def same_number(key: str, a, b) -> bool:
+    "Shown alike, or a rounding tie: within `TIE_RTOL` of each other but on either side of a shown digit's boundary."
+    if shown(key, a) == shown(key, b): return True
+    nums = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    return nums and math.isclose(a, b, rel_tol=TIE_RTOL)
+
 def compare_stage(old: Path, new: Path, stage: str) -> list[dict]:
     "Every number the report reads from a stage, recorded beside rerun: matching metrics records and final metrics."
     rows = []
     def add(record, key, a, b): rows.append(dict(stage=stage, record=record, value=key, recorded=a, rerun=b,
-                                                 match=shown(key, a) == shown(key, b)))
+                                                 match=same_number(key, a, b)))
     ident = lambda r: (r.get("kind"), r.get("epoch"), r.get("step"))
     recorded = {ident(r): r for r in read_records(old / "metrics.jsonl")} if (old / "metrics.jsonl").exists() else {}
     for r in read_records(new / "metrics.jsonl") if (new / "metrics.jsonl").exists() else []:
@@ -463,11 +471,15 @@ def compare_stage(old: Path, new: Path, stage: str) -> list[dict]:
 
 # %% ../nbs/18_pipeline.ipynb #2dd162f1
 class StopAfter(Callback):
-    "Stop a rerun after `epochs` epochs, as a preemption does (the loop's own exception): a cheap check of a long run."
-    order = 100  # after the epoch is logged and checkpointed
-    def __init__(self, epochs: int): self.epochs = epochs
+    "Stop a rerun after `epochs` epochs or `steps` steps, as a preemption does (the loop's own exception)."
+    order = 100  # after the step or epoch is logged and checkpointed
+    def __init__(self, epochs: int | None = None, steps: int | None = None): self.epochs, self.steps = epochs, steps
+    def after_step(self, t):
+        if self.steps and t.step >= self.steps and t.step < t.total_steps:
+            raise Preempted(f"reproduce: the first {t.step} steps")
     def after_epoch(self, t):
-        if t.epoch >= self.epochs and t.epoch < t.cfg.epochs: raise Preempted(f"reproduce: the first {t.epoch} epochs")
+        if self.epochs and t.epoch >= self.epochs and t.epoch < t.cfg.epochs:
+            raise Preempted(f"reproduce: the first {t.epoch} epochs")
 
 def record_reproduction(table: pd.DataFrame, results_dir) -> Path:
     "Append what a rerun found to `results_dir/reproduced.json`: the results page reads it (made at, reproduced at)."
@@ -508,15 +520,18 @@ def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's
               max_minutes: float | None = None, # refuse a rerun that took longer when the folder was made
               out_dir=None, # where to rerun; None: runs/reproduce-<folder>-<time>
               epochs: int | None = None, # stop the rerun of one run or stage after this many epochs (a cheap check)
+              steps: int | None = None, # or after this many optimiser steps (cheaper still)
              ) -> pd.DataFrame: # one row per number: stage, record, value, recorded, rerun, match
     "Run again what a results folder records, with today's code, and compare every number the report reads."
     src = Path(results_dir)
     out = Path(out_dir or f"runs/reproduce-{src.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     what, cfg, took_s, folders = _rerun_plan(src, out, stage)
-    if epochs is not None:
+    if epochs is not None or steps is not None:
         if len(folders) != 1 or isinstance(cfg, PipelineConfig):
-            raise ConfigError("epochs stops one run early: give --stage for a pipeline folder")
-        took_s = took_s and took_s * min(1, epochs / max(cfg.epochs, 1))
+            raise ConfigError("epochs and steps stop one run early: give --stage for a pipeline folder")
+        total = read_summary(src / folders[0]).get("steps")
+        part = min(1, epochs / max(cfg.epochs, 1)) if epochs else min(1, steps / total) if total else 1
+        took_s = took_s and took_s * part
     if max_minutes is not None and took_s and took_s / 60 > max_minutes:
         raise ConfigError(f"{what} of {src} took {took_s / 60:.1f} min when it was made; max_minutes={max_minutes} "
                           "refuses it: raise it, or reproduce one stage")
@@ -529,18 +544,20 @@ def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's
     if made != here:
         log.warning(f"{src} was made on {made or 'a machine it did not record'}; this is {here}: floating-point "
                     "reductions may differ in the last digits shown")
-    try: run_pipeline(cfg) if isinstance(cfg, PipelineConfig) else run(cfg, [StopAfter(epochs)] if epochs else [])
-    except Preempted: pass  # stopped after `epochs`: its first epochs' records are compared, not its summary
+    stop = [StopAfter(epochs, steps)] if epochs or steps else []
+    try: run_pipeline(cfg) if isinstance(cfg, PipelineConfig) else run(cfg, stop)
+    except Preempted: pass  # stopped early: its first epochs' or steps' records are compared, not its summary
     rows = [r for f in folders for r in compare_stage(src / f, out / f, f or src.name)]
     if stage is None and (src / "results.csv").exists():
         old, new = (pd.read_csv(d / "results.csv", index_col=0) for d in (src, out))
         rows += [dict(stage="results.csv", record=i, value=c, recorded=old.at[i, c], rerun=new.at[i, c],
-                      match=shown("acc1", old.at[i, c]) == shown("acc1", new.at[i, c]))
+                      match=same_number("acc1", old.at[i, c], new.at[i, c]))
                  for i in old.index for c in old.columns if i in new.index and c in new.columns]
     table = pd.DataFrame(rows, columns=["stage", "record", "value", "recorded", "rerun", "match"])
     made_at = next((s["git_commit"] for s in recorded if s.get("git_commit")), None)
     table.attrs.update(made_at=made_at, reproduced_at=code_commit(), folder=str(src), rerun=str(out),
-                       what=what + (f", its first {epochs} epochs" if epochs else ""))
+                       what=what + (f", its first {epochs} epochs" if epochs else "")
+                       + (f", its first {steps} steps" if steps else ""))
     return table
 
 # %% ../nbs/18_pipeline.ipynb #016e767b
@@ -555,10 +572,12 @@ def reproduce_main(argv=None) -> int:
     ap.add_argument("--out_dir", default=None, help="where to rerun (default: runs/reproduce-<folder>-<time>)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="stop the rerun after this many epochs and compare their records (one run, or --stage)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="stop the rerun after this many optimiser steps and compare their records (one run, or --stage)")
     ap.add_argument("--record", action="store_true",
                     help="append the outcome to RESULTS_DIR/reproduced.json (the results page shows it)")
     a = ap.parse_args(argv)
-    try: t = reproduce(a.results_dir, a.stage, a.max_minutes, a.out_dir, a.epochs)
+    try: t = reproduce(a.results_dir, a.stage, a.max_minutes, a.out_dir, a.epochs, a.steps)
     except (ConfigError, FileNotFoundError) as e:
         print(f"kdnb reproduce: {e}", file=sys.stderr)
         return 2

@@ -3,10 +3,11 @@
 results/digits (README command (1), the embedded default) is rerun whole, about two minutes on two cores, and every
 number the report reads from it is compared as the report shows it. A change that moves these numbers on purpose
 makes the folder again in the same commit (`kdnb reproduce` names the rows; the results README says how it was made).
-results/widths_digits' teacher (a data2vec 2.0 pretraining, under a minute) is rerun whole as well. The long folders
-(evidence_cifar10, cifar10, ...) take minutes to hours, and two folders made before summaries recorded the machine
-(segment_digits, cifar10_supervised) do not repeat bit for bit even at the commits that made them: the results page
-says for each what made it and what its last check found (`kdnb reproduce results/<folder> --stage NAME --epochs 1`).
+results/widths_digits' teacher (a data2vec 2.0 pretraining, under a minute) is rerun whole as well. The cifar10-sized
+folders take hours; their cheapest stage is checked here: cifar10's teacher's first epoch (~55 s) and evidence_cifar10's
+teacher's first 300 steps (~1 min). Two folders made before summaries recorded the machine (segment_digits,
+cifar10_supervised) and glue do not repeat bit for bit even at the commits that made them: the results page says for
+each what made it and what its last check found (`kdnb reproduce results/<folder> --stage NAME --epochs 1`).
 """
 from pathlib import Path
 
@@ -32,3 +33,23 @@ def test_results_widths_digits_teacher_still_reproduces(tmp_path):
     assert moved.empty, (f"results/widths_digits/teacher (made at {t.attrs['made_at']}) no longer reproduces at "
                          f"{t.attrs['reproduced_at']}: run results/widths_digits/run.sh again or fix the change. "
                          f"Moved:\n{moved.to_string(index=False)}")
+
+
+def _unmoved(folder, t, how):
+    moved = t[~t.match]
+    assert moved.empty, (f"results/{folder} (made at {t.attrs['made_at']}) no longer reproduces at "
+                         f"{t.attrs['reproduced_at']} ({t.attrs['what']}): {how}. Moved:\n{moved.to_string(index=False)}")
+
+
+def test_results_cifar10_teacher_first_epoch_still_reproduces(tmp_path):
+    t = reproduce(ROOT / "results" / "cifar10", stage="pretrain_teacher", out_dir=tmp_path / "c10", epochs=1)
+    assert len(t) >= 500, len(t)  # its 62 step records and the epoch's, 8 numbers each (one was a rounding tie)
+    _unmoved("cifar10", t, "a change moved data2vec 2.0 pretraining on CIFAR-10; say on the results page by how much "
+             "the folder's numbers would move, or run it again")
+
+
+def test_results_evidence_cifar10_teacher_first_steps_still_reproduce(tmp_path):
+    t = reproduce(ROOT / "results" / "evidence_cifar10", stage="pretrain_teacher", out_dir=tmp_path / "ev", steps=300)
+    assert len(t) >= 450, len(t)  # its first 60 step records
+    _unmoved("evidence_cifar10", t, "a change moved data2vec 2.0 pretraining on CIFAR-10; say on the results page by "
+             "how much the folder's numbers would move, or run it again")
