@@ -496,11 +496,11 @@ def section_fit(device, quick, src: Path = JPEG_SRC):
     d = dims()
     size = dict(img_size=32, batch_size=4, max_steps=2, compile=False, num_workers=0) if PLAN["tiny"] else \
         dict(img_size=224, batch_size=256 if cuda else 8, max_steps=150 if cuda else 4, compile=cuda)
-    teacher = dict(teacher="tiny", teacher_embed_dim=d["width"]) if PLAN["tiny"] else \
-        dict(teacher="timm:beitv2_base_patch16_224", teacher_checkpoint="random")
+    teacher = dict(teacher="tiny", teacher_pretrained=False, teacher_embed_dim=d["width"]) if PLAN["tiny"] else \
+        dict(teacher="timm:beitv2_base_patch16_224", teacher_pretrained=False)
     cfg = get_config("distill", dataset="imagenet", data_root=str(root.parent), augment_on="device",
                      val_size=10 if PLAN["tiny"] else 0.05,
-                     **teacher, model="data2vec2", checkpoint=None, depth=d["depth_s"], embed_dim=d["width"],
+                     **teacher, model="data2vec2", pretrained=False, depth=d["depth_s"], embed_dim=d["width"],
                      num_heads=d["heads"], mlp_dim=4 * d["width"], patch_size=d["patch"], device=str(device),
                      precision="bf16", epochs=1000, eval_every=1000, tensorboard=False, out_dir=str(tmp / "run"),
                      **size)
@@ -602,7 +602,7 @@ def section_students(device, quick):
     from kdnb.distill import build_student, d2v_task, family_task
     size = TINY if PLAN["tiny"] else FULL
     img, batch, steps = (16, 4, 2) if PLAN["tiny"] else ((32, 8, 3) if quick else (64, 16, 5))
-    base = get_config("distill_cpu", teacher="tiny", model="tiny", checkpoint=None, img_size=img,
+    base = get_config("distill_cpu", teacher="tiny", model="tiny", pretrained=False, img_size=img,
                       patch_size=size["patch"] if img >= 32 else 4, embed_dim=size["width"], num_heads=size["heads"],
                       mlp_dim=4 * size["width"], depth=size["depth_s"], teacher_depth=size["depth_t"], device=str(device))
     cuts = [size["depth_s"], max(1, 2 * size["depth_s"] // 3), max(1, size["depth_s"] // 2)]  # 6, 4, 3 (the preset)

@@ -13,14 +13,14 @@ import yaml
 from .files import write_atomic
 
 # %% auto #0
-__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED', 'ENCODERS', 'CLASSIFIERS', 'IN_MEMORY',
-           'GLUE_TASKS', 'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES', 'STUDENT_KEYS',
-           'MODEL_CHECKPOINTS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase', 'rebuild', 'DataSettings',
-           'OptimSettings', 'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative',
-           'ModelSpec', 'model_spec', 'check_timm_model', 'DistillBase', 'DistillConfig', 'FinetuneConfig',
+__all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED', 'FOLDERS', 'PUBLISHED', 'ENCODERS',
+           'CLASSIFIERS', 'IN_MEMORY', 'GLUE_TASKS', 'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES',
+           'STUDENT_KEYS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase', 'rebuild', 'DataSettings', 'OptimSettings',
+           'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'ModelSpec',
+           'model_spec', 'check_timm_model', 'check_weights', 'DistillBase', 'DistillConfig', 'FinetuneConfig',
            'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset', 'register_presets', 'RunKind',
            'Objective', 'register_run', 'register_objective', 'run_kind', 'resolve', 'check_types', 'get_config',
-           'parse_value', 'parse_students', 'load_config', 'config_class', 'params_from_namespace']
+           'parse_value', 'parse_students', 'load_config', 'config_class', 'weights_as_run', 'params_from_namespace']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -67,6 +67,9 @@ class ConfigBase:
         self.validate()
     renamed = {} # old field name -> its name now: old run folders, presets and command lines keep working
     file_defaults = {} # field -> the value a saved file that predates the field is read with (what it ran as)
+    # (model field, pretrained field, checkpoint field, role) per model whose weights the config names: a file saved
+    # before `pretrained` existed is read as it ran (`weights_as_run`); a model field None: always data2vec2
+    weights_fields = ()
     unknown_hint = ""  # appended to the unknown-keys error (DistillBase: where the other objectives live)
 
 @patch
@@ -131,10 +134,20 @@ def variant_hint(cls: ConfigBase, key: str, owner: type, d: dict) -> str:
     "Appended to the error for `key`, a field of the variant `owner` (DistillBase: how to pick its objective)."
     return ""
 
+# %% ../nbs/04_config.ipynb #0f193793
+@patch(cls_method=True)
+def implied(cls: ConfigBase, changes: dict) -> dict:
+    "`changes` with what they imply: naming a checkpoint (or a run folder as the model) means trained weights."
+    out = dict(changes)
+    for model_f, pre_f, ckpt_f, _ in cls.weights_fields:
+        folder = model_f in out and str(out[model_f]).partition(":")[0] in FOLDERS
+        if pre_f not in out and (out.get(ckpt_f) is not None or folder): out[pre_f] = True
+    return out
+
 @patch
 def replace(self: ConfigBase, **changes):
     "A copy of the same class with some fields changed, validated again; unknown names are an error."
-    return type(self).from_dict({**self.to_dict(), **self.migrate(changes)})
+    return type(self).from_dict({**self.to_dict(), **self.implied(self.migrate(changes))})
 
 # %% ../nbs/04_config.ipynb #d4af137a
 @patch(as_prop=True)
@@ -150,7 +163,8 @@ def rebuild(cfg: ConfigBase, # a config
             **changes, # fields to change; `objective` may name another objective's class
            ) -> ConfigBase: # a new config, of the class its values call for
     "A new config from `cfg`'s values and `changes`, of the class they call for; the old objective's settings go."
-    d = {**cfg.to_dict(), **cfg.migrate(changes)}
+    changes = cfg.implied(cfg.migrate(changes))
+    d = {**cfg.to_dict(), **changes}
     target = type(cfg).class_for(d)
     if target is not type(cfg):  # another objective: keep what the new class has (and every change, checked there)
         names = {f.name for f in fields(target)}
@@ -313,7 +327,7 @@ def check_non_negative(cfg, *names):
 # what a model field may name, by family: the families each role accepts are listed where the role's field is checked
 MODEL_FAMILIES = {
     "data2vec2": "kdnb's Data2Vec2 encoder (post-LN; weights from a fairseq checkpoint or a kdnb run)",
-    "beitv2": "timm's BEiTv2 ViT-B/16 with a unilm checkpoint (or timm's weights)",
+    "beitv2": "timm's BEiTv2 ViT-B/16 with a unilm checkpoint",
     "timm": "timm:<name>, any model timm lists",
     "run": "run:<folder>, the model a kdnb run folder holds",
     "local-dir": "local-dir:<folder>, a timm folder (config.json + model.safetensors; what kdnb export writes)",
@@ -321,6 +335,11 @@ MODEL_FAMILIES = {
 }
 
 PREFIXED = ("timm", "run", "local-dir")  # the families written "<family>:<name>"
+FOLDERS = ("run", "local-dir")  # families whose name is a folder that holds the weights too
+# the weights `pretrained=True` loads when no checkpoint is given (the tiny family has none: pass a checkpoint)
+PUBLISHED = {"data2vec2": "data2vec2_base (fairseq's ImageNet-1k data2vec 2.0 ViT-B)",
+             "beitv2": "beitv2_base_pt1k (unilm's self-supervised ImageNet-1k BEiTv2 ViT-B, the seeds' teacher)",
+             "timm": "timm's pretrained weights for the name (its default tag, or the tag given)"}
 
 ENCODERS = ("data2vec2", "tiny", "timm", "local-dir")  # what a student or a backbone (`model`) may be
 
@@ -365,6 +384,26 @@ def check_timm_model(field: str, name: str):
         f"; did you mean {', '.join(repr('timm:' + c) for c in close)}?" if close else
         "; list them with timm.list_models('*vit*')"))
 
+# %% ../nbs/04_config.ipynb #885794a9
+def check_weights(spec: ModelSpec, # the model the weights are for
+                  pretrained: bool, # the config's `pretrained` (or `teacher_pretrained`)
+                  checkpoint: str | None, # its `checkpoint` (or `teacher_checkpoint`)
+                  prefix: str = "", # "" for the student or backbone, "teacher_" for the teacher
+                 ):
+    "Refuse weights settings that mean nothing, with the fix: the same two fields mean the same for every family."
+    p, c = f"{prefix}pretrained", f"{prefix}checkpoint"
+    if checkpoint == "random":
+        raise ConfigError(f"{c}='random': random weights are {p}=False now (and {c}=None)")
+    if spec.family in FOLDERS:
+        if checkpoint is not None or not pretrained:
+            raise ConfigError(f"{spec}: the folder holds the weights; leave {c}=None and {p}=True")
+    elif not pretrained and checkpoint is not None:
+        raise ConfigError(f"{c}={checkpoint!r} with {p}=False: random weights load no file; set {p}=True to start "
+                          f"from {checkpoint}, or {c}=None")
+    elif pretrained and checkpoint is None and spec.family not in PUBLISHED:
+        raise ConfigError(f"{spec} has no published weights: set {p}=False (random) or {c} to a kdnb run folder or "
+                          "weights file")
+
 # %% ../nbs/04_config.ipynb #804e8bbb
 @patch(as_prop=True)
 def data_seed(self: BaseConfig) -> int:
@@ -384,17 +423,21 @@ def data_dir(self: DataSettings) -> str:
 class DistillBase(BaseConfig):
     "What every distillation objective shares: a frozen teacher, the student, the crops both see (seed 000, Table 1)."
     renamed = {"student": "model", "student_depth": "depth", "student_checkpoint": "checkpoint"}
+    weights_fields = (("model", "pretrained", "checkpoint", "encoder"),
+                      ("teacher", "teacher_pretrained", "teacher_checkpoint", "teacher"))
     teacher: str = "beitv2" # "beitv2", "data2vec2", "timm:<name>", "run:<folder>", "tiny"
-    # path, URL or named default (the seeds' self-supervised pt1k weights); None = timm's own weights, which for BEiTv2
-    # are finetuned on ImageNet labels (supervised)
-    teacher_checkpoint: typing.Optional[str] = "beitv2_base_pt1k"
+    teacher_pretrained: bool = True # the teacher starts from trained weights; False = random (mechanics, tests)
+    # which weights: a path, URL, named default or local timm file; None = the family's published ones (PUBLISHED:
+    # for beitv2 the seeds' self-supervised pt1k weights)
+    teacher_checkpoint: typing.Optional[str] = None
     teacher_embed_dim: typing.Optional[int] = None # width of the "tiny" teacher; None = the student's (embed_dim)
     teacher_depth: typing.Optional[int] = None # depth of the "tiny" teacher; None = twice the student's (depth)
     # the student's architecture: "data2vec2" (ViT-B sizes), "tiny", or "timm:<name>" (its first `depth` blocks)
     model: str = "data2vec2"
-    # the student's blocks: data2vec 2.0 checkpoint or kdnb run folder; None = random. For a timm model: None = timm's
-    # pretrained weights, "random" = random ones, or a local timm weights file
-    checkpoint: typing.Optional[str] = "data2vec2_base"
+    pretrained: bool = True # the student starts from trained weights; False = random
+    # which weights: a data2vec 2.0 checkpoint, kdnb run folder or weights file, or a local timm file; None = the
+    # family's published ones (PUBLISHED)
+    checkpoint: typing.Optional[str] = None
     depth: int = 6 # blocks of the student
     embed_dim: int = 768 # width D (hidden size)
     mlp_dim: int = 3072 # FFN inner size
@@ -426,7 +469,7 @@ class DistillConfig(DistillBase):
     width_map: typing.Optional[bool] = None
     # several students from one teacher pass: "NAME=MODEL[:key=value...],..." (e.g. "half=data2vec2:depth=6,
     # quarter=:depth=3,vits=timm:vit_small_patch16_224:lr=5e-4"; MODEL empty = the run's `model`). A student sets its
-    # own model, checkpoint, depth, embed_dim, mlp_dim, num_heads, drop_path, student_layer_kind, width_map, lr,
+    # own model, pretrained, checkpoint, depth, embed_dim, mlp_dim, num_heads, drop_path, student_layer_kind, width_map, lr,
     # weight_decay; the rest is the run's. Each lands in out_dir/students/NAME, a run folder of its own (load_backbone,
     # export, finetuning's checkpoint). None = one student (`model`)
     students: typing.Optional[str] = None
@@ -438,7 +481,8 @@ def validate(self: DistillBase):
     if type(self) is DistillBase:
         raise ConfigError("DistillBase holds what every objective shares: build DistillConfig or an objective's "
                           "class (get_config, rebuild and load_config pick it by `objective`)")
-    model_spec(self.teacher, "teacher"), model_spec(self.model, "model", ENCODERS)
+    check_weights(model_spec(self.teacher, "teacher"), self.teacher_pretrained, self.teacher_checkpoint, "teacher_")
+    check_weights(model_spec(self.model, "model", ENCODERS), self.pretrained, self.checkpoint)
     check_positive(self, "depth", "embed_dim", "mlp_dim", "num_heads", "patch_size")
     if self.embed_dim % self.num_heads:
         raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
@@ -506,10 +550,12 @@ class FinetuneConfig(BaseConfig):
     "Full finetuning or linear probing of the (distilled) student (seed 000 Table 2, seed 003 Table 1)."
     mode: str = "finetune" # "finetune" (all layers) or "linear_probe" (frozen backbone, only the head)
     kind = property(lambda self: self.mode)  # one config class, two run kinds (not a field)
+    weights_fields = (("model", "pretrained", "checkpoint", "encoder"),)
     model: str = "data2vec2" # backbone architecture: "data2vec2" (ViT-B sizes), "tiny" or "timm:<name>"
-    # backbone weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint, or None; for a timm model: None =
-    # timm's pretrained weights, "random", or a local timm weights file
-    checkpoint: typing.Optional[str] = "data2vec2_base"
+    pretrained: bool = True # the backbone starts from trained weights; False = random (the not-distilled baseline)
+    # which weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint or local timm file; None = the family's
+    # published ones (PUBLISHED)
+    checkpoint: typing.Optional[str] = None
     depth: int = 6 # backbone blocks (when not read from a run folder)
     embed_dim: int = 768 # backbone width (when not read from a run folder)
     num_heads: int = 12 # attention heads (when not read from a run folder)
@@ -538,7 +584,7 @@ class FinetuneConfig(BaseConfig):
 def validate(self: FinetuneConfig):
     super(FinetuneConfig, self).validate()
     check_choice("mode", self.mode, ("finetune", "linear_probe"))
-    model_spec(self.model, "model", ENCODERS)
+    check_weights(model_spec(self.model, "model", ENCODERS), self.pretrained, self.checkpoint)
     check_choice("mixup_mode", self.mixup_mode, ("batch", "pair", "elem"))
     check_choice("remode", self.remode, ("pixel", "rand", "const"))
     if not 0 < self.layer_decay <= 1:
@@ -616,8 +662,10 @@ def validate(self: GlueConfig):
 @dataclass
 class PretrainConfig(BaseConfig):
     "data2vec 2.0 image pretraining: no labels; an EMA teacher's layer-averaged target regressed at masked patches."
+    weights_fields = ((None, "pretrained", "checkpoint", "encoder"),)
     # --- the encoder (the EMA teacher is a copy of it)
-    # weights to start from (a data2vec 2.0 checkpoint or kdnb run; its first `depth` main blocks); None = random init
+    pretrained: bool = False # start from trained weights (`checkpoint`, its first `depth` main blocks); False = random
+    # which weights: a data2vec 2.0 checkpoint or kdnb run folder; None = data2vec2_base (when pretrained)
     checkpoint: typing.Optional[str] = None
     depth: int = 10 # main blocks (fairseq `depth`); the targets come from these
     prenet_depth: int = 2 # blocks inside the image encoder, before the main ones (fairseq `prenet_depth`)
@@ -653,6 +701,7 @@ class PretrainConfig(BaseConfig):
 @patch
 def validate(self: PretrainConfig):
     super(PretrainConfig, self).validate()
+    check_weights(model_spec("data2vec2"), self.pretrained, self.checkpoint)
     check_positive(self, "depth", "embed_dim", "num_heads", "patch_size", "mask_length", "clone_batch",
                    "average_top_k_layers", "decoder_dim", "decoder_groups", "decoder_kernel", "decoder_layers",
                    "ema_anneal_end_step", "mlp_ratio")
@@ -831,9 +880,8 @@ def parse_value(name: str, # what the value is for (a flag, a field), named in t
 
 # %% ../nbs/04_config.ipynb #65a05dcf
 # what a student of a several-student run sets for itself; everything else is the run's
-STUDENT_KEYS = ("model", "checkpoint", "depth", "embed_dim", "mlp_dim", "num_heads", "drop_path", "student_layer_kind",
+STUDENT_KEYS = ("model", "pretrained", "checkpoint", "depth", "embed_dim", "mlp_dim", "num_heads", "drop_path", "student_layer_kind",
                 "width_map", "lr", "weight_decay")
-MODEL_CHECKPOINTS = {"data2vec2": "data2vec2_base"}  # a family's default student checkpoint (others: None)
 
 def parse_students(value: str | None, # `students`, e.g. "half=data2vec2:depth=6,vits=timm:vit_small_patch16_224"
                   ) -> dict[str, dict]: # {name: {field: value}}, in the order given
@@ -875,7 +923,7 @@ def student_configs(self: DistillConfig) -> dict:
             raise ConfigError(f"students: {name}: the tiny teacher takes num_heads and mlp_dim from the run; set them "
                               "for the whole run, not for one student")
         family = model_spec(over.get("model", self.model), f"students: {name}'s model", ENCODERS).family
-        if "checkpoint" not in over and family != run_family: over = {**over, "checkpoint": MODEL_CHECKPOINTS.get(family)}
+        if "checkpoint" not in over and family != run_family: over = {**over, "checkpoint": None}  # its family's
         if "embed_dim" in over and "mlp_dim" not in over:  # a narrower student keeps the run's FFN ratio (as does a
             over = {**over, "mlp_dim": round(over["embed_dim"] * self.mlp_dim / self.embed_dim)}  # tiny teacher)
         try: out[name] = self.replace(students=None, out_dir=str(Path(self.out_dir) / "students" / name), **pin, **over)
@@ -899,6 +947,7 @@ def load_config(path) -> BaseConfig:
         raise ConfigError(f"{path} does not say which config it holds (no valid '_class' key): it was not written "
                           "by kdnb; start from a preset (--preset) instead")
     cls = cls.class_for(d)  # a DistillConfig saved before its objective had a class of its own
+    d = weights_as_run(cls, cls.migrate(d))  # saved before `pretrained`: the weights it ran with
     d = {**cls.file_defaults, **d}  # a field added later: the file ran as it was before the field existed
     try: return cls.from_dict(_drop_old_defaults(cls, d))
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from e
@@ -927,6 +976,43 @@ def _drop_old_defaults(cls: type, d: dict) -> dict:
 
 # %% ../nbs/04_config.ipynb #6de94d07
 _FORMER_DEFAULTS = {"student_layer_kind": ("ffn",)}  # defaults that older files hold (before "auto": timm students)
+
+# %% ../nbs/04_config.ipynb #d92e2c70
+def _as_run(family: str, ckpt, role: str) -> tuple:
+    "(pretrained, checkpoint) that a model's old `checkpoint` value meant (None meant random, except where noted)."
+    # role: "encoder" (a student, a backbone), "teacher", "pipeline" (its student: None meant the published weights)
+    if family in FOLDERS: return True, None  # the folder held the weights; the checkpoint was not read
+    if ckpt == "random": return False, None  # timm's flag for random weights
+    if ckpt is not None: return True, ckpt
+    return family == "timm" or role == "pipeline" or role == "teacher" and family in ("data2vec2", "beitv2"), None
+
+def weights_as_run(cls: type, # the config class of the file
+                   d: dict, # the file's values, old names translated
+                  ) -> dict:
+    "A config file written before `pretrained` existed, with the two weights fields that say what it ran with."
+    default = lambda name: _default(next(f for f in fields(cls) if f.name == name))
+    for model_f, pre_f, ckpt_f, role in cls.weights_fields:
+        if pre_f in d or ckpt_f not in d: continue  # written with `pretrained` (or never naming the weights)
+        model = str(d.get(model_f, default(model_f))) if model_f else "data2vec2"
+        ckpt = d[ckpt_f]
+        if role == "teacher" and model == "beitv2" and ckpt is None:  # timm's supervised weights, as timm names them
+            d[model_f] = "timm:beitv2_base_patch16_224"
+        if role == "encoder" and d.get("students"): d["students"] = _students_as_run(d["students"], model, ckpt)
+        d[pre_f], d[ckpt_f] = _as_run(model.partition(":")[0], ckpt, role)
+    return d
+
+# %% ../nbs/04_config.ipynb #b42f4174
+def _students_as_run(text: str, run_model: str, run_ckpt) -> str:
+    "Each student of an old `students` value with `pretrained` said: what its model and checkpoint meant then."
+    out = []
+    for entry, (name, over) in zip(filter(None, (e.strip() for e in text.split(","))), parse_students(text).items()):
+        family = str(over.get("model", run_model)).partition(":")[0]
+        ckpt = over["checkpoint"] if "checkpoint" in over else (  # then: the run's, or another family's default
+            run_ckpt if family == run_model.partition(":")[0] else {"data2vec2": "data2vec2_base"}.get(family))
+        pretrained, ckpt = _as_run(family, ckpt, "encoder")
+        if over.get("checkpoint") == "random": entry = entry.replace(":checkpoint=random", ":checkpoint=none")
+        out.append(f"{entry}:pretrained={pretrained}")
+    return ",".join(out)
 
 # %% ../nbs/04_config.ipynb #c4a8bf7e
 RUN_ONLY_PARAMS = {"preset"}

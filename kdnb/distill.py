@@ -104,15 +104,15 @@ def teacher_layer_kind(cfg: DistillConfig) -> str:
 def build_teacher(cfg: DistillBase) -> FrozenTeacher:
     "The frozen teacher a config names: `build_model` in the teacher role (a `tiny` one has twice the student's depth)."
     return build_model(model_spec(cfg.teacher, "teacher"), "teacher", cfg.teacher_checkpoint,
-                       cfg.teacher_depth or 2 * cfg.depth,
-                       cfg.img_size, layer_kind=teacher_layer_kind(cfg),
+                       cfg.teacher_depth or 2 * cfg.depth, cfg.img_size, pretrained=cfg.teacher_pretrained,
+                       layer_kind=teacher_layer_kind(cfg),
                        patch_size=cfg.patch_size, embed_dim=cfg.teacher_embed_dim or cfg.embed_dim,
                        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
 
 def build_student(cfg: DistillBase) -> nn.Module:
     "The student a config names: `build_model` in the encoder role (the first `depth` blocks of its checkpoint)."
     return build_model(model_spec(cfg.model, "model", ENCODERS), "encoder", cfg.checkpoint, cfg.depth, cfg.img_size,
-                       cfg.drop_path, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
+                       cfg.drop_path, pretrained=cfg.pretrained, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
                        mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
 
 # %% ../nbs/07_distill.ipynb #e955f8c4

@@ -178,7 +178,8 @@ def build_classifier_teacher(cfg, num_classes: int) -> ClassifierTeacher:
     "The classifier teacher a config names: `timm:<name>`, `run:<finetuning run>`, or `tiny` (random)."
     size = cfg.label_img_size or cfg.img_size
     model = build_model(model_spec(cfg.teacher, "teacher", CLASSIFIERS), "classifier", cfg.teacher_checkpoint,
-                        2 * cfg.depth, size, num_classes=num_classes, patch_size=cfg.patch_size,
+                        2 * cfg.depth, size, num_classes=num_classes, pretrained=cfg.teacher_pretrained,
+                        patch_size=cfg.patch_size,
                         embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
     if isinstance(model, Classifier):  # a kdnb run's (its own input size) or a tiny one
         return ClassifierTeacher(model, cfg.label_img_size or model.backbone.arch.get("img_size", size))

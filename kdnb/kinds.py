@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from fastcore.basics import patch
 from .config import (CPU_RUN, TEST_RUN, BaseConfig, ConfigBase, ConfigError, DATASETS, CLASSIFIERS, ENCODERS,
                          DistillBase, DistillConfig, FinetuneConfig, PretrainConfig, TextDistillConfig, GlueConfig,
-                         Objective, Preset, RunKind, check_choice, check_positive, check_non_negative, model_spec,
+                         Objective, Preset, RunKind, check_choice, check_positive, check_non_negative, check_weights, model_spec,
                          register_objective, register_presets, register_run)
 
 # %% auto #0
@@ -24,8 +24,8 @@ register_presets(
         embed_dim=768, mlp_dim=3072, num_heads=12, patch_size=16, out_dir="runs/distill"),
         "Seed 000, Table 1: distilling BEiTv2 ViT-B/16 into the first 6 blocks of Data2Vec2 (ImageNet-1K)."),
     Preset("distill_cpu", "distill", dict(
-        **CPU_RUN, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny", teacher_checkpoint=None,
-        teacher_layer_kind="block", model="tiny", checkpoint=None, depth=2, embed_dim=64,
+        **CPU_RUN, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny", teacher_pretrained=False,
+        teacher_layer_kind="block", model="tiny", pretrained=False, depth=2, embed_dim=64,
         mlp_dim=256, num_heads=4, out_dir="runs/distill_cpu"),
         "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."),
     Preset("distill_students", "distill", dict(students="half=:depth=6,third=:depth=4,quarter=:depth=3",
@@ -58,7 +58,7 @@ register_presets(
         "Seed 003, Table 1: the thesis notes' ImageNet finetuning (AdamW eps 1e-6, betas (0.9, 0.95), 5k warmup "
         "steps, Mixup alpha 0.7)."),
     Preset("finetune_cpu", "finetune", dict(
-        **CPU_RUN, epochs=10, lr=3e-3, warmup_frac=0.05, model="tiny", checkpoint=None, depth=2, embed_dim=64,
+        **CPU_RUN, epochs=10, lr=3e-3, warmup_frac=0.05, model="tiny", pretrained=False, depth=2, embed_dim=64,
         num_heads=4, crop_pct=1.0, crop_scale=(0.8, 1.0), rand_augment=None, mixup_prob=0.0, reprob=0.0,
         out_dir="runs/finetune_cpu"),
         "A CPU-sized finetuning / linear probe of a tiny student on digits (augmentation softened for 8x8 digits)."),
@@ -84,7 +84,7 @@ _SEED001 = ("Seed 001 (TinyMIM), Table 1: relation distillation of a MIM teacher
 def _tinymim(size: str, D: int, H: int) -> Preset:
     return Preset(f"tinymim_vit_{size}", "distill", dict(
         objective="tinymim", epochs=300, batch_size=4096, lr=2.4e-3, min_lr_ratio=1e-5 / 2.4e-3, adam_eps=1e-8,
-        betas=(0.9, 0.95), weight_decay=0.05, warmup_frac=15 / 300, schedule="cosine", checkpoint=None,
+        betas=(0.9, 0.95), weight_decay=0.05, warmup_frac=15 / 300, schedule="cosine", pretrained=False,
         depth=12, embed_dim=D, mlp_dim=4 * D, num_heads=H, student_color_jitter=0.4, drop_path=0.1,
         out_dir=f"runs/tinymim_vit_{size}"), _SEED001.format(size.upper()))
 
@@ -106,7 +106,7 @@ def _tinymim_ft(size: str, D: int, H: int, lr: float, epochs: int, batch: int, d
         lr=lr, epochs=epochs, warmup_frac=5 / epochs, layer_decay=0.65, batch_size=batch, adam_eps=1e-8,
         betas=(0.9, 0.95), schedule="cosine", drop_path=drop_path, weight_decay=0.05, label_smoothing=0.1,
         grad_clip=None, reprob=0.25, img_size=224, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
-        mixup_prob=1.0, checkpoint=None, depth=12, embed_dim=D, num_heads=H, patch_size=16,
+        mixup_prob=1.0, pretrained=False, depth=12, embed_dim=D, num_heads=H, patch_size=16,
         out_dir=f"runs/tinymim_ft_vit_{size}"), _SEED001_FT.format(size.upper()))
 
 register_presets(_tinymim_ft("t", 192, 3, 5e-3, 200, 2048, 0.1), _tinymim_ft("s", 384, 6, 5e-3, 200, 2048, 0.1),
@@ -141,7 +141,6 @@ class FKDConfig(DistillBase):
     # FKD's soft-label mixes were once called mixup/cutmix/selfmix (not FinetuneConfig's Mixup/CutMix)
     renamed = {**DistillBase.renamed, "mixup": "fkd_mixup", "cutmix": "fkd_cutmix", "selfmix": "fkd_selfmix"}
     teacher: str = "timm:regnety_1280.swag_ft_in1k" # a classifier: "timm:<name>", "run:<finetuning run>" or "tiny"
-    teacher_checkpoint: typing.Optional[str] = None # a local file for a timm teacher; None = timm's weights
     objective: str = "fkd" # "fkd" (the teacher's soft labels) or "ferkd" (least confident crops get the softened GT)
     label_mode: str = "replay" # "replay" (stored soft labels, no teacher in training) or "online" (teacher per step)
     label_store: typing.Optional[str] = None # folder of the soft-label store; None = <out_dir>/soft_labels
@@ -197,7 +196,7 @@ def _ferkd(arch: str, mix: dict, what: str) -> Preset:
     return Preset(f"ferkd_{arch}", "distill", dict(
         objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k", teacher_checkpoint=None, label_img_size=384,
         epochs=300, batch_size=256, replay_crops=4, lr=2e-3, weight_decay=0.05, adam_eps=1e-8, betas=(0.9, 0.999),
-        warmup_frac=5 / 300, schedule="cosine", checkpoint=None, depth=12, embed_dim=384,
+        warmup_frac=5 / 300, schedule="cosine", pretrained=False, depth=12, embed_dim=384,
         mlp_dim=1536, num_heads=6, **mix, out_dir=f"runs/ferkd_{arch}"), _SEED002.format(what))
 
 for _name in ("fkd", "ferkd"):  # a runner of their own: the label store first, then replay
@@ -292,8 +291,11 @@ class SegmentConfig(BaseConfig):
     kind = "segment"
     dataset: str = "ade20k" # "ade20k" (its release layout under data_root) or "digit_scenes" (made in memory)
     model: str = "data2vec2" # backbone architecture: "data2vec2" (ViT-B sizes), "tiny" or "timm:<name>"
-    # backbone weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint, or None (random)
-    checkpoint: typing.Optional[str] = "data2vec2_base"
+    weights_fields = (("model", "pretrained", "checkpoint", "encoder"),)
+    pretrained: bool = True # the backbone starts from trained weights; False = random
+    # which weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint or local timm file; None = the family's
+    # published ones (PUBLISHED)
+    checkpoint: typing.Optional[str] = None
     depth: int = 6 # backbone blocks (when not read from a run folder)
     embed_dim: int = 768 # backbone width (when not read from a run folder)
     num_heads: int = 12 # attention heads (when not read from a run folder)
@@ -316,7 +318,7 @@ class SegmentConfig(BaseConfig):
 @patch
 def validate(self: SegmentConfig):
     super(SegmentConfig, self).validate()
-    model_spec(self.model, "model", ENCODERS)
+    check_weights(model_spec(self.model, "model", ENCODERS), self.pretrained, self.checkpoint)
     if not 0 < self.layer_decay <= 1:
         raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
     if not 0 <= self.drop_path < 1: raise ConfigError(f"drop_path={self.drop_path} must be in [0, 1)")
@@ -341,19 +343,19 @@ def _table3(size: str, D: int, H: int, **values) -> dict:
     return dict(dict(dataset="ade20k", img_size=512, patch_size=16, lr=1e-4, max_steps=160_000, epochs=127,
                      batch_size=16, adam_eps=1e-8, betas=(0.9, 0.999), layer_decay=SEG_LAYER_DECAYS[0],
                      min_lr_ratio=0.0, schedule="linear", warmup_steps=1500, drop_path=0.1, weight_decay=0.05,
-                     checkpoint=None, depth=12, embed_dim=D, num_heads=H, decoder_channels=512 if D >= 768 else 384,
+                     pretrained=False, depth=12, embed_dim=D, num_heads=H, decoder_channels=512 if D >= 768 else 384,
                      out_dir=f"runs/tinymim_seg_vit_{size}"), **values)
 
 register_run(RunKind("segment", SegmentConfig, "kdnb.segment:segment", command="segment",
                      help="semantic segmentation (UperNet) on a (distilled) backbone"),
     Preset("tinymim_seg_vit_s", SegmentConfig, _table3("s", 384, 6), _SEED001_SEG.format("S")),
     Preset("tinymim_seg_vit_b", SegmentConfig, _table3("b", 768, 12), _SEED001_SEG.format("B")),
-    Preset("segment", SegmentConfig, _table3("b", 768, 12, checkpoint="data2vec2_base", depth=6,
+    Preset("segment", SegmentConfig, _table3("b", 768, 12, pretrained=True, depth=6,
                                              out_dir="runs/segment"),
            "Seed 001 (TinyMIM), Table 3's ViT-B values on the seeds' student (the first 6 blocks of Data2Vec2, or a "
            "distilled run folder as checkpoint): ADE20K, UperNet, 512 px, 160k steps."),
     Preset("segment_cpu", SegmentConfig, dict(
-        dataset="digit_scenes", scenes=640, img_size=32, patch_size=4, model="tiny", checkpoint=None, depth=4,
+        dataset="digit_scenes", scenes=640, img_size=32, patch_size=4, model="tiny", pretrained=False, depth=4,
         embed_dim=64, num_heads=4, decoder_channels=32, batch_size=16, epochs=30, lr=2e-3, warmup_frac=0.05,
         schedule="linear", layer_decay=0.9, drop_path=0.0, weight_decay=0.05, scale_range=(0.75, 1.5),
         val_size=0.2, num_workers=0, precision="fp32", log_every=10, out_dir="runs/segment_cpu"),
@@ -365,6 +367,7 @@ register_run(RunKind("segment", SegmentConfig, "kdnb.segment:segment", command="
 @dataclass
 class PipelineArms(ConfigBase):
     "What a pipeline compares: the data, the teacher, the students and the arms (PipelineConfig's first part)."
+    weights_fields = (("student", "student_pretrained", "student_checkpoint", "pipeline"),)
     preset: str = "custom" # the preset these values came from (informational)
     dataset: str = "digits" # one of DATASETS
     data_root: str = "data" # folder of the data set
@@ -382,8 +385,10 @@ class PipelineArms(ConfigBase):
     # "data2vec2": first 6 blocks of Data2Vec2; "timm:<name>": the first blocks (as many as "half" keeps, 6 for
     # beitv2) of a timm ViT, with any teacher
     student: str = "both"
-    # data2vec 2.0 checkpoint for student="data2vec2" (None: official URL); for a timm student: None = timm's
-    # pretrained weights, "random", or a local timm weights file
+    # a data2vec2 or timm student starts from trained weights; False = random (the halves are made here: True)
+    student_pretrained: bool = True
+    # which weights: a data2vec 2.0 checkpoint (student="data2vec2") or a local timm file; None = the published ones
+    # (data2vec2_base, timm's)
     student_checkpoint: typing.Optional[str] = None
     # arm (c): the teacher's first half trained for the distillation's budget with data2vec 2.0's objective instead
     d2v_baseline: bool = False
@@ -451,6 +456,12 @@ def validate(self: PipelineConfig):
     if self.student not in ("half", "other", "both") and ":" not in self.student:
         check_choice("student", self.student, ("half", "other", "both", "data2vec2", "timm:<model name>"))
     timm_student = self.timm_student  # a model name goes through the one parser (a timm name is checked there)
+    if timm_student or self.student == "data2vec2":
+        check_weights(model_spec("data2vec2") if self.student == "data2vec2" else model_spec(self.student, "student"),
+                      self.student_pretrained, self.student_checkpoint, "student_")
+    elif not self.student_pretrained or self.student_checkpoint is not None:
+        raise ConfigError(f"student={self.student!r} is made here, from the teacher's blocks: student_pretrained and "
+                          "student_checkpoint are for a data2vec2 or timm student (random_reference adds a random one)")
     check_choice("teacher_images", self.teacher_images, ("same", "all"))
     check_choice("resume", self.resume, (True, False, "auto"))
     check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))

@@ -565,16 +565,16 @@ def check_timm_name(name: str):
 def offline_hint(name: str, e: Exception, field: str = "teacher_checkpoint") -> RuntimeError:
     "The error for timm weights that cannot be fetched: what failed, and the local-file (or random) way out."
     return RuntimeError(f"could not fetch timm weights for {name} ({type(e).__name__}: {e}). Offline, pass a local "
-                        f"checkpoint instead: {field}=/path/to/weights.pth (or .safetensors), or {field}=random for "
-                        "random weights")
+                        f"checkpoint instead: {field}=/path/to/weights.pth (or .safetensors), or "
+                        f"{field.replace('checkpoint', 'pretrained')}=False for random weights")
 
 def warn_timm_weights(name: str, role: str = "teacher"):
     "Log which weights timm gives for `name`: for BEiT(v2) they are finetuned with ImageNet labels."
     msg = f"{role} {name}: no checkpoint given, so timm's default weights for {name} are used"
     if "beit" in name:
         msg += (". timm's BEiTv2 weights are finetuned on ImageNet labels (supervised), not the self-supervised "
-                "pt1k weights the seeds distil; pass the unilm checkpoint (teacher_checkpoint='beitv2_base_pt1k' "
-                "or a local .pth) for the seeds' teacher")
+                "pt1k weights the seeds distil: teacher='beitv2' loads those (beitv2_base_pt1k; offline, teacher_checkpoint="
+                "/path/to/the unilm .pth)")
     log.warning(msg)
 
 # %% ../nbs/01_models.ipynb #5e1c0a04

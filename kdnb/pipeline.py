@@ -24,11 +24,11 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'ARMS', 'PIPELINE_MAY_CHANGE', 'MODEL_LABELS', 'TEACHER_KINDS', 'PAIRS', 'MODES', 'KEEP', 'SHOWN_DECIMALS',
-           'NOT_COMPARED', 'TIE_RTOL', 'student_seeds', 'stage_precision', 'teacher_stages', 'distill_dir',
+           'NOT_COMPARED', 'TIE_RTOL', 'student_seeds', 'stage_precision', 'teacher_stages', 'weights', 'distill_dir',
            'student_stages', 'evaluated_models', 'stage_configs', 'run_pipeline', 'pipeline', 'encoder_gflop',
            'stage_gflop', 'seed_results', 'results_table', 'paired_table', 'plot_pipeline', 'first_stage',
            'describe_pipeline', 'export_results', 'pipeline_command', 'shown', 'same_number', 'compare_stage',
-           'StopAfter', 'record_reproduction', 'reproduce', 'reproduce_main']
+           'StopAfter', 'record_reproduction', 'compare_folders', 'reproduce', 'reproduce_main']
 
 # %% ../nbs/18_pipeline.ipynb #e64027e6
 def student_seeds(p: PipelineConfig) -> list[int]:
@@ -61,8 +61,10 @@ def _size(p: PipelineConfig) -> dict:
 # %% ../nbs/18_pipeline.ipynb #d863c40c
 def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
     "The teacher's (and donor's) stages, the students {setting suffix: (start weights, depth, model)}, the teacher."
+    # start weights: a checkpoint, None (the model's published weights) or "random" (`weights` makes them fields)
     out, st, students, half = Path(p.out_dir), {}, {}, p.teacher_depth // 2
     timm_student = p.timm_student
+    given = p.student_checkpoint if p.student_pretrained else "random"  # a timm or data2vec2 student's start
     common = _common(p, p.seed)
     if p.teacher == "pretrain":
         def pretraining(name, seed, mlp_ratio, epochs):
@@ -74,27 +76,30 @@ def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
         st["pretrain_teacher"] = pretraining("pretrain_teacher", p.seed, p.teacher_mlp_ratio, p.teacher_epochs)
         t_run = out / "pretrain_teacher"
         if p.student in ("half", "both"): students[""] = (str(t_run), half, "data2vec2")
-        if timm_student: students[""] = (p.student_checkpoint, half, p.student)
+        if timm_student: students[""] = (given, half, p.student)
         if p.student in ("other", "both"):
             st["pretrain_donor"] = pretraining("pretrain_donor", p.seed + 1, p.donor_mlp_ratio,
                                                p.donor_epochs or p.teacher_epochs)
             students["_other"] = (str(out / "pretrain_donor"), half, "data2vec2")
         if p.random_reference:  # the student's architecture from random weights
-            students["_random"] = ("random", half, p.student) if timm_student else (None, half, "data2vec2")
+            students["_random"] = ("random", half, p.student if timm_student else "data2vec2")
         return st, students, (f"run:{t_run}", None, "ffn", str(t_run))
     if p.teacher == "train":
-        st["teacher"] = get_config("finetune_cpu", **common, **_size(p), model="tiny", checkpoint=None,
+        st["teacher"] = get_config("finetune_cpu", **common, **_size(p), model="tiny", pretrained=False,
                                    depth=p.teacher_depth, epochs=p.teacher_epochs, lr=p.teacher_lr,
                                    out_dir=str(out / "teacher"))
-        students[""] = (p.student_checkpoint, half, p.student) if timm_student else (str(out / "teacher"), half,
+        students[""] = (given, half, p.student) if timm_student else (str(out / "teacher"), half,
                                                                                       "data2vec2")
         return st, students, (f"run:{out / 'teacher'}", None, "ffn", str(out / "teacher"))
-    students[""] = (p.student_checkpoint, 6, p.student) if timm_student else (p.student_checkpoint or
-                                                                            "data2vec2_base", 6, "data2vec2")
+    students[""] = (given, 6, p.student)  # "data2vec2" or a timm model
     return st, students, ("beitv2", p.teacher_checkpoint or "beitv2_base_pt1k", "block", None)
 
 # %% ../nbs/18_pipeline.ipynb #fe469935
 ARMS = {"": "main", "_other": "other", "_random": "random"}  # a setting's suffix -> its student's name in one stage
+
+def weights(start) -> dict:
+    "A stage's weights fields from a start: a checkpoint, None (the published weights) or 'random'."
+    return dict(pretrained=False, checkpoint=None) if start == "random" else dict(pretrained=True, checkpoint=start)
 
 def distill_dir(out: Path, p: PipelineConfig, students: dict, sx: str, seed: int) -> Path:
     "Setting `sx`'s distilled student of `seed` under `out`: its folder in the seed's one stage, or its own stage."
@@ -107,20 +112,20 @@ def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int)
     (t_name, t_ckpt, t_kind, t_run), ss, sfx = teacher, _sfx(p, seed), "_cpu" if local else ""
     alone = {sx: get_config("distill" + sfx, **_common(p, seed), **_size(p),
                             **({"mlp_dim": 4 * p.embed_dim} if local else {}),
-                            teacher=t_name, teacher_checkpoint=t_ckpt, teacher_layer_kind=t_kind,
-                            model=s_model, checkpoint=s_ckpt, depth=s_depth,
+                            teacher=t_name, teacher_pretrained=True, teacher_checkpoint=t_ckpt, teacher_layer_kind=t_kind,
+                            model=s_model, **weights(s_ckpt), depth=s_depth,
                             student_layer_kind="ffn" if s_model == "data2vec2" else "block",
                             epochs=p.distill_epochs, **({"lr": p.distill_lr} if local else {}),
                             out_dir=str(out / f"distill{sx}{ss}"))
              for sx, (s_ckpt, s_depth, s_model) in students.items()}
     if p.one_teacher_pass and len(alone) > 1:  # every setting's student from one teacher pass, each as it is alone
         spec = ",".join(f"{ARMS[sx]}={c.model}:checkpoint={c.checkpoint or 'none'}:depth={c.depth}:"
-                        f"student_layer_kind={c.student_layer_kind}" for sx, c in alone.items())
+                        f"student_layer_kind={c.student_layer_kind}:pretrained={c.pretrained}" for sx, c in alone.items())
         st[f"distill{ss}"] = next(iter(alone.values())).replace(students=spec, out_dir=str(out / f"distill{ss}"))
     else: st |= {f"distill{sx}{ss}": c for sx, c in alone.items()}
     if p.d2v_baseline:
         half = p.teacher_depth // 2
-        st[f"d2v{ss}"] = get_config("pretrain_cpu", **_common(p, seed), **_size(p), checkpoint=t_run, depth=half,
+        st[f"d2v{ss}"] = get_config("pretrain_cpu", **_common(p, seed), **_size(p), **weights(t_run), depth=half,
                                     prenet_depth=0, mlp_ratio=p.teacher_mlp_ratio, average_top_k_layers=half,
                                     clone_batch=p.clone_batch, epochs=p.distill_epochs, lr=p.pretrain_lr,
                                     out_dir=str(out / f"d2v{ss}"))
@@ -149,7 +154,7 @@ def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
                                  ("finetune", p.finetune_epochs, p.finetune_lr)):
             for name, (ckpt, depth, model) in evaluated_models(p, students, teacher, seed).items():
                 st[f"{mode}_{name}{_sfx(p, seed)}"] = get_config(
-                    mode + sfx, **_common(p, seed), **_size(p), model=model, checkpoint=ckpt, depth=depth,
+                    mode + sfx, **_common(p, seed), **_size(p), model=model, **weights(ckpt), depth=depth,
                     epochs=epochs, **({"lr": lr, "cache_features": mode == "linear_probe"} if local else {}),
                     out_dir=str(Path(p.out_dir) / f"{mode}_{name}{_sfx(p, seed)}"))
     return st
@@ -515,6 +520,17 @@ def _rerun_plan(src: Path, out: Path, stage: str | None) -> tuple:
     raise FileNotFoundError(f"{src} holds neither pipeline.yaml nor config.yaml: not a results folder")
 
 # %% ../nbs/18_pipeline.ipynb #75374d60
+def compare_folders(src: Path, out: Path, folders: list, whole: bool) -> pd.DataFrame:
+    "Every compared number of the stage `folders` of `src` and `out`, and, for a `whole` rerun, its results.csv."
+    rows = [r for f in folders for r in compare_stage(src / f, out / f, f or src.name)]
+    if whole and (src / "results.csv").exists():
+        old, new = (pd.read_csv(d / "results.csv", index_col=0) for d in (src, out))
+        rows += [dict(stage="results.csv", record=i, value=c, recorded=old.at[i, c], rerun=new.at[i, c],
+                      match=same_number("acc1", old.at[i, c], new.at[i, c]))
+                 for i in old.index for c in old.columns if i in new.index and c in new.columns]
+    return pd.DataFrame(rows, columns=["stage", "record", "value", "recorded", "rerun", "match"])
+
+# %% ../nbs/18_pipeline.ipynb #f26d4b55
 def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's)
               stage: str | None = None, # one stage of a pipeline folder (one whose inputs the folder holds)
               max_minutes: float | None = None, # refuse a rerun that took longer when the folder was made
@@ -547,13 +563,7 @@ def reproduce(results_dir, # a folder under results/ (a pipeline's, or one run's
     stop = [StopAfter(epochs, steps)] if epochs or steps else []
     try: run_pipeline(cfg) if isinstance(cfg, PipelineConfig) else run(cfg, stop)
     except Preempted: pass  # stopped early: its first epochs' or steps' records are compared, not its summary
-    rows = [r for f in folders for r in compare_stage(src / f, out / f, f or src.name)]
-    if stage is None and (src / "results.csv").exists():
-        old, new = (pd.read_csv(d / "results.csv", index_col=0) for d in (src, out))
-        rows += [dict(stage="results.csv", record=i, value=c, recorded=old.at[i, c], rerun=new.at[i, c],
-                      match=same_number("acc1", old.at[i, c], new.at[i, c]))
-                 for i in old.index for c in old.columns if i in new.index and c in new.columns]
-    table = pd.DataFrame(rows, columns=["stage", "record", "value", "recorded", "rerun", "match"])
+    table = compare_folders(src, out, folders, whole=stage is None)
     made_at = next((s["git_commit"] for s in recorded if s.get("git_commit")), None)
     table.attrs.update(made_at=made_at, reproduced_at=code_commit(), folder=str(src), rerun=str(out),
                        what=what + (f", its first {epochs} epochs" if epochs else "")

@@ -213,8 +213,8 @@ def after_update(self: PretrainTask, step: int):
 # %% ../nbs/14_pretrain.ipynb #e1074f39
 def build_pretrainer(cfg: PretrainConfig) -> Data2Vec2Pretrainer:
     "The student encoder (random, or the first `cfg.depth` main blocks of `cfg.checkpoint`), its decoder and its EMA copy."
-    if cfg.checkpoint is not None:
-        enc = load_backbone(cfg.checkpoint, depth=cfg.depth, img_size=cfg.img_size)  # its first `depth` main blocks
+    if cfg.pretrained:  # its first `depth` main blocks
+        enc = load_backbone(cfg.checkpoint or "data2vec2_base", depth=cfg.depth, img_size=cfg.img_size)
     else:
         enc = Data2Vec2Encoder(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
                                prenet_depth=cfg.prenet_depth, norm_eps=cfg.norm_eps)

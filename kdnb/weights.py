@@ -18,9 +18,9 @@ import timm
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ENCODERS', 'weights_metadata', 'save_weights', 'WeightsFile', 'read_weights', 'load_state', 'run_weights',
-           'weights_path', 'timm_from_state', 'student_folder', 'load_backbone', 'backbone_from', 'is_kdnb_weights',
-           'timm_student', 'load_classifier', 'classifier_from', 'folder_encoder', 'build_model']
+__all__ = ['log', 'ENCODERS', 'FAMILY_WEIGHTS', 'weights_metadata', 'save_weights', 'WeightsFile', 'read_weights', 'load_state',
+           'run_weights', 'weights_path', 'timm_from_state', 'student_folder', 'load_backbone', 'backbone_from',
+           'is_kdnb_weights', 'timm_student', 'load_classifier', 'classifier_from', 'folder_encoder', 'build_model']
 
 # %% ../nbs/02_weights.ipynb #5b538fcc
 def weights_metadata(module: nn.Module) -> dict[str, str]:
@@ -164,17 +164,17 @@ def is_kdnb_weights(src) -> bool:
     except (SafetensorError, OSError): return False
 
 def timm_student(name: str, # a timm model name
-                 checkpoint: str | None, # None: timm's weights; "random"; a local timm file; a kdnb run or file
+                 pretrained: bool, # trained weights (timm's, or `checkpoint`'s); False: random
+                 checkpoint: str | None, # None: timm's weights; a local timm file; a kdnb run or file
                  depth: int, img_size: int, **model_kwargs) -> TimmEncoder: # timm arguments (small test models)
     "A config's timm student: timm's pretrained weights, random ones, a local timm file's, or a kdnb run's encoder."
-    if checkpoint in CHECKPOINT_URLS:  # e.g. the seed presets' data2vec2_base, left in place when --model changed
+    if checkpoint in CHECKPOINT_URLS:  # e.g. a data2vec2_base typed for another model
         raise ValueError(f"checkpoint={checkpoint!r} names a kdnb checkpoint of another model, not weights of timm's "
-                         f"{name}: pass checkpoint=None (timm's pretrained weights), random, a local timm file or a "
-                         "kdnb run folder")
-    if checkpoint not in (None, "random") and is_kdnb_weights(checkpoint):
+                         f"{name}: pass checkpoint=None (timm's pretrained weights), a local timm file or a kdnb run "
+                         "folder")
+    if checkpoint is not None and is_kdnb_weights(checkpoint):
         return load_backbone(checkpoint, depth=depth, img_size=img_size)
-    return TimmEncoder(name, depth, img_size, pretrained=checkpoint is None,
-                       checkpoint=None if checkpoint in (None, "random") else checkpoint, **model_kwargs)
+    return TimmEncoder(name, depth, img_size, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs)
 
 # %% ../nbs/02_weights.ipynb #0a747cc0
 def load_classifier(src: str | Path, # finetuning run folder, kdnb .safetensors, or finetuned data2vec 2.0 checkpoint
@@ -224,40 +224,44 @@ def folder_encoder(folder: str | Path, # a timm folder: config.json + model.safe
     return timm_from_state(arch, sd, folder, depth, img_size)
 
 # %% ../nbs/02_weights.ipynb #0009c38a
+FAMILY_WEIGHTS = {"data2vec2": "data2vec2_base", "beitv2": "beitv2_base_pt1k"}  # published weights (timm: timm's own)
+
+# %% ../nbs/02_weights.ipynb #bd39d049
 def build_model(spec, # a kdnb.config.ModelSpec (family, name): config.model_spec parses a config's string
                 role: str = "encoder", # "encoder" (student, backbone), "teacher" (FrozenTeacher), "classifier" (frozen)
-                checkpoint: str | None = None, # where the weights come from (the table above)
+                checkpoint: str | None = None, # which trained weights (the table above); None: the family's
                 depth: int | None = None, # encoder: keep the first `depth` blocks
                 img_size: int = 224, # input resolution (square)
                 drop_path: float = 0.0, # encoder: stochastic depth rising linearly to this
                 layer_kind: str = "auto", # teacher: "block", "ffn", "auto" (ffn for kdnb's post-LN encoders)
                 num_classes: int | None = None, # a tiny classifier's classes
+                pretrained: bool = False, # trained weights (`checkpoint`'s, else the family's); False: random
                 **sizes) -> nn.Module: # a tiny (or random data2vec2) model's Data2Vec2Encoder sizes (patch_size, ...)
     "The model a spec names, in the role asked for: the one place kdnb turns a model's name into a model."
     if role not in ("encoder", "teacher", "classifier"):
         raise ValueError(f"role={role!r}: use 'encoder', 'teacher' or 'classifier'")
     fam, name = spec.family, spec.name
+    if checkpoint is not None and not pretrained:
+        raise ValueError(f"checkpoint={checkpoint!r} with pretrained=False: random weights load no file")
+    src = checkpoint if checkpoint is not None else FAMILY_WEIGHTS.get(fam) if pretrained else None  # None: random
     if role == "teacher":
-        if fam == "beitv2": return beitv2_teacher(checkpoint, pretrained=checkpoint is None, img_size=img_size)
-        if fam == "timm":  # checkpoint None = timm's weights, "random" = none (tests, mechanics)
-            return timm_teacher(name, pretrained=checkpoint is None,
-                                checkpoint=None if checkpoint == "random" else checkpoint, img_size=img_size)
-        model = (load_data2vec2(checkpoint or "data2vec2_base", img_size=img_size) if fam == "data2vec2" else
-                 load_backbone(name) if fam == "run" else folder_encoder(name) if fam == "local-dir" else
+        if fam == "beitv2": return beitv2_teacher(src, img_size=img_size)
+        if fam == "timm": return timm_teacher(name, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size)
+        model = (load_backbone(name) if fam == "run" else folder_encoder(name) if fam == "local-dir" else
+                 load_backbone(src, img_size=img_size) if src is not None else
                  Data2Vec2Encoder(img_size, depth=depth or 12, **sizes))
         return FrozenTeacher(model, kind=layer_kind)
     if role == "classifier":
         if fam == "timm":  # any timm classifier (FKD's RegNetY too), its pretrained_cfg kept for the input it expects
-            return create_timm(name, checkpoint is None, None if checkpoint in (None, "random") else checkpoint,
-                               "teacher_checkpoint", layers=False)
+            return create_timm(name, pretrained and checkpoint is None, checkpoint, "teacher_checkpoint", layers=False)
         if fam == "run": return load_classifier(name)
         if fam == "local-dir": return timm.create_model(f"local-dir:{name}", pretrained=True)
         if fam == "tiny": return Classifier(Data2Vec2Encoder(img_size, depth=depth or 12, **sizes), num_classes)
         raise ValueError(f"{spec} is not a classifier: use 'timm:<classifier>', 'run:<finetuning run>' or 'tiny'")
     if fam not in ("data2vec2", "tiny", "timm", "local-dir"):
         raise ValueError(f"{spec} is a teacher, not an encoder: use 'data2vec2', 'tiny', 'timm:<name>' or 'local-dir:<folder>'")
-    if fam == "timm": encoder = timm_student(name, checkpoint, depth, img_size)
+    if fam == "timm": encoder = timm_student(name, pretrained, checkpoint, depth, img_size)
     elif fam == "local-dir": encoder = folder_encoder(name, depth, img_size)
-    elif checkpoint is not None: encoder = load_backbone(checkpoint, depth=depth, img_size=img_size)
+    elif src is not None: encoder = load_backbone(src, depth=depth, img_size=img_size)
     else: encoder = Data2Vec2Encoder(img_size, depth=depth or 12, **sizes)
     return set_drop_path(encoder, drop_path) if drop_path > 0 else encoder

@@ -203,8 +203,9 @@ def test_cli_ferkd_and_text(tmp_path):
 def test_cli_timm_teacher_into_timm_student_then_finetune(tmp_path, capsys, caplog):
     "Issue 25's done line: a timm ViT-S (patch 16, then DINOv2's patch 14) into a 2-block timm ViT-Ti, then finetuned."
     from kdnb.cli import main  # in this process: the subprocess tests above cover the console entry point
-    common = ["--preset", "distill_cpu", "--teacher_checkpoint", "random", "--model", "timm:vit_tiny_patch16_224",
-              "--checkpoint", "random", "--depth", "2", "--img_size", "32", "--max_steps", "3", "--tensorboard", "false"]
+    # distill_cpu's models start random (pretrained=False, teacher_pretrained=False): so do the timm ones put in their place
+    common = ["--preset", "distill_cpu", "--model", "timm:vit_tiny_patch16_224",
+              "--depth", "2", "--img_size", "32", "--max_steps", "3", "--tensorboard", "false"]
     caplog.set_level(logging.INFO)
     for teacher in ("timm:vit_small_patch16_224", "timm:vit_small_patch14_dinov2"):
         run = tmp_path / teacher.split("_")[-1]
@@ -212,6 +213,10 @@ def test_cli_timm_teacher_into_timm_student_then_finetune(tmp_path, capsys, capl
         s = json.loads((run / "summary.json").read_text())
         assert s["finished"] and s["width_map"] == "192 -> 384", s
     assert "teacher input 28x28 px" in caplog.text  # DINOv2's 14-px patches at the student's 2x2 grid
+    capsys.readouterr()
+    # the value that once meant random weights for a timm model gets one line saying what it is now (issue 36)
+    assert main(["distill", *common, "--checkpoint", "random", "--out_dir", str(tmp_path / "old")]) == 2
+    assert "checkpoint='random': random weights are pretrained=False now" in capsys.readouterr().err
     out = tmp_path / "finetune"
     assert main(["finetune", "--preset", "finetune_cpu", "--checkpoint", str(run), "--img_size", "32",
                  "--max_steps", "3", "--tensorboard", "false", "--out_dir", str(out)]) == 0, capsys.readouterr().err
@@ -241,7 +246,7 @@ def test_every_objective_with_a_timm_student(tmp_path, capsys, objective):
     out = tmp_path / "run"
     extra = (["--preset", "ferkd_cpu", "--teacher", "tiny", "--label_crops", "4", "--replay_crops", "2",
               "--train_subset", "64"] if objective == "ferkd" else ["--preset", "distill_cpu", "--objective", objective])
-    args = ["distill", *extra, "--model", "timm:vit_tiny_patch16_224", "--checkpoint", "random", "--depth", "2",
+    args = ["distill", *extra, "--model", "timm:vit_tiny_patch16_224", "--depth", "2",
             "--img_size", "32", "--max_steps", "3", "--tensorboard", "false", "--out_dir", str(out)]
     assert main(args) == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
@@ -255,7 +260,7 @@ def test_students_from_the_command_line_to_export_and_finetuning(tmp_path):
     """`kdnb distill --students` with a timm student beside a Data2Vec2-style one; each student's folder is then a run
     folder that `kdnb export` and finetuning's --checkpoint take, and the family folder itself is refused in one line."""
     fam = tmp_path / "fam"
-    students = "vt=timm:vit_tiny_patch16_224:checkpoint=random:depth=1,half=:depth=1"
+    students = "vt=timm:vit_tiny_patch16_224:pretrained=false:depth=1,half=:depth=1"
     r = subprocess.run(KDNB + _distill_args(fam, "--max_steps", "3", "--epochs", "1", "--img_size", "32",
                                             "--patch_size", "16", "--students", students), env=ENV, capture_output=True,
                        text=True)
