@@ -30,8 +30,8 @@ __all__ = ['log', 'LAYER_KINDS', 'D2V2_PREFIX', 'D2V2_KEY_MAP', 'D2V2_IGNORED', 
            'd2v2_checkpoint_filter_fn', 'd2v2_arch', 'download_checkpoint', 'load_checkpoint_file',
            'convert_checkpoint', 'encoder_from_state', 'load_data2vec2', 'to_fairseq_state_dict', 'fairseq_cfg',
            'input_renorm', 'renormalised', 'has_cls_token', 'target_tokens', 'FrozenTeacher', 'check_timm_name',
-           'offline_hint', 'warn_timm_weights', 'create_timm', 'beitv2_teacher', 'timm_teacher', 'TimmEncoder',
-           'set_drop_path', 'Classifier', 'data2vec2_for_timm', 'kdnb_data2vec2', 'compile_blocks']
+           'offline_hint', 'warn_timm_weights', 'create_timm', 'beitv2_teacher', 'timm_teacher', 'frozen_timm',
+           'TimmEncoder', 'set_drop_path', 'Classifier', 'data2vec2_for_timm', 'kdnb_data2vec2', 'compile_blocks']
 
 # %% ../nbs/01_models.ipynb #059a1d4f
 def sincos_pos_embed_2d(embed_dim: int, # D, a multiple of 4
@@ -586,6 +586,7 @@ def create_timm(name: str, # a timm model name, checked before anything is downl
                 **kwargs) -> nn.Module: # timm.create_model arguments (img_size, num_classes, embed_dim, ...)
     "A timm model with timm's weights, a local file's, or random ones: the one way kdnb calls timm.create_model."
     check_timm_name(name)
+    if pretrained and checkpoint is None: warn_timm_weights(name, "teacher" if field.startswith("teacher") else "student")
     if checkpoint is not None: kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
     try:
         model = timm.create_model(name, pretrained=pretrained or checkpoint is not None, **kwargs)
@@ -608,7 +609,6 @@ def beitv2_teacher(checkpoint: str | Path | dict | None = None, # unilm checkpoi
     kw = dict(num_classes=0, global_pool="token",
               **(dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False) if shared else {}))
     kw.update(model_kwargs)
-    if pretrained and checkpoint is None: warn_timm_weights(name)
     model = create_timm(name, pretrained and checkpoint is None, None, "teacher_checkpoint", **kw)  # unilm's: below
     if checkpoint is not None:
         sd = load_checkpoint_file(checkpoint)
@@ -629,8 +629,10 @@ def timm_teacher(name: str, # any timm ViT-family model with forward_intermediat
                  checkpoint: str | Path | None = None, # a local weights file, loaded through timm's own filter
                  **model_kwargs) -> FrozenTeacher:
     "Any timm ViT as a frozen teacher."
-    if pretrained and checkpoint is None: warn_timm_weights(name)
-    model = create_timm(name, pretrained, checkpoint, "teacher_checkpoint", num_classes=0, **model_kwargs)
+    return frozen_timm(create_timm(name, pretrained, checkpoint, "teacher_checkpoint", num_classes=0, **model_kwargs))
+
+def frozen_timm(model: nn.Module) -> FrozenTeacher:
+    "A timm ViT (built by `create_timm`) as a frozen teacher of its block outputs, with the normalisation it expects."
     cfg = model.pretrained_cfg
     return FrozenTeacher(model, "block", cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
 
@@ -644,7 +646,6 @@ class TimmEncoder(nn.Module):
                  checkpoint: str | Path | None = None, # a local timm weights file instead
                  **model_kwargs): # timm.create_model arguments (embed_dim, num_heads, ...: small test models)
         super().__init__()
-        if pretrained and checkpoint is None: warn_timm_weights(name, "student")
         model = create_timm(name, pretrained, checkpoint, num_classes=0, img_size=img_size, **model_kwargs)
         n, p = len(model.blocks), model.patch_embed.patch_size[0]
         depth = n if depth is None else depth

@@ -11,7 +11,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, load_file
 from .models import (Data2Vec2Encoder, TimmEncoder, Classifier, FrozenTeacher, encoder_from_state, load_data2vec2,
-                         load_checkpoint_file, d2v2_split_wrapper, CHECKPOINT_URLS, beitv2_teacher, timm_teacher,
+                         load_checkpoint_file, d2v2_split_wrapper, CHECKPOINT_URLS, beitv2_teacher, frozen_timm,
                          create_timm, set_drop_path, TIMM_NAME)
 import timm
 
@@ -246,7 +246,9 @@ def build_model(spec, # a kdnb.config.ModelSpec (family, name): config.model_spe
     src = checkpoint if checkpoint is not None else FAMILY_WEIGHTS.get(fam) if pretrained else None  # None: random
     if role == "teacher":
         if fam == "beitv2": return beitv2_teacher(src, img_size=img_size)
-        if fam == "timm": return timm_teacher(name, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size)
+        if fam == "timm":  # one call down to timm.create_model (as timm_teacher, without its frame)
+            return frozen_timm(create_timm(name, pretrained, checkpoint, "teacher_checkpoint", num_classes=0,
+                                           img_size=img_size))
         model = (load_backbone(name) if fam == "run" else folder_encoder(name) if fam == "local-dir" else
                  load_backbone(src, img_size=img_size) if src is not None else
                  Data2Vec2Encoder(img_size, depth=depth or 12, **sizes))
