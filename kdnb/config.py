@@ -17,10 +17,11 @@ __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED
            'CLASSIFIERS', 'IN_MEMORY', 'GLUE_TASKS', 'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES',
            'STUDENT_KEYS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase', 'rebuild', 'DataSettings', 'OptimSettings',
            'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'ModelSpec',
-           'model_spec', 'check_timm_model', 'check_weights', 'DistillBase', 'DistillConfig', 'FinetuneConfig',
-           'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset', 'register_presets', 'RunKind',
-           'Objective', 'register_run', 'register_objective', 'run_kind', 'resolve', 'check_types', 'get_config',
-           'parse_value', 'parse_students', 'load_config', 'config_class', 'weights_as_run', 'params_from_namespace']
+           'model_spec', 'check_timm_model', 'check_weights', 'DistillBase', 'DistillConfig', 'BackboneSettings',
+           'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset',
+           'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective', 'run_kind', 'resolve',
+           'check_types', 'get_config', 'parse_value', 'parse_students', 'load_config', 'config_class',
+           'weights_as_run', 'params_from_namespace']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -546,10 +547,8 @@ def class_for(cls: DistillBase, d: dict) -> type:
 
 # %% ../nbs/04_config.ipynb #2da98f1f
 @dataclass
-class FinetuneConfig(BaseConfig):
-    "Full finetuning or linear probing of the (distilled) student (seed 000 Table 2, seed 003 Table 1)."
-    mode: str = "finetune" # "finetune" (all layers) or "linear_probe" (frozen backbone, only the head)
-    kind = property(lambda self: self.mode)  # one config class, two run kinds (not a field)
+class BackboneSettings(BaseConfig):
+    "The backbone a finetuning or segmentation run trains: its model, where its weights come from, its size, its decay."
     weights_fields = (("model", "pretrained", "checkpoint", "encoder"),)
     model: str = "data2vec2" # backbone architecture: "data2vec2" (ViT-B sizes), "tiny" or "timm:<name>"
     pretrained: bool = True # the backbone starts from trained weights; False = random (the not-distilled baseline)
@@ -560,9 +559,24 @@ class FinetuneConfig(BaseConfig):
     embed_dim: int = 768 # backbone width (when not read from a run folder)
     num_heads: int = 12 # attention heads (when not read from a run folder)
     patch_size: int = 16 # patch side (when not read from a run folder)
-    num_classes: typing.Optional[int] = None # None: from the data set
     layer_decay: float = 0.81 # lr_l = lr * layer_decay ** (L + 1 - l); 1 = off
     drop_path: float = 0.0 # stochastic depth of the backbone
+
+@patch
+def validate(self: BackboneSettings):
+    super(BackboneSettings, self).validate()
+    check_weights(model_spec(self.model, "model", ENCODERS), self.pretrained, self.checkpoint)
+    if not 0 < self.layer_decay <= 1:
+        raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
+    if not 0 <= self.drop_path < 1: raise ConfigError(f"drop_path={self.drop_path} must be in [0, 1)")
+
+# %% ../nbs/04_config.ipynb #c5d7fc84
+@dataclass
+class FinetuneConfig(BackboneSettings):
+    "Full finetuning or linear probing of the (distilled) student (seed 000 Table 2, seed 003 Table 1)."
+    mode: str = "finetune" # "finetune" (all layers) or "linear_probe" (frozen backbone, only the head)
+    kind = property(lambda self: self.mode)  # one config class, two run kinds (not a field)
+    num_classes: typing.Optional[int] = None # None: from the data set
     mixup: float = 0.8 # Mixup alpha (0 = off)
     cutmix: float = 1.0 # CutMix alpha (0 = off)
     mixup_prob: float = 0.9 # probability of applying Mixup or CutMix to a batch
@@ -584,12 +598,9 @@ class FinetuneConfig(BaseConfig):
 def validate(self: FinetuneConfig):
     super(FinetuneConfig, self).validate()
     check_choice("mode", self.mode, ("finetune", "linear_probe"))
-    check_weights(model_spec(self.model, "model", ENCODERS), self.pretrained, self.checkpoint)
     check_choice("mixup_mode", self.mixup_mode, ("batch", "pair", "elem"))
     check_choice("remode", self.remode, ("pixel", "rand", "const"))
-    if not 0 < self.layer_decay <= 1:
-        raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
-    for n in ("mixup_prob", "mixup_switch_prob", "reprob", "drop_path"):
+    for n in ("mixup_prob", "mixup_switch_prob", "reprob"):
         if not 0 <= getattr(self, n) <= 1: raise ConfigError(f"{n}={getattr(self, n)} is a probability in [0, 1]")
     check_non_negative(self, "mixup", "cutmix", "label_smoothing")
     if self.uses_mixup and self.batch_size % 2:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 from fastcore.basics import patch
-from .config import (CPU_RUN, TEST_RUN, BaseConfig, ConfigBase, ConfigError, DATASETS, CLASSIFIERS, ENCODERS,
+from .config import (CPU_RUN, TEST_RUN, BackboneSettings, BaseConfig, ConfigBase, ConfigError, DATASETS, CLASSIFIERS, ENCODERS,
                          DistillBase, DistillConfig, FinetuneConfig, PretrainConfig, TextDistillConfig, GlueConfig,
                          Objective, Preset, RunKind, check_choice, check_positive, check_non_negative, check_weights, model_spec,
                          register_objective, register_presets, register_run)
@@ -285,21 +285,11 @@ register_run(RunKind("pretrain", PretrainConfig, "kdnb.pretrain:pretrain", comma
 
 # %% ../nbs/04b_kinds.ipynb #153cf1be
 @dataclass
-class SegmentConfig(BaseConfig):
+class SegmentConfig(BackboneSettings):
     "Semantic segmentation: a ViT backbone's features from four blocks, an UperNet head (TinyMIM Table 3, ADE20K)."
     datasets = ("ade20k", "digit_scenes")  # a class attribute, not a field: the allowed `dataset` values
     kind = "segment"
     dataset: str = "ade20k" # "ade20k" (its release layout under data_root) or "digit_scenes" (made in memory)
-    model: str = "data2vec2" # backbone architecture: "data2vec2" (ViT-B sizes), "tiny" or "timm:<name>"
-    weights_fields = (("model", "pretrained", "checkpoint", "encoder"),)
-    pretrained: bool = True # the backbone starts from trained weights; False = random
-    # which weights: kdnb run folder, .safetensors, data2vec 2.0 checkpoint or local timm file; None = the family's
-    # published ones (PUBLISHED)
-    checkpoint: typing.Optional[str] = None
-    depth: int = 6 # backbone blocks (when not read from a run folder)
-    embed_dim: int = 768 # backbone width (when not read from a run folder)
-    num_heads: int = 12 # attention heads (when not read from a run folder)
-    patch_size: int = 16 # patch side (when not read from a run folder)
     num_classes: typing.Optional[int] = None # None: from the data set (ADE20K: 150)
     # the four blocks (0-based, main blocks) whose outputs feed the 1/4, 1/8, 1/16, 1/32 maps; None: evenly spaced
     # ending at the last (12 blocks: 3, 5, 7, 11 as BEiT and MAE; 6 blocks: 1, 2, 4, 5)
@@ -318,10 +308,6 @@ class SegmentConfig(BaseConfig):
 @patch
 def validate(self: SegmentConfig):
     super(SegmentConfig, self).validate()
-    check_weights(model_spec(self.model, "model", ENCODERS), self.pretrained, self.checkpoint)
-    if not 0 < self.layer_decay <= 1:
-        raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns layer decay off")
-    if not 0 <= self.drop_path < 1: raise ConfigError(f"drop_path={self.drop_path} must be in [0, 1)")
     if not 0 < self.scale_range[0] <= self.scale_range[1]:
         raise ConfigError(f"scale_range={self.scale_range} must satisfy 0 < min <= max")
     if not 0 < self.cat_max_ratio <= 1: raise ConfigError(f"cat_max_ratio={self.cat_max_ratio} must be in (0, 1]")

@@ -241,8 +241,7 @@ def build_model(spec, # a kdnb.config.ModelSpec (family, name): config.model_spe
     if role not in ("encoder", "teacher", "classifier"):
         raise ValueError(f"role={role!r}: use 'encoder', 'teacher' or 'classifier'")
     fam, name = spec.family, spec.name
-    if checkpoint is not None and not pretrained:
-        raise ValueError(f"checkpoint={checkpoint!r} with pretrained=False: random weights load no file")
+    if checkpoint is not None and not pretrained: raise ValueError(f"checkpoint={checkpoint!r} with pretrained=False")
     src = checkpoint if checkpoint is not None else FAMILY_WEIGHTS.get(fam) if pretrained else None  # None: random
     if role == "teacher":
         if fam == "beitv2": return beitv2_teacher(src, img_size=img_size)
