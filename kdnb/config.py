@@ -17,10 +17,10 @@ __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED
            'CLASSIFIERS', 'IN_MEMORY', 'GLUE_TASKS', 'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES',
            'STUDENT_KEYS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase', 'rebuild', 'DataSettings', 'OptimSettings',
            'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'ModelSpec',
-           'model_spec', 'check_timm_model', 'check_weights', 'DistillBase', 'DistillConfig', 'BackboneSettings',
-           'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig', 'Preset',
-           'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective', 'run_kind', 'resolve',
-           'check_types', 'get_config', 'parse_value', 'parse_students', 'load_config', 'config_class',
+           'model_spec', 'check_timm_model', 'check_weights', 'weights_source', 'DistillBase', 'DistillConfig',
+           'BackboneSettings', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig',
+           'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective', 'run_kind',
+           'resolve', 'check_types', 'get_config', 'parse_value', 'parse_students', 'load_config', 'config_class',
            'weights_as_run', 'params_from_namespace']
 
 # %% ../nbs/04_config.ipynb #f47c0390
@@ -337,10 +337,9 @@ MODEL_FAMILIES = {
 
 PREFIXED = ("timm", "run", "local-dir")  # the families written "<family>:<name>"
 FOLDERS = ("run", "local-dir")  # families whose name is a folder that holds the weights too
-# the weights `pretrained=True` loads when no checkpoint is given (the tiny family has none: pass a checkpoint)
-PUBLISHED = {"data2vec2": "data2vec2_base (fairseq's ImageNet-1k data2vec 2.0 ViT-B)",
-             "beitv2": "beitv2_base_pt1k (unilm's self-supervised ImageNet-1k BEiTv2 ViT-B, the seeds' teacher)",
-             "timm": "timm's pretrained weights for the name (its default tag, or the tag given)"}
+# the weights `pretrained=True` loads when no checkpoint is given: fairseq's ImageNet-1k data2vec 2.0 ViT-B, unilm's
+# self-supervised ImageNet-1k BEiTv2 ViT-B (the seeds' teacher), timm's own for the name; the tiny family has none
+PUBLISHED = {"data2vec2": "data2vec2_base", "beitv2": "beitv2_base_pt1k", "timm": "timm"}
 
 ENCODERS = ("data2vec2", "tiny", "timm", "local-dir")  # what a student or a backbone (`model`) may be
 
@@ -404,6 +403,14 @@ def check_weights(spec: ModelSpec, # the model the weights are for
     elif pretrained and checkpoint is None and spec.family not in PUBLISHED:
         raise ConfigError(f"{spec} has no published weights: set {p}=False (random) or {c} to a kdnb run folder or "
                           "weights file")
+
+# %% ../nbs/04_config.ipynb #936e37ac
+def weights_source(model: str | None, # the model field's value (None: a data2vec2 encoder, as pretraining's)
+                   pretrained: bool, checkpoint: str | None) -> str | None:
+    "What the weights are read from: the checkpoint, the folder, the family's published name; None for random."
+    if not pretrained: return None
+    family = str(model or "data2vec2").partition(":")[0]
+    return checkpoint if checkpoint is not None else model if family in FOLDERS else PUBLISHED.get(family)
 
 # %% ../nbs/04_config.ipynb #804e8bbb
 @patch(as_prop=True)
@@ -470,8 +477,8 @@ class DistillConfig(DistillBase):
     width_map: typing.Optional[bool] = None
     # several students from one teacher pass: "NAME=MODEL[:key=value...],..." (e.g. "half=data2vec2:depth=6,
     # quarter=:depth=3,vits=timm:vit_small_patch16_224:lr=5e-4"; MODEL empty = the run's `model`). A student sets its
-    # own model, pretrained, checkpoint, depth, embed_dim, mlp_dim, num_heads, drop_path, student_layer_kind, width_map, lr,
-    # weight_decay; the rest is the run's. Each lands in out_dir/students/NAME, a run folder of its own (load_backbone,
+    # own model, pretrained, checkpoint, depth, embed_dim, mlp_dim, num_heads, drop_path, student_layer_kind,
+    # width_map, lr, weight_decay; the rest is the run's. Each lands in out_dir/students/NAME, a run folder of its own (load_backbone,
     # export, finetuning's checkpoint). None = one student (`model`)
     students: typing.Optional[str] = None
 
@@ -891,8 +898,8 @@ def parse_value(name: str, # what the value is for (a flag, a field), named in t
 
 # %% ../nbs/04_config.ipynb #65a05dcf
 # what a student of a several-student run sets for itself; everything else is the run's
-STUDENT_KEYS = ("model", "pretrained", "checkpoint", "depth", "embed_dim", "mlp_dim", "num_heads", "drop_path", "student_layer_kind",
-                "width_map", "lr", "weight_decay")
+STUDENT_KEYS = ("model", "pretrained", "checkpoint", "depth", "embed_dim", "mlp_dim", "num_heads", "drop_path",
+                "student_layer_kind",                 "width_map", "lr", "weight_decay")
 
 def parse_students(value: str | None, # `students`, e.g. "half=data2vec2:depth=6,vits=timm:vit_small_patch16_224"
                   ) -> dict[str, dict]: # {name: {field: value}}, in the order given

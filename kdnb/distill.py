@@ -112,7 +112,8 @@ def build_teacher(cfg: DistillBase) -> FrozenTeacher:
 def build_student(cfg: DistillBase) -> nn.Module:
     "The student a config names: `build_model` in the encoder role (the first `depth` blocks of its checkpoint)."
     return build_model(model_spec(cfg.model, "model", ENCODERS), "encoder", cfg.checkpoint, cfg.depth, cfg.img_size,
-                       cfg.drop_path, pretrained=cfg.pretrained, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
+                       cfg.drop_path, pretrained=cfg.pretrained, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                       num_heads=cfg.num_heads,
                        mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
 
 # %% ../nbs/07_distill.ipynb #e955f8c4

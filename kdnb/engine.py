@@ -18,7 +18,7 @@ from tqdm import tqdm as terminal_bar
 from tqdm.notebook import tqdm as notebook_bar
 from .weights import load_state, save_weights
 from .layer_decay import param_groups
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, weights_source
 from .files import DistInfo, Preempted, disk_error, write_atomic
 from .data import make_loader
 from .models import compile_blocks
@@ -632,6 +632,8 @@ def check_resume_config(saved, cfg, where):
     old, new = saved.to_dict(), cfg.to_dict()
     if hasattr(cfg, "data_dir"):  # the folder read: a run set up before data_dir saved "data/cifar10", not "data"
         old["data_root"], new["data_root"] = saved.data_dir, cfg.data_dir
+    for model_f, pre_f, ckpt_f, _ in type(cfg).weights_fields:  # the weights read: "data2vec2_base", saved by older
+        for d in (old, new): d[ckpt_f] = weights_source(d.get(model_f), d[pre_f], d[ckpt_f])  # code, is None's
     changed = [k for k in new if old.get(k) != new[k] and k not in allowed]
     shrunk = [k for k in ("epochs", "max_steps") if "epochs" not in (cfg.resume_changes or "")
               and old.get(k) is not None and new[k] is not None and new[k] < old[k]]

@@ -80,7 +80,8 @@ def extract_features(model: Classifier, dataset, batch_size: int = 256, device="
 def build_backbone(cfg) -> nn.Module:
     "The backbone of a finetuning (or segmentation) config: `build_model` in the encoder role, with its drop path."
     return build_model(model_spec(cfg.model, "model", ENCODERS), "encoder", cfg.checkpoint, cfg.depth, cfg.img_size,
-                       cfg.drop_path, pretrained=cfg.pretrained, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads)
+                       cfg.drop_path, pretrained=cfg.pretrained, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                       num_heads=cfg.num_heads)
 
 def build_classifier(cfg: FinetuneConfig, num_classes: int) -> Classifier:
     "The config's backbone (from its checkpoint, or random) with a fresh head."

@@ -7,9 +7,11 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 from fastcore.basics import patch
-from .config import (CPU_RUN, TEST_RUN, BackboneSettings, BaseConfig, ConfigBase, ConfigError, DATASETS, CLASSIFIERS, ENCODERS,
+from .config import (CPU_RUN, TEST_RUN, BackboneSettings, BaseConfig, ConfigBase, ConfigError, DATASETS,
+                         CLASSIFIERS, ENCODERS,
                          DistillBase, DistillConfig, FinetuneConfig, PretrainConfig, TextDistillConfig, GlueConfig,
-                         Objective, Preset, RunKind, check_choice, check_positive, check_non_negative, check_weights, model_spec,
+                         Objective, Preset, RunKind, check_choice, check_positive, check_non_negative, check_weights,
+                         model_spec,
                          register_objective, register_presets, register_run)
 
 # %% auto #0

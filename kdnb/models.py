@@ -573,8 +573,8 @@ def warn_timm_weights(name: str, role: str = "teacher"):
     msg = f"{role} {name}: no checkpoint given, so timm's default weights for {name} are used"
     if "beit" in name:
         msg += (". timm's BEiTv2 weights are finetuned on ImageNet labels (supervised), not the self-supervised "
-                "pt1k weights the seeds distil: teacher='beitv2' loads those (beitv2_base_pt1k; offline, teacher_checkpoint="
-                "/path/to/the unilm .pth)")
+                "pt1k weights the seeds distil: teacher='beitv2' loads those (beitv2_base_pt1k; offline, "
+                "teacher_checkpoint=/path/to/the unilm .pth)")
     log.warning(msg)
 
 # %% ../nbs/01_models.ipynb #5e1c0a04
@@ -586,7 +586,8 @@ def create_timm(name: str, # a timm model name, checked before anything is downl
                 **kwargs) -> nn.Module: # timm.create_model arguments (img_size, num_classes, embed_dim, ...)
     "A timm model with timm's weights, a local file's, or random ones: the one way kdnb calls timm.create_model."
     check_timm_name(name)
-    if pretrained and checkpoint is None: warn_timm_weights(name, "teacher" if field.startswith("teacher") else "student")
+    if pretrained and checkpoint is None:
+        warn_timm_weights(name, "teacher" if field.startswith("teacher") else "student")
     if checkpoint is not None: kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
     try:
         model = timm.create_model(name, pretrained=pretrained or checkpoint is not None, **kwargs)

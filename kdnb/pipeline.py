@@ -112,7 +112,8 @@ def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int)
     (t_name, t_ckpt, t_kind, t_run), ss, sfx = teacher, _sfx(p, seed), "_cpu" if local else ""
     alone = {sx: get_config("distill" + sfx, **_common(p, seed), **_size(p),
                             **({"mlp_dim": 4 * p.embed_dim} if local else {}),
-                            teacher=t_name, teacher_pretrained=True, teacher_checkpoint=t_ckpt, teacher_layer_kind=t_kind,
+                            teacher=t_name, teacher_pretrained=True, teacher_checkpoint=t_ckpt,
+                            teacher_layer_kind=t_kind,
                             model=s_model, **weights(s_ckpt), depth=s_depth,
                             student_layer_kind="ffn" if s_model == "data2vec2" else "block",
                             epochs=p.distill_epochs, **({"lr": p.distill_lr} if local else {}),
@@ -120,7 +121,8 @@ def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int)
              for sx, (s_ckpt, s_depth, s_model) in students.items()}
     if p.one_teacher_pass and len(alone) > 1:  # every setting's student from one teacher pass, each as it is alone
         spec = ",".join(f"{ARMS[sx]}={c.model}:checkpoint={c.checkpoint or 'none'}:depth={c.depth}:"
-                        f"student_layer_kind={c.student_layer_kind}:pretrained={c.pretrained}" for sx, c in alone.items())
+                        f"student_layer_kind={c.student_layer_kind}:pretrained={c.pretrained}"
+                        for sx, c in alone.items())
         st[f"distill{ss}"] = next(iter(alone.values())).replace(students=spec, out_dir=str(out / f"distill{ss}"))
     else: st |= {f"distill{sx}{ss}": c for sx, c in alone.items()}
     if p.d2v_baseline:
@@ -583,7 +585,8 @@ def reproduce_main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None,
                     help="stop the rerun after this many epochs and compare their records (one run, or --stage)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="stop the rerun after this many optimiser steps and compare their records (one run, or --stage)")
+                    help="stop the rerun after this many optimiser steps and compare their records (one run, or "
+                    "--stage)")
     ap.add_argument("--record", action="store_true",
                     help="append the outcome to RESULTS_DIR/reproduced.json (the results page shows it)")
     a = ap.parse_args(argv)

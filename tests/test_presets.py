@@ -37,11 +37,11 @@ def shrink(name, out):
         return cfg.replace(**SMALL, mlp_dim=64, depth=1, teacher="tiny", teacher_pretrained=False,
                            teacher_checkpoint=None, pretrained=False, checkpoint=None, out_dir=str(out), **fkd)
     if isinstance(cfg, PretrainConfig):  # a 2-block encoder and a small decoder; masking, EMA and loss as preset
-        return cfg.replace(**SMALL, pretrained=False, checkpoint=None, depth=2, prenet_depth=0, average_top_k_layers=2, clone_batch=2,
-                           decoder_dim=16, decoder_groups=4, decoder_layers=2, out_dir=str(out))
+        return cfg.replace(**SMALL, pretrained=False, checkpoint=None, depth=2, prenet_depth=0, average_top_k_layers=2,
+                           clone_batch=2, decoder_dim=16, decoder_groups=4, decoder_layers=2, out_dir=str(out))
     if isinstance(cfg, SegmentConfig):  # four blocks (one per UperNet scale) on a few in-memory digit scenes
-        return cfg.replace(**{**SMALL, "dataset": "digit_scenes"}, scenes=80, model="tiny", pretrained=False, checkpoint=None, depth=4,
-                           decoder_channels=16, out_dir=str(out))
+        return cfg.replace(**{**SMALL, "dataset": "digit_scenes"}, scenes=80, model="tiny", pretrained=False,
+                           checkpoint=None, depth=4, decoder_channels=16, out_dir=str(out))
     return cfg.replace(**SMALL, model="tiny", pretrained=False, checkpoint=None, depth=1, out_dir=str(out))
 
 
