@@ -26,12 +26,13 @@ from .models import compile_blocks
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'RECOMPILE_LIMIT', 'RESUME_MAY_CHANGE', 'PREEMPT_SIGNALS', 'resolve_device',
-           'autocast_dtype', 'precision_name', 'setup_distributed', 'attempt_store', 'lr_factor', 'warmup_steps_of',
-           'Task', 'Callback', 'NonFiniteLoss', 'compile_task', 'FolderBusy', 'FolderLock', 'Trainer', 'progress_mode',
-           'Progress', 'dumps', 'open_sinks', 'MetricsLogger', 'check_resume_config', 'non_finite_state',
-           'Checkpointer', 'Preemption', 'append_line', 'ModelEma', 'git_commit', 'machine_facts', 'code_commit',
-           'Summary', 'default_callbacks', 'read_records', 'read_run_summary', 'ensure_writable', 'fit_task']
+__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'RECOMPILE_LIMIT', 'RESUME_MAY_CHANGE', 'PREEMPT_SIGNALS', 'RECORDS',
+           'resolve_device', 'autocast_dtype', 'precision_name', 'setup_distributed', 'attempt_store', 'lr_factor',
+           'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'compile_task', 'FolderBusy', 'FolderLock',
+           'Trainer', 'progress_mode', 'Progress', 'dumps', 'open_sinks', 'MetricsLogger', 'check_resume_config',
+           'non_finite_state', 'Checkpointer', 'Preemption', 'append_line', 'ModelEma', 'git_commit', 'machine_facts',
+           'code_commit', 'Summary', 'default_callbacks', 'read_records', 'read_run_summary', 'ensure_writable',
+           'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -875,15 +876,18 @@ class ModelEma(Callback):
         self._bind(t)
 
 # %% ../nbs/06_engine.ipynb #ffeb4790
+RECORDS = ("results/",)  # tracked files that record what runs made: a change there is not a change of the code
+
 def git_commit(path=None) -> str | None:
-    "The current git commit (with '-dirty' when tracked files have changes), or None outside a repository."
+    "The current git commit (with '-dirty' when tracked files other than `RECORDS` have changes), or None outside git."
     here = Path(globals()["__file__"]).parent if "__file__" in globals() else Path.cwd()
     cwd = Path(path or here)
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = [l for l in subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                           capture_output=True, text=True).stdout.splitlines()
+                 if not l[3:].startswith(RECORDS)]  # porcelain paths are the repository's, whatever cwd is
         return sha + ("-dirty" if dirty else "")
     except OSError: return _head_without_git(cwd)  # no git program (e.g. a bare GPU machine): read .git itself
     except subprocess.CalledProcessError: return None
