@@ -892,6 +892,7 @@ def git_commit(path=None) -> str | None:
     except OSError: return _head_without_git(cwd)  # no git program (e.g. a bare GPU machine): read .git itself
     except subprocess.CalledProcessError: return None
 
+# %% ../nbs/06_engine.ipynb #c7d70199
 def _head_without_git(cwd: Path) -> str | None:
     "HEAD's commit read from the .git folder, marked '-unverified': without git, changed files cannot be seen."
     root = next((p for p in (cwd, *cwd.parents) if (p / ".git" / "HEAD").is_file()), None)
