@@ -41,14 +41,19 @@ def dims() -> dict:
 # ----------------------------------------------------------------------------- models and steps
 def make_models(img: int, depth_t: int = 12, depth_s: int = 6, width: int = 768, heads: int = 12, patch: int = 16):
     "A BEiTv2-shaped timm teacher (shared relative position bias, layer scale) and a Data2Vec2 student."
-    import timm
     from kdnb.models import Data2Vec2Encoder, FrozenTeacher
-    torch.manual_seed(0)
-    beit = timm.create_model("beitv2_base_patch16_224", num_classes=0, global_pool="token", img_size=img, patch_size=patch,
-                             embed_dim=width, depth=depth_t, num_heads=heads, use_shared_rel_pos_bias=True,
-                             use_rel_pos_bias=False)
+    beit = beit_model(img, depth_t, width, heads, patch)
     student = Data2Vec2Encoder(img, patch, width, depth_s, heads)
-    return FrozenTeacher(beit), student
+    return FrozenTeacher(beit), student  # kdnb's wrapper gives the shared bias the rank fused attention takes
+
+
+def beit_model(img: int, depth: int = 12, width: int = 768, heads: int = 12, patch: int = 16):
+    "timm's BEiTv2 ViT-B/16 as unilm pretrained it (one relative position bias shared by the blocks), seed 0."
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model("beitv2_base_patch16_224", num_classes=0, global_pool="token", img_size=img,
+                             patch_size=patch, embed_dim=width, depth=depth, num_heads=heads,
+                             use_shared_rel_pos_bias=True, use_rel_pos_bias=False)
 
 
 def plain_target(layers, eps=1e-5):
@@ -68,11 +73,11 @@ def set_fused(teacher, student, on: bool):
 def timm_pair(img: int, depth_t: int = 12, depth_s: int = 6, width: int = 768, heads: int = 12, patch: int = 16):
     "The peer's models: the same timm BEiTv2 teacher (same seed) and a timm ViT student of the same width and depth."
     import timm
-    teacher, _ = make_models(img, depth_t, 1, width, heads, patch)
+    teacher = beit_model(img, depth_t, width, heads, patch)  # timm's as shipped: its rank-3 bias takes the math path
     torch.manual_seed(1)
     student = timm.create_model("vit_base_patch16_224", num_classes=0, img_size=img, patch_size=patch,
                                 embed_dim=width, depth=depth_s, num_heads=heads)
-    return teacher.model.eval().requires_grad_(False), student
+    return teacher.eval().requires_grad_(False), student
 
 
 def make_step(kind: str, teacher, student, opt, device):
@@ -157,8 +162,8 @@ def one_config(kind, img, batch, depth_t, depth_s, width, heads, patch, steps, d
     else:
         teacher, student = make_models(img, depth_t, depth_s, width, heads, patch)
         teacher.to(device); student.to(device)
-        if kind == "ours_step": fused = {"fused": True}  # as the Trainer's with compile="step", on any device
-        opt = torch.optim.AdamW(student.parameters(), lr=1e-4, **fused)  # fused on CUDA, as the Trainer's
+        if kind in ("ours_bf16", "ours_compile", "ours_step"): fused = {"fused": True}  # as the Trainer's in bf16
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4, **fused)  # or with compile="step", on any device
     step = make_step(kind, teacher, student, opt, device)
     x = torch.randn(batch, 3, img, img, device=device)
     step(x)  # warm-up (allocations, kernels)

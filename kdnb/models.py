@@ -29,9 +29,10 @@ __all__ = ['log', 'LAYER_KINDS', 'D2V2_PREFIX', 'D2V2_KEY_MAP', 'D2V2_IGNORED', 
            'Attention', 'PostLNBlock', 'Data2Vec2Encoder', 'tiny_data2vec2', 'd2v2_split_wrapper',
            'd2v2_checkpoint_filter_fn', 'd2v2_arch', 'download_checkpoint', 'load_checkpoint_file',
            'convert_checkpoint', 'encoder_from_state', 'load_data2vec2', 'to_fairseq_state_dict', 'fairseq_cfg',
-           'input_renorm', 'renormalised', 'has_cls_token', 'target_tokens', 'FrozenTeacher', 'check_timm_name',
-           'offline_hint', 'warn_timm_weights', 'create_timm', 'beitv2_teacher', 'timm_teacher', 'frozen_timm',
-           'TimmEncoder', 'set_drop_path', 'Classifier', 'data2vec2_for_timm', 'kdnb_data2vec2', 'compile_blocks']
+           'input_renorm', 'renormalised', 'has_cls_token', 'target_tokens', 'batched_rel_pos_bias', 'FrozenTeacher',
+           'check_timm_name', 'offline_hint', 'warn_timm_weights', 'create_timm', 'beitv2_teacher', 'timm_teacher',
+           'frozen_timm', 'TimmEncoder', 'set_drop_path', 'Classifier', 'data2vec2_for_timm', 'kdnb_data2vec2',
+           'compile_blocks']
 
 # %% ../nbs/01_models.ipynb #059a1d4f
 def sincos_pos_embed_2d(embed_dim: int, # D, a multiple of 4
@@ -485,6 +486,17 @@ def target_tokens(feat, # one layer of forward_intermediates(return_prefix_token
     spatial, prefix = feat  # [B, N, D], [B, P, D] with CLS first (timm's order: CLS, then registers or dist)
     return torch.cat([prefix[:, :1], spatial], dim=1) if has_cls else spatial
 
+# %% ../nbs/01_models.ipynb #caf78516
+def _with_batch_dim(module, args, out): return out.unsqueeze(0) if out.ndim == 3 else out
+
+def batched_rel_pos_bias(model: nn.Module) -> nn.Module:
+    "Make a shared relative position bias (timm `Beit.rel_pos_bias`) a [1, H, T, T] mask: fused attention, not math."
+    rpb = getattr(model, "rel_pos_bias", None)
+    if isinstance(rpb, nn.Module) and not getattr(rpb, "batched", False):
+        rpb.register_forward_hook(_with_batch_dim)
+        rpb.batched = True  # once, however many wrappers see the model
+    return model
+
 # %% ../nbs/01_models.ipynb #718007ab
 class FrozenTeacher(nn.Module):
     "A frozen, always-eval teacher that returns its per-layer activations."
@@ -501,7 +513,7 @@ class FrozenTeacher(nn.Module):
         if kind == "ffn" and not gives_ffn:
             raise ValueError(f"kind='ffn' needs a model whose forward_intermediates gives FFN outputs "
                              f"(Data2Vec2Encoder); {type(model).__name__} gives block outputs only: use kind='block'")
-        self.model, self.kind = model.eval().requires_grad_(False), kind
+        self.model, self.kind = batched_rel_pos_bias(model).eval().requires_grad_(False), kind
         self.renormalise = input_renorm(self, mean, std, data_mean, data_std)
         self.has_cls, self.input_size = has_cls_token(model), None  # input_size: set by match_grid
 
@@ -655,7 +667,7 @@ class TimmEncoder(nn.Module):
             raise ValueError(f"img_size={img_size} is not a multiple of {name}'s patch size {p}: use "
                              f"{max(p, img_size // p * p)} or {(img_size // p + 1) * p}")
         model.prune_intermediate_layers(list(range(depth)), prune_norm=True, prune_head=True)
-        self.model, self.name = model, name
+        self.model, self.name = batched_rel_pos_bias(model), name
         self.arch = dict(name=name, depth=depth, img_size=img_size, **model_kwargs)  # to rebuild it
         cfg = model.pretrained_cfg
         self.renormalise = input_renorm(self, cfg.get("mean", IMAGENET_DEFAULT_MEAN),
