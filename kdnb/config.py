@@ -5,7 +5,7 @@
 # %% ../nbs/04_config.ipynb #985d76e1
 from __future__ import annotations
 from fastcore.basics import patch
-import dataclasses, difflib, functools, importlib, json, math, re, sys, typing
+import dataclasses, difflib, functools, importlib, json, math, re, sys, time, typing
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 from fastcore.docments import docments
@@ -16,12 +16,12 @@ from .files import write_atomic
 __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED', 'FOLDERS', 'PUBLISHED', 'ENCODERS',
            'CLASSIFIERS', 'IN_MEMORY', 'GLUE_TASKS', 'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES',
            'STUDENT_KEYS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase', 'rebuild', 'DataSettings', 'OptimSettings',
-           'BaseConfig', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative', 'ModelSpec',
-           'model_spec', 'check_timm_model', 'check_weights', 'weights_source', 'DistillBase', 'DistillConfig',
-           'BackboneSettings', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig', 'PretrainConfig',
-           'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective', 'run_kind',
-           'resolve', 'check_types', 'get_config', 'parse_value', 'parse_students', 'load_config', 'config_class',
-           'weights_as_run', 'params_from_namespace']
+           'BaseConfig', 'check_out_dir', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative',
+           'ModelSpec', 'model_spec', 'check_timm_model', 'check_weights', 'weights_source', 'DistillBase',
+           'DistillConfig', 'BackboneSettings', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig',
+           'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective',
+           'run_kind', 'resolve', 'check_types', 'get_config', 'parse_value', 'parse_students', 'load_config',
+           'config_class', 'weights_as_run', 'params_from_namespace']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -230,7 +230,9 @@ class BaseConfig(OptimSettings):
     # distillation/pretraining crops: "loader" (workers resize, flip, normalise), "device" (workers decode and cut the
     # box; the training device resizes), "auto" (device on CUDA)
     augment_on: str = "auto"
-    out_dir: str = "runs/run" # run folder: config, metrics, summary, checkpoints
+    # run folder: config, metrics, summary, checkpoints; None: a fresh runs/<preset>-<dataset>-<YYYYmmdd-HHMMSS>,
+    # named when the run starts (`started`)
+    out_dir: typing.Optional[str] = None
     # True: continue out_dir's run from its last checkpoint (the saved config must match, see resume_changes);
     # "auto": continue when out_dir holds a checkpoint, start when it holds none (one command line for every start
     # of `torchrun --max-restarts`); False: a new run
@@ -245,6 +247,18 @@ class BaseConfig(OptimSettings):
     tensorboard: bool = True # write TensorBoard events to out_dir/tb
     wandb: bool = False # log to Weights & Biases (when installed)
 
+# %% ../nbs/04_config.ipynb #cba9d9e8
+def check_out_dir(cfg):
+    "resume=True or 'auto' continues the run in out_dir, so it needs one: a fresh folder would always start over."
+    if cfg.resume and cfg.out_dir is None:
+        raise ConfigError(f"resume={cfg.resume!r} needs out_dir: the folder of the run to continue")
+
+@patch
+def started(self: ConfigBase, folder: str | None = None) -> ConfigBase:
+    "The config of a run starting now: out_dir=None becomes `folder`, or a fresh runs/<preset>-<dataset>-<time>."
+    if self.out_dir is not None: return self
+    return self.replace(out_dir=folder or f"runs/{self.preset}-{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
 # %% ../nbs/04_config.ipynb #277a72b5
 @patch
 def validate(self: BaseConfig):
@@ -256,6 +270,7 @@ def validate(self: BaseConfig):
     check_choice("augment_on", self.augment_on, ("auto", "loader", "device"))
     if isinstance(self.resume, str) and self.resume != "auto":
         raise ConfigError(f"resume={self.resume!r}: use True, False or 'auto'")
+    check_out_dir(self)
     if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
         raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     check_positive(self, "lr", "epochs", "batch_size", "img_size", "log_every", "eval_every")
@@ -276,6 +291,7 @@ def validate(self: BaseConfig):
     if self.val_size <= 0:
         raise ConfigError(f"val_size={self.val_size} must be a fraction in (0, 1) or a count > 1")
 
+# %% ../nbs/04_config.ipynb #f50b597f
 def _subclasses(c: type) -> list:
     "`c` and every class derived from it, depth first."
     return [c] + [s for sub in c.__subclasses__() for s in _subclasses(sub)]
@@ -944,7 +960,8 @@ def student_configs(self: DistillConfig) -> dict:
         if "checkpoint" not in over and family != run_family: over = {**over, "checkpoint": None}  # its family's
         if "embed_dim" in over and "mlp_dim" not in over:  # a narrower student keeps the run's FFN ratio (as does a
             over = {**over, "mlp_dim": round(over["embed_dim"] * self.mlp_dim / self.embed_dim)}  # tiny teacher)
-        try: out[name] = self.replace(students=None, out_dir=str(Path(self.out_dir) / "students" / name), **pin, **over)
+        try: out[name] = self.replace(students=None, out_dir=self.out_dir and str(Path(self.out_dir) / "students" / name),
+                                       **pin, **over)
         except ConfigError as e: raise ConfigError(f"students: {name}: {e}") from None
     return out
 

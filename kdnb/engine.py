@@ -206,6 +206,8 @@ class Trainer:
         self.dist = DistInfo()
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        if (out_dir or cfg.out_dir) is None:
+            raise ValueError("the run has no folder (out_dir=None): start it with kdnb.runs.run, or pass cfg.started()")
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.task.to(self.device)
         # fp32 matmuls on CUDA use TF32 tensor cores (10-bit mantissa, as timm's and PyTorch's examples set): several

@@ -10,7 +10,8 @@ from fastcore.basics import patch
 from .config import (CPU_RUN, TEST_RUN, BackboneSettings, BaseConfig, ConfigBase, ConfigError, DATASETS,
                          CLASSIFIERS, ENCODERS,
                          DistillBase, DistillConfig, FinetuneConfig, PretrainConfig, TextDistillConfig, GlueConfig,
-                         Objective, Preset, RunKind, check_choice, check_positive, check_non_negative, check_weights,
+                         Objective, Preset, RunKind, check_choice, check_out_dir, check_positive, check_non_negative,
+                         check_weights,
                          model_spec,
                          register_objective, register_presets, register_run)
 
@@ -23,19 +24,17 @@ register_presets(
     Preset("distill", DistillConfig, dict(
         dataset="imagenet", img_size=224, epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6,
         betas=(0.9, 0.98), schedule="cosine", warmup_frac=0.1, hflip=0.5, crop_scale=(0.08, 1.0), depth=6,
-        embed_dim=768, mlp_dim=3072, num_heads=12, patch_size=16, out_dir="runs/distill"),
+        embed_dim=768, mlp_dim=3072, num_heads=12, patch_size=16),
         "Seed 000, Table 1: distilling BEiTv2 ViT-B/16 into the first 6 blocks of Data2Vec2 (ImageNet-1K)."),
     Preset("distill_cpu", "distill", dict(
         **CPU_RUN, epochs=5, lr=1e-3, crop_scale=(0.25, 1.0), teacher="tiny", teacher_pretrained=False,
         teacher_layer_kind="block", model="tiny", pretrained=False, depth=2, embed_dim=64,
-        mlp_dim=256, num_heads=4, out_dir="runs/distill_cpu"),
+        mlp_dim=256, num_heads=4),
         "A CPU-sized distillation: a tiny teacher and a half-depth tiny student on digits, about a second per epoch."),
-    Preset("distill_students", "distill", dict(students="half=:depth=6,third=:depth=4,quarter=:depth=3",
-                                               out_dir="runs/distill_students"),
+    Preset("distill_students", "distill", dict(students="half=:depth=6,third=:depth=4,quarter=:depth=3"),
         "Seed 000's student (the first 6 Data2Vec2 blocks) beside two smaller cuts (4 and 3 blocks), from one BEiTv2 "
         "pass per batch."),
-    Preset("distill_students_cpu", "distill_cpu", dict(students="half=:depth=2,quarter=:depth=1",
-                                                       out_dir="runs/distill_students_cpu"),
+    Preset("distill_students_cpu", "distill_cpu", dict(students="half=:depth=2,quarter=:depth=1"),
         "The CPU size of distill_students: a tiny teacher and two cuts of a tiny student, one teacher pass."))
 
 # %% ../nbs/04b_kinds.ipynb #e883661c
@@ -49,22 +48,21 @@ register_presets(
         mode="finetune", dataset="imagenet", img_size=224, epochs=15, batch_size=256, lr=1e-3, weight_decay=0.01,
         adam_eps=1e-8, betas=(0.9, 0.999), layer_decay=0.81, schedule="cosine", warmup_frac=0.1, mixup=0.8,
         cutmix=1.0, mixup_prob=0.9, mixup_switch_prob=0.5, label_smoothing=0.1,
-        rand_augment="rand-m9-mstd0.5-inc1-n2", reprob=0.25, remode="pixel", recount=1, out_dir="runs/finetune"),
+        rand_augment="rand-m9-mstd0.5-inc1-n2", reprob=0.25, remode="pixel", recount=1),
         "Seed 000, Table 2: finetuning / linear probing of the distilled student on ImageNet-1K, CIFAR-10, CIFAR-100."),
-    Preset("linear_probe", "finetune", dict(mode="linear_probe", out_dir="runs/linear_probe"),
+    Preset("linear_probe", "finetune", dict(mode="linear_probe"),
         "Seed 000, Table 2: linear probing (frozen backbone, only the head trains) with the finetuning table's "
         "values."),
     Preset("finetune_seed003", "finetune", dict(
         adam_eps=1e-6, betas=(0.9, 0.95), warmup_steps=5000, mixup=0.7, cutmix=1.0, mixup_prob=0.9,
-        mixup_switch_prob=0.5, mixup_mode="batch", label_smoothing=0.1, out_dir="runs/finetune_seed003"),
+        mixup_switch_prob=0.5, mixup_mode="batch", label_smoothing=0.1),
         "Seed 003, Table 1: the thesis notes' ImageNet finetuning (AdamW eps 1e-6, betas (0.9, 0.95), 5k warmup "
         "steps, Mixup alpha 0.7)."),
     Preset("finetune_cpu", "finetune", dict(
         **CPU_RUN, epochs=10, lr=3e-3, warmup_frac=0.05, model="tiny", pretrained=False, depth=2, embed_dim=64,
-        num_heads=4, crop_pct=1.0, crop_scale=(0.8, 1.0), rand_augment=None, mixup_prob=0.0, reprob=0.0,
-        out_dir="runs/finetune_cpu"),
+        num_heads=4, crop_pct=1.0, crop_scale=(0.8, 1.0), rand_augment=None, mixup_prob=0.0, reprob=0.0),
         "A CPU-sized finetuning / linear probe of a tiny student on digits (augmentation softened for 8x8 digits)."),
-    Preset("linear_probe_cpu", "finetune_cpu", dict(mode="linear_probe", out_dir="runs/linear_probe_cpu"),
+    Preset("linear_probe_cpu", "finetune_cpu", dict(mode="linear_probe"),
         "The CPU-sized linear probe of a tiny student on digits."))
 
 # %% ../nbs/04b_kinds.ipynb #030ea7d3
@@ -87,8 +85,7 @@ def _tinymim(size: str, D: int, H: int) -> Preset:
     return Preset(f"tinymim_vit_{size}", "distill", dict(
         objective="tinymim", epochs=300, batch_size=4096, lr=2.4e-3, min_lr_ratio=1e-5 / 2.4e-3, adam_eps=1e-8,
         betas=(0.9, 0.95), weight_decay=0.05, warmup_frac=15 / 300, schedule="cosine", pretrained=False,
-        depth=12, embed_dim=D, mlp_dim=4 * D, num_heads=H, student_color_jitter=0.4, drop_path=0.1,
-        out_dir=f"runs/tinymim_vit_{size}"), _SEED001.format(size.upper()))
+        depth=12, embed_dim=D, mlp_dim=4 * D, num_heads=H, student_color_jitter=0.4, drop_path=0.1), _SEED001.format(size.upper()))
 
 register_presets(_tinymim("t", 192, 3), _tinymim("s", 384, 6), _tinymim("b", 768, 12))
 
@@ -108,8 +105,7 @@ def _tinymim_ft(size: str, D: int, H: int, lr: float, epochs: int, batch: int, d
         lr=lr, epochs=epochs, warmup_frac=5 / epochs, layer_decay=0.65, batch_size=batch, adam_eps=1e-8,
         betas=(0.9, 0.95), schedule="cosine", drop_path=drop_path, weight_decay=0.05, label_smoothing=0.1,
         grad_clip=None, reprob=0.25, img_size=224, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
-        mixup_prob=1.0, pretrained=False, depth=12, embed_dim=D, num_heads=H, patch_size=16,
-        out_dir=f"runs/tinymim_ft_vit_{size}"), _SEED001_FT.format(size.upper()))
+        mixup_prob=1.0, pretrained=False, depth=12, embed_dim=D, num_heads=H, patch_size=16), _SEED001_FT.format(size.upper()))
 
 register_presets(_tinymim_ft("t", 192, 3, 5e-3, 200, 2048, 0.1), _tinymim_ft("s", 384, 6, 5e-3, 200, 2048, 0.1),
                  _tinymim_ft("b", 768, 12, 2e-3, 100, 1024, 0.2))
@@ -199,7 +195,7 @@ def _ferkd(arch: str, mix: dict, what: str) -> Preset:
         objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k", teacher_checkpoint=None, label_img_size=384,
         epochs=300, batch_size=256, replay_crops=4, lr=2e-3, weight_decay=0.05, adam_eps=1e-8, betas=(0.9, 0.999),
         warmup_frac=5 / 300, schedule="cosine", pretrained=False, depth=12, embed_dim=384,
-        mlp_dim=1536, num_heads=6, **mix, out_dir=f"runs/ferkd_{arch}"), _SEED002.format(what))
+        mlp_dim=1536, num_heads=6, **mix), _SEED002.format(what))
 
 for _name in ("fkd", "ferkd"):  # a runner of their own: the label store first, then replay
     register_objective(Objective(_name, FKDConfig, runner="kdnb.fkd:distill_fkd"))
@@ -214,15 +210,14 @@ register_presets(
         model="data2vec2", checkpoint="data2vec2_base", depth=10, img_size=336, epochs=15, batch_size=256,
         replay_crops=2, lr=3e-5, betas=(0.9, 0.999), adam_eps=1e-8, layer_decay=0.95, weight_decay=0.05,
         schedule="cosine", warmup_frac=2 / 15, drop_path=0.4, rand_augment="rand-m9-mstd0.5", fkd_mixup=0.0,
-        fkd_cutmix=0.0, fkd_selfmix=1.0, crop_scale=(0.08, 1.0), model_ema=0.9999, crop_pct=1.0,
-        out_dir="runs/ferkd_finetune"),
+        fkd_cutmix=0.0, fkd_selfmix=1.0, crop_scale=(0.08, 1.0), model_ema=0.9999, crop_pct=1.0),
         "Seed 002 (FerKD), Table 2: finetuning at 336 px on stored crop labels (2 crops x 256 images = 512 per step, "
         "lr 3e-5, layer decay 0.95, RandAug (9, 0.5), SelfMix, model EMA 0.9999, test crop ratio 1.0). ViT-G/14 "
         "(EVA) is substituted by the whole Data2Vec2 ViT-B/16 (data2vec2_base: 2 prenet + 10 main blocks), whose "
         "weights kdnb loads"),
     Preset("ferkd_cpu", "distill_cpu", dict(
         objective="ferkd", label_crops=16, label_shard_images=256, replay_crops=4, batch_size=16, lr=2e-3,
-        weight_decay=0.05, fkd_selfmix=1.0, out_dir="runs/ferkd_cpu"),
+        weight_decay=0.05, fkd_selfmix=1.0),
         "A CPU-sized FerKD: soft labels of a classifier teacher (a finetuned kdnb run, `teacher=\"run:<folder>\"`; "
         "\"tiny\" = random, for mechanics) on digits, 16 stored crops per image, 4 replayed, SelfMix."))
 
@@ -230,12 +225,12 @@ register_presets(
 register_presets(
     Preset("text_distill", TextDistillConfig, dict(
         epochs=10, batch_size=256, lr=1e-4, weight_decay=0.01, adam_eps=1e-6, betas=(0.9, 0.98), schedule="cosine",
-        warmup_frac=0.1, val_size=2000, out_dir="runs/text_distill"),
+        warmup_frac=0.1, val_size=2000),
         "Distilling bert-base-uncased into its first 6 layers on GLUE's training sentences. The seeds give no "
         "text-distillation table: the optimiser and schedule are seed 000 Table 1's (image distillation)."),
     Preset("text_distill_cpu", "text_distill", dict(
         teacher="minilm", student_layers=3, max_len=64, batch_size=32, epochs=2, lr=5e-4, max_sentences=4000,
-        val_size=500, num_workers=0, precision="fp32", log_every=5, out_dir="runs/text_distill_cpu"),
+        val_size=500, num_workers=0, precision="fp32", log_every=5),
         "The CPU-sized text distillation: the offline MiniLM teacher (6 layers) into its first 3, 64 tokens, "
         "4,000 sentences."))
 
@@ -247,12 +242,11 @@ register_run(RunKind("text_distill", TextDistillConfig, "kdnb.text:distill_text"
 register_presets(
     Preset("glue", GlueConfig, dict(
         dataset="rte", epochs=15, batch_size=256, lr=1e-3, adam_eps=1e-8, betas=(0.9, 0.999), weight_decay=0.01,
-        layer_decay=0.81, schedule="cosine", warmup_frac=0.1, out_dir="runs/glue"),
+        layer_decay=0.81, schedule="cosine", warmup_frac=0.1),
         "Seed 000, Table 3: GLUE finetuning of the distilled text student (15 epochs, batch 256, AdamW 1e-3, eps "
         "1e-8, betas (0.9, 0.999), wd 0.01, layer decay 0.81, cosine, 10 % warmup)."),
     Preset("glue_cpu", "glue", dict(
-        checkpoint="minilm", max_len=64, batch_size=32, epochs=3, num_workers=0, precision="fp32", log_every=5,
-        out_dir="runs/glue_cpu"),
+        checkpoint="minilm", max_len=64, batch_size=32, epochs=3, num_workers=0, precision="fp32", log_every=5),
         "The CPU-sized GLUE finetuning: the offline MiniLM (all 6 layers), 64 tokens, batch 32, 3 epochs, otherwise "
         "Table 3's optimiser and schedule."))
 
@@ -270,13 +264,13 @@ register_presets(
         mask_prob=0.8, mask_prob_adjust=0.07, mask_length=3, inverse_mask=True, mask_noise_std=0.01,
         clone_batch=16, average_top_k_layers=10, ema_decay=0.9998, ema_end_decay=0.99999,
         ema_anneal_end_step=100000, cls_loss=0.01, decoder_dim=768, decoder_groups=16, decoder_kernel=3,
-        decoder_layers=6, out_dir="runs/pretrain"),
+        decoder_layers=6),
         "data2vec 2.0, fairseq examples/data2vec/config/v2/base_images_only_task.yaml (ImageNet-1K, 16 GPUs x 16 "
         "images = batch 256, each cloned 16 times; 375,300 updates = 75 epochs; fairseq's fp16 becomes kdnb's bf16)."),
     Preset("pretrain_cpu", "pretrain", dict(
         **CPU_RUN, embed_dim=64, num_heads=4, depth=4, prenet_depth=0, average_top_k_layers=4, clone_batch=4,
         decoder_dim=64, decoder_layers=3, epochs=10, max_steps=None, warmup_steps=None, warmup_frac=0.1, lr=1e-3,
-        ema_decay=0.99, ema_end_decay=0.999, ema_anneal_end_step=500, out_dir="runs/pretrain_cpu"),
+        ema_decay=0.99, ema_end_decay=0.999, ema_anneal_end_step=500),
         "A CPU-sized data2vec 2.0 pretraining on digits: a 4-block, 64-wide encoder on 16 px (4x4 patches), 4 clones "
         "per image, the EMA schedule shortened to the run's few hundred updates; otherwise the base recipe."))
 
@@ -331,22 +325,20 @@ def _table3(size: str, D: int, H: int, **values) -> dict:
     return dict(dict(dataset="ade20k", img_size=512, patch_size=16, lr=1e-4, max_steps=160_000, epochs=127,
                      batch_size=16, adam_eps=1e-8, betas=(0.9, 0.999), layer_decay=SEG_LAYER_DECAYS[0],
                      min_lr_ratio=0.0, schedule="linear", warmup_steps=1500, drop_path=0.1, weight_decay=0.05,
-                     pretrained=False, depth=12, embed_dim=D, num_heads=H, decoder_channels=512 if D >= 768 else 384,
-                     out_dir=f"runs/tinymim_seg_vit_{size}"), **values)
+                     pretrained=False, depth=12, embed_dim=D, num_heads=H, decoder_channels=512 if D >= 768 else 384), **values)
 
 register_run(RunKind("segment", SegmentConfig, "kdnb.segment:segment", command="segment",
                      help="semantic segmentation (UperNet) on a (distilled) backbone"),
     Preset("tinymim_seg_vit_s", SegmentConfig, _table3("s", 384, 6), _SEED001_SEG.format("S")),
     Preset("tinymim_seg_vit_b", SegmentConfig, _table3("b", 768, 12), _SEED001_SEG.format("B")),
-    Preset("segment", SegmentConfig, _table3("b", 768, 12, pretrained=True, depth=6,
-                                             out_dir="runs/segment"),
+    Preset("segment", SegmentConfig, _table3("b", 768, 12, pretrained=True, depth=6),
            "Seed 001 (TinyMIM), Table 3's ViT-B values on the seeds' student (the first 6 blocks of Data2Vec2, or a "
            "distilled run folder as checkpoint): ADE20K, UperNet, 512 px, 160k steps."),
     Preset("segment_cpu", SegmentConfig, dict(
         dataset="digit_scenes", scenes=640, img_size=32, patch_size=4, model="tiny", pretrained=False, depth=4,
         embed_dim=64, num_heads=4, decoder_channels=32, batch_size=16, epochs=30, lr=2e-3, warmup_frac=0.05,
         schedule="linear", layer_decay=0.9, drop_path=0.0, weight_decay=0.05, scale_range=(0.75, 1.5),
-        val_size=0.2, num_workers=0, precision="fp32", log_every=10, out_dir="runs/segment_cpu"),
+        val_size=0.2, num_workers=0, precision="fp32", log_every=10),
            "A CPU-sized segmentation: a random tiny ViT (4 blocks, width 64, patch 4) with UperNet on 640 digit "
            "scenes of 32 px (11 classes), Table 3's schedule shape, rescaling softened to 0.75-1.5 for 32 px "
            "scenes (about 6 min on 2 CPU cores)."))
@@ -419,7 +411,8 @@ class PipelineConfig(PipelineSizes):
     # for the CPU-sized stages); "fp32", "bf16" or "fp16" set it for every stage
     precision: str = "auto"
     num_workers: int = -1 # -1: automatic
-    out_dir: str = "runs/pipeline" # the pipeline's folder; every stage is a subfolder
+    # the pipeline's folder, every stage a subfolder; None: a fresh runs/<preset>-<dataset>-<time> (`started`)
+    out_dir: typing.Optional[str] = None
     # True: skip the stages that finished, continue the unfinished one from its checkpoint (the saved pipeline.yaml
     # must match); "auto": continue when out_dir holds a pipeline, start otherwise; False: a new pipeline
     resume: typing.Union[bool, str] = False
@@ -437,6 +430,7 @@ def timm_student(self: PipelineConfig) -> bool:
     if self.student in ("half", "other", "both"): return False  # settings of the pipeline, not model names
     return model_spec(self.student, "student", ("data2vec2", "timm")).is_timm
 
+# %% ../nbs/04b_kinds.ipynb #e651835d
 @patch
 def validate(self: PipelineConfig):
     check_choice("dataset", self.dataset, DATASETS)
@@ -452,6 +446,7 @@ def validate(self: PipelineConfig):
                           "student_checkpoint are for a data2vec2 or timm student (random_reference adds a random one)")
     check_choice("teacher_images", self.teacher_images, ("same", "all"))
     check_choice("resume", self.resume, (True, False, "auto"))
+    check_out_dir(self)
     check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
     if self.teacher == "train" and not (self.student == "half" or timm_student):
         raise ConfigError("a trained teacher pairs with student='half' (the first half of its blocks) or a timm one")
@@ -479,26 +474,25 @@ register_run(
             help="the whole chain: a teacher, its students, distillation, then probes and finetunes of each",
             test=dict(train_subset=300, teacher_epochs=1, donor_epochs=None, distill_epochs=1, probe_epochs=1,
                       finetune_epochs=1, seeds=1)),
-    Preset("pipeline_cpu", PipelineConfig, dict(out_dir="runs/pipeline"),
+    Preset("pipeline_cpu", PipelineConfig, dict(),
            "The embedded default: scikit-learn's digits, offline, a few minutes on 2 CPU cores (README command 1)."),
     Preset("pipeline", PipelineConfig, dict(teacher="beitv2", student="data2vec2", dataset="cifar10",
-                                            data_root="data/cifar10", img_size=224, batch_size=256,
-                                            out_dir="runs/pipeline_seeds"),
+                                            data_root="data/cifar10", img_size=224, batch_size=256),
            "The seeds' pair (BEiTv2 -> the first 6 blocks of Data2Vec2) on CIFAR-10 at 224 px: a GPU and the "
            "weights; the stages use seed 000's presets, the epochs are the pipeline's defaults."),
     Preset("pipeline_cifar10", PipelineConfig, dict(
         **_CIFAR, train_subset=20000, teacher_epochs=10, distill_epochs=5, probe_epochs=10, finetune_epochs=3,
-        finetune_lr=2e-3, out_dir="runs/pipeline_cifar10"),
+        finetune_lr=2e-3),
         "results/cifar10 (one seed): a 6-block ViT pretrained here on 20,000 CIFAR-10 images, 32 px, 2 CPU cores."),
     Preset("evidence_cifar10", "pipeline_cifar10", dict(
         teacher_images="all", train_subset=10000, donor_epochs=3, distill_epochs=2, finetune_epochs=2, seeds=3,
-        d2v_baseline=True, random_reference=True, out_dir="runs/evidence_cifar10"),
+        d2v_baseline=True, random_reference=True),
         "results/evidence_cifar10: the teacher pretrained on all 47,500 non-validation images; arms (a), (b), (c) "
         "and a random student at one budget, 3 seeds; about 2 h on 2 CPU cores."),
     Preset("evidence_gpu", "evidence_cifar10", dict(
         device="cuda", precision="bf16", patch_size=4, embed_dim=384, num_heads=6, teacher_depth=12, batch_size=256,
         num_workers=-1, teacher_epochs=8, distill_epochs=3, probe_epochs=10, finetune_epochs=3, student="half",
-        random_reference=False, pretrain_lr=1.5e-3, distill_lr=1.5e-3, finetune_lr=2e-3, out_dir="runs/evidence_gpu"),
+        random_reference=False, pretrain_lr=1.5e-3, distill_lr=1.5e-3, finetune_lr=2e-3),
         "evidence_cifar10 on one GPU in bf16: a 12-block ViT-S-wide teacher (64 patches of 4 px) pretrained on all "
         "47,500 images, its first half distilled or trained with data2vec 2.0 (arm c), 3 seeds; ~5 min estimated on "
         "one H100 "

@@ -4,25 +4,22 @@
 
 # %% ../nbs/16_runs.ipynb #03abb72a
 from __future__ import annotations
-import tempfile, time
+import tempfile
 from .config import ConfigError, get_config, load_config, params_from_namespace, rebuild, resolve, run_kind
 import kdnb.kinds  # registers every run kind, objective and preset
 
 # %% auto #0
-__all__ = ['run', 'default_out_dir', 'setup_run', 'notebook_run']
+__all__ = ['run', 'setup_run', 'notebook_run']
 
 # %% ../nbs/16_runs.ipynb #879a0ec3
 def run(cfg, # any run config
         callbacks=(), # extra engine callbacks
        ) -> dict: # the run's summary
     "Run a config with the runner of its kind (RUN_KINDS)."
+    cfg = cfg.started()  # out_dir=None: a fresh folder
     return resolve(run_kind(cfg.kind).runner)(cfg, callbacks=callbacks)  # the runner's module is imported here
 
 # %% ../nbs/16_runs.ipynb #37fbfada
-def default_out_dir(cfg) -> str:
-    "A fresh run folder: runs/<preset>-<dataset>-<YYYYmmdd-HHMMSS>."
-    return f"runs/{cfg.preset}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
 def setup_run(kind: str, # a registered run kind: pretrain, distill, finetune, linear_probe, text_distill, glue, ...
               params: dict, # the user's values; None keeps the preset's; may hold `preset`
               config: str | None = None, # a saved config (YAML/JSON) to start from instead of a preset
@@ -35,13 +32,9 @@ def setup_run(kind: str, # a registered run kind: pretrain, distill, finetune, l
         cfg = rebuild(load_config(config), **{**run_kind(kind).values, **params})
     else:
         cfg = get_config(preset, kind=kind, **params)
-    if "out_dir" not in params and config is None:
-        if cfg.resume:
-            raise ConfigError("resume=True needs out_dir: the folder of the run to continue")
-        cfg = cfg.replace(out_dir=tempfile.mkdtemp() if test else default_out_dir(cfg))
-    if test:
-        cfg = cfg.replace(**run_kind(kind).test)
-    return cfg
+    if test:  # in a temporary folder unless one was named
+        cfg = cfg.replace(**run_kind(kind).test).started(None if cfg.out_dir else tempfile.mkdtemp())
+    return cfg.started()
 
 def notebook_run(kind: str, # the run notebook's kind
                  ns: dict, # the notebook's globals() after its parameters cell
