@@ -20,8 +20,8 @@ __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED
            'ModelSpec', 'model_spec', 'check_timm_model', 'check_weights', 'weights_source', 'DistillBase',
            'DistillConfig', 'BackboneSettings', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig',
            'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective',
-           'run_kind', 'resolve', 'check_types', 'get_config', 'parse_value', 'parse_students', 'load_config',
-           'config_class', 'weights_as_run', 'params_from_namespace']
+           'run_kind', 'resolve', 'check_types', 'get_config', 'run_config', 'parse_value', 'parse_students',
+           'load_config', 'config_class', 'weights_as_run', 'params_from_namespace']
 
 # %% ../nbs/04_config.ipynb #f47c0390
 class ConfigError(ValueError):
@@ -897,6 +897,16 @@ def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on
                               f"presets: {', '.join(fits)}")
         overrides = {**entry.values, **overrides}
     return rebuild(cfg, **overrides) if overrides else cfg
+
+# %% ../nbs/04_config.ipynb #ee122bd2
+def run_config(cfg: ConfigBase | None, # the runner's config, or None for the preset's
+               overrides: dict, # the runner's keyword arguments
+               kind: str | None = None, # the runner's run kind (checks that the preset fits)
+               preset: str = "auto",
+              ) -> ConfigBase: # the config the run starts with, out_dir named (`started`)
+    "What every runner does first: its config with the caller's overrides, or the preset's with them."
+    cfg = get_config(preset, kind=kind, **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    return cfg.started()
 
 # %% ../nbs/04_config.ipynb #1a670357
 def parse_value(name: str, # what the value is for (a flag, a field), named in the error

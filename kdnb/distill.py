@@ -14,7 +14,7 @@ from .weights import build_model, save_weights
 from .layer_decay import param_groups
 from .engine import (Callback, Task, dumps, fit_task, autocast_dtype, non_finite_state, resolve_device)
 from .data import build_data
-from .config import ConfigError, DistillBase, DistillConfig, ENCODERS, get_config, model_spec, OBJECTIVES, resolve
+from .config import ConfigError, DistillBase, DistillConfig, ENCODERS, get_config, model_spec, OBJECTIVES, resolve, run_config
 from .files import write_atomic
 import kdnb.kinds  # registers every run kind, objective and preset (distill looks its objective up)
 
@@ -149,8 +149,7 @@ def distill(cfg: DistillBase | None = None, # a config; None = get_config("auto"
             callbacks=(), # extra engine callbacks
             **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
     "Distil the config's teacher into its student with the registered runner of `cfg.objective`."
-    cfg = get_config("auto", kind="distill",
-                     **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cfg = run_config(cfg, overrides, "distill")
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(f"objective={cfg.objective!r} is not registered ({list(OBJECTIVES)}): import kdnb.kinds, "
                           "which declares every objective")

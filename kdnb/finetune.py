@@ -13,7 +13,7 @@ from .models import Classifier
 from .weights import build_model
 from .engine import Task, fit_task, resolve_device, autocast_dtype
 from .data import build_data, mixup_fn, derive_seed, seeded, make_loader
-from .config import ENCODERS, FinetuneConfig, get_config, model_spec
+from .config import ENCODERS, FinetuneConfig, get_config, model_spec, run_config
 import kdnb.kinds  # registers the presets get_config reads
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ def finetune(cfg: FinetuneConfig | None = None, # a config; None = get_config("a
              callbacks=(), # extra engine callbacks
              **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
     "Finetune or linear-probe the config's backbone on its data set; writes a run folder."
-    cfg = get_config("auto", kind="finetune",
-                     **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cfg = run_config(cfg, overrides, "finetune")
     torch.manual_seed(cfg.seed)
     cached = cfg.mode == "linear_probe" and cfg.cache_features
     data = build_data(cfg, kind="features" if cached else "finetune")

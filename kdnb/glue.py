@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from timm.layers import trunc_normal_
-from .config import GlueConfig, get_config
+from .config import GlueConfig, get_config, run_config
 from .files import make_portable
 from .engine import Task, fit_task, read_run_summary
 from .models import HEAD_NORM_EPS, HEAD_INIT_STD
@@ -95,8 +95,7 @@ def finetune_glue(cfg: GlueConfig | None = None, # a config; None = get_config("
                   callbacks=(), # extra engine callbacks
                   **overrides) -> dict: # the run's summary
     "Finetune a text encoder on one GLUE task (cfg.dataset) and score it on the dev set; writes a run folder."
-    cfg = get_config("auto", kind="glue",
-                     **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cfg = run_config(cfg, overrides, "glue")
     torch.manual_seed(cfg.seed)
     spec = GLUE[cfg.dataset]
     tr_x, tr_y = read_glue(cfg.data_root, cfg.dataset, "train", cfg.download)

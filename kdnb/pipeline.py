@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 import pandas as pd
 import matplotlib.pyplot as plt
-from .config import load_config, ConfigBase, ConfigError, get_config
+from .config import load_config, ConfigBase, ConfigError, get_config, run_config
 from .files import make_portable, portable, write_atomic
 from .runs import run
 from .report import read_metrics, read_summary, mean_interval, paired_differences
@@ -147,6 +147,7 @@ def evaluated_models(p: PipelineConfig, students: dict, teacher: tuple, seed: in
 # %% ../nbs/18_pipeline.ipynb #60e56240
 def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
     "The config of every stage, keyed by its subfolder name, in the order they run: the teacher's, then seed by seed."
+    p = p.started()  # out_dir=None: the folder a pipeline starting now would get
     st, students, teacher = teacher_stages(p)
     local = _local(p)
     sfx = "_cpu" if local else ""
@@ -215,7 +216,7 @@ def run_pipeline(p: PipelineConfig | None = None, # a config; None = PipelineCon
                  callbacks=(), # engine callbacks, passed to every stage
                  **overrides) -> pd.DataFrame: # the results table (also out_dir/results.csv)
     "Run every stage (skipping finished ones when resuming) and return the results table."
-    p = PipelineConfig(**overrides) if p is None else (p.replace(**overrides) if overrides else p)
+    p = (PipelineConfig(**overrides) if p is None else (p.replace(**overrides) if overrides else p)).started()
     lock = FolderLock(p.out_dir).acquire(p.wait)  # the pipeline's folder is this process's while it runs
     try: return _run_all(p, callbacks)
     finally: lock.release()
@@ -239,7 +240,7 @@ def pipeline(cfg: PipelineConfig | None = None, # a config; None = get_config("p
              callbacks=(), # engine callbacks, passed to every stage
              **overrides) -> dict: # the pipeline's results.json
     "The pipeline as a run kind: every stage (resuming as `cfg.resume` says), then its table."
-    cfg = get_config("pipeline_cpu", **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cfg = run_config(cfg, overrides, preset="pipeline_cpu")
     run_pipeline(cfg, callbacks=callbacks)
     return json.loads((Path(cfg.out_dir) / "results.json").read_text())
 

@@ -16,7 +16,7 @@ from .models import D2V2_PREFIX, Data2Vec2Encoder, fairseq_cfg, to_fairseq_state
 from .weights import load_backbone, load_state, read_weights, run_weights
 from .engine import Task, fit_task
 from .data import build_data, derive_seed
-from .config import PretrainConfig, get_config, load_config
+from .config import PretrainConfig, get_config, load_config, run_config
 import kdnb.kinds  # registers the presets get_config reads
 
 log = logging.getLogger(__name__)
@@ -262,8 +262,7 @@ def pretrain(cfg: PretrainConfig | None = None, # a config; None = get_config("a
              callbacks=(), # extra engine callbacks
              **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
     "data2vec 2.0 pretraining of an image encoder without labels; writes a run folder and, when finished, data2vec2.pt."
-    cfg = get_config("auto", kind="pretrain",
-                     **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cfg = run_config(cfg, overrides, "pretrain")
     torch.manual_seed(cfg.seed)
     model = build_pretrainer(cfg)
     data = build_data(cfg, kind="distill")  # images and labels are loaded; PretrainTask never reads the labels

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from .config import get_config
+from .config import get_config, run_config
 from .data import SplitDataset, load_digits_images, stratified_split, seeded
 from .engine import Task, fit_task
 from .finetune import build_backbone
@@ -362,8 +362,7 @@ def segment(cfg: SegmentConfig | None = None, # a config; None = get_config("aut
             callbacks=(), # extra engine callbacks
             **overrides) -> dict: # the run's summary (also in out_dir/summary.json)
     "Train and evaluate a segmenter on the config's backbone; writes a run folder."
-    cfg = get_config("auto", kind="segment",
-                     **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cfg = run_config(cfg, overrides, "segment")
     torch.manual_seed(cfg.seed)
     data = build_seg_data(cfg)
     k = cfg.num_classes or data.num_classes

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from .targets import d2v_loss
 from .weights import load_state, read_weights, run_weights
 from .engine import Task, fit_task
-from .config import TextDistillConfig, get_config
+from .config import TextDistillConfig, get_config, run_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM",
                       "false")  # the Rust tokenizer's threads and forked loader workers do not mix
@@ -265,8 +265,7 @@ def distill_text(cfg: TextDistillConfig | None = None, # a config; None = get_co
                  callbacks=(), # extra engine callbacks
                  **overrides) -> dict: # the run's summary
     "Distil a BERT-family teacher into its first `student_layers` layers on GLUE's sentences; writes a run folder."
-    cfg = get_config("auto", kind="text_distill",
-                     **overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cfg = run_config(cfg, overrides, "text_distill")
     torch.manual_seed(cfg.seed)
     teacher, student = load_text_encoder(cfg.teacher), load_text_encoder(cfg.teacher, num_layers=cfg.student_layers)
     if cfg.student_layers > teacher.num_layers:
