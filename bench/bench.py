@@ -178,14 +178,20 @@ def one_config(kind, img, batch, depth_t, depth_s, width, heads, patch, steps, d
     for _ in range(3 if device.type == "cuda" or compiled else 0): step(x)  # compiles, autotunes
     sync(); warm_s = time.perf_counter() - t0
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats()
+    # the peak of this step's matmul dtype, measured in this process just before and after the timed steps (the
+    # higher of the two): a machine whose speed drifts during a run gets a ratio of two numbers taken together
+    dtype = torch.float32 if kind in ("plain", "ours_fp32") else torch.bfloat16
+    peak = matmul_peak(device, dtype)
     t0 = time.perf_counter()
     for _ in range(steps): loss = step(x)
     loss.item()  # one sync at the end
     sync()
     dt = (time.perf_counter() - t0) / steps
+    peak = max(peak, matmul_peak(device, dtype))
     return dict(kind=kind, img=img, tokens=(img // patch) ** 2 + 1, batch=batch, depth_t=depth_t, depth_s=depth_s,
                 width=width, step_s=round(dt, 4), images_per_s=round(batch / dt, 2), gflop_per_step=round(flops / 1e9, 2),
-                achieved_gflop_s=round(flops / dt / 1e9, 1), peak_mem_mb=round(peak_mem_mb(device), 1),
+                achieved_gflop_s=round(flops / dt / 1e9, 1), peak_gflop_s=round(peak, 1),
+                peak_mem_mb=round(peak_mem_mb(device), 1),
                 warmup_s=round(warm_s, 1), device=str(device), gpu=_gpu_name(device))
 
 
@@ -697,13 +703,15 @@ THESIS = dict(gpu="RTX 4090", distill_hours=6.9, epochs=10)  # seed 000: the 10-
 
 
 def step_table(res: dict):
-    "The step rows with MFU (counted FLOPs / time / the bf16 or fp32 matmul peak measured in the same run) and ratios."
+    """The step rows with MFU (counted FLOPs / time / the bf16 or fp32 matmul peak measured beside the step, in its
+    process; rows saved before that field: the run's peak, measured once at its start) and ratios."""
     import pandas as pd
     d = pd.DataFrame(res["step"])
     peak = res.get("matmul_peak_gflop_s", {})
     fp32 = d.kind.isin(["plain", "ours_fp32"])
-    d["MFU_%"] = [round(100 * g / peak.get("float32" if f else "bfloat16", float("nan")), 1)
-                  for g, f in zip(d.achieved_gflop_s, fp32)]
+    own = d.peak_gflop_s if "peak_gflop_s" in d else [float("nan")] * len(d)
+    d["MFU_%"] = [round(100 * g / (p if p == p else peak.get("float32" if f else "bfloat16", float("nan"))), 1)
+                  for g, f, p in zip(d.achieved_gflop_s, fp32, own)]
     ref = "timm_bf16" if (d.kind == "timm_bf16").any() else "plain"
     base = d[d.kind == ref].set_index(["img", "batch"])
     distill = ~d.kind.str.startswith("finetune")
