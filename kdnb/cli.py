@@ -16,7 +16,7 @@ COMMANDS = {"report": "kdnb.site:report_main", "reproduce": "kdnb.pipeline:repro
             "export": "kdnb.export:export_main"}
 
 # %% auto #0
-__all__ = ['COMMANDS', 'USER_ERRORS', 'config_from_args', 'print_presets', 'error_message', 'main']
+__all__ = ['COMMANDS', 'USER_ERRORS', 'config_from_args', 'print_presets', 'error_message', 'leave_process_group', 'main']
 
 # %% ../nbs/21_cli.ipynb #13fc0ef9
 def _add_run_parser(sub, kind: RunKind):
@@ -78,6 +78,17 @@ def error_message(e: BaseException) -> str:
         msg = [l for l in msg.splitlines() if l.strip()][-1].split(": ", 1)[-1]
     return msg.split("\n  (raised in callback")[0]
 
+# %% ../nbs/21_cli.ipynb #a61bbd44
+def leave_process_group(finished: bool): # whether the run returned on this process
+    """Leave torchrun's process group, if the run joined one: after a barrier when the run finished, so that no rank
+    tears its connections down while another still uses them (a gloo rank that did so aborted at its exit in one CI
+    run: "terminate called without an active exception"); at once after an error, which torchrun answers by stopping the
+    other ranks."""
+    torch = sys.modules.get("torch")  # imported by the run's runner, if it got that far
+    if torch is None or not torch.distributed.is_initialized(): return
+    if finished: torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
 # %% ../nbs/21_cli.ipynb #c3231299
 def main(argv=None):
     "The `kdnb` console script: one line per error (exit 2 for a config, 1 otherwise); --debug: the traceback."
@@ -89,11 +100,11 @@ def main(argv=None):
     if args.command == "presets":
         print_presets()
         return 0
-    cfg, di = None, DistInfo()
+    cfg, di, finished = None, DistInfo(), False
     who = f"kdnb {args.command}" + (f" (rank {di.rank} of {di.world_size})" if di.enabled else "")
     try:
         cfg = config_from_args(args)
-        summary = run(cfg)
+        summary, finished = run(cfg), True
     except (KeyboardInterrupt, Preempted) as e:
         where = f" --out_dir {cfg.out_dir} --resume true" if cfg is not None else ""
         what = f"preempted ({e}), checkpoint saved" if isinstance(e, Preempted) else "interrupted"
@@ -108,9 +119,7 @@ def main(argv=None):
         print(f"{who}: {type(e).__name__}: {error_message(e)} (an error kdnb does not explain: rerun "
               "with --debug and report the traceback)", file=sys.stderr)
         return 1
-    finally:
-        torch = sys.modules.get("torch")  # imported by the run's runner, if it got that far
-        if torch is not None and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+    finally: leave_process_group(finished)
     print(json.dumps(summary, indent=2))
     return 0
 
