@@ -816,9 +816,10 @@ class Preemption(Callback):
         # the signal also ended the loader's workers while the next batch was awaited: a preemption all the same
         if self.signal and isinstance(t.exception, RuntimeError) and "DataLoader worker" in str(t.exception):
             t.exception = Preempted(self.signal)
-    def after_fit(self, t): self.restore()
-    def restore(self):
-        for sig, handler in self._old.items(): signal.signal(sig, handler)
+    def after_fit(self, t): self.restore(keep_sigchld=self.signal is not None)
+    def restore(self, keep_sigchld: bool = False):  # True: torch's SIGCHLD handler would raise over the preemption
+        for sig, handler in self._old.items():  # for the workers the signal ended (a new loader sets it again)
+            if not (keep_sigchld and sig == getattr(signal, "SIGCHLD", None)): signal.signal(sig, handler)
         self._old = {}
 
 # %% ../nbs/06_engine.ipynb #e4cd175a
