@@ -15,19 +15,18 @@ from .files import write_atomic
 # %% auto #0
 __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED', 'FOLDERS', 'PUBLISHED', 'ENCODERS',
            'CLASSIFIERS', 'IN_MEMORY', 'GLUE_TASKS', 'CPU_RUN', 'PRESETS', 'TEST_RUN', 'RUN_KINDS', 'OBJECTIVES',
-           'STUDENT_KEYS', 'RUN_ONLY_PARAMS', 'ConfigError', 'ConfigBase', 'rebuild', 'DataSettings', 'OptimSettings',
-           'BaseConfig', 'check_out_dir', 'field_docs', 'check_choice', 'check_positive', 'check_non_negative',
-           'ModelSpec', 'model_spec', 'check_timm_model', 'check_weights', 'weights_source', 'DistillBase',
+           'STUDENT_KEYS', 'RUN_ONLY_PARAMS', 'ConfigError', 'check_choice', 'check_positive', 'check_non_negative',
+           'field_docs', 'ConfigBase', 'rebuild', 'DataSettings', 'OptimSettings', 'BaseConfig', 'check_out_dir',
+           'ModelSpec', 'check_timm_model', 'model_spec', 'check_weights', 'weights_source', 'DistillBase',
            'DistillConfig', 'BackboneSettings', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig',
            'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective',
            'run_kind', 'resolve', 'check_types', 'get_config', 'run_config', 'parse_value', 'parse_students',
-           'load_config', 'config_class', 'weights_as_run', 'params_from_namespace']
+           'weights_as_run', 'load_config', 'config_class', 'params_from_namespace']
 
-# %% ../nbs/04_config.ipynb #f47c0390
+# %% ../nbs/04_config.ipynb #15e855e8
 class ConfigError(ValueError):
     "A config value that is not allowed; the message names the field and the fix."
 
-# %% ../nbs/04_config.ipynb #15e855e8
 def _check_type(name, value, tp):
     "Coerce `value` to the annotation `tp` where lossless, else raise ConfigError."
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -51,6 +50,54 @@ def _check_type(name, value, tp):
         raise ConfigError(f"{name}={value!r} has type {type(value).__name__}, expected {tp.__name__}")
     if tp is float and not math.isfinite(value): raise ConfigError(f"{name}={value!r} must be a finite number")
     return value
+
+# %% ../nbs/04_config.ipynb #fc5759c6
+def check_choice(name, value, allowed):
+    "Raise a ConfigError naming the field when `value` is not in `allowed` (with a did-you-mean)."
+    if value not in allowed:
+        hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], 1)
+        raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}"
+                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
+
+def check_positive(cfg, *names):
+    "Raise a ConfigError naming the first of the fields `names` of `cfg` that is not > 0."
+    for n in names:
+        if getattr(cfg, n) <= 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be > 0")
+
+def check_non_negative(cfg, *names):
+    "Raise a ConfigError naming the first of the fields `names` of `cfg` that is < 0."
+    for n in names:
+        if getattr(cfg, n) < 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be >= 0")
+
+
+
+# %% ../nbs/04_config.ipynb #f50b597f
+def _subclasses(c: type) -> list:
+    "`c` and every class derived from it, depth first."
+    return [c] + [s for sub in c.__subclasses__() for s in _subclasses(sub)]
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+_HINTS: dict[type, dict] = {}  # per class: typing.get_type_hints evaluates every annotation of the class
+_DOCS: dict[type, dict] = {}  # per class: docments parses its module's source (~50 ms a class; --help reads ~50)
+
+def _resolve(cls, f):
+    "The resolved type of field `f` (computed once per class: per field it made each config cost O(fields^2))."
+    if cls not in _HINTS: _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls][f.name]
+
+def field_docs(cls) -> dict[str, str]:
+    "Each field's comment (on its line, or the lines above it) in `cls` and its bases: the CLI's --help and the tables."
+    docs = {}
+    for klass in reversed(cls.__mro__):  # fastcore's docments, as nbdev's show_doc reads them
+        if not dataclasses.is_dataclass(klass): continue
+        if klass not in _DOCS:
+            try: found = docments(klass)  # nothing for a class defined in __main__ (a notebook): no source file
+            except (OSError, TypeError): found = {}
+            _DOCS[klass] = {name: " ".join(doc.split()) for name, doc in found.items() if doc and name != "return"}
+        docs |= _DOCS[klass]
+    return docs
 
 # %% ../nbs/04_config.ipynb #b9db5cd9
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder")
@@ -192,7 +239,6 @@ class DataSettings(ConfigBase):
     num_workers: int = -1 # data loader workers; -1 = automatic (0 on CPU for small sets, min(8, cores) on CUDA)
     per_dataset_folder = True  # a class attribute: data_root="data" reads data/<dataset> (data_dir); text: False
 
-# %% ../nbs/04_config.ipynb #1502a509
 @dataclass
 class OptimSettings(DataSettings):
     "How a run optimises: its length, batch, AdamW, schedule and EMA (BaseConfig's second part)."
@@ -291,55 +337,6 @@ def validate(self: BaseConfig):
     if self.val_size <= 0:
         raise ConfigError(f"val_size={self.val_size} must be a fraction in (0, 1) or a count > 1")
 
-# %% ../nbs/04_config.ipynb #f50b597f
-def _subclasses(c: type) -> list:
-    "`c` and every class derived from it, depth first."
-    return [c] + [s for sub in c.__subclasses__() for s in _subclasses(sub)]
-
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-_HINTS: dict[type, dict] = {}  # per class: typing.get_type_hints evaluates every annotation of the class
-_DOCS: dict[type, dict] = {}  # per class: docments parses its module's source (~50 ms a class; --help reads ~50)
-
-# %% ../nbs/04_config.ipynb #b73a6b15
-def _resolve(cls, f):
-    "The resolved type of field `f` (computed once per class: per field it made each config cost O(fields^2))."
-    if cls not in _HINTS: _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls][f.name]
-
-def field_docs(cls) -> dict[str, str]:
-    "Each field's comment (on its line, or the lines above it) in `cls` and its bases: the CLI's --help and the tables."
-    docs = {}
-    for klass in reversed(cls.__mro__):  # fastcore's docments, as nbdev's show_doc reads them
-        if not dataclasses.is_dataclass(klass): continue
-        if klass not in _DOCS:
-            try: found = docments(klass)  # nothing for a class defined in __main__ (a notebook): no source file
-            except (OSError, TypeError): found = {}
-            _DOCS[klass] = {name: " ".join(doc.split()) for name, doc in found.items() if doc and name != "return"}
-        docs |= _DOCS[klass]
-    return docs
-
-# %% ../nbs/04_config.ipynb #fc5759c6
-def check_choice(name, value, allowed):
-    "Raise a ConfigError naming the field when `value` is not in `allowed` (with a did-you-mean)."
-    if value not in allowed:
-        hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], 1)
-        raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}"
-                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
-
-def check_positive(cfg, *names):
-    "Raise a ConfigError naming the first of the fields `names` of `cfg` that is not > 0."
-    for n in names:
-        if getattr(cfg, n) <= 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be > 0")
-
-def check_non_negative(cfg, *names):
-    "Raise a ConfigError naming the first of the fields `names` of `cfg` that is < 0."
-    for n in names:
-        if getattr(cfg, n) < 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be >= 0")
-
-
-
 # %% ../nbs/04_config.ipynb #adb5463c
 # what a model field may name, by family: the families each role accepts are listed where the role's field is checked
 MODEL_FAMILIES = {
@@ -370,6 +367,16 @@ class ModelSpec:
     @property
     def is_timm(self) -> bool: return self.family == "timm"
 
+# %% ../nbs/04_config.ipynb #6b5c3cf9
+def check_timm_model(field: str, name: str):
+    "Refuse a model name timm does not list, with the closest ones, before anything is built or downloaded."
+    import timm  # only for timm models: a config stays light to import
+    if timm.is_model(name): return
+    close = difflib.get_close_matches(name, timm.list_models(), 3)
+    raise ConfigError(f"{field}='timm:{name}': timm has no model {name!r}" + (
+        f"; did you mean {', '.join(repr('timm:' + c) for c in close)}?" if close else
+        "; list them with timm.list_models('*vit*')"))
+
 # %% ../nbs/04_config.ipynb #9794ff82
 @functools.lru_cache(maxsize=None)  # parsed once per value and role (errors are not cached)
 def model_spec(value: str, # what the field holds, e.g. "data2vec2", "timm:vit_small_patch16_224", "run:runs/x"
@@ -389,16 +396,6 @@ def model_spec(value: str, # what the field holds, e.g. "data2vec2", "timm:vit_s
         raise ConfigError(f"{field}={value!r}: {name} holds no config.json; point to a timm folder (kdnb export RUN "
                           "--out DIR writes one)")
     return spec
-
-# %% ../nbs/04_config.ipynb #6b5c3cf9
-def check_timm_model(field: str, name: str):
-    "Refuse a model name timm does not list, with the closest ones, before anything is built or downloaded."
-    import timm  # only for timm models: a config stays light to import
-    if timm.is_model(name): return
-    close = difflib.get_close_matches(name, timm.list_models(), 3)
-    raise ConfigError(f"{field}='timm:{name}': timm has no model {name!r}" + (
-        f"; did you mean {', '.join(repr('timm:' + c) for c in close)}?" if close else
-        "; list them with timm.list_models('*vit*')"))
 
 # %% ../nbs/04_config.ipynb #885794a9
 def check_weights(spec: ModelSpec, # the model the weights are for
@@ -546,28 +543,6 @@ def variants(cls: DistillBase) -> list:
     "The shared fields, DistillConfig, and the config class of every registered objective (each subclasses one)."
     return list(dict.fromkeys([DistillBase, DistillConfig] + [o.config for o in OBJECTIVES.values()]))
 
-# %% ../nbs/04_config.ipynb #5b23968a
-@patch(cls_method=True)
-def all_objectives(cls: DistillBase) -> list:
-    "Every registered objective (d2v first, also before its notebook registers it)."
-    return list(dict.fromkeys([DistillConfig.objective, *OBJECTIVES]))
-
-@patch(cls_method=True)
-def variant_hint(cls: DistillBase, key: str, owner: type, d: dict) -> str:
-    names = [o.name for o in OBJECTIVES.values() if issubclass(o.config, owner)] or [owner.objective]
-    return (f" (objective={d.get('objective', cls.objective)!r}): set objective to "
-            + " or ".join(map(repr, names)) + f" or leave {key} out")
-
-# %% ../nbs/04_config.ipynb #f719b984
-@patch(cls_method=True)
-def class_for(cls: DistillBase, d: dict) -> type:
-    "The config class registered for `d['objective']` (DistillConfig for d2v)."
-    objective = d.get("objective", cls.objective)
-    if objective in OBJECTIVES: return OBJECTIVES[objective].config
-    if objective == DistillConfig.objective: return DistillConfig  # before 07_distill registers d2v's task
-    raise ConfigError(f"objective={objective!r} is not one of {cls.all_objectives()}; the others are declared in "
-                      "kdnb.kinds: import it")
-
 # %% ../nbs/04_config.ipynb #2da98f1f
 @dataclass
 class BackboneSettings(BaseConfig):
@@ -666,7 +641,6 @@ def validate(self: TextDistillConfig):
     if self.dataset != "glue":
         raise ConfigError(f"dataset={self.dataset!r}: text distillation reads sentences from 'glue'")
 
-# %% ../nbs/04_config.ipynb #0229a6c8
 @patch
 def validate(self: TextConfig):
     super(TextConfig, self).validate()
@@ -790,7 +764,6 @@ CPU_RUN = dict(dataset="digits", img_size=16, patch_size=4, batch_size=32, num_w
                val_size=0.2, log_every=5)
 PRESETS = {}  # name -> Preset; kdnb.kinds registers every seed table here
 
-# %% ../nbs/04_config.ipynb #1278dfc9
 def register_presets(*presets: Preset):
     "Add presets to PRESETS: an objective's notebook adds its seed table's (as timm's models register themselves)."
     for p in presets:
@@ -975,6 +948,56 @@ def student_configs(self: DistillConfig) -> dict:
         except ConfigError as e: raise ConfigError(f"students: {name}: {e}") from None
     return out
 
+# %% ../nbs/04_config.ipynb #ea183ec2
+def _drop_old_defaults(cls: type, d: dict) -> dict:
+    "A config saved when one class held every objective's fields: other objectives' fields at their defaults go."
+    names = {f.name for f in fields(cls)} | set(cls.renamed)
+    others = {}  # a field of another objective's class, under its name now or an old one (FKD's `mixup`)
+    for v in cls.variants():
+        own = {f.name: f for f in fields(v)}
+        others |= {n: f for n, f in own.items() if n not in names}
+        others |= {old: own[new] for old, new in v.renamed.items() if old not in names and new in own}
+    old = lambda k, v: v == _default(others[k]) or v in _FORMER_DEFAULTS.get(k, ())
+    return {k: v for k, v in d.items() if not (k in others and old(k, v))}
+
+_FORMER_DEFAULTS = {"student_layer_kind": ("ffn",)}  # defaults that older files hold (before "auto": timm students)
+
+# %% ../nbs/04_config.ipynb #d92e2c70
+def _as_run(family: str, ckpt, role: str) -> tuple:
+    "(pretrained, checkpoint) that a model's old `checkpoint` value meant (None meant random, except where noted)."
+    # role: "encoder" (a student, a backbone), "teacher", "pipeline" (its student: None meant the published weights)
+    if family in FOLDERS: return True, None  # the folder held the weights; the checkpoint was not read
+    if ckpt == "random": return False, None  # timm's flag for random weights
+    if ckpt is not None: return True, ckpt
+    return family == "timm" or role == "pipeline" or role == "teacher" and family in ("data2vec2", "beitv2"), None
+
+def weights_as_run(cls: type, # the config class of the file
+                   d: dict, # the file's values, old names translated
+                  ) -> dict:
+    "A config file written before `pretrained` existed, with the two weights fields that say what it ran with."
+    default = lambda name: _default(next(f for f in fields(cls) if f.name == name))
+    for model_f, pre_f, ckpt_f, role in cls.weights_fields:
+        if pre_f in d or ckpt_f not in d: continue  # written with `pretrained` (or never naming the weights)
+        model = str(d.get(model_f, default(model_f))) if model_f else "data2vec2"
+        ckpt = d[ckpt_f]
+        if role == "teacher" and model == "beitv2" and ckpt is None:  # timm's supervised weights, as timm names them
+            d[model_f] = "timm:beitv2_base_patch16_224"
+        if role == "encoder" and d.get("students"): d["students"] = _students_as_run(d["students"], model, ckpt)
+        d[pre_f], d[ckpt_f] = _as_run(model.partition(":")[0], ckpt, role)
+    return d
+
+def _students_as_run(text: str, run_model: str, run_ckpt) -> str:
+    "Each student of an old `students` value with `pretrained` said: what its model and checkpoint meant then."
+    out = []
+    for entry, (name, over) in zip(filter(None, (e.strip() for e in text.split(","))), parse_students(text).items()):
+        family = str(over.get("model", run_model)).partition(":")[0]
+        ckpt = over["checkpoint"] if "checkpoint" in over else (  # then: the run's, or another family's default
+            run_ckpt if family == run_model.partition(":")[0] else {"data2vec2": "data2vec2_base"}.get(family))
+        pretrained, ckpt = _as_run(family, ckpt, "encoder")
+        if over.get("checkpoint") == "random": entry = entry.replace(":checkpoint=random", ":checkpoint=none")
+        out.append(f"{entry}:pretrained={pretrained}")
+    return ",".join(out)
+
 # %% ../nbs/04_config.ipynb #7f541c85
 def load_config(path) -> BaseConfig:
     "Load a saved config of any class (the class is recorded in the file)."
@@ -1007,57 +1030,26 @@ def config_class(name) -> type | None:
     rest = sorted(_subclasses(ConfigBase), key=lambda c: not live(c))  # stable: defined order within each group
     return next((c for c in [*registered, *rest] if c.__name__ == name), None)
 
-# %% ../nbs/04_config.ipynb #ea183ec2
-def _drop_old_defaults(cls: type, d: dict) -> dict:
-    "A config saved when one class held every objective's fields: other objectives' fields at their defaults go."
-    names = {f.name for f in fields(cls)} | set(cls.renamed)
-    others = {}  # a field of another objective's class, under its name now or an old one (FKD's `mixup`)
-    for v in cls.variants():
-        own = {f.name: f for f in fields(v)}
-        others |= {n: f for n, f in own.items() if n not in names}
-        others |= {old: own[new] for old, new in v.renamed.items() if old not in names and new in own}
-    old = lambda k, v: v == _default(others[k]) or v in _FORMER_DEFAULTS.get(k, ())
-    return {k: v for k, v in d.items() if not (k in others and old(k, v))}
+# %% ../nbs/04_config.ipynb #5b23968a
+@patch(cls_method=True)
+def all_objectives(cls: DistillBase) -> list:
+    "Every registered objective (d2v first, also before its notebook registers it)."
+    return list(dict.fromkeys([DistillConfig.objective, *OBJECTIVES]))
 
-# %% ../nbs/04_config.ipynb #6de94d07
-_FORMER_DEFAULTS = {"student_layer_kind": ("ffn",)}  # defaults that older files hold (before "auto": timm students)
+@patch(cls_method=True)
+def variant_hint(cls: DistillBase, key: str, owner: type, d: dict) -> str:
+    names = [o.name for o in OBJECTIVES.values() if issubclass(o.config, owner)] or [owner.objective]
+    return (f" (objective={d.get('objective', cls.objective)!r}): set objective to "
+            + " or ".join(map(repr, names)) + f" or leave {key} out")
 
-# %% ../nbs/04_config.ipynb #d92e2c70
-def _as_run(family: str, ckpt, role: str) -> tuple:
-    "(pretrained, checkpoint) that a model's old `checkpoint` value meant (None meant random, except where noted)."
-    # role: "encoder" (a student, a backbone), "teacher", "pipeline" (its student: None meant the published weights)
-    if family in FOLDERS: return True, None  # the folder held the weights; the checkpoint was not read
-    if ckpt == "random": return False, None  # timm's flag for random weights
-    if ckpt is not None: return True, ckpt
-    return family == "timm" or role == "pipeline" or role == "teacher" and family in ("data2vec2", "beitv2"), None
-
-def weights_as_run(cls: type, # the config class of the file
-                   d: dict, # the file's values, old names translated
-                  ) -> dict:
-    "A config file written before `pretrained` existed, with the two weights fields that say what it ran with."
-    default = lambda name: _default(next(f for f in fields(cls) if f.name == name))
-    for model_f, pre_f, ckpt_f, role in cls.weights_fields:
-        if pre_f in d or ckpt_f not in d: continue  # written with `pretrained` (or never naming the weights)
-        model = str(d.get(model_f, default(model_f))) if model_f else "data2vec2"
-        ckpt = d[ckpt_f]
-        if role == "teacher" and model == "beitv2" and ckpt is None:  # timm's supervised weights, as timm names them
-            d[model_f] = "timm:beitv2_base_patch16_224"
-        if role == "encoder" and d.get("students"): d["students"] = _students_as_run(d["students"], model, ckpt)
-        d[pre_f], d[ckpt_f] = _as_run(model.partition(":")[0], ckpt, role)
-    return d
-
-# %% ../nbs/04_config.ipynb #b42f4174
-def _students_as_run(text: str, run_model: str, run_ckpt) -> str:
-    "Each student of an old `students` value with `pretrained` said: what its model and checkpoint meant then."
-    out = []
-    for entry, (name, over) in zip(filter(None, (e.strip() for e in text.split(","))), parse_students(text).items()):
-        family = str(over.get("model", run_model)).partition(":")[0]
-        ckpt = over["checkpoint"] if "checkpoint" in over else (  # then: the run's, or another family's default
-            run_ckpt if family == run_model.partition(":")[0] else {"data2vec2": "data2vec2_base"}.get(family))
-        pretrained, ckpt = _as_run(family, ckpt, "encoder")
-        if over.get("checkpoint") == "random": entry = entry.replace(":checkpoint=random", ":checkpoint=none")
-        out.append(f"{entry}:pretrained={pretrained}")
-    return ",".join(out)
+@patch(cls_method=True)
+def class_for(cls: DistillBase, d: dict) -> type:
+    "The config class registered for `d['objective']` (DistillConfig for d2v)."
+    objective = d.get("objective", cls.objective)
+    if objective in OBJECTIVES: return OBJECTIVES[objective].config
+    if objective == DistillConfig.objective: return DistillConfig  # before 07_distill registers d2v's task
+    raise ConfigError(f"objective={objective!r} is not one of {cls.all_objectives()}; the others are declared in "
+                      "kdnb.kinds: import it")
 
 # %% ../nbs/04_config.ipynb #c4a8bf7e
 RUN_ONLY_PARAMS = {"preset"}
