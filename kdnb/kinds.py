@@ -89,7 +89,6 @@ def _tinymim(size: str, D: int, H: int) -> Preset:
 
 register_presets(_tinymim("t", 192, 3), _tinymim("s", 384, 6), _tinymim("b", 768, 12))
 
-# %% ../nbs/04b_kinds.ipynb #b69b2d6f
 @patch
 def validate(self: TinyMIMConfig):
     super(TinyMIMConfig, self).validate()
@@ -110,7 +109,6 @@ def _tinymim_ft(size: str, D: int, H: int, lr: float, epochs: int, batch: int, d
 register_presets(_tinymim_ft("t", 192, 3, 5e-3, 200, 2048, 0.1), _tinymim_ft("s", 384, 6, 5e-3, 200, 2048, 0.1),
                  _tinymim_ft("b", 768, 12, 2e-3, 100, 1024, 0.2))
 
-# %% ../nbs/04b_kinds.ipynb #999e4897
 register_objective(Objective("tinymim", TinyMIMConfig, make_task="kdnb.tinymim:tinymim_task"))
 
 # %% ../nbs/04b_kinds.ipynb #4e25a679
@@ -125,7 +123,6 @@ class ContrastiveConfig(DistillConfig):
 register_objective(Objective("contrastive", ContrastiveConfig, make_task="kdnb.contrastive:contrastive_task"))
 register_objective(Objective("d2v+contrastive", ContrastiveConfig, make_task="kdnb.contrastive:contrastive_task"))
 
-# %% ../nbs/04b_kinds.ipynb #c42fd109
 @patch
 def validate(self: ContrastiveConfig):
     super(ContrastiveConfig, self).validate()
@@ -189,7 +186,6 @@ def validate(self: FKDConfig):
 _SEED002 = ("Seed 002 (FerKD), Table 1: ImageNet-1K training from scratch on stored crop soft labels (300 epochs, "
             "1,024 crops per step = 256 images x 4 crops, AdamW lr 2e-3, wd 0.05, cosine, 5 warmup epochs); {}.")
 
-# %% ../nbs/04b_kinds.ipynb #aceb1a5e
 def _ferkd(arch: str, mix: dict, what: str) -> Preset:
     return Preset(f"ferkd_{arch}", "distill", dict(
         objective="ferkd", teacher="timm:regnety_1280.swag_ft_in1k", teacher_checkpoint=None, label_img_size=384,
