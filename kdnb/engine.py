@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm as terminal_bar
 from tqdm.notebook import tqdm as notebook_bar
-from .weights import load_state, save_weights
+from .weights import load_state, save_weights, weights_metadata
 from .layer_decay import param_groups
 from .config import ConfigError, load_config, weights_source
 from .files import DistInfo, Preempted, disk_error, write_atomic
@@ -26,12 +26,12 @@ from .models import compile_blocks
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'RECOMPILE_LIMIT', 'RESUME_MAY_CHANGE', 'PREEMPT_SIGNALS', 'RECORDS',
+__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'RECOMPILE_LIMIT', 'RECORDS', 'RESUME_MAY_CHANGE', 'PREEMPT_SIGNALS',
            'resolve_device', 'autocast_dtype', 'precision_name', 'setup_distributed', 'attempt_store', 'lr_factor',
            'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'compile_task', 'FolderBusy', 'FolderLock',
-           'Trainer', 'progress_mode', 'Progress', 'dumps', 'open_sinks', 'MetricsLogger', 'check_resume_config',
-           'non_finite_state', 'Checkpointer', 'Preemption', 'append_line', 'ModelEma', 'git_commit', 'machine_facts',
-           'code_commit', 'Summary', 'default_callbacks', 'read_records', 'read_run_summary', 'ensure_writable',
+           'git_commit', 'machine_facts', 'code_commit', 'Trainer', 'progress_mode', 'Progress', 'dumps', 'open_sinks',
+           'MetricsLogger', 'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption', 'append_line',
+           'ModelEma', 'Summary', 'default_callbacks', 'read_records', 'read_run_summary', 'ensure_writable',
            'fit_task']
 
 # %% ../nbs/06_engine.ipynb #038f35ab
@@ -134,11 +134,9 @@ class Callback:
     order = 0
     def __repr__(self): return type(self).__name__
 
-# %% ../nbs/06_engine.ipynb #79f44b7b
 EVENTS = ("before_fit", "before_epoch", "before_batch", "after_loss", "after_step", "after_batch",
           "after_eval", "after_epoch", "after_exception", "after_preempt", "after_fit")
 
-# %% ../nbs/06_engine.ipynb #c41c2cc2
 class NonFiniteLoss(RuntimeError):
     "The loss became NaN or Inf; the last good checkpoint is kept."
 
@@ -196,6 +194,51 @@ class FolderLock:
         os.ftruncate(self.fd, 0)  # no holder named any more
         fcntl.flock(self.fd, fcntl.LOCK_UN); os.close(self.fd)
         self.fd = None
+
+# %% ../nbs/06_engine.ipynb #ffeb4790
+RECORDS = ("results/",)  # tracked files that record what runs made: a change there is not a change of the code
+
+def git_commit(path=None) -> str | None:
+    "The current git commit (with '-dirty' when tracked files other than `RECORDS` have changes), or None outside git."
+    here = Path(globals()["__file__"]).parent if "__file__" in globals() else Path.cwd()
+    cwd = Path(path or here)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = [l for l in subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                           capture_output=True, text=True).stdout.splitlines()
+                 if not l[3:].startswith(RECORDS)]  # porcelain paths are the repository's, whatever cwd is
+        return sha + ("-dirty" if dirty else "")
+    except OSError: return _head_without_git(cwd)  # no git program (e.g. a bare GPU machine): read .git itself
+    except subprocess.CalledProcessError: return None
+
+# %% ../nbs/06_engine.ipynb #c7d70199
+def _head_without_git(cwd: Path) -> str | None:
+    "HEAD's commit read from the .git folder, marked '-unverified': without git, changed files cannot be seen."
+    root = next((p for p in (cwd, *cwd.parents) if (p / ".git" / "HEAD").is_file()), None)
+    if root is None: return None
+    head = (root / ".git" / "HEAD").read_text().strip()
+    if head.startswith("ref: "):
+        ref = head[5:]
+        loose = root / ".git" / ref
+        packed = root / ".git" / "packed-refs"
+        if loose.is_file(): head = loose.read_text().strip()
+        elif packed.is_file():
+            head = next((l.split()[0] for l in packed.read_text().splitlines() if l.endswith(" " + ref)), "")
+        else: return None
+    return head + "-unverified" if len(head) == 40 else None
+
+def machine_facts() -> dict:
+    "What decides whether a CPU run repeats bit for bit: the processor, torch's threads and torch's version."
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+@functools.cache
+def code_commit() -> str | None:
+    "The commit of kdnb's code, read once per process when the first Trainer is made (nothing runs at import)."
+    return git_commit()
 
 # %% ../nbs/06_engine.ipynb #c7ef1fee
 class Trainer:
@@ -278,11 +321,22 @@ def __call__(self: Trainer, event: str):
         except Exception as e:
             raise type(e)(f"{e}\n  (raised in callback {cb!r} at event '{event}')") if _reconstructible(e) else e
 
-# %% ../nbs/06_engine.ipynb #f32a1d15
+def _reconstructible(e):
+    try: type(e)("x"); return True
+    except Exception: return False
+
 @patch
 def cb(self: Trainer, cls):
     "The first callback of type `cls`, or None."
     return next((c for c in self.callbacks if isinstance(c, cls)), None)
+
+# %% ../nbs/06_engine.ipynb #2879850b
+def _non_finite_input(batch) -> torch.Tensor:
+    "A device-side flag: does any floating-point tensor of the batch hold NaN or Inf?"
+    tensors = [b for b in (batch if isinstance(batch, (list, tuple)) else [batch])
+               if torch.is_tensor(b) and b.is_floating_point()]
+    flags = [~torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)
 
 # %% ../nbs/06_engine.ipynb #f309bccb
 @patch
@@ -412,7 +466,6 @@ def fit(self: Trainer) -> dict:
     finally:
         if lock: lock.release()
 
-# %% ../nbs/06_engine.ipynb #28df4888
 @patch
 def _fit(self: Trainer) -> dict:
     self.completed, self.error, self.started = False, None, time.perf_counter()
@@ -482,17 +535,6 @@ def make_summary(self: Trainer) -> dict:
     skipped = self.out_dir / "skipped_images.txt"
     if skipped.exists(): s["skipped_images"] = len(set(skipped.read_text().splitlines()))
     return s
-
-def _non_finite_input(batch) -> torch.Tensor:
-    "A device-side flag: does any floating-point tensor of the batch hold NaN or Inf?"
-    tensors = [b for b in (batch if isinstance(batch, (list, tuple)) else [batch])
-               if torch.is_tensor(b) and b.is_floating_point()]
-    flags = [~torch.isfinite(t).all() for t in tensors]
-    return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)
-
-def _reconstructible(e):
-    try: type(e)("x"); return True
-    except Exception: return False
 
 # %% ../nbs/06_engine.ipynb #48e69647
 def progress_mode() -> str:
@@ -834,11 +876,6 @@ def append_line(path: Path, line: str, what: str = ""):
         with contextlib.suppress(OSError): os.truncate(path, size)
         raise disk_error(path, e, what) from e
 
-# %% ../nbs/06_engine.ipynb #be5b87fc
-from safetensors.torch import save_file
-
-from .weights import weights_metadata
-
 # %% ../nbs/06_engine.ipynb #f26117e8
 class ModelEma(Callback):
     "An EMA copy of the trained weights: updated after each optimiser step, evaluated beside them, checkpointed."
@@ -879,51 +916,6 @@ class ModelEma(Callback):
         live = t.task.trained_module().state_dict()  # onto the device of the weights it averages
         self.ema = {k: v.to(live[k].device) if k in live else v for k, v in load_file(str(p)).items()}
         self._bind(t)
-
-# %% ../nbs/06_engine.ipynb #ffeb4790
-RECORDS = ("results/",)  # tracked files that record what runs made: a change there is not a change of the code
-
-def git_commit(path=None) -> str | None:
-    "The current git commit (with '-dirty' when tracked files other than `RECORDS` have changes), or None outside git."
-    here = Path(globals()["__file__"]).parent if "__file__" in globals() else Path.cwd()
-    cwd = Path(path or here)
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = [l for l in subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                           capture_output=True, text=True).stdout.splitlines()
-                 if not l[3:].startswith(RECORDS)]  # porcelain paths are the repository's, whatever cwd is
-        return sha + ("-dirty" if dirty else "")
-    except OSError: return _head_without_git(cwd)  # no git program (e.g. a bare GPU machine): read .git itself
-    except subprocess.CalledProcessError: return None
-
-# %% ../nbs/06_engine.ipynb #c7d70199
-def _head_without_git(cwd: Path) -> str | None:
-    "HEAD's commit read from the .git folder, marked '-unverified': without git, changed files cannot be seen."
-    root = next((p for p in (cwd, *cwd.parents) if (p / ".git" / "HEAD").is_file()), None)
-    if root is None: return None
-    head = (root / ".git" / "HEAD").read_text().strip()
-    if head.startswith("ref: "):
-        ref = head[5:]
-        loose = root / ".git" / ref
-        packed = root / ".git" / "packed-refs"
-        if loose.is_file(): head = loose.read_text().strip()
-        elif packed.is_file():
-            head = next((l.split()[0] for l in packed.read_text().splitlines() if l.endswith(" " + ref)), "")
-        else: return None
-    return head + "-unverified" if len(head) == 40 else None
-
-def machine_facts() -> dict:
-    "What decides whether a CPU run repeats bit for bit: the processor, torch's threads and torch's version."
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
-        platform.processor()
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-@functools.cache
-def code_commit() -> str | None:
-    "The commit of kdnb's code, read once per process when the first Trainer is made (nothing runs at import)."
-    return git_commit()
 
 # %% ../nbs/06_engine.ipynb #e1d6dc9c
 class Summary(Callback):
