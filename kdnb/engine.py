@@ -30,7 +30,7 @@ __all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'RECOMPILE_LIMIT', 'RECORDS', 'RES
            'resolve_device', 'autocast_dtype', 'precision_name', 'setup_distributed', 'attempt_store', 'lr_factor',
            'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'compile_task', 'FolderBusy', 'FolderLock',
            'git_commit', 'machine_facts', 'code_commit', 'Trainer', 'progress_mode', 'Progress', 'dumps', 'open_sinks',
-           'MetricsLogger', 'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption', 'append_line',
+           'append_line', 'MetricsLogger', 'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption',
            'ModelEma', 'Summary', 'default_callbacks', 'read_records', 'read_run_summary', 'ensure_writable',
            'fit_task']
 
@@ -456,39 +456,6 @@ def evaluate(self: Trainer) -> dict:
     self("after_eval")
     return res
 
-# %% ../nbs/06_engine.ipynb #499d6cf6
-@patch
-def fit(self: Trainer) -> dict:
-    "Run the loop to the end of its steps; returns the run's summary (also written by the Summary callback)."
-    # the folder is this run's before any callback reads or writes it (rank 0 holds it for every rank)
-    lock = FolderLock(self.out_dir).acquire(getattr(self.cfg, "wait", False)) if self.dist.main else None
-    try: return self._fit()
-    finally:
-        if lock: lock.release()
-
-@patch
-def _fit(self: Trainer) -> dict:
-    self.completed, self.error, self.started = False, None, time.perf_counter()
-    self.task.train()
-    self("before_fit")
-    try:
-        while self.epoch < self.cfg.epochs and self.step < self.total_steps: self._train_epoch()
-        self.completed = True
-    except BaseException as e:
-        self.exception = e
-        self("after_exception")  # a callback may say what it means (a Preemption: the loader died of its signal)
-        if isinstance(self.exception, Preempted):  # the steps done are whole: they are saved
-            self.preempted = str(self.exception)
-            self._mean_loss()  # never checkpoint a NaN
-            self("after_preempt")  # the Checkpointer saves `last` at this step
-            raise Preempted(f"{self.preempted} at step {self.step}") from None
-        self.error = f"{type(e).__name__}: {e}".strip()
-        raise
-    finally:
-        self.summary = self.make_summary()
-        self("after_fit")
-    return self.summary
-
 # %% ../nbs/06_engine.ipynb #7b7c9a78
 @patch
 def _train_epoch(self: Trainer):
@@ -535,6 +502,39 @@ def make_summary(self: Trainer) -> dict:
     skipped = self.out_dir / "skipped_images.txt"
     if skipped.exists(): s["skipped_images"] = len(set(skipped.read_text().splitlines()))
     return s
+
+# %% ../nbs/06_engine.ipynb #499d6cf6
+@patch
+def fit(self: Trainer) -> dict:
+    "Run the loop to the end of its steps; returns the run's summary (also written by the Summary callback)."
+    # the folder is this run's before any callback reads or writes it (rank 0 holds it for every rank)
+    lock = FolderLock(self.out_dir).acquire(getattr(self.cfg, "wait", False)) if self.dist.main else None
+    try: return self._fit()
+    finally:
+        if lock: lock.release()
+
+@patch
+def _fit(self: Trainer) -> dict:
+    self.completed, self.error, self.started = False, None, time.perf_counter()
+    self.task.train()
+    self("before_fit")
+    try:
+        while self.epoch < self.cfg.epochs and self.step < self.total_steps: self._train_epoch()
+        self.completed = True
+    except BaseException as e:
+        self.exception = e
+        self("after_exception")  # a callback may say what it means (a Preemption: the loader died of its signal)
+        if isinstance(self.exception, Preempted):  # the steps done are whole: they are saved
+            self.preempted = str(self.exception)
+            self._mean_loss()  # never checkpoint a NaN
+            self("after_preempt")  # the Checkpointer saves `last` at this step
+            raise Preempted(f"{self.preempted} at step {self.step}") from None
+        self.error = f"{type(e).__name__}: {e}".strip()
+        raise
+    finally:
+        self.summary = self.make_summary()
+        self("after_fit")
+    return self.summary
 
 # %% ../nbs/06_engine.ipynb #48e69647
 def progress_mode() -> str:
@@ -591,7 +591,6 @@ def _finite_or_none(v):
     if isinstance(v, (list, tuple)): return [_finite_or_none(x) for x in v]
     return v
 
-# %% ../nbs/06_engine.ipynb #010e63c9
 def dumps(obj, **kw) -> str:
     "JSON that stays valid: NaN and Inf become null (json.dumps would write bare NaN, which no JSON reader accepts)."
     return json.dumps(_finite_or_none(obj), allow_nan=False, **kw)
@@ -612,6 +611,18 @@ def open_sinks(t) -> tuple: # (TensorBoard writer or None, W&B run or None)
             raise RuntimeError("wandb=True but wandb is not installed: pip install wandb, or set wandb=False") from e
         wb = wandb.init(project="kdnb", name=t.out_dir.name, config=t.cfg.to_dict(), resume="allow")
     return tb, wb
+
+# %% ../nbs/06_engine.ipynb #e4cd175a
+def append_line(path: Path, line: str, what: str = ""):
+    "Append one line to a JSONL file, or nothing: a failed write (a full disk) is cut back to the last whole line."
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError): os.truncate(path, size)
+        raise disk_error(path, e, what) from e
 
 # %% ../nbs/06_engine.ipynb #3e5332de
 class MetricsLogger(Callback):
@@ -863,18 +874,6 @@ class Preemption(Callback):
         for sig, handler in self._old.items():  # for the workers the signal ended (a new loader sets it again)
             if not (keep_sigchld and sig == getattr(signal, "SIGCHLD", None)): signal.signal(sig, handler)
         self._old = {}
-
-# %% ../nbs/06_engine.ipynb #e4cd175a
-def append_line(path: Path, line: str, what: str = ""):
-    "Append one line to a JSONL file, or nothing: a failed write (a full disk) is cut back to the last whole line."
-    size = path.stat().st_size if path.exists() else 0
-    try:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-    except OSError as e:
-        with contextlib.suppress(OSError): os.truncate(path, size)
-        raise disk_error(path, e, what) from e
 
 # %% ../nbs/06_engine.ipynb #f26117e8
 class ModelEma(Callback):
