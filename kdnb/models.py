@@ -28,7 +28,7 @@ __all__ = ['log', 'LAYER_KINDS', 'D2V2_PREFIX', 'D2V2_KEY_MAP', 'D2V2_IGNORED', 
            'HEAD_NORM_EPS', 'HEAD_INIT_STD', 'TIMM_NAME', 'default_cfgs', 'TIMM_BLOCKS', 'sincos_pos_embed_2d',
            'Attention', 'PostLNBlock', 'Data2Vec2Encoder', 'tiny_data2vec2', 'd2v2_split_wrapper',
            'd2v2_checkpoint_filter_fn', 'd2v2_arch', 'download_checkpoint', 'load_checkpoint_file',
-           'convert_checkpoint', 'encoder_from_state', 'load_data2vec2', 'to_fairseq_state_dict', 'fairseq_cfg',
+           'convert_checkpoint', 'encoder_from_state', 'to_fairseq_state_dict', 'fairseq_cfg', 'load_data2vec2',
            'input_renorm', 'renormalised', 'has_cls_token', 'target_tokens', 'batched_rel_pos_bias', 'FrozenTeacher',
            'check_timm_name', 'offline_hint', 'warn_timm_weights', 'create_timm', 'beitv2_teacher', 'timm_teacher',
            'frozen_timm', 'TimmEncoder', 'set_drop_path', 'Classifier', 'data2vec2_for_timm', 'kdnb_data2vec2',
@@ -131,6 +131,25 @@ class Data2Vec2Encoder(nn.Module):
 @patch(as_prop=True)
 def all_blocks(self: Data2Vec2Encoder): return [*self.prenet, *self.blocks]
 
+# %% ../nbs/01_models.ipynb #64724b4b
+@patch
+def init_weights(self: Data2Vec2Encoder):
+    "MAE/data2vec-style init: xavier patch projection, truncated-normal linears, unit LayerNorms."
+    w = self.patch_embed.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.normal_(self.cls_token, std=0.02)
+    for m in self.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None: nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+
+# %% ../nbs/01_models.ipynb #d7f75021
+def tiny_data2vec2(**kwargs) -> Data2Vec2Encoder:
+    "A 2-block, 32-wide Data2Vec2Encoder on 16x16 images: the test and demo fixture."
+    return Data2Vec2Encoder(**{**dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2), **kwargs})
+
 # %% ../nbs/01_models.ipynb #0cb046f2
 @patch
 def set_fused_attn(self: Data2Vec2Encoder, enable: bool = True):
@@ -218,20 +237,6 @@ def group_matcher(self: Data2Vec2Encoder, coarse: bool = False):
     return dict(stem=r"^cls_token|^pos_embed|^patch_embed|^norm_pre",
                 blocks=[(r"^prenet\.(\d+)", (0,)), (r"^blocks\.(\d+)", (1,))])
 
-# %% ../nbs/01_models.ipynb #64724b4b
-@patch
-def init_weights(self: Data2Vec2Encoder):
-    "MAE/data2vec-style init: xavier patch projection, truncated-normal linears, unit LayerNorms."
-    w = self.patch_embed.proj.weight.data
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-    nn.init.normal_(self.cls_token, std=0.02)
-    for m in self.modules():
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None: nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
-
 # %% ../nbs/01_models.ipynb #5e1c0a05
 @patch
 def set_input_size(self: Data2Vec2Encoder, img_size: int | tuple[int, int]):
@@ -244,11 +249,6 @@ def set_input_size(self: Data2Vec2Encoder, img_size: int | tuple[int, int]):
     self.pos_embed = sincos_pos_embed_2d(self.embed_dim, self.patch_embed.grid_size[0])[None].to(self.pos_embed)
     self.img_size = self.arch["img_size"] = h
     return self
-
-# %% ../nbs/01_models.ipynb #d7f75021
-def tiny_data2vec2(**kwargs) -> Data2Vec2Encoder:
-    "A 2-block, 32-wide Data2Vec2Encoder on 16x16 images: the test and demo fixture."
-    return Data2Vec2Encoder(**{**dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2), **kwargs})
 
 # %% ../nbs/01_models.ipynb #61a00654
 D2V2_PREFIX = "modality_encoders.IMAGE."
@@ -423,6 +423,21 @@ def encoder_from_state(arch: dict, # Data2Vec2Encoder arguments, as the checkpoi
                        "architecture if its cfg is wrong.")
     return model
 
+# %% ../nbs/01_models.ipynb #f8fbfcf2
+def to_fairseq_state_dict(model: Data2Vec2Encoder) -> dict:
+    "The inverse of `d2v2_checkpoint_filter_fn`: `model`'s weights under fairseq data2vec 2.0 keys (tests, export)."
+    inv = [(dst, src) for src, dst in D2V2_KEY_MAP]
+    return {next(src + k[len(dst):] for dst, src in inv if k.startswith(dst)): v.clone()
+            for k, v in model.state_dict().items()}
+
+def fairseq_cfg(model: Data2Vec2Encoder) -> dict:
+    "A fairseq-style `cfg` for `model` (the fields that `d2v2_arch` reads)."
+    return {"model": {"_name": "data2vec_multi", "embed_dim": model.embed_dim, "depth": len(model.blocks),
+                      "num_heads": model.num_heads, "mlp_ratio": model.blocks[0].mlp.fc1.out_features / model.embed_dim,
+                      "norm_eps": model.norm_pre.eps, "layer_norm_first": False,
+                      "modalities": {"image": {"input_size": model.img_size, "patch_size": model.patch_size,
+                                               "prenet_depth": len(model.prenet), "in_chans": 3}}}}
+
 # %% ../nbs/01_models.ipynb #fed687cf
 def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL, named default, or loaded fairseq dict
                    depth: int | None = None, # keep the first `depth` main blocks; None keeps all
@@ -447,21 +462,6 @@ def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL
              f"{len(model.prenet)} prenet + {len(model.blocks)} main blocks; ignored {len(ignored)} keys "
              f"({', '.join(sorted({k.split('.')[0] for k in ignored})) or 'none'})")
     return model
-
-# %% ../nbs/01_models.ipynb #f8fbfcf2
-def to_fairseq_state_dict(model: Data2Vec2Encoder) -> dict:
-    "The inverse of `d2v2_checkpoint_filter_fn`: `model`'s weights under fairseq data2vec 2.0 keys (tests, export)."
-    inv = [(dst, src) for src, dst in D2V2_KEY_MAP]
-    return {next(src + k[len(dst):] for dst, src in inv if k.startswith(dst)): v.clone()
-            for k, v in model.state_dict().items()}
-
-def fairseq_cfg(model: Data2Vec2Encoder) -> dict:
-    "A fairseq-style `cfg` for `model` (the fields that `d2v2_arch` reads)."
-    return {"model": {"_name": "data2vec_multi", "embed_dim": model.embed_dim, "depth": len(model.blocks),
-                      "num_heads": model.num_heads, "mlp_ratio": model.blocks[0].mlp.fc1.out_features / model.embed_dim,
-                      "norm_eps": model.norm_pre.eps, "layer_norm_first": False,
-                      "modalities": {"image": {"input_size": model.img_size, "patch_size": model.patch_size,
-                                               "prenet_depth": len(model.prenet), "in_chans": 3}}}}
 
 # %% ../nbs/01_models.ipynb #5e1c0a01
 def input_renorm(module: nn.Module, mean, std, data_mean=IMAGENET_DEFAULT_MEAN, data_std=IMAGENET_DEFAULT_STD):
