@@ -51,7 +51,7 @@ def _check_type(name, value, tp):
     if tp is float and not math.isfinite(value): raise ConfigError(f"{name}={value!r} must be a finite number")
     return value
 
-# %% ../nbs/04_config.ipynb #fc5759c6
+# %% ../nbs/04_config.ipynb #da59f2b5
 def check_choice(name, value, allowed):
     "Raise a ConfigError naming the field when `value` is not in `allowed` (with a did-you-mean)."
     if value not in allowed:
@@ -59,23 +59,24 @@ def check_choice(name, value, allowed):
         raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}"
                           + (f"; did you mean {hint[0]!r}?" if hint else ""))
 
+# %% ../nbs/04_config.ipynb #17e1accb
 def check_positive(cfg, *names):
     "Raise a ConfigError naming the first of the fields `names` of `cfg` that is not > 0."
     for n in names:
         if getattr(cfg, n) <= 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be > 0")
 
+# %% ../nbs/04_config.ipynb #a3a71ca4
 def check_non_negative(cfg, *names):
     "Raise a ConfigError naming the first of the fields `names` of `cfg` that is < 0."
     for n in names:
         if getattr(cfg, n) < 0: raise ConfigError(f"{n}={getattr(cfg, n)!r} must be >= 0")
 
-
-
-# %% ../nbs/04_config.ipynb #f50b597f
+# %% ../nbs/04_config.ipynb #88dc5e54
 def _subclasses(c: type) -> list:
     "`c` and every class derived from it, depth first."
     return [c] + [s for sub in c.__subclasses__() for s in _subclasses(sub)]
 
+# %% ../nbs/04_config.ipynb #3b04df52
 def _default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
@@ -87,6 +88,7 @@ def _resolve(cls, f):
     if cls not in _HINTS: _HINTS[cls] = typing.get_type_hints(cls)
     return _HINTS[cls][f.name]
 
+# %% ../nbs/04_config.ipynb #6e61cd5b
 def field_docs(cls) -> dict[str, str]:
     "Each field's comment (on its line, or the lines above it) in `cls` and its bases: the CLI's --help and the tables."
     docs = {}
@@ -99,7 +101,7 @@ def field_docs(cls) -> dict[str, str]:
         docs |= _DOCS[klass]
     return docs
 
-# %% ../nbs/04_config.ipynb #b9db5cd9
+# %% ../nbs/04_config.ipynb #75342825
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder")
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
@@ -123,6 +125,7 @@ class ConfigBase:
 @patch
 def validate(self: ConfigBase): pass
 
+# %% ../nbs/04_config.ipynb #ed048e7e
 @patch
 def to_dict(self: ConfigBase) -> dict: return asdict(self)
 
@@ -293,12 +296,13 @@ class BaseConfig(OptimSettings):
     tensorboard: bool = True # write TensorBoard events to out_dir/tb
     wandb: bool = False # log to Weights & Biases (when installed)
 
-# %% ../nbs/04_config.ipynb #cba9d9e8
+# %% ../nbs/04_config.ipynb #cedd6260
 def check_out_dir(cfg):
     "resume=True or 'auto' continues the run in out_dir, so it needs one: a fresh folder would always start over."
     if cfg.resume and cfg.out_dir is None:
         raise ConfigError(f"resume={cfg.resume!r} needs out_dir: the folder of the run to continue")
 
+# %% ../nbs/04_config.ipynb #b6d17a11
 @patch
 def started(self: ConfigBase, folder: str | None = None) -> ConfigBase:
     "The config of a run starting now: out_dir=None becomes `folder`, or a fresh runs/<preset>-<dataset>-<time>."

@@ -132,11 +132,12 @@ def stratified_split(targets, # labels of the data set
                          f"{len(set(targets))} classes ({e}); change val_size or train_subset") from e
     return np.sort(tr), np.sort(va)
 
-# %% ../nbs/05_data.ipynb #3aca827e
+# %% ../nbs/05_data.ipynb #6ed98be7
 def derive_seed(*parts) -> int:
     "A 63-bit seed from any tuple of ints/strings (stable across processes, unlike hash())."
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
+# %% ../nbs/05_data.ipynb #ae8f8df4
 @contextlib.contextmanager
 def seeded(seed: int):
     """Run a block with torch, numpy and random seeded; torch's and random's states are restored afterwards.

@@ -25,13 +25,14 @@ __all__ = ['log', 'layer_kind', 'ready_student', 'DistillTask', 'MappedStudent',
            'teacher_layer_kind', 'build_teacher', 'build_student', 'check_pair', 'd2v_task', 'distill', 'StudentFamily',
            'FamilyDistillTask', 'family_task', 'StudentFolders', 'own_keys', 'write_student', 'distill_students']
 
-# %% ../nbs/07_distill.ipynb #5e1c0c01
+# %% ../nbs/07_distill.ipynb #5fa96fe8
 def layer_kind(setting: str, # "ffn", "block", or "auto"
                encoder: nn.Module) -> str:
     "A model's activation per layer: `auto` is the FFN output for kdnb's post-LN encoders, the block output else."
     if setting != "auto": return setting
     return "ffn" if isinstance(getattr(encoder, "backbone", encoder), Data2Vec2Encoder) else "block"
 
+# %% ../nbs/07_distill.ipynb #d19c9b82
 def ready_student(student: nn.Module, setting: str) -> str: # the student's layer kind (`layer_kind`)
     "A student's layer kind; for FFN outputs, the last block's norm2 (after its FFN, never reaching the loss) frozen."
     kind = layer_kind(setting, student)

@@ -34,7 +34,7 @@ __all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'RECOMPILE_LIMIT', 'RECORDS', 'RES
            'ModelEma', 'Summary', 'default_callbacks', 'read_records', 'read_run_summary', 'ensure_writable',
            'fit_task']
 
-# %% ../nbs/06_engine.ipynb #038f35ab
+# %% ../nbs/06_engine.ipynb #5e9dbfbc
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     "The torch device for a config's `device`; 'auto' is CUDA when available, else CPU."
     if device == "auto": device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,6 +43,7 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     if device == "cuda": device = f"cuda:{local_rank}"
     return torch.device(device)
 
+# %% ../nbs/06_engine.ipynb #de504d94
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     "The autocast dtype for a precision setting: bf16 on CUDA by default, none (fp32) on CPU unless asked."
     if precision == "auto": precision = "bf16" if device.type == "cuda" else "fp32"
@@ -50,6 +51,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         raise RuntimeError("precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
+# %% ../nbs/06_engine.ipynb #2c8ca826
 def precision_name(amp_dtype: torch.dtype | None) -> str:
     "What a run computed in (recorded in its summary): 'fp32', 'bf16' or 'fp16'."
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
@@ -212,7 +214,7 @@ def git_commit(path=None) -> str | None:
     except OSError: return _head_without_git(cwd)  # no git program (e.g. a bare GPU machine): read .git itself
     except subprocess.CalledProcessError: return None
 
-# %% ../nbs/06_engine.ipynb #c7d70199
+# %% ../nbs/06_engine.ipynb #bd9ee382
 def _head_without_git(cwd: Path) -> str | None:
     "HEAD's commit read from the .git folder, marked '-unverified': without git, changed files cannot be seen."
     root = next((p for p in (cwd, *cwd.parents) if (p / ".git" / "HEAD").is_file()), None)
@@ -228,6 +230,7 @@ def _head_without_git(cwd: Path) -> str | None:
         else: return None
     return head + "-unverified" if len(head) == 40 else None
 
+# %% ../nbs/06_engine.ipynb #cc7bc4c9
 def machine_facts() -> dict:
     "What decides whether a CPU run repeats bit for bit: the processor, torch's threads and torch's version."
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
@@ -235,6 +238,7 @@ def machine_facts() -> dict:
         platform.processor()
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
+# %% ../nbs/06_engine.ipynb #2fc132e4
 @functools.cache
 def code_commit() -> str | None:
     "The commit of kdnb's code, read once per process when the first Trainer is made (nothing runs at import)."
@@ -309,7 +313,7 @@ def wrap_ddp(self: Trainer):
                                                       find_unused_parameters=self.task.ddp_find_unused)
     setattr(self.task, self.task.trainable, trained)
 
-# %% ../nbs/06_engine.ipynb #a95d4f97
+# %% ../nbs/06_engine.ipynb #990e1b09
 @patch
 def __call__(self: Trainer, event: str):
     "Fire `event` on every callback; an error names the callback and the event."
@@ -321,6 +325,7 @@ def __call__(self: Trainer, event: str):
         except Exception as e:
             raise type(e)(f"{e}\n  (raised in callback {cb!r} at event '{event}')") if _reconstructible(e) else e
 
+# %% ../nbs/06_engine.ipynb #553c6ea0
 def _reconstructible(e):
     try: type(e)("x"); return True
     except Exception: return False
@@ -701,7 +706,7 @@ def check_resume_config(saved, cfg, where):
                           "Resume with the saved values (only epochs/max_steps may grow), start a new run in another "
                           f"out_dir, or allow the change explicitly: resume_changes=\"{','.join(changed + shrunk)}\"")
 
-# %% ../nbs/06_engine.ipynb #811c1d6c
+# %% ../nbs/06_engine.ipynb #6127e330
 def non_finite_state(t) -> str | None:
     "Which of the trained weights and the optimiser's state hold NaN or Inf (one device sync per checkpoint), or None."
     weights = {n: v for n, v in t.task.trained_module().state_dict().items() if v.is_floating_point()}
@@ -720,6 +725,7 @@ def non_finite_state(t) -> str | None:
              if bad_w else []) + ([f"the optimiser's {' and '.join(bad_m)}"] if bad_m else [])
     return " and ".join(parts)
 
+# %% ../nbs/06_engine.ipynb #8481d180
 class Checkpointer(Callback):
     order = 20
     @staticmethod

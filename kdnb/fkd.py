@@ -56,7 +56,7 @@ def render_crop(img, # a PIL image
     if augment is not None: out = augment(out)
     return TF.normalize(TF.to_tensor(out), mean, std)
 
-# %% ../nbs/11_fkd.ipynb #6a3b00b4
+# %% ../nbs/11_fkd.ipynb #c4299437
 def soft_targets(idx: torch.Tensor, # [..., k] class indices
                  prob: torch.Tensor, # [..., k] their probabilities
                  num_classes: int) -> torch.Tensor: # [..., C] float32, sums to 1
@@ -67,6 +67,7 @@ def soft_targets(idx: torch.Tensor, # [..., k] class indices
     out = rest.expand(*prob.shape[:-1], num_classes).clone()
     return out.scatter_(-1, idx.long(), prob)
 
+# %% ../nbs/11_fkd.ipynb #bedaade3
 def smoothed_onehot(y: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
     "(1 - eps) one-hot(y) + eps / C: FerKD's softened ground truth."
     return F.one_hot(y.long(), num_classes).float() * (1 - eps) + eps / num_classes

@@ -157,11 +157,12 @@ def set_fused_attn(self: Data2Vec2Encoder, enable: bool = True):
     for b in self.all_blocks: b.attn.fused_attn = enable
     return self
 
-# %% ../nbs/01_models.ipynb #d770410c
+# %% ../nbs/01_models.ipynb #d26fc00c
 @patch
 def patch_tokens(self: Data2Vec2Encoder, x): # [B, C, H, W] -> [B, N, D] patch embeddings with their positions
     return self.patch_embed(x) + self.pos_embed.to(x.dtype)
 
+# %% ../nbs/01_models.ipynb #dbcba23a
 @patch
 def _run_blocks(self: Data2Vec2Encoder, x, # [B, N, D] from `patch_tokens`
                 keep: torch.Tensor | None = None, # [B, K] indices of the patches kept (masked pretraining)
@@ -286,10 +287,11 @@ def d2v2_checkpoint_filter_fn(state_dict: dict, # the fairseq `model` state dict
         out[new] = v
     return out, ignored, unknown
 
-# %% ../nbs/01_models.ipynb #fb6cc462
+# %% ../nbs/01_models.ipynb #84c243ca
 def _count_blocks(keys, prefix):
     return len({int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
 
+# %% ../nbs/01_models.ipynb #39adbf95
 def d2v2_arch(ckpt: dict, # a fairseq checkpoint: {'cfg': ..., 'model': state dict}
              ) -> dict: # keyword arguments of Data2Vec2Encoder
     "Read the encoder's architecture from a checkpoint's `cfg`, else from its tensor shapes."
@@ -423,13 +425,14 @@ def encoder_from_state(arch: dict, # Data2Vec2Encoder arguments, as the checkpoi
                        "architecture if its cfg is wrong.")
     return model
 
-# %% ../nbs/01_models.ipynb #f8fbfcf2
+# %% ../nbs/01_models.ipynb #ac39e76c
 def to_fairseq_state_dict(model: Data2Vec2Encoder) -> dict:
     "The inverse of `d2v2_checkpoint_filter_fn`: `model`'s weights under fairseq data2vec 2.0 keys (tests, export)."
     inv = [(dst, src) for src, dst in D2V2_KEY_MAP]
     return {next(src + k[len(dst):] for dst, src in inv if k.startswith(dst)): v.clone()
             for k, v in model.state_dict().items()}
 
+# %% ../nbs/01_models.ipynb #ca25b0fa
 def fairseq_cfg(model: Data2Vec2Encoder) -> dict:
     "A fairseq-style `cfg` for `model` (the fields that `d2v2_arch` reads)."
     return {"model": {"_name": "data2vec_multi", "embed_dim": model.embed_dim, "depth": len(model.blocks),
@@ -463,7 +466,7 @@ def load_data2vec2(checkpoint: str | Path | dict = "data2vec2_base", # path, URL
              f"({', '.join(sorted({k.split('.')[0] for k in ignored})) or 'none'})")
     return model
 
-# %% ../nbs/01_models.ipynb #5e1c0a01
+# %% ../nbs/01_models.ipynb #db8ae300
 def input_renorm(module: nn.Module, mean, std, data_mean=IMAGENET_DEFAULT_MEAN, data_std=IMAGENET_DEFAULT_STD):
     "Buffers `scale`, `shift` that re-normalise images from the data's statistics to a model's: x * scale + shift."
     t = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
@@ -472,9 +475,11 @@ def input_renorm(module: nn.Module, mean, std, data_mean=IMAGENET_DEFAULT_MEAN, 
     module.register_buffer("shift", (t(data_mean) - t(mean)) / t(std), persistent=False)
     return not (torch.allclose(module.scale, torch.ones(1)) and torch.allclose(module.shift, torch.zeros(1)))
 
+# %% ../nbs/01_models.ipynb #717a67dc
 def renormalised(module: nn.Module, x): # [B, C, H, W] in the data's statistics -> the model's (`input_renorm`)
     return x * module.scale.to(x.dtype) + module.shift.to(x.dtype) if module.renormalise else x
 
+# %% ../nbs/01_models.ipynb #67a6b8c0
 def has_cls_token(model: nn.Module) -> bool:
     "Whether a ViT has a CLS token (timm's `cls_token` is None without one; a distillation token is not one)."
     return getattr(model, "cls_token", None) is not None
@@ -564,7 +569,7 @@ def match_grid(self: FrozenTeacher, grid: tuple[int, int]): # the student's patc
     log.info(f"teacher input {size[0]}x{size[1]} px: its {p[0]}-px patches give the student's {grid[0]}x{grid[1]} grid")
     return self
 
-# %% ../nbs/01_models.ipynb #8714644f
+# %% ../nbs/01_models.ipynb #2fecda99
 BEIT_MIM_ONLY = re.compile(r"^(mask_token|lm_head\.|cls_pt_layers\.|cls_pt_norm\.|head\.|fc_norm\.)")
 
 def check_timm_name(name: str):
@@ -574,6 +579,7 @@ def check_timm_name(name: str):
         raise ValueError(f"timm has no model {name!r}" + (f"; did you mean {', '.join(map(repr, close))}?" if close else
                          "; list them with timm.list_models('*vit*')"))
 
+# %% ../nbs/01_models.ipynb #3427c9c5
 def offline_hint(name: str, e: Exception, field: str = "teacher_checkpoint") -> RuntimeError:
     "The error for timm weights that cannot be fetched: what failed, and the local-file (or random) way out."
     return RuntimeError(f"could not fetch timm weights for {name} ({type(e).__name__}: {e}). Offline, pass a local "

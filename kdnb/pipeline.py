@@ -35,21 +35,24 @@ def student_seeds(p: PipelineConfig) -> list[int]:
     "The seeds of the student stages, probes and finetunes."
     return [p.seed + k for k in range(p.seeds)]
 
-# %% ../nbs/18_pipeline.ipynb #63aaa266
+# %% ../nbs/18_pipeline.ipynb #2876e46b
 def _sfx(p: PipelineConfig, seed: int) -> str: return "" if p.seeds == 1 else f"_s{seed}"
 
+# %% ../nbs/18_pipeline.ipynb #b63083a3
 def stage_precision(p: PipelineConfig) -> dict:
     "The stages' precision: `p.precision`, and for 'auto' bf16 on CUDA; {} keeps each stage preset's own (the CPU's)."
     on_cuda = p.device.startswith("cuda") or (p.device == "auto" and torch.cuda.is_available())
     if p.precision == "auto": return {"precision": "bf16"} if on_cuda else {}
     return {"precision": p.precision}
 
+# %% ../nbs/18_pipeline.ipynb #c4514a29
 def _common(p: PipelineConfig, seed: int) -> dict:
     # every student seed reads the teacher seed's split and subset (`split_seed`; None when it is the seed itself)
     return dict(dataset=p.dataset, data_root=p.data_root, val_size=p.val_size, train_subset=p.train_subset,
                 seed=seed, split_seed=None if seed == p.seed else p.seed, device=p.device,
                 num_workers=p.num_workers, batch_size=p.batch_size, resume=p.resume is True, **stage_precision(p))
 
+# %% ../nbs/18_pipeline.ipynb #d35471fb
 def _local(p: PipelineConfig) -> bool:
     "Models trained here: sizes and budgets come from this config and the CPU presets."
     return p.teacher in ("train", "pretrain")
@@ -94,18 +97,20 @@ def teacher_stages(p: PipelineConfig) -> tuple[dict, dict, tuple]:
     students[""] = (given, 6, p.student)  # "data2vec2" or a timm model
     return st, students, ("beitv2", p.teacher_checkpoint or "beitv2_base_pt1k", "block", None)
 
-# %% ../nbs/18_pipeline.ipynb #fe469935
+# %% ../nbs/18_pipeline.ipynb #3bf741bb
 ARMS = {"": "main", "_other": "other", "_random": "random"}  # a setting's suffix -> its student's name in one stage
 
 def weights(start) -> dict:
     "A stage's weights fields from a start: a checkpoint, None (the published weights) or 'random'."
     return dict(pretrained=False, checkpoint=None) if start == "random" else dict(pretrained=True, checkpoint=start)
 
+# %% ../nbs/18_pipeline.ipynb #aa0806f6
 def distill_dir(out: Path, p: PipelineConfig, students: dict, sx: str, seed: int) -> Path:
     "Setting `sx`'s distilled student of `seed` under `out`: its folder in the seed's one stage, or its own stage."
     if p.one_teacher_pass and len(students) > 1: return Path(out) / f"distill{_sfx(p, seed)}" / "students" / ARMS[sx]
     return Path(out) / f"distill{sx}{_sfx(p, seed)}"
 
+# %% ../nbs/18_pipeline.ipynb #a88b4791
 def student_stages(p: PipelineConfig, students: dict, teacher: tuple, seed: int) -> dict:
     "One seed's distillations (one stage of several students, or one per setting) and arm (c)'s data2vec 2.0 training."
     out, st, local = Path(p.out_dir), {}, _local(p)
@@ -162,7 +167,7 @@ def stage_configs(p: PipelineConfig) -> dict[str, "ConfigBase"]:
                     out_dir=str(Path(p.out_dir) / f"{mode}_{name}{_sfx(p, seed)}"))
     return st
 
-# %% ../nbs/18_pipeline.ipynb #29f67fbc
+# %% ../nbs/18_pipeline.ipynb #5f17c276
 def _finished(run_dir: Path, cfg) -> bool:
     "Whether a stage's folder holds a finished run of `cfg` (a finished run of another config is refused)."
     if not read_summary(run_dir).get("finished", False): return False  # missing, cut or unfinished
@@ -171,6 +176,7 @@ def _finished(run_dir: Path, cfg) -> bool:
 
 PIPELINE_MAY_CHANGE = {"resume", "out_dir", "preset", "device", "num_workers", "wait"}
 
+# %% ../nbs/18_pipeline.ipynb #83a7e786
 def _start(p: PipelineConfig) -> Path:
     "The pipeline's folder, checked against what it holds: a new pipeline, or the same one continued."
     out = Path(p.out_dir)
@@ -442,7 +448,7 @@ def pipeline_command(run_dir) -> str:
               if f.name not in skip and getattr(p, f.name) != getattr(default, f.name)]
     return " ".join(["papermill nbs/run_pipeline.ipynb out.ipynb", *params])
 
-# %% ../nbs/18_pipeline.ipynb #20b15c74
+# %% ../nbs/18_pipeline.ipynb #169e63cb
 SHOWN_DECIMALS = {"acc1": 2, "acc5": 2, "mIoU": 2, "mAcc": 2, "aAcc": 2}  # as the pages show them; else 4 digits
 NOT_COMPARED = {"images_per_s", "train_time_s", "wall_time_s", "lr_scale"}  # times depend on the machine's load
 
@@ -453,6 +459,7 @@ def shown(key: str, v):
     if isinstance(v, bool) or not isinstance(v, (int, float)): return v
     return round(v, SHOWN_DECIMALS[key]) if key in SHOWN_DECIMALS else float(f"{v:.4g}")
 
+# %% ../nbs/18_pipeline.ipynb #90bb9819
 def same_number(key: str, a, b) -> bool:
     "Shown alike, or a rounding tie: within `TIE_RTOL` of each other but on either side of a shown digit's boundary."
     if shown(key, a) == shown(key, b): return True

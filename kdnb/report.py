@@ -109,7 +109,7 @@ def mean_interval(values, # one number per seed (None / NaN: a run that did not 
     ci = float(stats.t.ppf((1 + level) / 2, n - 1) * x.std(ddof=1) / np.sqrt(n)) if n > 1 else None
     return {"mean": mean, "ci": ci, "n": n, "low": mean - (ci or 0.0), "high": mean + (ci or 0.0)}
 
-# %% ../nbs/17_report.ipynb #53248913
+# %% ../nbs/17_report.ipynb #a193871c
 def interval_table(runs: pd.DataFrame, # long table: one row per run, with columns `by`, `over`, "seed" and `value`
                    by: str = "model", # the arm
                    over: str = "mode", # the evaluation (linear_probe, finetune): one column group each
@@ -124,6 +124,7 @@ def interval_table(runs: pd.DataFrame, # long table: one row per run, with colum
     out.index.name = by
     return out
 
+# %% ../nbs/17_report.ipynb #561a0942
 def paired_differences(runs: pd.DataFrame, # long table as for interval_table
                        pairs: dict, # label -> (arm A, arm B): A minus B, seed by seed
                        by: str = "model", over: str = "mode", value: str = "acc1",
@@ -143,7 +144,7 @@ def paired_differences(runs: pd.DataFrame, # long table as for interval_table
     out.index.name = "difference"
     return out
 
-# %% ../nbs/17_report.ipynb #c52478a7
+# %% ../nbs/17_report.ipynb #d6d67a94
 def _ci_col(table: pd.DataFrame, ev: str) -> str: return next(c for c in table[ev].columns if c.startswith("±"))
 
 def _fmt_interval(m: float, h, signed: bool, digits: int) -> str:
@@ -161,6 +162,7 @@ def format_intervals(table: pd.DataFrame, # from interval_table or paired_differ
                                                      for m, h in zip(table[(ev, "mean")], table[(ev, ci)])]
     return pd.DataFrame(out, index=table.index)
 
+# %% ../nbs/17_report.ipynb #b440d3cb
 def resolved(pairs: pd.DataFrame) -> list[str]:
     "One sentence per paired difference and evaluation: whether its interval excludes 0 at these seeds."
     out = []

@@ -274,7 +274,7 @@ def build_segmenter(cfg: SegmentConfig, num_classes: int) -> Segmenter:
     "The config's backbone (from its checkpoint, or random, as finetuning builds it) with a fresh neck and UperNet."
     return Segmenter(build_backbone(cfg), num_classes, cfg.out_indices, cfg.decoder_channels)
 
-# %% ../nbs/15_segment.ipynb #88368d49
+# %% ../nbs/15_segment.ipynb #1b963271
 def slide_logits(model: nn.Module, x: torch.Tensor, # [B, 3, H, W], H, W >= crop (pad first)
                  crop: int, stride: int, num_classes: int) -> torch.Tensor: # [B, classes, H, W]
     "mmseg's sliding-window inference: crop x crop windows `stride` apart (the last flush with the edge), averaged."
@@ -290,12 +290,14 @@ def slide_logits(model: nn.Module, x: torch.Tensor, # [B, 3, H, W], H, W >= crop
             count[:, :, y:y + crop, x0:x0 + crop] += 1
     return out / count
 
+# %% ../nbs/15_segment.ipynb #2e177dec
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor: # [K, K] (target, pred)
     "Counts of (true class, predicted class) over the labelled pixels (IGNORE left out)."
     keep = target != IGNORE
     idx = target[keep] * num_classes + pred[keep]
     return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
+# %% ../nbs/15_segment.ipynb #7428292a
 def segmentation_scores(conf) -> dict: # from a [K, K] confusion matrix (rows: truth)
     "mIoU, mAcc (mean of per-class accuracy) and aAcc (pixel accuracy), in %, as mmseg reports them: a class that is "
     "neither in the truth nor predicted is left out of the means."
