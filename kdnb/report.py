@@ -55,7 +55,7 @@ def plot_metrics(run_dir, keys=("loss", "val_loss"), ax=None, label: str | None 
     plt.tight_layout()
     return axes
 
-# %% ../nbs/17_report.ipynb #10826767
+# %% ../nbs/17_report.ipynb #1d0d1f1f
 def commit_date(sha: str | None) -> str:
     "The date of a git commit of this repository (a '-dirty' mark ignored), or 'unknown' without its history."
     if not sha: return "unknown"
@@ -77,7 +77,7 @@ def provenance(run_dir, # a run folder under results/ (a pipeline's folder, or o
                       "git commit": s.get("git_commit"), "device": s.get("device", "unknown"),
                       "date": s.get("date") or commit_date(s.get("git_commit")), "rerun": command})
 
-# %% ../nbs/17_report.ipynb #f33f6a27
+# %% ../nbs/17_report.ipynb #c5a6221a
 def reproduction_table(root, # results/: one row per folder holding run summaries
                       ) -> pd.DataFrame:
     "Per results folder: the commits its runs were made at, and the last `kdnb reproduce --record` outcome (files only)."
@@ -198,7 +198,7 @@ def plot_intervals(runs: pd.DataFrame, by: str = "model", over: str = "mode", va
     if path: fig.savefig(path, dpi=110)
     return fig
 
-# %% ../nbs/17_report.ipynb #287b26b3
+# %% ../nbs/17_report.ipynb #29849594
 from .config import get_config, TRAIN_SIZES
 
 from .layer_decay import lr_table
@@ -232,7 +232,7 @@ def rand_augment_parts(s: str | None) -> dict:
 def _warmup(cfg) -> str:
     return f"{cfg.warmup_steps} steps" if cfg.warmup_steps is not None else f"{cfg.warmup_frac:.0%} of total steps"
 
-# %% ../nbs/17_report.ipynb #00d0bc4f
+# %% ../nbs/17_report.ipynb #0ee392d4
 def distill_table(cfg=None) -> pd.DataFrame:
     "Seed 000, Table 1, from the `distill` preset."
     c = cfg or get_config("distill")
@@ -252,6 +252,7 @@ def distill_table(cfg=None) -> pd.DataFrame:
     return pd.DataFrame([(s, h, fmt(v)) for s, h, v in rows],
                         columns=["type", "hyperparameter", "value"]).set_index(["type", "hyperparameter"])
 
+# %% ../nbs/17_report.ipynb #b660aadf
 def _finetune_rows(c) -> list:
     ra = rand_augment_parts(c.rand_augment)
     return [("Training", "Epochs", c.epochs), ("Training", "Batch size", c.batch_size),
@@ -267,7 +268,6 @@ def _finetune_rows(c) -> list:
             ("RandomErase", "Prob.", c.reprob), ("RandomErase", "Mode", c.remode),
             ("RandomErase", "# erase", c.recount)]
 
-# %% ../nbs/17_report.ipynb #56765528
 def finetune_table() -> pd.DataFrame:
     "Seed 000, Table 2: finetuning and linear probing on ImageNet-1K, CIFAR-10, CIFAR-100, from the presets."
     cols = {}
@@ -279,7 +279,7 @@ def finetune_table() -> pd.DataFrame:
     df.index.names = ["type", "hyperparameter"]
     return df
 
-# %% ../nbs/17_report.ipynb #06752e1b
+# %% ../nbs/17_report.ipynb #82e78f30
 def seed_comparison_table() -> pd.DataFrame:
     "The two seeds that describe finetuning, side by side (`finetune` = seed 000 T2, `finetune_seed003` = seed 003 T1)."
     a, b = get_config("finetune"), get_config("finetune_seed003")
@@ -290,6 +290,7 @@ def seed_comparison_table() -> pd.DataFrame:
     df.index.names = ["type", "hyperparameter"]
     return df
 
+# %% ../nbs/17_report.ipynb #973e7a19
 def head_table() -> pd.DataFrame:
     "Seed 003, Table 1 (model rows): the classification head as `kdnb.models.Classifier` builds it."
     clf = Classifier(tiny_data2vec2(), 10)
@@ -312,7 +313,7 @@ GLUE_COLUMNS = {"mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "mrpc": "MRPC", "q
 
 METRIC_NAMES = {"acc": "Accuracy", "f1": "F1", "spearman": "Spearman", "mcc": "Matthews corr.", "pearson": "Pearson"}
 
-# %% ../nbs/17_report.ipynb #b93a4079
+# %% ../nbs/17_report.ipynb #893e562d
 def glue_table() -> pd.DataFrame:
     "Seed 000, Table 3: GLUE finetuning of the text student, one column per task, from the `glue` preset."
     cols = {}
@@ -333,7 +334,7 @@ def glue_table() -> pd.DataFrame:
     df.index.names = ["type", "hyperparameter"]
     return df
 
-# %% ../nbs/17_report.ipynb #115b6756
+# %% ../nbs/17_report.ipynb #fab531ad
 def ferkd_table() -> pd.DataFrame:
     "Seed 002 (FerKD), Table 1: the presets `ferkd_selfmix` (the ResNet-50 column's recipe) and `ferkd_vit_s`."
     x = lambda v: "×" if not v else v
@@ -355,7 +356,7 @@ def ferkd_table() -> pd.DataFrame:
     df.index.name = "hyperparameter"
     return df
 
-# %% ../nbs/17_report.ipynb #223c63f1
+# %% ../nbs/17_report.ipynb #8765a014
 def ferkd_finetune_table() -> pd.DataFrame:
     "Seed 002 (FerKD), Table 2: finetuning on stored crop labels, from the preset `ferkd_finetune`."
     c: FKDConfig = get_config("ferkd_finetune")
@@ -374,7 +375,7 @@ def ferkd_finetune_table() -> pd.DataFrame:
             ("Teacher", c.teacher)]
     return pd.DataFrame({"value (preset ferkd_finetune)": {h: fmt(v) for h, v in rows}}).rename_axis("hyperparameter")
 
-# %% ../nbs/17_report.ipynb #0b667aa8
+# %% ../nbs/17_report.ipynb #9e86ee06
 _SIZES = (("t", "ViT-T"), ("s", "ViT-S"), ("b", "ViT-B"))
 
 _x = lambda v: "×" if not v else v
@@ -400,7 +401,7 @@ def tinymim_table() -> pd.DataFrame:
         cols[f"{name} (preset tinymim_vit_{size})"] = {h: fmt(v) for h, v in rows}
     return pd.DataFrame(cols).rename_axis("hyperparameter")
 
-# %% ../nbs/17_report.ipynb #795a2731
+# %% ../nbs/17_report.ipynb #402655d9
 def tinymim_finetune_table() -> pd.DataFrame:
     "Seed 001 (TinyMIM), Table 2: ImageNet-1K finetuning, from presets tinymim_ft_vit_t/s/b."
     cols = {}
@@ -417,7 +418,7 @@ def tinymim_finetune_table() -> pd.DataFrame:
         cols[f"{name} (preset tinymim_ft_vit_{size})"] = {h: fmt(v) for h, v in rows}
     return pd.DataFrame(cols).rename_axis("hyperparameter")
 
-# %% ../nbs/17_report.ipynb #d5b84aef
+# %% ../nbs/17_report.ipynb #2db32533
 def tinymim_segment_table() -> pd.DataFrame:
     "Seed 001 (TinyMIM), Table 3: ADE20K semantic segmentation (UperNet), from presets tinymim_seg_vit_s/b."
     cols, choices = {}, ", ".join(fmt(d) for d in SEG_LAYER_DECAYS)
@@ -433,7 +434,7 @@ def tinymim_segment_table() -> pd.DataFrame:
         cols[f"{name} (preset tinymim_seg_vit_{size})"] = {h: fmt(v) for h, v in rows}
     return pd.DataFrame(cols).rename_axis("hyperparameter")
 
-# %% ../nbs/17_report.ipynb #800059a2
+# %% ../nbs/17_report.ipynb #f9d61557
 PRETRAIN_ROWS = (  # (section, hyperparameter, value of a PretrainConfig, the yaml field(s) it reproduces)
     ("Model", "Main blocks", lambda c: c.depth, "model.depth"),
     ("Model", "Prenet blocks", lambda c: c.prenet_depth, "model.modalities.image.prenet_depth"),
@@ -474,7 +475,7 @@ PRETRAIN_ROWS = (  # (section, hyperparameter, value of a PretrainConfig, the ya
     ("Augmentations", "RandomResizeCrop range", lambda c: list(c.crop_scale), None),
     ("Augmentations", "Horizontal flipping prob.", lambda c: c.hflip, None))
 
-# %% ../nbs/17_report.ipynb #96118007
+# %% ../nbs/17_report.ipynb #463ef68a
 def pretrain_table(cfg=None) -> pd.DataFrame:
     "data2vec 2.0's image pretraining recipe from the `pretrain` preset, with the fairseq field of each row."
     c = cfg or get_config("pretrain")

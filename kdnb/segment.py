@@ -105,7 +105,7 @@ def load_ade20k(root: str | Path, # the folder holding ADEChallengeData2016/ (or
                                 "images/<split>/X.jpg needs annotations/<split>/X.png")
     return SegmentationSource(images, masks, ade_classes(r, num_classes))
 
-# %% ../nbs/15_segment.ipynb #25bf0e80
+# %% ../nbs/15_segment.ipynb #14a5e559
 DIGIT_SCENE_CLASSES = ["background"] + [f"digit {d}" for d in range(10)]
 
 def digit_scene(rng: np.random.Generator, digits, size: int = 64, count=(1, 3)) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +141,7 @@ class DigitScenes(SegmentationSource):
         m = np.where(lab == 0, IGNORE, lab.astype(np.int64) - 1).astype(np.uint8)
         return Image.fromarray(img), Image.fromarray(m)
 
-# %% ../nbs/15_segment.ipynb #0db47206
+# %% ../nbs/15_segment.ipynb #11b258a3
 def write_ade20k_layout(root: str | Path, # where ADEChallengeData2016/ is written
                         n_train: int = 64, n_val: int = 16, size: int = 64, seed: int = 0) -> Path:
     "Digit scenes written as ADE20K's release lays out its files (JPEG images, 8-bit PNG labels, objectInfo150.txt)."
@@ -230,13 +230,14 @@ class SegmentationSet(SplitDataset):
         if s is None: return self.transform(img, mask)
         with seeded(s): return self.transform(img, mask)
 
-# %% ../nbs/15_segment.ipynb #41ef791a
+# %% ../nbs/15_segment.ipynb #7a07a88d
 def default_out_indices(depth: int) -> tuple[int, ...]:
     "Four blocks evenly spaced, ending at the last: 12 -> (3, 5, 7, 11) as BEiT and MAE take them; 6 -> (1, 2, 4, 5)."
     if depth < 4: raise ValueError(f"a backbone of {depth} blocks cannot give 4 feature maps: use depth >= 4")
     reference = {12: (3, 5, 7, 11), 24: (7, 11, 15, 23)}  # BEiT's and MAE's ViT-B and ViT-L
     return reference.get(depth, tuple(int(depth * k / 4 + 0.5) - 1 for k in (1, 2, 3, 4)))
 
+# %% ../nbs/15_segment.ipynb #dfb6aaea
 class MultiScaleNeck(nn.Module):
     "A ViT's stride-16 maps to strides 4, 8, 16, 32 (BEiT's and MAE's fpn1-4): 2 deconvolutions, 1, none, a max-pool."
     def __init__(self, dim: int):
@@ -269,7 +270,7 @@ class Segmenter(nn.Module):
         y = self.classifier(self.decoder([None, None, *self.neck(feats)]))  # stride 4
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-# %% ../nbs/15_segment.ipynb #b261e94a
+# %% ../nbs/15_segment.ipynb #0d432e46
 def build_segmenter(cfg: SegmentConfig, num_classes: int) -> Segmenter:
     "The config's backbone (from its checkpoint, or random, as finetuning builds it) with a fresh neck and UperNet."
     return Segmenter(build_backbone(cfg), num_classes, cfg.out_indices, cfg.decoder_channels)
