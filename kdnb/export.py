@@ -178,7 +178,6 @@ def write_text_folder(w: Path, # a text run's weights file (distill-text, glue)
     return dict(architecture=type(enc.model).__name__, depth=c.num_hidden_layers, width=c.hidden_size,
                 params=sum(p.numel() for p in enc.model.parameters()), tokenizer=tok)
 
-# %% ../nbs/20_export.ipynb #a0114219
 def text_facts(f: dict, name: str, cls: str) -> dict:
     "What the card says of an exported text encoder (a transformers folder)."
     tok = (f"tok = AutoTokenizer.from_pretrained('{name}')" if f["tokenizer"] else
