@@ -244,7 +244,7 @@ def code_commit() -> str | None:
     "The commit of kdnb's code, read once per process when the first Trainer is made (nothing runs at import)."
     return git_commit()
 
-# %% ../nbs/06_engine.ipynb #c7ef1fee
+# %% ../nbs/06_engine.ipynb #fbf46f1e
 class Trainer:
     "The one training loop: a Task, a config, loaders, and callbacks. All its state is declared here."
     def __init__(self, task: Task, cfg, train_dl, val_dl=None, callbacks: Iterable[Callback] = (), out_dir=None,
@@ -282,7 +282,7 @@ class Trainer:
         code_commit()  # read (and cached) as the run starts: a summary names the code that ran, not a later HEAD
         self.reset_state()
 
-# %% ../nbs/06_engine.ipynb #228d9f26
+# %% ../nbs/06_engine.ipynb #6cd97b82
 @patch
 def reset_state(self: Trainer):
     "Every piece of loop state, declared once: what callbacks may read at each event."
@@ -343,11 +343,12 @@ def _non_finite_input(batch) -> torch.Tensor:
     flags = [~torch.isfinite(t).all() for t in tensors]
     return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)
 
-# %% ../nbs/06_engine.ipynb #f309bccb
+# %% ../nbs/06_engine.ipynb #bc1f6a3a
 @patch
 def autocast(self: Trainer):
     return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
+# %% ../nbs/06_engine.ipynb #70202ca2
 @patch
 def to_device(self: Trainer, batch):
     nb = self.device.type == "cuda"
@@ -355,6 +356,7 @@ def to_device(self: Trainer, batch):
     if hasattr(batch, "to_device"): return batch.to_device(self.device, non_blocking=nb)  # e.g. data.CropBatch
     return batch.to(self.device, non_blocking=nb) if torch.is_tensor(batch) else batch
 
+# %% ../nbs/06_engine.ipynb #43149186
 @patch
 def train_step(self: Trainer):
     "Forward, backward, optimiser and schedule step; the loss is summed on the device (no host sync)."
@@ -379,7 +381,7 @@ def train_step(self: Trainer):
     self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
     self._n_loss += 1
 
-# %% ../nbs/06_engine.ipynb #c71b61e0
+# %% ../nbs/06_engine.ipynb #cab112bd
 @patch
 def _mean_loss(self: Trainer) -> float | None:
     "Mean training loss since the last pop, over all processes (one device sync); NonFiniteLoss if it is not finite."
@@ -401,6 +403,7 @@ def _mean_loss(self: Trainer) -> float | None:
                             "resume=True.")
     return v
 
+# %% ../nbs/06_engine.ipynb #0ab68f38
 @patch
 def _pop_train_loss(self: Trainer) -> float | None:
     "Mean training loss since the last call; raises NonFiniteLoss when it is not finite."
@@ -409,6 +412,7 @@ def _pop_train_loss(self: Trainer) -> float | None:
     self._bad_input.zero_()
     return v
 
+# %% ../nbs/06_engine.ipynb #facab756
 @patch
 def _after_step_state(self: Trainer):
     "Before after_step: the logged loss on log steps; a finite check before a checkpoint step (never save a NaN)."
@@ -508,16 +512,7 @@ def make_summary(self: Trainer) -> dict:
     if skipped.exists(): s["skipped_images"] = len(set(skipped.read_text().splitlines()))
     return s
 
-# %% ../nbs/06_engine.ipynb #499d6cf6
-@patch
-def fit(self: Trainer) -> dict:
-    "Run the loop to the end of its steps; returns the run's summary (also written by the Summary callback)."
-    # the folder is this run's before any callback reads or writes it (rank 0 holds it for every rank)
-    lock = FolderLock(self.out_dir).acquire(getattr(self.cfg, "wait", False)) if self.dist.main else None
-    try: return self._fit()
-    finally:
-        if lock: lock.release()
-
+# %% ../nbs/06_engine.ipynb #8e6f5bed
 @patch
 def _fit(self: Trainer) -> dict:
     self.completed, self.error, self.started = False, None, time.perf_counter()
@@ -540,6 +535,16 @@ def _fit(self: Trainer) -> dict:
         self.summary = self.make_summary()
         self("after_fit")
     return self.summary
+
+# %% ../nbs/06_engine.ipynb #b3eb352b
+@patch
+def fit(self: Trainer) -> dict:
+    "Run the loop to the end of its steps; returns the run's summary (also written by the Summary callback)."
+    # the folder is this run's before any callback reads or writes it (rank 0 holds it for every rank)
+    lock = FolderLock(self.out_dir).acquire(getattr(self.cfg, "wait", False)) if self.dist.main else None
+    try: return self._fit()
+    finally:
+        if lock: lock.release()
 
 # %% ../nbs/06_engine.ipynb #48e69647
 def progress_mode() -> str:
@@ -668,13 +673,14 @@ class MetricsLogger(Callback):
         if self.tb: self.tb.close()
         if self.wandb: self.wandb.finish()
 
-# %% ../nbs/06_engine.ipynb #97797c26
+# %% ../nbs/06_engine.ipynb #eb619683
 def _rng_state():
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": random.getstate()}
 
+# %% ../nbs/06_engine.ipynb #fac7979e
 def _set_rng_state(s):
     "Restore `_rng_state()`; every generator state must be a CPU byte tensor (CUDA's too), whatever the run's device."
     torch.set_rng_state(s["torch"].cpu())
@@ -687,6 +693,7 @@ def _set_rng_state(s):
 RESUME_MAY_CHANGE = {"epochs", "max_steps", "resume", "resume_changes", "out_dir", "preset", "device", "num_workers",
                      "log_every", "ckpt_every", "eval_every", "tensorboard", "wandb", "compile", "wait"}
 
+# %% ../nbs/06_engine.ipynb #3825d511
 def check_resume_config(saved, cfg, where):
     "Refuse to resume with a config that computes something else than the saved one; name each changed field."
     if type(saved) is not type(cfg):
@@ -922,7 +929,7 @@ class ModelEma(Callback):
         self.ema = {k: v.to(live[k].device) if k in live else v for k, v in load_file(str(p)).items()}
         self._bind(t)
 
-# %% ../nbs/06_engine.ipynb #e1d6dc9c
+# %% ../nbs/06_engine.ipynb #aff3c1fe
 class Summary(Callback):
     "Saves the resolved config when the run starts and the Trainer's summary when it ends (atomically)."
     order = 30
@@ -932,6 +939,7 @@ class Summary(Callback):
         if not t.dist.main: return
         write_atomic(t.out_dir / "summary.json", dumps(t.summary, indent=2), "the summary")
 
+# %% ../nbs/06_engine.ipynb #ea8dff73
 def default_callbacks(cfg=None, # a run's config: its `model_ema` adds a ModelEma
                       given=(), # callbacks the caller brings: one of the same class replaces the default
                      ) -> list[Callback]:
@@ -940,7 +948,7 @@ def default_callbacks(cfg=None, # a run's config: its `model_ema` adds a ModelEm
     if getattr(cfg, "model_ema", None) is not None: cbs.append(ModelEma(cfg.model_ema))
     return [c for c in cbs if not any(type(g) is type(c) for g in given)] + list(given)
 
-# %% ../nbs/06_engine.ipynb #3262f35b
+# %% ../nbs/06_engine.ipynb #6ccfacfe
 def read_records(path) -> list[dict]: # one dict per whole line
     "The records of a JSONL file a run appends to (metrics.jsonl); a line cut off by a kill is skipped with a warning."
     path, records = Path(path), []
@@ -951,6 +959,7 @@ def read_records(path) -> list[dict]: # one dict per whole line
             log.warning(f"{path}: line {i} is cut off or unreadable (a run stopped while writing it): skipped")
     return records
 
+# %% ../nbs/06_engine.ipynb #372adda3
 def read_run_summary(run_dir) -> dict: # the summary; {} when the run has none that can be read: not finished
     "A run folder's summary.json (or a JSON file given as a path): a cut or missing one means unfinished."
     p = Path(run_dir)
