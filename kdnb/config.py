@@ -21,12 +21,13 @@ __all__ = ['DATASETS', 'NUM_CLASSES', 'TRAIN_SIZES', 'MODEL_FAMILIES', 'PREFIXED
            'DistillConfig', 'BackboneSettings', 'FinetuneConfig', 'TextConfig', 'TextDistillConfig', 'GlueConfig',
            'PretrainConfig', 'Preset', 'register_presets', 'RunKind', 'Objective', 'register_run', 'register_objective',
            'run_kind', 'resolve', 'check_types', 'get_config', 'run_config', 'parse_value', 'parse_students',
-           'weights_as_run', 'load_config', 'config_class', 'params_from_namespace']
+           'weights_as_run', 'config_class', 'load_config', 'params_from_namespace']
 
-# %% ../nbs/04_config.ipynb #15e855e8
+# %% ../nbs/04_config.ipynb #348b1d9a
 class ConfigError(ValueError):
     "A config value that is not allowed; the message names the field and the fix."
 
+# %% ../nbs/04_config.ipynb #854bf2be
 def _check_type(name, value, tp):
     "Coerce `value` to the annotation `tp` where lossless, else raise ConfigError."
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -161,6 +162,11 @@ def class_for(cls: ConfigBase, d: dict) -> type:
     return cls
 
 @patch(cls_method=True)
+def variant_hint(cls: ConfigBase, key: str, owner: type, d: dict) -> str:
+    "Appended to the error for `key`, a field of the variant `owner` (DistillBase: how to pick its objective)."
+    return ""
+
+@patch(cls_method=True)
 def from_dict(cls: ConfigBase, d: dict):
     "Build a `cls` (never another class) from a dict, old field names translated, unknown keys refused."
     d = cls.migrate({k: v for k, v in d.items() if k != "_class"})
@@ -179,11 +185,6 @@ def from_dict(cls: ConfigBase, d: dict):
                           ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k,
                                     h in hints.items()) + cls.unknown_hint)
     return cls(**d)
-
-@patch(cls_method=True)
-def variant_hint(cls: ConfigBase, key: str, owner: type, d: dict) -> str:
-    "Appended to the error for `key`, a field of the variant `owner` (DistillBase: how to pick its objective)."
-    return ""
 
 # %% ../nbs/04_config.ipynb #0f193793
 @patch(cls_method=True)
@@ -614,7 +615,7 @@ def validate(self: FinetuneConfig):
     if self.cache_features and self.mode != "linear_probe":
         raise ConfigError("cache_features=True needs mode='linear_probe' (a finetuned backbone changes every step)")
 
-# %% ../nbs/04_config.ipynb #4d0e9533
+# %% ../nbs/04_config.ipynb #05e40c22
 GLUE_TASKS = ("mnli", "qnli", "rte", "mrpc", "qqp", "stsb", "cola", "sst2", "wnli")
 
 @dataclass
@@ -626,6 +627,8 @@ class TextConfig(BaseConfig):
     dataset: str = "rte"
     data_root: str = "data/glue" # the glue_data folder: <data_root>/<Task>/{train,dev}.tsv
     max_len: int = 128 # tokens per sequence after tokenisation (pairs truncated longest first)
+
+# %% ../nbs/04_config.ipynb #73bcabd5
 @dataclass
 class TextDistillConfig(TextConfig):
     "Distilling a BERT-family teacher into its first layers with the layer-averaged target (padding masked)."
@@ -670,7 +673,7 @@ def validate(self: GlueConfig):
     if not 0 < self.layer_decay <= 1: raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]")
     if self.layers is not None and self.layers <= 0: raise ConfigError(f"layers={self.layers} must be > 0 or None")
 
-# %% ../nbs/04_config.ipynb #18f43bd9
+# %% ../nbs/04_config.ipynb #b0b682b1
 @dataclass
 class PretrainConfig(BaseConfig):
     "data2vec 2.0 image pretraining: no labels; an EMA teacher's layer-averaged target regressed at masked patches."
@@ -709,7 +712,7 @@ class PretrainConfig(BaseConfig):
     decoder_kernel: int = 3 # kernel side
     decoder_layers: int = 6 # conv -> LayerNorm -> GELU layers, residual between them
 
-# %% ../nbs/04_config.ipynb #b0e72845
+# %% ../nbs/04_config.ipynb #49cf888f
 @patch
 def validate(self: PretrainConfig):
     super(PretrainConfig, self).validate()
@@ -744,7 +747,7 @@ def validate(self: PretrainConfig):
         raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1")
     check_non_negative(self, "cls_loss", "mask_noise_std", "mask_prob_adjust", "prenet_depth")
 
-# %% ../nbs/04_config.ipynb #15516bc2
+# %% ../nbs/04_config.ipynb #aceab0db
 @dataclass(frozen=True)
 class Preset:
     "A preset as data: the config it starts from (a class or another preset), the values it sets, their source."
@@ -768,6 +771,7 @@ CPU_RUN = dict(dataset="digits", img_size=16, patch_size=4, batch_size=32, num_w
                val_size=0.2, log_every=5)
 PRESETS = {}  # name -> Preset; kdnb.kinds registers every seed table here
 
+# %% ../nbs/04_config.ipynb #684c0cb6
 def register_presets(*presets: Preset):
     "Add presets to PRESETS: an objective's notebook adds its seed table's (as timm's models register themselves)."
     for p in presets:
@@ -776,7 +780,7 @@ def register_presets(*presets: Preset):
             raise ValueError(f"preset {p.name!r} is already defined ({old.source}); choose another name")
         PRESETS[p.name] = p
 
-# %% ../nbs/04_config.ipynb #88083b0a
+# %% ../nbs/04_config.ipynb #04a28630
 # what a kind's nbdev test run changes unless it registers its own: a few steps on a small subset
 TEST_RUN = dict(max_steps=10, train_subset=320, tensorboard=False)
 
@@ -793,6 +797,7 @@ class RunKind:
     # what nbdev's test run of its run notebook changes (setup_run(test=True)): a few steps on a small subset
     test: dict = dataclasses.field(default_factory=lambda: dict(TEST_RUN))
 
+# %% ../nbs/04_config.ipynb #07b372b5
 @dataclass(frozen=True)
 class Objective:
     "A distillation objective: its config class (DistillConfig or a subclass) and what it trains."
@@ -806,11 +811,13 @@ RUN_KINDS: dict[str, RunKind] = {}
 
 OBJECTIVES: dict[str, Objective] = {}
 
+# %% ../nbs/04_config.ipynb #5999dfb3
 def _register(table: dict, entry, presets):
     table[entry.name] = entry  # the same name again (a notebook cell re-run, a notebook's own copy) replaces it
     register_presets(*presets)
     return entry
 
+# %% ../nbs/04_config.ipynb #896afc2e
 def register_run(kind: RunKind, *presets: Preset) -> RunKind:
     "Register a run kind (and its presets): the CLI, `run` and `get_config` see it from now on."
     return _register(RUN_KINDS, kind, presets)
@@ -840,7 +847,7 @@ def resolve(ref: typing.Union[str, typing.Callable], # a callable, or its name "
     if fn is None: raise ValueError(f"{module} has no {name}: a run kind or objective names {ref!r}")
     return fn
 
-# %% ../nbs/04_config.ipynb #b8646970
+# %% ../nbs/04_config.ipynb #de5e0232
 def check_types(cls: type, # a config class (a run kind's): its objectives' classes are searched too
                 values: dict, # field -> value, as the user gave them
                ):
@@ -849,6 +856,7 @@ def check_types(cls: type, # a config class (a run kind's): its objectives' clas
         owner = next((v for v in cls.variants() if name in {f.name for f in fields(v)}), None)
         if owner is not None: _check_type(name, value, _resolve(owner, next(f for f in fields(owner) if f.name == name)))
 
+# %% ../nbs/04_config.ipynb #cca797bb
 def get_config(preset: str, # a name in PRESETS, or "auto" (the seeds' preset on CUDA, its "_cpu" version otherwise)
                kind: str | None = None, # a registered run kind (RUN_KINDS): checks the preset fits, sets its values
                **overrides, # fields to change (`objective` may pick another objective's class)
@@ -952,7 +960,7 @@ def student_configs(self: DistillConfig) -> dict:
         except ConfigError as e: raise ConfigError(f"students: {name}: {e}") from None
     return out
 
-# %% ../nbs/04_config.ipynb #ea183ec2
+# %% ../nbs/04_config.ipynb #fd3246c4
 def _drop_old_defaults(cls: type, d: dict) -> dict:
     "A config saved when one class held every objective's fields: other objectives' fields at their defaults go."
     names = {f.name for f in fields(cls)} | set(cls.renamed)
@@ -966,7 +974,7 @@ def _drop_old_defaults(cls: type, d: dict) -> dict:
 
 _FORMER_DEFAULTS = {"student_layer_kind": ("ffn",)}  # defaults that older files hold (before "auto": timm students)
 
-# %% ../nbs/04_config.ipynb #d92e2c70
+# %% ../nbs/04_config.ipynb #35c31736
 def _as_run(family: str, ckpt, role: str) -> tuple:
     "(pretrained, checkpoint) that a model's old `checkpoint` value meant (None meant random, except where noted)."
     # role: "encoder" (a student, a backbone), "teacher", "pipeline" (its student: None meant the published weights)
@@ -975,6 +983,20 @@ def _as_run(family: str, ckpt, role: str) -> tuple:
     if ckpt is not None: return True, ckpt
     return family == "timm" or role == "pipeline" or role == "teacher" and family in ("data2vec2", "beitv2"), None
 
+# %% ../nbs/04_config.ipynb #2ea842ad
+def _students_as_run(text: str, run_model: str, run_ckpt) -> str:
+    "Each student of an old `students` value with `pretrained` said: what its model and checkpoint meant then."
+    out = []
+    for entry, (name, over) in zip(filter(None, (e.strip() for e in text.split(","))), parse_students(text).items()):
+        family = str(over.get("model", run_model)).partition(":")[0]
+        ckpt = over["checkpoint"] if "checkpoint" in over else (  # then: the run's, or another family's default
+            run_ckpt if family == run_model.partition(":")[0] else {"data2vec2": "data2vec2_base"}.get(family))
+        pretrained, ckpt = _as_run(family, ckpt, "encoder")
+        if over.get("checkpoint") == "random": entry = entry.replace(":checkpoint=random", ":checkpoint=none")
+        out.append(f"{entry}:pretrained={pretrained}")
+    return ",".join(out)
+
+# %% ../nbs/04_config.ipynb #cbbb9790
 def weights_as_run(cls: type, # the config class of the file
                    d: dict, # the file's values, old names translated
                   ) -> dict:
@@ -990,19 +1012,18 @@ def weights_as_run(cls: type, # the config class of the file
         d[pre_f], d[ckpt_f] = _as_run(model.partition(":")[0], ckpt, role)
     return d
 
-def _students_as_run(text: str, run_model: str, run_ckpt) -> str:
-    "Each student of an old `students` value with `pretrained` said: what its model and checkpoint meant then."
-    out = []
-    for entry, (name, over) in zip(filter(None, (e.strip() for e in text.split(","))), parse_students(text).items()):
-        family = str(over.get("model", run_model)).partition(":")[0]
-        ckpt = over["checkpoint"] if "checkpoint" in over else (  # then: the run's, or another family's default
-            run_ckpt if family == run_model.partition(":")[0] else {"data2vec2": "data2vec2_base"}.get(family))
-        pretrained, ckpt = _as_run(family, ckpt, "encoder")
-        if over.get("checkpoint") == "random": entry = entry.replace(":checkpoint=random", ":checkpoint=none")
-        out.append(f"{entry}:pretrained={pretrained}")
-    return ",".join(out)
+# %% ../nbs/04_config.ipynb #09f8a496
+def config_class(name) -> type | None:
+    "The config class called `name`: a registered run kind's or objective's class (or a base of one) first, then "
+    "any other that its module still holds. A notebook's own copy of a class (nbdev runs notebooks in one process) "
+    "never shadows the registered one once the registration is undone."
+    registered = [c for e in [*RUN_KINDS.values(), *OBJECTIVES.values()] for c in e.config.__mro__
+                  if isinstance(c, type) and issubclass(c, ConfigBase)]
+    def live(c): return getattr(sys.modules.get(c.__module__), c.__qualname__, None) is c
+    rest = sorted(_subclasses(ConfigBase), key=lambda c: not live(c))  # stable: defined order within each group
+    return next((c for c in [*registered, *rest] if c.__name__ == name), None)
 
-# %% ../nbs/04_config.ipynb #7f541c85
+# %% ../nbs/04_config.ipynb #ef3a22e4
 def load_config(path) -> BaseConfig:
     "Load a saved config of any class (the class is recorded in the file)."
     path = Path(path)
@@ -1023,16 +1044,6 @@ def load_config(path) -> BaseConfig:
     d = {**cls.file_defaults, **d}  # a field added later: the file ran as it was before the field existed
     try: return cls.from_dict(_drop_old_defaults(cls, d))
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from e
-
-def config_class(name) -> type | None:
-    "The config class called `name`: a registered run kind's or objective's class (or a base of one) first, then "
-    "any other that its module still holds. A notebook's own copy of a class (nbdev runs notebooks in one process) "
-    "never shadows the registered one once the registration is undone."
-    registered = [c for e in [*RUN_KINDS.values(), *OBJECTIVES.values()] for c in e.config.__mro__
-                  if isinstance(c, type) and issubclass(c, ConfigBase)]
-    def live(c): return getattr(sys.modules.get(c.__module__), c.__qualname__, None) is c
-    rest = sorted(_subclasses(ConfigBase), key=lambda c: not live(c))  # stable: defined order within each group
-    return next((c for c in [*registered, *rest] if c.__name__ == name), None)
 
 # %% ../nbs/04_config.ipynb #5b23968a
 @patch(cls_method=True)

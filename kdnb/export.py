@@ -66,7 +66,7 @@ def check_timm_folder(config: dict, state: dict, where="the export"):
                          "exact timm form yet; use kdnb's load_backbone on the run folder instead")
     return model
 
-# %% ../nbs/20_export.ipynb #626ae188
+# %% ../nbs/20_export.ipynb #aa0d9d10
 def evaluations_of(run: Path) -> list[tuple[str, dict]]:
     "(folder name, metrics) of the finished runs beside `run` whose checkpoint is `run`: a pipeline's probes, finetunes."
     out = []
@@ -80,9 +80,10 @@ def evaluations_of(run: Path) -> list[tuple[str, dict]]:
             out.append((d.name, s.get("metrics", {})))
     return out
 
+# %% ../nbs/20_export.ipynb #a7b90c99
 def _fmt(v): return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-# %% ../nbs/20_export.ipynb #c634b029
+# %% ../nbs/20_export.ipynb #e06a9285
 def model_card(run: Path, cfg, summary: dict, name: str, what: dict) -> str:
     "The README.md of an exported folder: front matter, what the model is, how it was made, what it measured, limits."
     metrics, evals, tag = {**summary.get("metrics", {})}, evaluations_of(run), what["tag"]
@@ -119,7 +120,7 @@ def image_facts(config: dict, params: int, name: str) -> dict:
                 input=f"{S}x{S} px input" + (f", {config['num_classes']} classes" if clf else ""),
                 load=[load, f"model = timm.create_model('local-dir:{name}', pretrained=True)  # or 'hf-hub:<user>/{name}'"])
 
-# %% ../nbs/20_export.ipynb #8fee9315
+# %% ../nbs/20_export.ipynb #8a432c1e
 def limits(cfg, summary: dict, img_size: int | None = None) -> list[str]:
     "What the card must not let a reader assume, read from the run's files."
     out = []

@@ -55,7 +55,7 @@ def plot_metrics(run_dir, keys=("loss", "val_loss"), ax=None, label: str | None 
     plt.tight_layout()
     return axes
 
-# %% ../nbs/17_report.ipynb #1d0d1f1f
+# %% ../nbs/17_report.ipynb #94b6a363
 def commit_date(sha: str | None) -> str:
     "The date of a git commit of this repository (a '-dirty' mark ignored), or 'unknown' without its history."
     if not sha: return "unknown"
@@ -63,6 +63,7 @@ def commit_date(sha: str | None) -> str:
                        capture_output=True, text=True)
     return r.stdout.strip() or "unknown" if r.returncode == 0 else "unknown"
 
+# %% ../nbs/17_report.ipynb #6e11db3a
 def provenance(run_dir, # a run folder under results/ (a pipeline's folder, or one run)
                command: str, # the command that makes it again
                summary: str = "summary.json", # the summary file to read, relative to run_dir
@@ -198,7 +199,7 @@ def plot_intervals(runs: pd.DataFrame, by: str = "model", over: str = "mode", va
     if path: fig.savefig(path, dpi=110)
     return fig
 
-# %% ../nbs/17_report.ipynb #29849594
+# %% ../nbs/17_report.ipynb #e7298ff8
 from .config import get_config, TRAIN_SIZES
 
 from .layer_decay import lr_table
@@ -222,6 +223,7 @@ def fmt(v) -> str:
     if isinstance(v, tuple): return "(" + ", ".join(fmt(x) for x in v) + ")"
     return str(v)
 
+# %% ../nbs/17_report.ipynb #b10db0b4
 def rand_augment_parts(s: str | None) -> dict:
     "Magnitude, its std, increasing flag and number of ops of a timm RandAugment string."
     if not s: return {"Magnitude": "-", "Magnitude std.": "-", "Magnitude inc.": "-", "# ops": "-"}
@@ -229,6 +231,7 @@ def rand_augment_parts(s: str | None) -> dict:
     return {"Magnitude": parts.get("m", "10"), "Magnitude std.": parts.get("mstd", "0"),
             "Magnitude inc.": parts.get("inc", "0"), "# ops": parts.get("n", "2")}
 
+# %% ../nbs/17_report.ipynb #adf50fb3
 def _warmup(cfg) -> str:
     return f"{cfg.warmup_steps} steps" if cfg.warmup_steps is not None else f"{cfg.warmup_frac:.0%} of total steps"
 
@@ -434,7 +437,7 @@ def tinymim_segment_table() -> pd.DataFrame:
         cols[f"{name} (preset tinymim_seg_vit_{size})"] = {h: fmt(v) for h, v in rows}
     return pd.DataFrame(cols).rename_axis("hyperparameter")
 
-# %% ../nbs/17_report.ipynb #f9d61557
+# %% ../nbs/17_report.ipynb #f6242b43
 PRETRAIN_ROWS = (  # (section, hyperparameter, value of a PretrainConfig, the yaml field(s) it reproduces)
     ("Model", "Main blocks", lambda c: c.depth, "model.depth"),
     ("Model", "Prenet blocks", lambda c: c.prenet_depth, "model.modalities.image.prenet_depth"),
@@ -475,7 +478,7 @@ PRETRAIN_ROWS = (  # (section, hyperparameter, value of a PretrainConfig, the ya
     ("Augmentations", "RandomResizeCrop range", lambda c: list(c.crop_scale), None),
     ("Augmentations", "Horizontal flipping prob.", lambda c: c.hflip, None))
 
-# %% ../nbs/17_report.ipynb #463ef68a
+# %% ../nbs/17_report.ipynb #8cb53663
 def pretrain_table(cfg=None) -> pd.DataFrame:
     "data2vec 2.0's image pretraining recipe from the `pretrain` preset, with the fairseq field of each row."
     c = cfg or get_config("pretrain")

@@ -130,7 +130,7 @@ def page_title(path: Path) -> str:
                if c.cell_type == "markdown" and c.source.startswith("# ")), path.stem)
     return h1 if h1.startswith("Run:") else h1.split(": ")[0]
 
-# %% ../nbs/19_site.ipynb #42f88aef
+# %% ../nbs/19_site.ipynb #8a498536
 def _nav(pages, current, title="kdnb", titles=None):
     out, sec = [f"<h2>{html.escape(title)}</h2>"], None
     for s, p in pages:
@@ -141,6 +141,7 @@ def _nav(pages, current, title="kdnb", titles=None):
         out.append(f'<a href="{name}.html"{cls}>{html.escape((titles or {}).get(p, name))}</a>')
     return "\n".join(out)
 
+# %% ../nbs/19_site.ipynb #bcd78474
 def render_page(nb, pages, current, mathjax: bool, titles: dict | None = None) -> str:
     "HTML of one processed notebook inside the site's page."
     exporter = HTMLExporter(template_name="basic", exclude_input_prompt=True, exclude_output_prompt=True)
