@@ -25,7 +25,7 @@ __all__ = ['log', 'DEVICE_CROP_MIN_SIZE', 'ArrayImages', 'load_digits_images', '
            'rand_augment', 'mixup_fn', 'resize_matrices', 'CropBatch', 'DeviceCrop', 'augment_on_device', 'RunData',
            'build_data', 'skipped_images_file', 'loader_settings', 'worker_signals', 'make_loader']
 
-# %% ../nbs/05_data.ipynb #c5d3ccd4
+# %% ../nbs/05_data.ipynb #387cdb87
 class ArrayImages(Dataset):
     "In-memory uint8 images [N, H, W] or [N, H, W, 3] with integer labels, served as PIL RGB images."
     in_memory = True  # loaders read it without workers (loader_settings)
@@ -36,6 +36,7 @@ class ArrayImages(Dataset):
     def __getitem__(self, i):
         return Image.fromarray(self.images[i]).convert("RGB"), self.targets[i]
 
+# %% ../nbs/05_data.ipynb #67153dd8
 def load_digits_images() -> ArrayImages:
     "scikit-learn's 1,797 bundled 8x8 digits (no download), scaled to uint8."
     from sklearn.datasets import load_digits
@@ -113,11 +114,12 @@ def load_source(name: str, root: str | Path, train: bool = True, download: bool 
     if name in ("imagenet", "imagefolder"): return load_imagefolder(root, "train" if train else "val")
     raise ValueError(f"unknown data set {name!r}; choose one of digits, cifar10, cifar100, imagenet, imagefolder")
 
-# %% ../nbs/05_data.ipynb #5ef02400
+# %% ../nbs/05_data.ipynb #2ebc32f9
 def targets_of(ds) -> list[int]:
     "Labels of a data set without decoding its images."
     return list(ds.targets)
 
+# %% ../nbs/05_data.ipynb #e5b1c68e
 def stratified_split(targets, # labels of the data set
                      val_size: float | int, # fraction in (0, 1), or a count > 1
                      seed: int = 0,
@@ -137,7 +139,7 @@ def derive_seed(*parts) -> int:
     "A 63-bit seed from any tuple of ints/strings (stable across processes, unlike hash())."
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
-# %% ../nbs/05_data.ipynb #ae8f8df4
+# %% ../nbs/05_data.ipynb #68d79f0b
 @contextlib.contextmanager
 def seeded(seed: int):
     """Run a block with torch, numpy and random seeded; torch's and random's states are restored afterwards.
@@ -151,9 +153,11 @@ def seeded(seed: int):
     try: yield
     finally: gen.set_state(t_state); random.setstate(r_state)
 
+# %% ../nbs/05_data.ipynb #4ec6ab38
 class UnreadableImage(OSError):
     "An image file that cannot be decoded; the message names it."
 
+# %% ../nbs/05_data.ipynb #ddb29c14
 def source_path(source, j: int) -> str:
     "The file behind item `j` of a source data set (ImageFolder), or its index."
     samples = getattr(source, "samples", None)

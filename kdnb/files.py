@@ -12,7 +12,7 @@ import kdnb
 __all__ = ['REPO', 'PORTABLE_SUFFIXES', 'PREEMPTED_EXIT', 'disk_error', 'write_atomic', 'portable', 'make_portable', 'DistInfo',
            'Preempted']
 
-# %% ../nbs/03a_files.ipynb #acd4f187
+# %% ../nbs/03a_files.ipynb #379dc00d
 def disk_error(path, e: OSError, what: str = "") -> OSError:
     "An OSError that names the file, its folder and the fix (ENOSPC, EIO, a quota: the same message)."
     path = Path(path)
@@ -20,6 +20,7 @@ def disk_error(path, e: OSError, what: str = "") -> OSError:
                    "or failing; nothing half-written was left, the last checkpoint is intact: free space (or choose "
                    "another out_dir) and continue with resume=True")
 
+# %% ../nbs/03a_files.ipynb #8c572232
 def write_atomic(path, data: str | bytes, what: str = ""):
     "Write `path` whole or not at all: a temporary file beside it, renamed into place; on error it is removed."
     path = Path(path)
@@ -33,7 +34,7 @@ def write_atomic(path, data: str | bytes, what: str = ""):
         raise disk_error(path, e, what) from e
     return path
 
-# %% ../nbs/03a_files.ipynb #997ab186
+# %% ../nbs/03a_files.ipynb #f22a997c
 REPO = Path(kdnb.__file__).resolve().parent.parent  # the repository (the folder holding settings.ini and nbs/)
 PORTABLE_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".csv", ".txt", ".md")
 
@@ -46,6 +47,7 @@ def portable(text: str, # a file's text
         text = text.replace(str(old), str(new))
     return text.replace(str(root) + "/", "").replace(str(root.parent) + "/", "../")
 
+# %% ../nbs/03a_files.ipynb #b1149fdf
 def make_portable(folder: str | Path, # a folder about to be published (e.g. results/x)
                   moves: dict | None = None, # absolute folder -> its published place, relative to the repository
                  ) -> list[Path]: # the files that changed

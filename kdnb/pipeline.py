@@ -250,7 +250,7 @@ def pipeline(cfg: PipelineConfig | None = None, # a config; None = get_config("p
     run_pipeline(cfg, callbacks=callbacks)
     return json.loads((Path(cfg.out_dir) / "results.json").read_text())
 
-# %% ../nbs/18_pipeline.ipynb #5e01ee5d
+# %% ../nbs/18_pipeline.ipynb #65e4d8bb
 def encoder_gflop(p: PipelineConfig, depth: int) -> float:
     "Forward GFLOP per image of a `depth`-block encoder of the pipeline's size, every token (FlopCounterMode)."
     from torch.utils.flop_counter import FlopCounterMode
@@ -258,6 +258,7 @@ def encoder_gflop(p: PipelineConfig, depth: int) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as fc: enc(torch.zeros(1, 3, p.img_size, p.img_size))
     return fc.get_total_flops() / 1e9
 
+# %% ../nbs/18_pipeline.ipynb #a2cc3923
 def stage_gflop(p: PipelineConfig, # the pipeline
                 n_train: int, # its data set's training images that are not validation (CIFAR-10: 47,500)
                ) -> dict: # stage -> training GFLOP
@@ -274,7 +275,6 @@ def stage_gflop(p: PipelineConfig, # the pipeline
         images = min(cfg.train_subset or n_train, n_train)
         out[name] = per_image * images * (1 if cfg.kind == "linear_probe" else cfg.epochs)  # a probe caches features
     return out
-
 
 # %% ../nbs/18_pipeline.ipynb #0189e208
 MODEL_LABELS = {"teacher": "teacher", "distilled": "student, distilled", "baseline": "student, not distilled",
@@ -313,7 +313,7 @@ def seed_results(out_dir) -> pd.DataFrame:
     if not rows: raise FileNotFoundError(f"{out} holds no finished probe or finetune: run the pipeline first")
     return pd.DataFrame(rows)
 
-# %% ../nbs/18_pipeline.ipynb #89c0a7dc
+# %% ../nbs/18_pipeline.ipynb #3441c05f
 def _stage_attrs(out: Path, p: PipelineConfig) -> dict:
     attrs, (_, students, _) = {}, teacher_stages(p)
     folders = {s: out / s for s in ("pretrain_teacher", "pretrain_donor", "teacher")}
@@ -327,6 +327,7 @@ def _stage_attrs(out: Path, p: PipelineConfig) -> dict:
                             "train_time_s": s.get("train_time_s")}
     return attrs
 
+# %% ../nbs/18_pipeline.ipynb #7db6ba60
 def results_table(out_dir) -> pd.DataFrame:
     "Top-1 accuracy (%) on the validation split of every model, linear probe and finetune (mean over the seeds)."
     out = Path(out_dir)
@@ -382,11 +383,12 @@ def plot_pipeline(out_dir, path=None):
     if path: fig.savefig(path, dpi=110)
     return fig
 
-# %% ../nbs/18_pipeline.ipynb #ef8155f0
+# %% ../nbs/18_pipeline.ipynb #6a19ec9c
 def first_stage(out_dir) -> str:
     "The stage that trained the teacher (its summary names the validation split)."
     return "pretrain_teacher" if (Path(out_dir) / "pretrain_teacher").is_dir() else "teacher"
 
+# %% ../nbs/18_pipeline.ipynb #bbeaec85
 def describe_pipeline(out_dir) -> pd.Series:
     "The setting of a pipeline folder: data, teacher, students, arms, seeds, budgets, wall time and commit."
     run = Path(out_dir)
@@ -459,13 +461,14 @@ def shown(key: str, v):
     if isinstance(v, bool) or not isinstance(v, (int, float)): return v
     return round(v, SHOWN_DECIMALS[key]) if key in SHOWN_DECIMALS else float(f"{v:.4g}")
 
-# %% ../nbs/18_pipeline.ipynb #90bb9819
+# %% ../nbs/18_pipeline.ipynb #b1092ef0
 def same_number(key: str, a, b) -> bool:
     "Shown alike, or a rounding tie: within `TIE_RTOL` of each other but on either side of a shown digit's boundary."
     if shown(key, a) == shown(key, b): return True
     nums = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
     return nums and math.isclose(a, b, rel_tol=TIE_RTOL)
 
+# %% ../nbs/18_pipeline.ipynb #912f1c38
 def compare_stage(old: Path, new: Path, stage: str) -> list[dict]:
     "Every number the report reads from a stage, recorded beside rerun: matching metrics records and final metrics."
     rows = []
@@ -484,7 +487,7 @@ def compare_stage(old: Path, new: Path, stage: str) -> list[dict]:
             if k in so.get("metrics", {}): add("summary", k, so["metrics"][k], v)
     return rows
 
-# %% ../nbs/18_pipeline.ipynb #2dd162f1
+# %% ../nbs/18_pipeline.ipynb #72747913
 class StopAfter(Callback):
     "Stop a rerun after `epochs` epochs or `steps` steps, as a preemption does (the loop's own exception)."
     order = 100  # after the step or epoch is logged and checkpointed
@@ -496,6 +499,7 @@ class StopAfter(Callback):
         if self.epochs and t.epoch >= self.epochs and t.epoch < t.cfg.epochs:
             raise Preempted(f"reproduce: the first {t.epoch} epochs")
 
+# %% ../nbs/18_pipeline.ipynb #2fede680
 def record_reproduction(table: pd.DataFrame, results_dir) -> Path:
     "Append what a rerun found to `results_dir/reproduced.json`: the results page reads it (made at, reproduced at)."
     path = Path(results_dir) / "reproduced.json"

@@ -28,7 +28,7 @@ def config_table(cfg, only: list[str] | None = None) -> pd.DataFrame:
     rows = [(f.name, getattr(cfg, f.name), docs.get(f.name, "")) for f in fields(cfg) if only is None or f.name in only]
     return pd.DataFrame(rows, columns=["field", "value", "meaning"]).set_index("field")
 
-# %% ../nbs/17_report.ipynb #d98b3cab
+# %% ../nbs/17_report.ipynb #d55113fe
 def read_metrics(run_dir, kind: str | None = None) -> pd.DataFrame:
     "The records of a run's metrics.jsonl ('step' or 'epoch' records, or all)."
     path = Path(run_dir) / "metrics.jsonl"
@@ -37,6 +37,7 @@ def read_metrics(run_dir, kind: str | None = None) -> pd.DataFrame:
     if df.empty: df = pd.DataFrame(columns=["kind", "step", "epoch"])
     return df if kind is None else df[df.kind == kind].dropna(axis=1, how="all").reset_index(drop=True)
 
+# %% ../nbs/17_report.ipynb #d0998ca4
 def read_summary(run_dir) -> dict:
     "A run's summary.json; {} when it is missing or cannot be read (the run is taken as unfinished)."
     return read_run_summary(run_dir)
@@ -145,13 +146,15 @@ def paired_differences(runs: pd.DataFrame, # long table as for interval_table
     out.index.name = "difference"
     return out
 
-# %% ../nbs/17_report.ipynb #d6d67a94
+# %% ../nbs/17_report.ipynb #edd541f5
 def _ci_col(table: pd.DataFrame, ev: str) -> str: return next(c for c in table[ev].columns if c.startswith("±"))
 
+# %% ../nbs/17_report.ipynb #d97ffe33
 def _fmt_interval(m: float, h, signed: bool, digits: int) -> str:
     mean = f"{m:+.{digits}f}" if signed else f"{m:.{digits}f}"
     return mean if h is None or h != h else f"{mean} ± {h:.{digits}f}"  # one seed: no interval
 
+# %% ../nbs/17_report.ipynb #6fd2ff0b
 def format_intervals(table: pd.DataFrame, # from interval_table or paired_differences
                      digits: int = 2) -> pd.DataFrame:
     "One cell per evaluation: 'mean ± half-width' (the interval and the seeds in the column name), for the page."
@@ -255,7 +258,7 @@ def distill_table(cfg=None) -> pd.DataFrame:
     return pd.DataFrame([(s, h, fmt(v)) for s, h, v in rows],
                         columns=["type", "hyperparameter", "value"]).set_index(["type", "hyperparameter"])
 
-# %% ../nbs/17_report.ipynb #b660aadf
+# %% ../nbs/17_report.ipynb #6c0454c4
 def _finetune_rows(c) -> list:
     ra = rand_augment_parts(c.rand_augment)
     return [("Training", "Epochs", c.epochs), ("Training", "Batch size", c.batch_size),
@@ -271,6 +274,7 @@ def _finetune_rows(c) -> list:
             ("RandomErase", "Prob.", c.reprob), ("RandomErase", "Mode", c.remode),
             ("RandomErase", "# erase", c.recount)]
 
+# %% ../nbs/17_report.ipynb #f58a2f47
 def finetune_table() -> pd.DataFrame:
     "Seed 000, Table 2: finetuning and linear probing on ImageNet-1K, CIFAR-10, CIFAR-100, from the presets."
     cols = {}
@@ -293,7 +297,7 @@ def seed_comparison_table() -> pd.DataFrame:
     df.index.names = ["type", "hyperparameter"]
     return df
 
-# %% ../nbs/17_report.ipynb #973e7a19
+# %% ../nbs/17_report.ipynb #11fabb90
 def head_table() -> pd.DataFrame:
     "Seed 003, Table 1 (model rows): the classification head as `kdnb.models.Classifier` builds it."
     clf = Classifier(tiny_data2vec2(), 10)
@@ -304,6 +308,7 @@ def head_table() -> pd.DataFrame:
     assert clf.fc_norm.eps == HEAD_NORM_EPS
     return pd.DataFrame(rows, columns=["hyperparameter", "value"]).set_index("hyperparameter")
 
+# %% ../nbs/17_report.ipynb #01e465fd
 def layer_decay_table(base_lr=None, layer_decay=None, num_layers=6) -> pd.DataFrame:
     "Seed 004, Table 1: per-layer learning rates of the `finetune` preset's lr and layer decay."
     c = get_config("finetune")
@@ -437,7 +442,7 @@ def tinymim_segment_table() -> pd.DataFrame:
         cols[f"{name} (preset tinymim_seg_vit_{size})"] = {h: fmt(v) for h, v in rows}
     return pd.DataFrame(cols).rename_axis("hyperparameter")
 
-# %% ../nbs/17_report.ipynb #f6242b43
+# %% ../nbs/17_report.ipynb #74b1304c
 PRETRAIN_ROWS = (  # (section, hyperparameter, value of a PretrainConfig, the yaml field(s) it reproduces)
     ("Model", "Main blocks", lambda c: c.depth, "model.depth"),
     ("Model", "Prenet blocks", lambda c: c.prenet_depth, "model.modalities.image.prenet_depth"),
@@ -478,7 +483,7 @@ PRETRAIN_ROWS = (  # (section, hyperparameter, value of a PretrainConfig, the ya
     ("Augmentations", "RandomResizeCrop range", lambda c: list(c.crop_scale), None),
     ("Augmentations", "Horizontal flipping prob.", lambda c: c.hflip, None))
 
-# %% ../nbs/17_report.ipynb #8cb53663
+# %% ../nbs/17_report.ipynb #6f93f86e
 def pretrain_table(cfg=None) -> pd.DataFrame:
     "data2vec 2.0's image pretraining recipe from the `pretrain` preset, with the fairseq field of each row."
     c = cfg or get_config("pretrain")
@@ -487,6 +492,7 @@ def pretrain_table(cfg=None) -> pd.DataFrame:
                         columns=["type", "hyperparameter", "value", "fairseq field"]).set_index(["type",
                                                                                                  "hyperparameter"])
 
+# %% ../nbs/17_report.ipynb #15864980
 def plot_pretraining(run_dir, # a pretraining run folder
                      axes=None, label: str | None = None):
     "Loss, target spread (fairseq's target_var) and EMA decay over the steps of a pretraining run."

@@ -22,7 +22,7 @@ __all__ = ['log', 'ENCODERS', 'FAMILY_WEIGHTS', 'weights_metadata', 'save_weight
            'run_weights', 'weights_path', 'timm_from_state', 'student_folder', 'load_backbone', 'backbone_from',
            'is_kdnb_weights', 'timm_student', 'load_classifier', 'classifier_from', 'folder_encoder', 'build_model']
 
-# %% ../nbs/02_weights.ipynb #5b538fcc
+# %% ../nbs/02_weights.ipynb #8aa5aee5
 def weights_metadata(module: nn.Module) -> dict[str, str]:
     "What a weight file of `module` holds: its class and arch, and where its backbone sits (safetensors metadata)."
     attr = getattr(module, "backbone_attr", None)
@@ -31,6 +31,7 @@ def weights_metadata(module: nn.Module) -> dict[str, str]:
             "backbone_prefix": f"{attr}." if attr else "", "backbone_class": type(backbone).__name__,
             "backbone_arch": json.dumps(getattr(backbone, "arch", {}))}
 
+# %% ../nbs/02_weights.ipynb #a924d210
 def save_weights(module: nn.Module, # the module as trained (unwrapped from DDP / torch.compile)
                  path: str | Path):
     "A module's state dict as safetensors (contiguous CPU copies) with `weights_metadata`; written atomically."
@@ -40,7 +41,7 @@ def save_weights(module: nn.Module, # the module as trained (unwrapped from DDP 
     save_file(state, str(tmp), metadata=weights_metadata(module))
     tmp.replace(path)  # a file under the final name is always complete
 
-# %% ../nbs/02_weights.ipynb #7c237db6
+# %% ../nbs/02_weights.ipynb #33853b93
 @dataclass
 class WeightsFile:
     "A kdnb weight file, read: what it holds and its tensors."
@@ -76,7 +77,7 @@ def read_weights(path: str | Path) -> WeightsFile:
                        json.loads(meta.get("backbone_arch", meta["arch"])),
                        state)
 
-# %% ../nbs/02_weights.ipynb #ffd924f3
+# %% ../nbs/02_weights.ipynb #4867fd8a
 def load_state(module: nn.Module, state: dict, src) -> nn.Module:
     "`module.load_state_dict(state)`, with missing, unexpected or misshapen keys named together with the file `src`."
     try: module.load_state_dict(state)
@@ -199,7 +200,7 @@ def classifier_from(wf: WeightsFile, src=None) -> Classifier: # `src`: what the 
     encoder = ENCODERS[wf.backbone_class][0](**wf.backbone_arch)  # random weights, replaced by the file's
     return load_state(Classifier(encoder, wf.arch["num_classes"]), wf.state, wf.path)
 
-# %% ../nbs/02_weights.ipynb #f912655d
+# %% ../nbs/02_weights.ipynb #13d67328
 def folder_encoder(folder: str | Path, # a timm folder: config.json + model.safetensors
                    depth: int | None = None, # keep the first `depth` blocks
                    img_size: int | None = None, # another input size
@@ -223,10 +224,10 @@ def folder_encoder(folder: str | Path, # a timm folder: config.json + model.safe
     sd = {f"model.{k}": v for k, v in sd.items() if not k.startswith(("norm.", "fc_norm.", "head."))}
     return timm_from_state(arch, sd, folder, depth, img_size)
 
-# %% ../nbs/02_weights.ipynb #0009c38a
+# %% ../nbs/02_weights.ipynb #5817eadb
 FAMILY_WEIGHTS = {"data2vec2": "data2vec2_base", "beitv2": "beitv2_base_pt1k"}  # published weights (timm: timm's own)
 
-# %% ../nbs/02_weights.ipynb #bd39d049
+# %% ../nbs/02_weights.ipynb #99bb60cf
 def build_model(spec, # a kdnb.config.ModelSpec (family, name): config.model_spec parses a config's string
                 role: str = "encoder", # "encoder" (student, backbone), "teacher" (FrozenTeacher), "classifier" (frozen)
                 checkpoint: str | None = None, # which trained weights (the table above); None: the family's
