@@ -18,7 +18,7 @@ COMMANDS = {"report": "kdnb.site:report_main", "reproduce": "kdnb.pipeline:repro
 # %% auto #0
 __all__ = ['COMMANDS', 'USER_ERRORS', 'config_from_args', 'print_presets', 'error_message', 'leave_process_group', 'main']
 
-# %% ../nbs/21_cli.ipynb #13fc0ef9
+# %% ../nbs/21_cli.ipynb #9b8bcdd0
 def _add_run_parser(sub, kind: RunKind):
     "The subcommand of a run kind: --preset, --config, --debug, and a flag per config field (a group per objective)."
     sp = sub.add_parser(kind.command, help=kind.help)
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     for kind in RUN_KINDS.values(): _add_run_parser(sub, kind)
     return p
 
-# %% ../nbs/21_cli.ipynb #296b4779
+# %% ../nbs/21_cli.ipynb #7b0e32ad
 def config_from_args(args: argparse.Namespace):
     "The validated config of a parsed command line (through kdnb.runs.setup_run, as the run notebooks)."
     params = {k: parse_value(f"--{k}", v) for k, v in vars(args).items()  # every typed value: one parser
@@ -61,6 +61,7 @@ def config_from_args(args: argparse.Namespace):
     kind = next(k.name for k in RUN_KINDS.values() if k.command == args.command)
     return setup_run(kind, params, config=args.config)
 
+# %% ../nbs/21_cli.ipynb #0daf3e77
 def print_presets():
     "`kdnb presets`: each preset, the run it configures (kind and objective) and the seed table it comes from."
     for name, p in PRESETS.items():
@@ -71,6 +72,7 @@ def print_presets():
 # errors that say what the user has to change; anything else is a bug of kdnb's and keeps its traceback hint
 USER_ERRORS = (ConfigError, OSError, ValueError, KeyError, RuntimeError)
 
+# %% ../nbs/21_cli.ipynb #a4328b21
 def error_message(e: BaseException) -> str:
     "One line for an error: its message (a KeyError's without the quotes)."
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -673,7 +673,7 @@ def validate(self: GlueConfig):
     if not 0 < self.layer_decay <= 1: raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]")
     if self.layers is not None and self.layers <= 0: raise ConfigError(f"layers={self.layers} must be > 0 or None")
 
-# %% ../nbs/04_config.ipynb #b0b682b1
+# %% ../nbs/04_config.ipynb #2a559614
 @dataclass
 class PretrainConfig(BaseConfig):
     "data2vec 2.0 image pretraining: no labels; an EMA teacher's layer-averaged target regressed at masked patches."
@@ -712,7 +712,7 @@ class PretrainConfig(BaseConfig):
     decoder_kernel: int = 3 # kernel side
     decoder_layers: int = 6 # conv -> LayerNorm -> GELU layers, residual between them
 
-# %% ../nbs/04_config.ipynb #49cf888f
+# %% ../nbs/04_config.ipynb #9bce6ced
 @patch
 def validate(self: PretrainConfig):
     super(PretrainConfig, self).validate()
@@ -960,7 +960,7 @@ def student_configs(self: DistillConfig) -> dict:
         except ConfigError as e: raise ConfigError(f"students: {name}: {e}") from None
     return out
 
-# %% ../nbs/04_config.ipynb #fd3246c4
+# %% ../nbs/04_config.ipynb #cea79902
 def _drop_old_defaults(cls: type, d: dict) -> dict:
     "A config saved when one class held every objective's fields: other objectives' fields at their defaults go."
     names = {f.name for f in fields(cls)} | set(cls.renamed)
@@ -974,7 +974,7 @@ def _drop_old_defaults(cls: type, d: dict) -> dict:
 
 _FORMER_DEFAULTS = {"student_layer_kind": ("ffn",)}  # defaults that older files hold (before "auto": timm students)
 
-# %% ../nbs/04_config.ipynb #35c31736
+# %% ../nbs/04_config.ipynb #22c9146b
 def _as_run(family: str, ckpt, role: str) -> tuple:
     "(pretrained, checkpoint) that a model's old `checkpoint` value meant (None meant random, except where noted)."
     # role: "encoder" (a student, a backbone), "teacher", "pipeline" (its student: None meant the published weights)

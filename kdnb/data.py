@@ -218,22 +218,30 @@ class ResumableSampler(Sampler):
         for i in mine[self.skip:]:
             yield (i, derive_seed(self.seed, self.epoch, i))
 
-# %% ../nbs/05_data.ipynb #0752acd3
+# %% ../nbs/05_data.ipynb #1df7e8f2
 def eval_transform(img_size: int, crop_pct: float = 0.875):
     "Resize to img_size / crop_pct (bicubic), center-crop img_size, normalise."
     return create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation="bicubic",
                             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
+# %% ../nbs/05_data.ipynb #b2f41784
 def distill_transform(img_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5):
     "The distillation augmentation of seed 000, Table 1."
     return T.Compose([T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(hflip), T.ToTensor(),
                       T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
+# %% ../nbs/05_data.ipynb #144fca56
 def _posterize_at_least_1_bit(img, bits, **_):
     "timm's posterize, with 0 bits (a black image) raised to 1: Pillow >= 12 refuses 0."
     from PIL import ImageOps
     return img if bits >= 8 else ImageOps.posterize(img, max(1, int(bits)))
+
+# %% ../nbs/05_data.ipynb #cbf92389
+def _fix_posterize(ra):
+    "RandAugment's posterize reaches 0 bits at magnitude 10 (m9, std 0.5): at least 1 (any transform: no-op)."
+    for op in getattr(ra, "ops", []):
+        if "Posterize" in op.name: op.aug_fn = _posterize_at_least_1_bit
 
 def finetune_transform(cfg):
     "timm's training transform with the preset's RandAugment and random erasing (seed 000, Table 2)."
@@ -243,11 +251,6 @@ def finetune_transform(cfg):
                           std=IMAGENET_DEFAULT_STD)
     for t in getattr(tf, "transforms", []): _fix_posterize(t)
     return tf
-
-def _fix_posterize(ra):
-    "RandAugment's posterize reaches 0 bits at magnitude 10 (m9, std 0.5): at least 1 (any transform: no-op)."
-    for op in getattr(ra, "ops", []):
-        if "Posterize" in op.name: op.aug_fn = _posterize_at_least_1_bit
 
 def rand_augment(spec: str, # a timm RandAugment string, e.g. "rand-m9-mstd0.5" (seed 002 Table 2's RandAug (9, 0.5))
                  img_size: int, mean=IMAGENET_DEFAULT_MEAN):

@@ -95,13 +95,14 @@ def with_width_map(cfg: DistillConfig, student: nn.Module, d_t: int, d_s: int) -
     "The student with a width map when the widths differ (`width_map=None`), or as `width_map` demands."
     return MappedStudent(student, d_t) if needs_width_map(cfg, d_t, d_s) else student
 
-# %% ../nbs/07_distill.ipynb #c41ac091
+# %% ../nbs/07_distill.ipynb #ca514b6a
 def teacher_layer_kind(cfg: DistillConfig) -> str:
     "A teacher's activation per layer: `ffn` for data2vec 2.0 (the thesis code), a run's or folder's by its class, else `block`."
     if cfg.teacher_layer_kind != "auto": return cfg.teacher_layer_kind
     return {"data2vec2": "ffn", "run": "auto", "local-dir": "auto"}.get(model_spec(cfg.teacher, "teacher").family,
                                                                         "block")
 
+# %% ../nbs/07_distill.ipynb #b4450a61
 def build_teacher(cfg: DistillBase) -> FrozenTeacher:
     "The frozen teacher a config names: `build_model` in the teacher role (a `tiny` one has twice the student's depth)."
     return build_model(model_spec(cfg.teacher, "teacher"), "teacher", cfg.teacher_checkpoint,
@@ -110,6 +111,7 @@ def build_teacher(cfg: DistillBase) -> FrozenTeacher:
                        patch_size=cfg.patch_size, embed_dim=cfg.teacher_embed_dim or cfg.embed_dim,
                        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
 
+# %% ../nbs/07_distill.ipynb #06c56ae6
 def build_student(cfg: DistillBase) -> nn.Module:
     "The student a config names: `build_model` in the encoder role (the first `depth` blocks of its checkpoint)."
     return build_model(model_spec(cfg.model, "model", ENCODERS), "encoder", cfg.checkpoint, cfg.depth, cfg.img_size,

@@ -105,7 +105,7 @@ def load_ade20k(root: str | Path, # the folder holding ADEChallengeData2016/ (or
                                 "images/<split>/X.jpg needs annotations/<split>/X.png")
     return SegmentationSource(images, masks, ade_classes(r, num_classes))
 
-# %% ../nbs/15_segment.ipynb #14a5e559
+# %% ../nbs/15_segment.ipynb #71f1e357
 DIGIT_SCENE_CLASSES = ["background"] + [f"digit {d}" for d in range(10)]
 
 def digit_scene(rng: np.random.Generator, digits, size: int = 64, count=(1, 3)) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +141,7 @@ class DigitScenes(SegmentationSource):
         m = np.where(lab == 0, IGNORE, lab.astype(np.int64) - 1).astype(np.uint8)
         return Image.fromarray(img), Image.fromarray(m)
 
-# %% ../nbs/15_segment.ipynb #11b258a3
+# %% ../nbs/15_segment.ipynb #947d259e
 def write_ade20k_layout(root: str | Path, # where ADEChallengeData2016/ is written
                         n_train: int = 64, n_val: int = 16, size: int = 64, seed: int = 0) -> Path:
     "Digit scenes written as ADE20K's release lays out its files (JPEG images, 8-bit PNG labels, objectInfo150.txt)."
@@ -159,7 +159,7 @@ def write_ade20k_layout(root: str | Path, # where ADEChallengeData2016/ is writt
         f"{i + 1}\t0\t0\t0\t{c}\n" for i, c in enumerate(DIGIT_SCENE_CLASSES)))
     return r
 
-# %% ../nbs/15_segment.ipynb #7668f050
+# %% ../nbs/15_segment.ipynb #11424e19
 class SegTrainTransform:
     "mmseg's ADE20K training pipeline: random rescale, a crop that no class fills past 75 %, flip, colour, pad."
     def __init__(self, size: int, scale_range=(0.5, 2.0), cat_max_ratio: float = 0.75, base_short: int | None = None):
@@ -194,7 +194,7 @@ def photometric(img: torch.Tensor) -> torch.Tensor:
     if maybe(): img = TF.adjust_hue(img, float(torch.empty(()).uniform_(-18, 18)) / 360)
     return img
 
-# %% ../nbs/15_segment.ipynb #53463e90
+# %% ../nbs/15_segment.ipynb #5c3dd06d
 def pad_to(img: torch.Tensor, mask: torch.Tensor, # [..., 3, H, W] and [..., H, W]: one image or a batch
            h: int, w: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     "Pad images (zeros) and masks (IGNORE: never scored) on the right and bottom to at least h x w (w: h)."
@@ -202,7 +202,7 @@ def pad_to(img: torch.Tensor, mask: torch.Tensor, # [..., 3, H, W] and [..., H, 
     if not (ph or pw): return img, mask
     return F.pad(img, (0, pw, 0, ph)), F.pad(mask, (0, pw, 0, ph), value=IGNORE)
 
-# %% ../nbs/15_segment.ipynb #d7ffb0f3
+# %% ../nbs/15_segment.ipynb #b1f5155f
 class SegEvalTransform:
     "Evaluation: rescale so the short side is `short` (the long side at most 4x), normalise; the mask alike (nearest)."
     def __init__(self, short: int): self.short = short
@@ -214,12 +214,14 @@ class SegEvalTransform:
         x = TF.normalize(TF.to_tensor(img), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
         return x, torch.from_numpy(np.array(mask)).long()
 
+# %% ../nbs/15_segment.ipynb #b51596cd
 def collate_padded(samples):
     "Batch images of different sizes: pad each to the largest (mask: IGNORE), so padding is never scored."
     H, W = max(x.shape[1] for x, _ in samples), max(x.shape[2] for x, _ in samples)
     xs, ms = zip(*(pad_to(x, m, H, W) for x, m in samples))
     return torch.stack(xs), torch.stack(ms)
 
+# %% ../nbs/15_segment.ipynb #7ecdfbf5
 class SegmentationSet(SplitDataset):
     "A split of a segmentation source whose transform takes (image, mask) together: every crop and flip hits both."
     @property
@@ -237,7 +239,7 @@ def default_out_indices(depth: int) -> tuple[int, ...]:
     reference = {12: (3, 5, 7, 11), 24: (7, 11, 15, 23)}  # BEiT's and MAE's ViT-B and ViT-L
     return reference.get(depth, tuple(int(depth * k / 4 + 0.5) - 1 for k in (1, 2, 3, 4)))
 
-# %% ../nbs/15_segment.ipynb #dfb6aaea
+# %% ../nbs/15_segment.ipynb #5139796e
 class MultiScaleNeck(nn.Module):
     "A ViT's stride-16 maps to strides 4, 8, 16, 32 (BEiT's and MAE's fpn1-4): 2 deconvolutions, 1, none, a max-pool."
     def __init__(self, dim: int):
@@ -270,7 +272,7 @@ class Segmenter(nn.Module):
         y = self.classifier(self.decoder([None, None, *self.neck(feats)]))  # stride 4
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-# %% ../nbs/15_segment.ipynb #0d432e46
+# %% ../nbs/15_segment.ipynb #de0a470c
 def build_segmenter(cfg: SegmentConfig, num_classes: int) -> Segmenter:
     "The config's backbone (from its checkpoint, or random, as finetuning builds it) with a fresh neck and UperNet."
     return Segmenter(build_backbone(cfg), num_classes, cfg.out_indices, cfg.decoder_channels)

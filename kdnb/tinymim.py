@@ -18,7 +18,7 @@ from .kinds import TinyMIMConfig
 __all__ = ['qkv_from_input', 'attention_input', 'blocks_of', 'relations', 'relation_loss', 'PairedViews', 'TinyMIMTask',
            'tinymim_task']
 
-# %% ../nbs/09_tinymim.ipynb #1785354c
+# %% ../nbs/09_tinymim.ipynb #92accf28
 def qkv_from_input(attn: nn.Module, # an attention module with a packed `qkv` Linear (timm ViT, Beit, Data2Vec2Encoder)
                    x: torch.Tensor, # [B, T, D] its input
                   ) -> torch.Tensor: # [B, T, 3 D]
@@ -27,6 +27,7 @@ def qkv_from_input(attn: nn.Module, # an attention module with a packed `qkv` Li
         return F.linear(x, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
     return attn.qkv(x)
 
+# %% ../nbs/09_tinymim.ipynb #0665f2f4
 @contextlib.contextmanager
 def attention_input(block: nn.Module):
     "Record the input of `block.attn` during a forward pass: `with attention_input(blk) as box: ...; box['x']`."
@@ -37,6 +38,7 @@ def attention_input(block: nn.Module):
     try: yield box
     finally: h.remove()
 
+# %% ../nbs/09_tinymim.ipynb #87363276
 def blocks_of(model: nn.Module) -> list:
     "The transformer blocks of a timm ViT/Beit or a Data2Vec2Encoder (prenet blocks first)."
     return list(getattr(model, "all_blocks", None) or model.blocks)
