@@ -150,7 +150,7 @@ def migrate(cls: ConfigBase, d: dict) -> dict:
             d[new] = d.pop(old)
     return d
 
-# %% ../nbs/04_config.ipynb #0e61cfcb
+# %% ../nbs/04_config.ipynb #d028a7ee
 @patch(cls_method=True)
 def variants(cls: ConfigBase) -> list:
     "The config classes a run of this kind may have (DistillBase: one per objective); their fields are flags."
@@ -161,11 +161,13 @@ def class_for(cls: ConfigBase, d: dict) -> type:
     "The class that holds a config with the values `d` (DistillBase: the class of `d['objective']`)."
     return cls
 
+# %% ../nbs/04_config.ipynb #c3d29033
 @patch(cls_method=True)
 def variant_hint(cls: ConfigBase, key: str, owner: type, d: dict) -> str:
     "Appended to the error for `key`, a field of the variant `owner` (DistillBase: how to pick its objective)."
     return ""
 
+# %% ../nbs/04_config.ipynb #94579a50
 @patch(cls_method=True)
 def from_dict(cls: ConfigBase, d: dict):
     "Build a `cls` (never another class) from a dict, old field names translated, unknown keys refused."
@@ -673,7 +675,7 @@ def validate(self: GlueConfig):
     if not 0 < self.layer_decay <= 1: raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]")
     if self.layers is not None and self.layers <= 0: raise ConfigError(f"layers={self.layers} must be > 0 or None")
 
-# %% ../nbs/04_config.ipynb #2a559614
+# %% ../nbs/04_config.ipynb #8e2aaadd
 @dataclass
 class PretrainConfig(BaseConfig):
     "data2vec 2.0 image pretraining: no labels; an EMA teacher's layer-averaged target regressed at masked patches."
@@ -712,7 +714,7 @@ class PretrainConfig(BaseConfig):
     decoder_kernel: int = 3 # kernel side
     decoder_layers: int = 6 # conv -> LayerNorm -> GELU layers, residual between them
 
-# %% ../nbs/04_config.ipynb #9bce6ced
+# %% ../nbs/04_config.ipynb #f2db6868
 @patch
 def validate(self: PretrainConfig):
     super(PretrainConfig, self).validate()
@@ -960,7 +962,7 @@ def student_configs(self: DistillConfig) -> dict:
         except ConfigError as e: raise ConfigError(f"students: {name}: {e}") from None
     return out
 
-# %% ../nbs/04_config.ipynb #cea79902
+# %% ../nbs/04_config.ipynb #5582a2d1
 def _drop_old_defaults(cls: type, d: dict) -> dict:
     "A config saved when one class held every objective's fields: other objectives' fields at their defaults go."
     names = {f.name for f in fields(cls)} | set(cls.renamed)
@@ -974,7 +976,7 @@ def _drop_old_defaults(cls: type, d: dict) -> dict:
 
 _FORMER_DEFAULTS = {"student_layer_kind": ("ffn",)}  # defaults that older files hold (before "auto": timm students)
 
-# %% ../nbs/04_config.ipynb #22c9146b
+# %% ../nbs/04_config.ipynb #924295ff
 def _as_run(family: str, ckpt, role: str) -> tuple:
     "(pretrained, checkpoint) that a model's old `checkpoint` value meant (None meant random, except where noted)."
     # role: "encoder" (a student, a backbone), "teacher", "pipeline" (its student: None meant the published weights)
@@ -1045,18 +1047,20 @@ def load_config(path) -> BaseConfig:
     try: return cls.from_dict(_drop_old_defaults(cls, d))
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from e
 
-# %% ../nbs/04_config.ipynb #5b23968a
+# %% ../nbs/04_config.ipynb #20f57a78
 @patch(cls_method=True)
 def all_objectives(cls: DistillBase) -> list:
     "Every registered objective (d2v first, also before its notebook registers it)."
     return list(dict.fromkeys([DistillConfig.objective, *OBJECTIVES]))
 
+# %% ../nbs/04_config.ipynb #a670cd34
 @patch(cls_method=True)
 def variant_hint(cls: DistillBase, key: str, owner: type, d: dict) -> str:
     names = [o.name for o in OBJECTIVES.values() if issubclass(o.config, owner)] or [owner.objective]
     return (f" (objective={d.get('objective', cls.objective)!r}): set objective to "
             + " or ".join(map(repr, names)) + f" or leave {key} out")
 
+# %% ../nbs/04_config.ipynb #8c42ef3e
 @patch(cls_method=True)
 def class_for(cls: DistillBase, d: dict) -> type:
     "The config class registered for `d['objective']` (DistillConfig for d2v)."
