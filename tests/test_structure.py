@@ -1,6 +1,8 @@
 """Modules follow the notebooks: a kdnb module imports only modules of lower-numbered notebooks, at module level,
 and never a private name (`_x`) of another module (STYLE.md, rule 8)."""
 import ast
+import json
+import statistics
 import re
 from pathlib import Path
 
@@ -265,3 +267,52 @@ def test_no_test_only_path_in_the_library():
     hits = [f"{p.name}:{i}" for p in sorted((ROOT / "kdnb").glob("*.py"))
             for i, line in enumerate(p.read_text().splitlines(), 1) if "../../shared" in line]
     assert not hits, hits
+
+
+CHECK = re.compile(r"\btest_\w+\(|\bassert\b")  # a fastcore test_* call or an assert
+
+
+def _imports_only(src: str) -> bool:
+    "An exported cell of imports (and the module's logger): nothing there to check."
+    body = ast.parse(src).body
+    return all(isinstance(b, (ast.Import, ast.ImportFrom)) or ast.unparse(b).startswith("log = logging.getLogger")
+               for b in body)
+
+
+def page_rhythm(nbs) -> tuple[int, float, float]:
+    """(exported cells, their median length in lines, the share followed by a check): nbdev's rhythm, by one rule.
+    A cell is checked when a code cell with an assert or a test_* call (its imports aside) follows within the next two
+    cells, before the next exported cell; cells of imports only are not counted."""
+    lens, checked = [], 0
+    for nb in sorted(Path(nbs).glob("[0-9]*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        for i, c in enumerate(cells):
+            src = "".join(c["source"])
+            if c["cell_type"] != "code" or not src.lstrip().startswith("#| export") or _imports_only(src): continue
+            lens.append(len(src.strip().splitlines()))
+            for nxt in cells[i + 1:i + 3]:
+                s = "".join(nxt["source"])
+                if nxt["cell_type"] == "code" and s.lstrip().startswith("#| export"): break
+                code = "\n".join(l for l in s.splitlines() if not l.lstrip().startswith(("import ", "from ")))
+                if nxt["cell_type"] == "code" and CHECK.search(code):
+                    checked += 1
+                    break
+    return len(lens), statistics.median(lens), checked / len(lens)
+
+
+def test_pages_keep_nbdevs_rhythm():
+    "Short exported cells, each followed by its check, as nbdev's own notebooks are written."
+    n, median, share = page_rhythm(ROOT / "nbs")
+    assert median <= 15 and share >= 0.8, (f"{n} exported cells: median {median} lines (wanted <= 15), {share:.0%} "
+                                           "followed by a check (wanted >= 80%)")
+
+
+def test_the_rhythm_check_finds_what_it_looks_for(tmp_path):
+    cell = lambda s: {"cell_type": "code", "source": s, "metadata": {}, "outputs": [], "execution_count": None}
+    md = {"cell_type": "markdown", "source": "prose", "metadata": {}}
+    cells = [cell("#| export\nimport os\nlog = logging.getLogger(__name__)"),  # imports: not counted
+             cell("#| export\n" + "x = 1\n" * 19), cell("from a import b\n"),  # an import is no check
+             cell("#| export\ndef f(): pass"), md, cell("assert f() is None"),
+             cell("#| export\ndef g(): pass"), cell("#| export\ndef h(): pass"), cell("test_eq(g(), h())")]
+    (tmp_path / "01_a.ipynb").write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    assert page_rhythm(tmp_path) == (4, 2.0, 0.5)  # 20, 2, 2, 2 lines; f and h are checked, the 20 lines and g are not
