@@ -766,7 +766,7 @@ def print_tables(res: dict):
 
 def _commit():
     "The code measured: git's HEAD, '-dirty' with uncommitted changes to tracked files (None outside git)."
-    from kdnb.engine import git_commit
+    from kdnb.files import git_commit
     return git_commit(ROOT)
 
 

@@ -19,20 +19,19 @@ from tqdm.notebook import tqdm as notebook_bar
 from .weights import load_state, save_weights, weights_metadata
 from .layer_decay import param_groups
 from .config import ConfigError, load_config, weights_source
-from .files import DistInfo, Preempted, disk_error, write_atomic
+from .files import DistInfo, Preempted, code_commit, disk_error, machine_facts, write_atomic
 from .data import make_loader
 from .models import compile_blocks
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'RECOMPILE_LIMIT', 'RECORDS', 'RESUME_MAY_CHANGE', 'PREEMPT_SIGNALS',
-           'resolve_device', 'autocast_dtype', 'precision_name', 'setup_distributed', 'attempt_store', 'lr_factor',
-           'warmup_steps_of', 'Task', 'Callback', 'NonFiniteLoss', 'compile_task', 'FolderBusy', 'FolderLock',
-           'git_commit', 'machine_facts', 'code_commit', 'Trainer', 'progress_mode', 'Progress', 'dumps', 'open_sinks',
-           'append_line', 'MetricsLogger', 'check_resume_config', 'non_finite_state', 'Checkpointer', 'Preemption',
-           'ModelEma', 'Summary', 'default_callbacks', 'read_records', 'read_run_summary', 'ensure_writable',
-           'fit_task']
+__all__ = ['log', 'DIST_TIMEOUT_S', 'EVENTS', 'RECOMPILE_LIMIT', 'RESUME_MAY_CHANGE', 'PREEMPT_SIGNALS', 'resolve_device',
+           'autocast_dtype', 'precision_name', 'setup_distributed', 'attempt_store', 'lr_factor', 'warmup_steps_of',
+           'Task', 'Callback', 'NonFiniteLoss', 'compile_task', 'FolderBusy', 'FolderLock', 'Trainer', 'progress_mode',
+           'Progress', 'dumps', 'open_sinks', 'append_line', 'MetricsLogger', 'check_resume_config', 'non_finite_state',
+           'Checkpointer', 'Preemption', 'ModelEma', 'Summary', 'default_callbacks', 'read_records', 'read_run_summary',
+           'ensure_writable', 'fit_task']
 
 # %% ../nbs/06_engine.ipynb #5e9dbfbc
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -196,53 +195,6 @@ class FolderLock:
         os.ftruncate(self.fd, 0)  # no holder named any more
         fcntl.flock(self.fd, fcntl.LOCK_UN); os.close(self.fd)
         self.fd = None
-
-# %% ../nbs/06_engine.ipynb #ffeb4790
-RECORDS = ("results/",)  # tracked files that record what runs made: a change there is not a change of the code
-
-def git_commit(path=None) -> str | None:
-    "The current git commit (with '-dirty' when tracked files other than `RECORDS` have changes), or None outside git."
-    here = Path(globals()["__file__"]).parent if "__file__" in globals() else Path.cwd()
-    cwd = Path(path or here)
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = [l for l in subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                           capture_output=True, text=True).stdout.splitlines()
-                 if not l[3:].startswith(RECORDS)]  # porcelain paths are the repository's, whatever cwd is
-        return sha + ("-dirty" if dirty else "")
-    except OSError: return _head_without_git(cwd)  # no git program (e.g. a bare GPU machine): read .git itself
-    except subprocess.CalledProcessError: return None
-
-# %% ../nbs/06_engine.ipynb #bd9ee382
-def _head_without_git(cwd: Path) -> str | None:
-    "HEAD's commit read from the .git folder, marked '-unverified': without git, changed files cannot be seen."
-    root = next((p for p in (cwd, *cwd.parents) if (p / ".git" / "HEAD").is_file()), None)
-    if root is None: return None
-    head = (root / ".git" / "HEAD").read_text().strip()
-    if head.startswith("ref: "):
-        ref = head[5:]
-        loose = root / ".git" / ref
-        packed = root / ".git" / "packed-refs"
-        if loose.is_file(): head = loose.read_text().strip()
-        elif packed.is_file():
-            head = next((l.split()[0] for l in packed.read_text().splitlines() if l.endswith(" " + ref)), "")
-        else: return None
-    return head + "-unverified" if len(head) == 40 else None
-
-# %% ../nbs/06_engine.ipynb #cc7bc4c9
-def machine_facts() -> dict:
-    "What decides whether a CPU run repeats bit for bit: the processor, torch's threads and torch's version."
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
-        platform.processor()
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-# %% ../nbs/06_engine.ipynb #2fc132e4
-@functools.cache
-def code_commit() -> str | None:
-    "The commit of kdnb's code, read once per process when the first Trainer is made (nothing runs at import)."
-    return git_commit()
 
 # %% ../nbs/06_engine.ipynb #fbf46f1e
 class Trainer:

@@ -14,7 +14,8 @@ from .config import load_config, ConfigBase, ConfigError, get_config, run_config
 from .files import make_portable, portable, write_atomic
 from .runs import run
 from .report import read_metrics, read_summary, mean_interval, paired_differences
-from .engine import (Callback, code_commit, Checkpointer, check_resume_config, FolderLock, machine_facts,
+from .files import code_commit, machine_facts
+from .engine import (Callback, Checkpointer, check_resume_config, FolderLock,
                          read_records)
 from .files import Preempted
 from .models import Data2Vec2Encoder
